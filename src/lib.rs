@@ -1,0 +1,4 @@
+//! talkgroup: a thread-per-core push-to-talk SFU.
+pub mod floor;
+pub mod forward;
+pub mod rtp;
