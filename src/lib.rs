@@ -2,3 +2,4 @@
 pub mod floor;
 pub mod forward;
 pub mod rtp;
+pub mod state;

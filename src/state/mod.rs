@@ -1,0 +1,104 @@
+//! Shared state behind traits: the floor lock ([`FloorStore`]) and membership/presence ([`SessionStore`]).
+//!
+//! Two backends implement both: [`memory`] (embedded, one node, the default) and [`redis`] (many nodes).
+//! The control thread calls them; shards never do. Every call is bounded in time by the backend (the Redis
+//! backend answers `StateError::Unavailable` after its response timeout), because the floor's rule is fail
+//! safe: a press that cannot be decided is denied, never granted twice.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub mod memory;
+pub mod redis;
+
+/// A boxed future, so the traits stay object safe (`Arc<dyn FloorStore>`). Store calls are control-plane
+/// work; one allocation per call is nothing next to a network round trip.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StateError>> + Send + 'a>>;
+
+/// Errors of the state stores.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StateError {
+    /// The store could not be reached or did not answer in time. Presses are denied `unavailable`.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered something this code does not understand (a bug or a foreign writer).
+    #[error("state store protocol error: {0}")]
+    Protocol(String),
+}
+
+/// A request for a channel's floor lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireRequest {
+    pub channel: String,
+    pub member: String,
+    pub priority: u8,
+    /// How long the lock lives unless renewed.
+    pub ttl: Duration,
+}
+
+/// Who holds a channel's floor, as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub member: String,
+    pub node: String,
+    pub epoch: u64,
+    pub priority: u8,
+}
+
+/// The answer to an acquisition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// The lock is ours, at this fencing epoch (greater than every epoch before it on this channel).
+    Granted { epoch: u64 },
+    /// Someone holds it.
+    Busy(Holder),
+}
+
+/// A change published by the store (pub/sub), turned by the control thread into floor inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// `channel`'s floor was granted (`holder: Some`) or released at `epoch` (`None`).
+    Floor { channel: String, holder: Option<Holder>, epoch: u64 },
+    /// A member joined or left a channel on some node.
+    Presence { channel: String, member: String, node: String, joined: bool },
+    /// The subscription is up again after a (re)connect: resynchronise from the keys.
+    Resync,
+    /// The subscription is down: deny presses until `Resync`.
+    Down,
+}
+
+/// The floor lock of every channel. Tokens are the epochs themselves: an epoch names exactly one grant.
+pub trait FloorStore: Send + Sync + 'static {
+    /// Takes the lock if it is free; the epoch is `max(last + 1, now in µs)` so that it never goes back,
+    /// even when the store restarts empty.
+    fn acquire(&self, req: AcquireRequest) -> StoreFuture<'_, Acquired>;
+    /// Extends the lease; `false` when the lock is no longer held at `epoch`.
+    fn renew<'a>(&'a self, channel: &'a str, epoch: u64, ttl: Duration) -> StoreFuture<'a, bool>;
+    /// Gives the lock back if still held at `epoch`; `false` when it was not (expired, taken).
+    fn release<'a>(&'a self, channel: &'a str, epoch: u64) -> StoreFuture<'a, bool>;
+    /// The current holder, for resynchronisation after a reconnect.
+    fn holder<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Option<Holder>>;
+}
+
+/// Membership both ways (member → channels, channel → members) and presence across nodes.
+pub trait SessionStore: Send + Sync + 'static {
+    /// Records `member` of `node` in `channel`, with an idle TTL refreshed by [`SessionStore::refresh`].
+    fn join<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    fn leave<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    /// Heartbeat: the member is still there.
+    fn refresh<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    /// Everyone in the channel, on every node.
+    fn members<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// The channels a member is in.
+    fn channels_of<'a>(&'a self, member: &'a str) -> StoreFuture<'a, Vec<String>>;
+}
+
+/// Microseconds since the Unix epoch: the floor of every new epoch, so epochs survive a store restart.
+pub fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

@@ -1,0 +1,1 @@
+//! Redis backend (being written): see `state/mod.rs` for the contract.
