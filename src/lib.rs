@@ -3,3 +3,4 @@ pub mod floor;
 pub mod forward;
 pub mod rtp;
 pub mod state;
+pub mod channel;

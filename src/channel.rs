@@ -1,0 +1,209 @@
+//! A channel as its shard sees it: the members with their outbound streams, the cached (speaker, epoch),
+//! and who hears whom. Sans-IO: the shard loop passes `now` and a [`Batch`] to fill.
+//!
+//! Everyone but the speaker hears the speaker; a member hears nothing until it has sent us a packet
+//! (latching, so a spoofed `rtp_addr` cannot turn the server into a reflector) and stops hearing after
+//! [`LATCH_TIMEOUT`] without one.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::forward::{Batch, Ingress, IngressVerdict, OutStream, RawAddr};
+use crate::rtp::{RtpView, SR_LEN};
+
+/// Identifies one membership (one join) across the whole node. Assigned by the control thread.
+pub type MemberKey = u64;
+
+/// A member stops receiving after this long without a packet from its address (protocol v1 latching).
+pub const LATCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One member of a channel on this shard.
+#[derive(Debug)]
+pub struct Member {
+    pub key: MemberKey,
+    pub name: String,
+    pub addr: SocketAddr,
+    dest: RawAddr,
+    pub out: OutStream,
+    last_heard: Option<Instant>,
+}
+
+impl Member {
+    pub fn new(key: MemberKey, name: String, addr: SocketAddr, out: OutStream) -> Self {
+        Member { key, name, addr, dest: RawAddr::new(addr), out, last_heard: None }
+    }
+
+    #[inline]
+    fn latched(&self, now: Instant) -> bool {
+        self.last_heard.is_some_and(|t| now.saturating_duration_since(t) < LATCH_TIMEOUT)
+    }
+}
+
+/// A change of the speaker, as sent by the control thread. Epoch rules (design "Floor control"): a grant
+/// applies only when its epoch is newer than the cached one, an idle only when it names the cached epoch —
+/// so events that arrive late or twice change nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpeakerChange {
+    /// The floor was granted at `epoch`; `speaker` is the local member to forward, or `None` when the
+    /// holder is not on this shard (its media does not arrive here).
+    Granted { speaker: Option<MemberKey>, epoch: u64 },
+    /// The floor of `epoch` is free.
+    Idle { epoch: u64 },
+}
+
+/// Why a speaker packet was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardDrop {
+    NotHolder,
+    TooOld,
+    PaddingOnly,
+}
+
+/// One channel on its shard.
+#[derive(Debug)]
+pub struct Channel {
+    pub name: String,
+    members: Vec<Member>,
+    speaker: Option<MemberKey>,
+    epoch: u64,
+    ingress: Ingress,
+    last_media: Instant,
+    silence_reported: bool,
+}
+
+impl Channel {
+    pub fn new(name: String, now: Instant) -> Self {
+        Channel {
+            name,
+            members: Vec::new(),
+            speaker: None,
+            epoch: 0,
+            ingress: Ingress::default(),
+            last_media: now,
+            silence_reported: false,
+        }
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn speaker(&self) -> Option<MemberKey> {
+        self.speaker
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn add(&mut self, member: Member) {
+        self.members.push(member);
+    }
+
+    /// Removes a member; a speaker that leaves stops being forwarded at once.
+    pub fn remove(&mut self, key: MemberKey) -> Option<Member> {
+        let i = self.members.iter().position(|m| m.key == key)?;
+        if self.speaker == Some(key) {
+            self.speaker = None;
+        }
+        Some(self.members.swap_remove(i))
+    }
+
+    /// Applies a speaker change by the epoch rules; returns whether it changed anything.
+    pub fn apply(&mut self, change: SpeakerChange, now: Instant) -> bool {
+        match change {
+            SpeakerChange::Granted { speaker, epoch } if epoch > self.epoch => {
+                self.epoch = epoch;
+                self.speaker = speaker;
+                self.ingress.reset();
+                self.last_media = now;
+                self.silence_reported = false;
+                true
+            }
+            SpeakerChange::Idle { epoch } if epoch == self.epoch => {
+                self.speaker = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A packet (RTP or RTCP) arrived from member `key`: it is alive and may be sent to.
+    pub fn heard(&mut self, key: MemberKey, now: Instant) {
+        if let Some(m) = self.members.iter_mut().find(|m| m.key == key) {
+            m.last_heard = Some(now);
+        }
+    }
+
+    /// Media from member `key`: forwarded to every other latched member if `key` holds the floor.
+    /// Fills `batch` with one header per listener; the payload is `pkt.payload`, shared by all.
+    pub fn forward(
+        &mut self,
+        key: MemberKey,
+        pkt: &RtpView<'_>,
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Result<(), ForwardDrop> {
+        if self.speaker != Some(key) {
+            return Err(ForwardDrop::NotHolder);
+        }
+        let inbound = match self.ingress.accept(self.epoch, pkt) {
+            IngressVerdict::Forward(inbound) => inbound,
+            IngressVerdict::TooOld => return Err(ForwardDrop::TooOld),
+            IngressVerdict::PaddingOnly => {
+                self.last_media = now;
+                return Err(ForwardDrop::PaddingOnly);
+            }
+        };
+        self.last_media = now;
+        let payload_len = pkt.payload.len();
+        for m in self.members.iter_mut() {
+            if m.key == key {
+                m.last_heard = Some(now);
+                continue;
+            }
+            if !m.latched(now) {
+                continue;
+            }
+            if let Some(h) = m.out.rewrite(&inbound, now) {
+                m.out.count(payload_len);
+                batch.push(&m.out, h, &m.dest);
+            }
+        }
+        Ok(())
+    }
+
+    /// T1: the speaker of the current epoch has sent nothing for `t1`. Reported once per grant.
+    pub fn poll_silence(&mut self, now: Instant, t1: Duration) -> Option<u64> {
+        if self.speaker.is_some() && !self.silence_reported && now.saturating_duration_since(self.last_media) >= t1 {
+            self.silence_reported = true;
+            return Some(self.epoch);
+        }
+        None
+    }
+
+    /// Sender reports for every latched listener stream that has carried media (RFC 3550 §6.4.1).
+    pub fn sender_reports(&self, now: Instant, ntp: u64, out: &mut Vec<([u8; SR_LEN], RawAddr)>) {
+        for m in &self.members {
+            if m.latched(now) && m.out.has_sent() {
+                let mut sr = [0u8; SR_LEN];
+                crate::rtp::write_sender_report(
+                    &mut sr,
+                    m.out.ssrc,
+                    ntp,
+                    m.out.timestamp_at(now),
+                    m.out.packets,
+                    m.out.octets,
+                );
+                out.push((sr, m.dest));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,197 @@
+//! Channel tests in virtual time: members, latching, epochs, and the per-listener stream invariants.
+
+use super::*;
+use crate::rtp;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A channel with `n` latched members keyed 1..=n, listening on ports 5001.. .
+fn channel(n: u64, now: Instant) -> Channel {
+    let mut ch = Channel::new("ops".into(), now);
+    for k in 1..=n {
+        ch.add(Member::new(k, format!("m{k}"), addr(5000 + k as u16), OutStream::new(0x1000 + k as u32, 111, 0, 0)));
+        ch.heard(k, now);
+    }
+    ch
+}
+
+fn decode(batch: &Batch) -> Vec<(u32, u16, u32, bool)> {
+    batch
+        .headers
+        .iter()
+        .map(|h| {
+            let mut p = h.to_vec();
+            p.push(0xaa);
+            let v = RtpView::parse(&p).unwrap();
+            (v.ssrc, v.seq, v.timestamp, v.marker)
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_holder_is_forwarded_to_everyone_else() {
+    let now = Instant::now();
+    let mut ch = channel(3, now);
+    let p = rtp::build_packet(false, 111, 7, 960, 99, b"voice");
+    let view = RtpView::parse(&p).unwrap();
+    let mut batch = Batch::default();
+    assert_eq!(ch.forward(1, &view, now, &mut batch), Err(ForwardDrop::NotHolder));
+    assert!(ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 5 }, now));
+    assert_eq!(ch.forward(2, &view, now, &mut batch), Err(ForwardDrop::NotHolder));
+    assert!(batch.is_empty());
+    ch.forward(1, &view, now, &mut batch).unwrap();
+    let ssrcs: Vec<u32> = decode(&batch).iter().map(|h| h.0).collect();
+    assert_eq!(ssrcs, vec![0x1002, 0x1003], "never back to the holder");
+}
+
+#[test]
+fn unlatched_members_hear_nothing_until_they_send() {
+    let now = Instant::now();
+    let mut ch = Channel::new("ops".into(), now);
+    ch.add(Member::new(1, "a".into(), addr(1), OutStream::new(1, 111, 0, 0)));
+    ch.add(Member::new(2, "b".into(), addr(2), OutStream::new(2, 111, 0, 0)));
+    ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 1 }, now);
+    let p = rtp::build_packet(false, 111, 1, 0, 9, b"x");
+    let mut batch = Batch::default();
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch).unwrap();
+    assert!(batch.is_empty());
+    ch.heard(2, now);
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch).unwrap();
+    assert_eq!(batch.len(), 1);
+    batch.clear();
+    let later = now + LATCH_TIMEOUT + Duration::from_secs(1);
+    let p = rtp::build_packet(false, 111, 2, 960, 9, b"x");
+    ch.forward(1, &RtpView::parse(&p).unwrap(), later, &mut batch).unwrap();
+    assert!(batch.is_empty(), "latch expired");
+}
+
+#[test]
+fn epoch_rules_ignore_stale_and_duplicate_events() {
+    let now = Instant::now();
+    let mut ch = channel(2, now);
+    assert!(ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 10 }, now));
+    assert!(!ch.apply(SpeakerChange::Granted { speaker: Some(2), epoch: 9 }, now), "older grant");
+    assert!(!ch.apply(SpeakerChange::Granted { speaker: Some(2), epoch: 10 }, now), "same epoch twice");
+    assert!(!ch.apply(SpeakerChange::Idle { epoch: 9 }, now), "idle of another epoch");
+    assert_eq!(ch.speaker(), Some(1));
+    assert!(ch.apply(SpeakerChange::Idle { epoch: 10 }, now));
+    assert_eq!(ch.speaker(), None);
+    assert!(!ch.apply(SpeakerChange::Granted { speaker: Some(2), epoch: 10 }, now), "reused epoch");
+}
+
+#[test]
+fn silence_is_reported_once_per_grant() {
+    let now = Instant::now();
+    let mut ch = channel(2, now);
+    let t1 = Duration::from_secs(4);
+    assert_eq!(ch.poll_silence(now + t1, t1), None, "nobody speaks");
+    ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 3 }, now);
+    assert_eq!(ch.poll_silence(now + Duration::from_secs(3), t1), None);
+    assert_eq!(ch.poll_silence(now + t1, t1), Some(3));
+    assert_eq!(ch.poll_silence(now + t1 * 2, t1), None);
+}
+
+#[test]
+fn sender_reports_for_streams_that_carried_media() {
+    let now = Instant::now();
+    let mut ch = channel(3, now);
+    ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 3 }, now);
+    let p = rtp::build_packet(false, 111, 1, 0, 9, b"abcd");
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut Batch::default()).unwrap();
+    let mut out = vec![];
+    ch.sender_reports(now, 1 << 32, &mut out);
+    assert_eq!(out.len(), 2);
+    let sr = &out[0].0;
+    assert_eq!(sr[1], 200);
+    assert_eq!(u32::from_be_bytes(sr[20..24].try_into().unwrap()), 1, "packet count");
+    assert_eq!(u32::from_be_bytes(sr[24..28].try_into().unwrap()), 4, "octet count");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Member `m` gets the floor (a new epoch).
+    Grant(u64),
+    Idle,
+    /// The current speaker sends `n` packets, in order, no loss.
+    Talk(u8),
+    /// A member that does not hold the floor sends a packet.
+    Intrude(u64),
+    Wait(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1..=4u64).prop_map(Op::Grant),
+        Just(Op::Idle),
+        (1..20u8).prop_map(Op::Talk),
+        (1..=4u64).prop_map(Op::Intrude),
+        (0..5_000u64).prop_map(Op::Wait),
+    ]
+}
+
+proptest! {
+    /// Over any grant/idle/talk sequence: only the holder is forwarded, never to itself; every listener's
+    /// sequence numbers continue by exactly one (no skip, no repeat), timestamps never go back, and the
+    /// marker bit is set exactly on the first packet after a speaker change.
+    #[test]
+    fn listener_streams_stay_continuous(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut now = Instant::now();
+        let mut ch = channel(4, now);
+        let mut epoch = 0;
+        // Each member's own RTP seq/ts space, as a real sender would have.
+        let mut sender: HashMap<u64, (u16, u32)> = (1..=4).map(|k| (k, (k as u16 * 9000, k as u32 * 77_777))).collect();
+        let mut last: HashMap<u32, (u16, u32)> = HashMap::new();
+        let mut spoke_since_change: HashMap<u32, bool> = HashMap::new();
+        let mut batch = Batch::default();
+        for op in ops {
+            match op {
+                Op::Grant(m) => {
+                    epoch += 1;
+                    ch.apply(SpeakerChange::Granted { speaker: Some(m), epoch }, now);
+                    spoke_since_change.clear();
+                }
+                Op::Idle => { ch.apply(SpeakerChange::Idle { epoch }, now); }
+                Op::Wait(ms) => {
+                    now += Duration::from_millis(ms);
+                    for k in 1..=4 { ch.heard(k, now); }
+                }
+                Op::Intrude(m) if ch.speaker() != Some(m) => {
+                    let p = rtp::build_packet(false, 111, 1, 1, 1, b"bad");
+                    batch.clear();
+                    let r = ch.forward(m, &RtpView::parse(&p).unwrap(), now, &mut batch);
+                    prop_assert_eq!(r, Err(ForwardDrop::NotHolder));
+                    prop_assert!(batch.is_empty());
+                }
+                Op::Intrude(_) => {}
+                Op::Talk(n) => {
+                    let Some(s) = ch.speaker() else { continue };
+                    for _ in 0..n {
+                        let (seq, ts) = sender[&s];
+                        sender.insert(s, (seq.wrapping_add(1), ts.wrapping_add(960)));
+                        let p = rtp::build_packet(false, 111, seq, ts, 0xbeef + s as u32, b"payload");
+                        batch.clear();
+                        ch.forward(s, &RtpView::parse(&p).unwrap(), now, &mut batch).unwrap();
+                        prop_assert_eq!(batch.len(), 3);
+                        for (ssrc, oseq, ots, marker) in decode(&batch) {
+                            prop_assert_ne!(ssrc, 0x1000 + s as u32, "sent back to the speaker");
+                            let first = !spoke_since_change.get(&ssrc).copied().unwrap_or(false);
+                            prop_assert_eq!(marker, first);
+                            if let Some((pseq, pts)) = last.get(&ssrc) {
+                                prop_assert_eq!(oseq, pseq.wrapping_add(1), "seq skipped or repeated");
+                                let step = ots.wrapping_sub(*pts);
+                                prop_assert!(step > 0 && step < 1 << 30, "timestamp went back");
+                            }
+                            last.insert(ssrc, (oseq, ots));
+                            spoke_since_change.insert(ssrc, true);
+                        }
+                        now += Duration::from_millis(20);
+                    }
+                }
+            }
+        }
+    }
+}
