@@ -4,3 +4,4 @@ pub mod forward;
 pub mod rtp;
 pub mod state;
 pub mod channel;
+pub mod shard;

@@ -1,0 +1,310 @@
+//! The shard's state without its socket: channels, the address map, counters. The glommio loop in
+//! `shard/mod.rs` feeds it datagrams, commands and ticks with the time; it answers with a batch to send and
+//! events for the control thread. Tests drive it directly, without sockets or clocks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use crate::channel::{Channel, ForwardDrop, Member, MemberKey, SpeakerChange};
+use crate::forward::{Batch, OutStream, RawAddr};
+use crate::rtp::{self, Kind, RtpError, RtpView, MAX_DATAGRAM, SR_LEN};
+
+use super::{Command, Event, ShardStats, DROP_REASONS};
+
+/// Payload type of Opus on plain-RTP legs (protocol v1).
+pub const OPUS_PT: u8 = 111;
+
+/// Why a datagram was dropped. The order matches [`DROP_REASONS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Drop {
+    TooShort = 0,
+    BadVersion,
+    Malformed,
+    Oversized,
+    UnknownSource,
+    NotHolder,
+    NotOpus,
+    Stale,
+    NotRtp,
+}
+
+impl From<RtpError> for Drop {
+    fn from(e: RtpError) -> Self {
+        match e {
+            RtpError::TooShort => Drop::TooShort,
+            RtpError::BadVersion => Drop::BadVersion,
+            RtpError::BadHeader | RtpError::BadPadding => Drop::Malformed,
+        }
+    }
+}
+
+/// What to do with a received datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the batch with this range of the datagram as the shared payload.
+    Forward(Range<usize>),
+    /// An RTCP packet from a member (it latches; nothing is forwarded).
+    Rtcp,
+    Dropped(Drop),
+}
+
+/// Timer settings the shard needs.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardConfig {
+    pub t1: Duration,
+    /// Interval of the server's sender reports on each listener stream.
+    pub sr_interval: Duration,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig { t1: Duration::from_secs(4), sr_interval: Duration::from_secs(5) }
+    }
+}
+
+/// A shard's channels and peers.
+pub struct ShardCore {
+    index: usize,
+    config: ShardConfig,
+    channels: Vec<Option<Channel>>,
+    free_slots: Vec<usize>,
+    by_name: HashMap<String, usize>,
+    /// Source address → the memberships it carries (a dispatcher may use one address in several channels).
+    by_addr: HashMap<SocketAddr, Vec<(usize, MemberKey)>>,
+    stats: ShardStats,
+    next_sr: Instant,
+}
+
+impl ShardCore {
+    pub fn new(index: usize, config: ShardConfig, now: Instant) -> Self {
+        ShardCore {
+            index,
+            config,
+            channels: Vec::new(),
+            free_slots: Vec::new(),
+            by_name: HashMap::new(),
+            by_addr: HashMap::new(),
+            stats: ShardStats { shard: index, ..Default::default() },
+            next_sr: now + config.sr_interval,
+        }
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let mut s = self.stats.clone();
+        s.channels = self.by_name.len() as u64;
+        s.members = self.by_addr.values().map(|v| v.len() as u64).sum();
+        s
+    }
+
+    /// Counts datagrams the socket layer actually sent (or failed to).
+    pub fn count_sent(&mut self, sent: usize, failed: usize) {
+        self.stats.forwarded += sent as u64;
+        self.stats.send_errors += failed as u64;
+    }
+
+    pub fn count_would_block(&mut self, n: usize) {
+        self.stats.send_would_block += n as u64;
+    }
+
+    pub fn count_reports(&mut self, n: usize) {
+        self.stats.sender_reports += n as u64;
+    }
+
+    pub fn count_lost_event(&mut self) {
+        self.stats.events_lost += 1;
+    }
+
+    pub fn channel(&self, name: &str) -> Option<&Channel> {
+        self.by_name.get(name).and_then(|&i| self.channels[i].as_ref())
+    }
+
+    /// One received datagram. On `Forward`, `batch` holds a header per listener.
+    pub fn handle_datagram(&mut self, src: SocketAddr, data: &[u8], now: Instant, batch: &mut Batch) -> Verdict {
+        self.stats.packets_in += 1;
+        let verdict = self.classify_and_forward(src, data, now, batch);
+        if let Verdict::Dropped(d) = verdict {
+            self.stats.dropped[d as usize] += 1;
+        }
+        verdict
+    }
+
+    fn classify_and_forward(&mut self, src: SocketAddr, data: &[u8], now: Instant, batch: &mut Batch) -> Verdict {
+        if data.len() > MAX_DATAGRAM {
+            return Verdict::Dropped(Drop::Oversized);
+        }
+        let kind = rtp::classify(data);
+        let Some(memberships) = self.by_addr.get(&src) else {
+            return Verdict::Dropped(match kind {
+                Kind::Rtp | Kind::Rtcp => Drop::UnknownSource,
+                _ if data.len() < rtp::HEADER_LEN => Drop::TooShort,
+                _ => Drop::NotRtp,
+            });
+        };
+        match kind {
+            Kind::Rtcp => {
+                for &(slot, key) in memberships {
+                    if let Some(ch) = self.channels[slot].as_mut() {
+                        ch.heard(key, now);
+                    }
+                }
+                self.stats.rtcp_in += 1;
+                return Verdict::Rtcp;
+            }
+            Kind::Rtp => {}
+            Kind::Stun | Kind::Dtls => return Verdict::Dropped(Drop::NotRtp),
+            Kind::Unknown => {
+                return Verdict::Dropped(match RtpView::parse(data) {
+                    Err(e) => e.into(),
+                    Ok(_) => Drop::NotRtp,
+                })
+            }
+        }
+        let pkt = match RtpView::parse(data) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Dropped(e.into()),
+        };
+        // Whoever the address is, it is alive: latch every membership it carries.
+        let mut holder = None;
+        for &(slot, key) in memberships {
+            if let Some(ch) = self.channels[slot].as_mut() {
+                if ch.speaker() == Some(key) {
+                    holder = Some((slot, key));
+                } else {
+                    ch.heard(key, now);
+                }
+            }
+        }
+        let Some((slot, key)) = holder else {
+            return Verdict::Dropped(Drop::NotHolder);
+        };
+        if pkt.payload_type != OPUS_PT {
+            return Verdict::Dropped(Drop::NotOpus);
+        }
+        let Some(ch) = self.channels[slot].as_mut() else {
+            return Verdict::Dropped(Drop::UnknownSource);
+        };
+        match ch.forward(key, &pkt, now, batch) {
+            Ok(()) => {
+                let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
+                Verdict::Forward(start..start + pkt.payload.len())
+            }
+            Err(ForwardDrop::NotHolder) => Verdict::Dropped(Drop::NotHolder),
+            Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => Verdict::Dropped(Drop::Stale),
+        }
+    }
+
+    /// A command from the control thread; the answer, if any, is for the control thread.
+    pub fn handle_command(&mut self, cmd: Command, now: Instant) -> Option<Event> {
+        match cmd {
+            Command::AddMember { channel, key, name, addr, ssrc } => {
+                let slot = match self.by_name.get(&channel) {
+                    Some(&slot) => slot,
+                    None => {
+                        let ch = Channel::new(channel.clone(), now);
+                        let slot = match self.free_slots.pop() {
+                            Some(s) => {
+                                self.channels[s] = Some(ch);
+                                s
+                            }
+                            None => {
+                                self.channels.push(Some(ch));
+                                self.channels.len() - 1
+                            }
+                        };
+                        self.by_name.insert(channel.clone(), slot);
+                        slot
+                    }
+                };
+                let out = OutStream::new(ssrc, OPUS_PT, rand::random::<u16>() & 0x7fff, rand::random());
+                if let Some(ch) = self.channels[slot].as_mut() {
+                    ch.add(Member::new(key, name, addr, out));
+                }
+                self.by_addr.entry(addr).or_default().push((slot, key));
+                Some(Event::MemberAdded { key })
+            }
+            Command::RemoveMember { channel, key } => {
+                let slot = *self.by_name.get(&channel)?;
+                let ch = self.channels[slot].as_mut()?;
+                let member = ch.remove(key)?;
+                if let Some(v) = self.by_addr.get_mut(&member.addr) {
+                    v.retain(|&(s, k)| !(s == slot && k == key));
+                    if v.is_empty() {
+                        self.by_addr.remove(&member.addr);
+                    }
+                }
+                if ch.is_empty() {
+                    self.channels[slot] = None;
+                    self.by_name.remove(&channel);
+                    self.free_slots.push(slot);
+                }
+                None
+            }
+            Command::Speaker { channel, change } => {
+                let applied = match self.by_name.get(&channel).and_then(|&s| self.channels[s].as_mut()) {
+                    Some(ch) => ch.apply(change, now),
+                    None => false,
+                };
+                if !applied {
+                    self.stats.stale_speaker_changes += 1;
+                }
+                let epoch = match change {
+                    SpeakerChange::Granted { epoch, .. } | SpeakerChange::Idle { epoch } => epoch,
+                };
+                Some(Event::Applied { channel, epoch, applied })
+            }
+            Command::Stats { reply } => {
+                let _ = reply.try_send(self.stats());
+                None
+            }
+            Command::Shutdown => None,
+        }
+    }
+
+    /// Periodic work: T1 silence detection and sender reports. `unix` is the wall-clock time for NTP.
+    pub fn handle_tick(
+        &mut self,
+        now: Instant,
+        unix: Duration,
+        events: &mut Vec<Event>,
+        reports: &mut Vec<([u8; SR_LEN], RawAddr)>,
+    ) {
+        let send_reports = now >= self.next_sr;
+        if send_reports {
+            self.next_sr = now + self.config.sr_interval;
+        }
+        let ntp = rtp::ntp_from_unix(unix);
+        for ch in self.channels.iter_mut().flatten() {
+            if let Some(epoch) = ch.poll_silence(now, self.config.t1) {
+                events.push(Event::Silence { channel: ch.name.clone(), epoch });
+            }
+            if send_reports {
+                ch.sender_reports(now, ntp, reports);
+            }
+        }
+    }
+}
+
+/// Names of the drop reasons, in [`Drop`] order, for metrics.
+pub const fn drop_reason_names() -> [&'static str; DROP_REASONS] {
+    [
+        "too_short",
+        "bad_version",
+        "malformed",
+        "oversized",
+        "unknown_source",
+        "not_holder",
+        "not_opus",
+        "stale",
+        "not_rtp",
+    ]
+}
+
+#[cfg(test)]
+mod tests;
