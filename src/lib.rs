@@ -1,7 +1,27 @@
-//! talkgroup: a thread-per-core push-to-talk SFU.
+//! talkgroup: a thread-per-core push-to-talk SFU for Opus audio channels.
+//!
+//! # Architecture (see `shared/design.md`)
+//!
+//! - **Shards** ([`shard`]): one glommio executor per core, pinned, each owning a UDP media port. A channel
+//!   lives on exactly one shard (`shard_of(name)`, a stable hash), so every packet of a channel arrives on
+//!   the core that owns it and the packet path never crosses threads or takes a lock.
+//! - **Control thread** ([`signal`], [`state`]): HTTP + WebSocket signaling, the floor arbiter and the
+//!   stores. It talks to shards only with values over bounded channels.
+//! - **Sans-IO core**: [`floor`] (who may speak), [`channel`] (who hears whom), [`forward`] (one continuous
+//!   stream per listener) and [`shard::core`] are state machines fed inputs with explicit time; only the
+//!   shard loop and the hub touch sockets and clocks. That is what makes them testable in virtual time and
+//!   fast.
+//!
+//! A packet's walk: socket → [`rtp::classify`] → peer by source address → floor check (cached speaker and
+//! epoch) → [`forward::OutStream::rewrite`] per listener → [`forward::Batch`] → `sendmmsg`.
+
+pub mod channel;
+pub mod config;
 pub mod floor;
 pub mod forward;
+pub mod metrics;
 pub mod rtp;
-pub mod state;
-pub mod channel;
+pub mod server;
 pub mod shard;
+pub mod signal;
+pub mod state;

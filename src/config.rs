@@ -1,0 +1,127 @@
+//! Command line and environment. Every option has a default that runs a single node on the embedded
+//! store, so `talkgroup serve` needs nothing else.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "talkgroup", version, about = "Thread-per-core push-to-talk SFU")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: CommandLine,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CommandLine {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+/// Which floor/session store to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// Embedded, in memory: one node, nothing to set up.
+    Memory,
+    /// Redis: many nodes share floors and presence.
+    Redis,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct ServeArgs {
+    /// HTTP and WebSocket listen address.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "TALKGROUP_HTTP")]
+    pub http: SocketAddr,
+    /// Number of shards (one pinned executor per shard); default: the CPUs this process may use.
+    #[arg(long, env = "TALKGROUP_SHARDS")]
+    pub shards: Option<usize>,
+    /// First UDP media port; shard i listens on BASE+i. 0 picks free ports (tests).
+    #[arg(long, default_value_t = 40000, env = "TALKGROUP_MEDIA_PORT")]
+    pub media_port: u16,
+    /// Address the media sockets bind to.
+    #[arg(long, default_value = "0.0.0.0", env = "TALKGROUP_MEDIA_IP")]
+    pub media_ip: IpAddr,
+    /// Address announced to clients (`joined.rtp.server_addr`, SDP candidates). Default: the media bind
+    /// address, or the host's primary address when bound to 0.0.0.0.
+    #[arg(long, alias = "public-ip", env = "TALKGROUP_ANNOUNCE_IP")]
+    pub announce_ip: Option<IpAddr>,
+    /// T1: release the floor after this many ms without media from the holder.
+    #[arg(long, default_value_t = 4000)]
+    pub t1_ms: u64,
+    /// T2: maximum talk time in ms.
+    #[arg(long, default_value_t = 30000)]
+    pub t2_ms: u64,
+    /// T3: grace in ms for a pre-empted holder.
+    #[arg(long, default_value_t = 0)]
+    pub t3_ms: u64,
+    /// Floor and session store.
+    #[arg(long, value_enum, default_value = "memory", env = "TALKGROUP_STORE")]
+    pub store: StoreKind,
+    /// Redis URL (wins over host/port/password).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    #[arg(long, default_value = "127.0.0.1", env = "REDIS_HOST")]
+    pub redis_host: String,
+    #[arg(long, default_value_t = 6379, env = "REDIS_PORT")]
+    pub redis_port: u16,
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, default_value = "talkgroup", env = "TALKGROUP_KEY_PREFIX")]
+    pub key_prefix: String,
+    /// This node's id (default: hostname-pid).
+    #[arg(long, env = "TALKGROUP_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Networks allowed to join as plain RTP (comma-separated CIDRs).
+    #[arg(long, default_value = crate::signal::hub::DEFAULT_RTP_ALLOW, env = "TALKGROUP_RTP_ALLOW")]
+    pub rtp_allow: String,
+    /// Do not pin shards to CPUs.
+    #[arg(long)]
+    pub no_pin: bool,
+}
+
+impl ServeArgs {
+    pub fn redis_url(&self) -> String {
+        if let Some(url) = &self.redis_url {
+            return url.clone();
+        }
+        match &self.redis_password {
+            Some(p) => format!("redis://:{p}@{}:{}/", self.redis_host, self.redis_port),
+            None => format!("redis://{}:{}/", self.redis_host, self.redis_port),
+        }
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+
+    pub fn timers(&self) -> (Duration, Duration, Duration) {
+        (Duration::from_millis(self.t1_ms), Duration::from_millis(self.t2_ms), Duration::from_millis(self.t3_ms))
+    }
+
+    /// Defaults for an in-process server on 127.0.0.1 with free ports (tests, benchmarks).
+    pub fn local_test() -> Self {
+        let mut a = ServeArgs::parse_from(["serve"]);
+        a.http = "127.0.0.1:0".parse().expect("valid literal");
+        a.media_ip = "127.0.0.1".parse().expect("valid literal");
+        a.media_port = 0;
+        a.shards = Some(2);
+        a.no_pin = true;
+        a
+    }
+}
+
+/// The address to announce when bound to the unspecified address: the one the kernel would use to reach
+/// the outside (no packet is sent: `connect` on UDP only picks a route).
+pub fn primary_ip() -> IpAddr {
+    let probe = || -> std::io::Result<IpAddr> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect("192.0.2.1:9")?;
+        Ok(s.local_addr()?.ip())
+    };
+    probe().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}

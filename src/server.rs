@@ -1,0 +1,179 @@
+//! Wiring: start the shards, the control thread (hub + HTTP), and stop them cleanly.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::{self, ServeArgs, StoreKind};
+use crate::floor::FloorConfig;
+use crate::shard::{self, core::ShardConfig, ShardHandle};
+use crate::signal::http::{self, AppState};
+use crate::signal::hub::{self, Hub, HubConfig, HubMsg};
+use crate::state::memory::{MemoryFloorStore, MemorySessionStore};
+use crate::state::{FloorStore, SessionStore};
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start: {0}")]
+    Start(String),
+}
+
+/// A running node.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub media_addrs: Vec<SocketAddr>,
+    hub: mpsc::Sender<HubMsg>,
+    control: Option<JoinHandle<()>>,
+    shards: Vec<JoinHandle<()>>,
+}
+
+/// CPUs this process may run on (sched_getaffinity), to pin shards.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![];
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+impl Server {
+    /// Starts a node; returns once it listens.
+    pub fn start(args: ServeArgs) -> Result<Server, ServerError> {
+        if let Some(msg) = shard::udp::check_memlock() {
+            warn!("{msg}");
+        }
+        let cpus = allowed_cpus();
+        let n = args.shards.unwrap_or(cpus.len().max(1)).max(1);
+        let (t1, t2, t3) = args.timers();
+        let rtp_allow = hub::parse_networks(&args.rtp_allow).map_err(ServerError::Config)?;
+        let node = args.node_id();
+        let (floors, sessions, lock_ttl, lease): (Arc<dyn FloorStore>, Arc<dyn SessionStore>, _, _) = match args.store {
+            StoreKind::Memory => (
+                Arc::new(MemoryFloorStore::new(node.clone())),
+                Arc::new(MemorySessionStore::default()),
+                // No lease to renew: the lock lives past T2 and is always released by the floor.
+                t2 + Duration::from_secs(10),
+                None,
+            ),
+            StoreKind::Redis => {
+                return Err(ServerError::Config("--store redis is not available in this build yet".into()))
+            }
+        };
+        let floor = FloorConfig { t1, t2, t3, lease };
+
+        let (event_tx, event_rx) = flume::bounded(65_536);
+        let mut handles: Vec<ShardHandle> = Vec::new();
+        let mut shard_threads = Vec::new();
+        for i in 0..n {
+            let port = if args.media_port == 0 { 0 } else { args.media_port.checked_add(i as u16).ok_or_else(|| ServerError::Config("media port range overflows".into()))? };
+            let bind = SocketAddr::new(args.media_ip, port);
+            let cpu = (!args.no_pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let (handle, join) = shard::spawn(i, bind, cpu, ShardConfig { t1, ..Default::default() }, event_tx.clone())
+                .map_err(|source| ServerError::Bind { what: "media port", addr: bind, source })?;
+            handles.push(handle);
+            shard_threads.push(join);
+        }
+        let media_addrs: Vec<SocketAddr> = handles.iter().map(|h| h.media_addr).collect();
+        let announce_ip = args.announce_ip.unwrap_or_else(|| {
+            if args.media_ip.is_unspecified() {
+                config::primary_ip()
+            } else {
+                args.media_ip
+            }
+        });
+        let hub_config = HubConfig { node, floor, lock_ttl, announce_ip, rtp_allow };
+
+        let listener = std::net::TcpListener::bind(args.http)
+            .map_err(|source| ServerError::Bind { what: "HTTP", addr: args.http, source })?;
+        listener.set_nonblocking(true).map_err(|e| ServerError::Start(e.to_string()))?;
+        let http_addr = listener.local_addr().map_err(|e| ServerError::Start(e.to_string()))?;
+        let (hub_tx, hub_rx) = mpsc::channel(65_536);
+        let state = AppState {
+            hub: hub_tx.clone(),
+            shards: handles.clone(),
+            floor,
+            next_conn: Arc::new(AtomicU64::new(1)),
+        };
+        let hub = Hub::new(hub_config, handles, floors, sessions, hub_tx.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let control = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let hub_task = tokio::spawn(hub.run(hub_rx, event_rx));
+                    let app = http::router(state);
+                    tokio::spawn(async move {
+                        if let Err(e) = axum::serve(listener, app).await {
+                            warn!(error = %e, "HTTP server stopped");
+                        }
+                    });
+                    let _ = ready_tx.send(Ok(()));
+                    let _ = hub_task.await;
+                });
+            })
+            .map_err(|e| ServerError::Start(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|_| ServerError::Start("control thread died".into()))?
+            .map_err(ServerError::Start)?;
+        info!(%http_addr, ?media_addrs, shards = n, "talkgroup serving");
+        Ok(Server { http_addr, media_addrs, hub: hub_tx, control: Some(control), shards: shard_threads })
+    }
+
+    /// Stops cleanly: floors released and announced idle, members told `left`, shards stopped.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(control) = self.control.take() else { return };
+        let hub = self.hub.clone();
+        let shards: Vec<JoinHandle<()>> = self.shards.drain(..).collect();
+        // On a thread of its own: `blocking_send` panics when called from inside a runtime (tests, or an
+        // embedding application), and waiting on a plain thread does not.
+        let stopper = std::thread::spawn(move || {
+            let (done_tx, done_rx) = oneshot::channel();
+            if hub.blocking_send(HubMsg::Shutdown { done: done_tx }).is_ok() {
+                let _ = done_rx.blocking_recv();
+            }
+            let _ = control.join();
+            for t in shards {
+                let _ = t.join();
+            }
+        });
+        let _ = stopper.join();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,692 @@
+//! The control actor: one task on the control thread that owns every connection, channel membership and
+//! floor of this node. WebSocket tasks, shards and store calls all reach it by message, so its state needs
+//! no lock; it never awaits anything but its inbox (store calls run as their own tasks and answer by
+//! message), so one slow Redis reply delays nobody else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::channel::{MemberKey, SpeakerChange};
+use crate::floor::{DenyReason, Floor, FloorConfig, FloorEvent, Input, Output, Renewal, To};
+use crate::shard::{self, Command, Event, ShardHandle};
+use crate::state::{AcquireRequest, Acquired, FloorStore, SessionStore, StateError};
+
+use super::protocol::{
+    self, ErrorCode, FloorMessage, Frame, Join, Message, PttAction, Request, RtpInfo, SignalError,
+};
+
+/// Identifies one WebSocket connection.
+pub type ConnId = u64;
+
+/// Frames queued for one client before it counts as not reading (protocol v1: disconnected rather than
+/// buffered without bound).
+pub const OUTBOUND_QUEUE: usize = 1024;
+
+/// How often non-idle floors are ticked (T2, T3, lease renewal).
+const TICK: Duration = Duration::from_millis(25);
+
+/// Node settings the hub needs.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub node: String,
+    pub floor: FloorConfig,
+    /// TTL of a floor lock in the store (the lease; for the embedded store, a safety net only).
+    pub lock_ttl: Duration,
+    pub announce_ip: IpAddr,
+    /// Source networks allowed to join as plain RTP.
+    pub rtp_allow: Vec<(IpAddr, u8)>,
+}
+
+/// Messages to the hub.
+pub enum HubMsg {
+    Connect { conn: ConnId, tx: mpsc::Sender<String>, close: oneshot::Sender<()> },
+    Frame { conn: ConnId, frame: Result<Frame, (Option<Value>, SignalError)> },
+    /// A frame over the size limit: answered `too_large`, then the connection is closed.
+    TooLarge { conn: ConnId },
+    Disconnect { conn: ConnId },
+    Shard(Event),
+    Store(StoreDone),
+    Channels { reply: oneshot::Sender<Vec<ChannelInfo>> },
+    Counters { reply: oneshot::Sender<HubCounters> },
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// A finished store call.
+pub enum StoreDone {
+    Acquired { channel: String, member: String, result: Result<Acquired, StateError> },
+    Released { channel: String, epoch: u64 },
+    Renewed { channel: String, epoch: u64, sent_at: Instant, outcome: Renewal },
+}
+
+/// One row of `/api/channels`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelInfo {
+    pub channel: String,
+    pub members: usize,
+    pub speaker: Option<String>,
+    pub epoch: u64,
+    pub shard: usize,
+}
+
+/// Control-plane counters for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct HubCounters {
+    pub connections: u64,
+    pub channels: u64,
+    pub members: u64,
+    pub floor_grants: u64,
+    pub floor_denials: BTreeMap<&'static str, u64>,
+    pub floor_revokes: BTreeMap<&'static str, u64>,
+    pub errors: BTreeMap<&'static str, u64>,
+    pub store_errors: u64,
+    pub slow_clients: u64,
+    pub shard_queue_full: u64,
+}
+
+struct Conn {
+    tx: mpsc::Sender<String>,
+    /// Dropped to close the connection.
+    _close: oneshot::Sender<()>,
+    /// (channel, member) pairs joined over this connection.
+    joined: HashSet<(String, String)>,
+}
+
+struct MemberCtl {
+    conn: ConnId,
+    key: MemberKey,
+    priority: u8,
+    presence: bool,
+    /// The shard has the member; until then it gets no channel events.
+    ready: bool,
+    ssrc: u32,
+    join_id: Option<Value>,
+}
+
+struct ChannelCtl {
+    shard: usize,
+    members: BTreeMap<String, MemberCtl>,
+    floor: Floor,
+}
+
+/// The control actor's state.
+pub struct Hub {
+    config: HubConfig,
+    shards: Vec<ShardHandle>,
+    floors: Arc<dyn FloorStore>,
+    sessions: Arc<dyn SessionStore>,
+    me: mpsc::Sender<HubMsg>,
+    conns: HashMap<ConnId, Conn>,
+    channels: HashMap<String, ChannelCtl>,
+    /// Member key → (channel, member) while the shard has not yet acknowledged the join.
+    pending: HashMap<MemberKey, (String, String)>,
+    /// Channels whose floor is not quiet and must be ticked.
+    ticking: HashSet<String>,
+    next_key: MemberKey,
+    counters: HubCounters,
+}
+
+impl Hub {
+    pub fn new(
+        config: HubConfig,
+        shards: Vec<ShardHandle>,
+        floors: Arc<dyn FloorStore>,
+        sessions: Arc<dyn SessionStore>,
+        me: mpsc::Sender<HubMsg>,
+    ) -> Self {
+        Hub {
+            config,
+            shards,
+            floors,
+            sessions,
+            me,
+            conns: HashMap::new(),
+            channels: HashMap::new(),
+            pending: HashMap::new(),
+            ticking: HashSet::new(),
+            next_key: 1,
+            counters: HubCounters::default(),
+        }
+    }
+
+    /// Runs until `Shutdown`.
+    pub async fn run(mut self, mut inbox: mpsc::Receiver<HubMsg>, shard_events: flume::Receiver<Event>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = inbox.recv() => match msg {
+                    Some(HubMsg::Shutdown { done }) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(msg) => self.handle(msg),
+                    None => return,
+                },
+                Ok(event) = shard_events.recv_async() => self.handle(HubMsg::Shard(event)),
+                _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: HubMsg) {
+        match msg {
+            HubMsg::Connect { conn, tx, close } => {
+                self.conns.insert(conn, Conn { tx, _close: close, joined: HashSet::new() });
+            }
+            HubMsg::Frame { conn, frame } => match frame {
+                Ok(Frame { id, request }) => {
+                    if let Err(e) = self.on_request(conn, request, id.clone()) {
+                        self.send_error(conn, &e, id);
+                    }
+                }
+                Err((id, e)) => self.send_error(conn, &e, id),
+            },
+            HubMsg::TooLarge { conn } => {
+                let e = SignalError::new(
+                    ErrorCode::TooLarge,
+                    format!("frame larger than {} bytes; closing", protocol::MAX_FRAME),
+                );
+                self.send_error(conn, &e, None);
+                self.disconnect(conn);
+            }
+            HubMsg::Disconnect { conn } => self.disconnect(conn),
+            HubMsg::Shard(event) => self.on_shard_event(event),
+            HubMsg::Store(done) => self.on_store(done),
+            HubMsg::Channels { reply } => {
+                let mut rows: Vec<ChannelInfo> = self
+                    .channels
+                    .iter()
+                    .map(|(name, ch)| ChannelInfo {
+                        channel: name.clone(),
+                        members: ch.members.len(),
+                        speaker: ch.floor.speaker().map(str::to_string),
+                        epoch: ch.floor.epoch(),
+                        shard: ch.shard,
+                    })
+                    .collect();
+                rows.sort_by(|a, b| a.channel.cmp(&b.channel));
+                let _ = reply.send(rows);
+            }
+            HubMsg::Counters { reply } => {
+                let mut c = self.counters.clone();
+                c.connections = self.conns.len() as u64;
+                c.channels = self.channels.len() as u64;
+                c.members = self.channels.values().map(|ch| ch.members.len() as u64).sum();
+                let _ = reply.send(c);
+            }
+            HubMsg::Shutdown { .. } => {}
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, msg: &Message) {
+        let text = msg.to_json();
+        self.send_text(conn, text);
+    }
+
+    fn send_text(&mut self, conn: ConnId, text: String) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(text) {
+            // A client that does not read its frames is disconnected, not buffered without bound.
+            warn!(conn, "client is not reading: disconnecting");
+            self.counters.slow_clients += 1;
+            self.disconnect(conn);
+        }
+    }
+
+    fn send_error(&mut self, conn: ConnId, e: &SignalError, id: Option<Value>) {
+        *self.counters.errors.entry(e.code.as_str()).or_default() += 1;
+        debug!(conn, code = e.code.as_str(), message = %e.message, "request refused");
+        self.send(conn, &Message::error(e, id));
+    }
+
+    fn on_request(&mut self, conn: ConnId, request: Request, id: Option<Value>) -> Result<(), SignalError> {
+        match request {
+            Request::Join(join) => self.on_join(conn, join, id),
+            Request::Ptt(ptt) => {
+                let member = self.member_of(conn, &ptt.channel)?;
+                let ch = self.channels.get_mut(&ptt.channel).expect("member_of found the channel");
+                let input = match ptt.action {
+                    PttAction::Press => {
+                        let priority = ch.members[&member].priority;
+                        Input::Request { member, priority, queue: ptt.queue }
+                    }
+                    PttAction::Release => Input::Release { member },
+                };
+                ch.floor.handle(input, Instant::now());
+                self.drive(&ptt.channel);
+                Ok(())
+            }
+            Request::Leave { channel } => {
+                let member = self.member_of(conn, &channel)?;
+                self.leave(conn, &channel, &member);
+                self.send(conn, &Message::Left { channel, id });
+                Ok(())
+            }
+            Request::Ping {} => {
+                self.send(conn, &Message::Pong { id });
+                Ok(())
+            }
+        }
+    }
+
+    /// The member name this connection has in `channel`.
+    fn member_of(&self, conn: ConnId, channel: &str) -> Result<String, SignalError> {
+        let not_joined = || SignalError::new(ErrorCode::NotJoined, format!("not joined to channel '{channel}'"));
+        let c = self.conns.get(&conn).ok_or_else(not_joined)?;
+        let (_, member) = c.joined.iter().find(|(ch, _)| ch == channel).ok_or_else(not_joined)?;
+        let ready = self.channels.get(channel).and_then(|ch| ch.members.get(member)).is_some_and(|m| m.ready);
+        if !ready {
+            return Err(not_joined());
+        }
+        Ok(member.clone())
+    }
+
+    fn on_join(&mut self, conn: ConnId, join: Join, id: Option<Value>) -> Result<(), SignalError> {
+        protocol::validate_name("channel", &join.channel)?;
+        protocol::validate_name("member", &join.member)?;
+        let addr = match join.transport.as_str() {
+            "rtp" => self.rtp_addr(&join)?,
+            "webrtc" => {
+                return Err(SignalError::bad_request(
+                    "transport 'webrtc' is not available on this server yet; join with \"transport\":\"rtp\"",
+                ))
+            }
+            other => return Err(SignalError::bad_request(format!("unknown transport '{other}' (rtp or webrtc)"))),
+        };
+        if let Some(c) = self.conns.get(&conn) {
+            if c.joined.iter().any(|(ch, _)| *ch == join.channel) {
+                return Err(SignalError::new(
+                    ErrorCode::AlreadyJoined,
+                    format!("this connection already joined channel '{}'", join.channel),
+                ));
+            }
+        } else {
+            return Ok(()); // the connection is gone
+        }
+        let shards = self.shards.len();
+        let floor_config = self.config.floor;
+        let ch = self.channels.entry(join.channel.clone()).or_insert_with(|| ChannelCtl {
+            shard: shard::shard_of(&join.channel, shards),
+            members: BTreeMap::new(),
+            floor: Floor::new(floor_config),
+        });
+        if ch.members.contains_key(&join.member) {
+            return Err(SignalError::new(
+                ErrorCode::AlreadyJoined,
+                format!("member '{}' is already joined to channel '{}'", join.member, join.channel),
+            ));
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        let ssrc = rand::random::<u32>().max(1);
+        let cmd = Command::AddMember { channel: join.channel.clone(), key, name: join.member.clone(), addr, ssrc };
+        if self.shards[ch.shard].commands.try_send(cmd).is_err() {
+            self.counters.shard_queue_full += 1;
+            return Err(SignalError::new(ErrorCode::Unavailable, "media shard is overloaded; try again"));
+        }
+        ch.members.insert(
+            join.member.clone(),
+            MemberCtl { conn, key, priority: join.priority, presence: join.presence, ready: false, ssrc, join_id: id },
+        );
+        self.pending.insert(key, (join.channel.clone(), join.member.clone()));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.joined.insert((join.channel, join.member));
+        }
+        Ok(())
+    }
+
+    fn rtp_addr(&self, join: &Join) -> Result<SocketAddr, SignalError> {
+        let text = join
+            .rtp_addr
+            .as_deref()
+            .ok_or_else(|| SignalError::bad_request("transport 'rtp' needs \"rtp_addr\":\"ip:port\""))?;
+        let addr: SocketAddr = text
+            .parse()
+            .map_err(|_| SignalError::bad_request(format!("rtp_addr '{text}' is not an ip:port address")))?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(SignalError::bad_request(format!("rtp_addr '{text}' is not a usable address")));
+        }
+        if !self.config.rtp_allow.iter().any(|&(net, bits)| in_network(addr.ip(), net, bits)) {
+            return Err(SignalError::new(
+                ErrorCode::Unauthorized,
+                format!("rtp_addr '{text}' is outside the networks allowed by --rtp-allow"),
+            ));
+        }
+        Ok(addr)
+    }
+
+    fn on_shard_event(&mut self, event: Event) {
+        match event {
+            Event::MemberAdded { key } => {
+                let Some((channel, member)) = self.pending.remove(&key) else { return };
+                self.member_ready(&channel, &member, key);
+            }
+            Event::Applied { channel, epoch, applied } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    if applied {
+                        ch.floor.handle(Input::ShardApplied { epoch }, Instant::now());
+                        self.drive(&channel);
+                    }
+                }
+            }
+            Event::Silence { channel, epoch } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.floor.handle(Input::MediaSilence { epoch }, Instant::now());
+                    self.drive(&channel);
+                }
+            }
+        }
+    }
+
+    fn member_ready(&mut self, channel: &str, member: &str, key: MemberKey) {
+        let Some(ch) = self.channels.get_mut(channel) else { return };
+        let Some(m) = ch.members.get_mut(member) else { return };
+        if m.key != key {
+            return;
+        }
+        m.ready = true;
+        let (conn, ssrc, id) = (m.conn, m.ssrc, m.join_id.take());
+        let others: Vec<String> =
+            ch.members.iter().filter(|(n, m)| *n != member && m.ready).map(|(n, _)| n.clone()).collect();
+        let server_addr = SocketAddr::new(self.config.announce_ip, self.shards[ch.shard].media_addr.port());
+        let joined = Message::Joined {
+            channel: channel.to_string(),
+            member: member.to_string(),
+            members: others,
+            speaker: ch.floor.speaker().map(str::to_string),
+            epoch: ch.floor.epoch(),
+            rtp: Some(RtpInfo { server_addr: server_addr.to_string(), ssrc, payload_type: shard::core::OPUS_PT }),
+            sdp: None,
+            id,
+        };
+        info!(channel, member, conn, "joined");
+        self.send(conn, &joined);
+        let presence = Message::Presence { channel: channel.to_string(), joined: Some(member.to_string()), left: None };
+        self.broadcast_presence(channel, member, &presence);
+        let (sessions, node, channel, member) =
+            (self.sessions.clone(), self.config.node.clone(), channel.to_string(), member.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = sessions.join(&channel, &member, &node).await {
+                debug!(error = %e, "session store join failed");
+            }
+        });
+    }
+
+    fn broadcast_presence(&mut self, channel: &str, except: &str, msg: &Message) {
+        let Some(ch) = self.channels.get(channel) else { return };
+        let text = msg.to_json();
+        let to: Vec<ConnId> =
+            ch.members.iter().filter(|(n, m)| *n != except && m.ready && m.presence).map(|(_, m)| m.conn).collect();
+        for conn in to {
+            self.send_text(conn, text.clone());
+        }
+    }
+
+    /// Removes a membership: the floor learns the member left, the shard drops it, others see presence.
+    fn leave(&mut self, conn: ConnId, channel: &str, member: &str) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.joined.remove(&(channel.to_string(), member.to_string()));
+        }
+        let Some(ch) = self.channels.get_mut(channel) else { return };
+        let Some(m) = ch.members.remove(member) else { return };
+        self.pending.remove(&m.key);
+        let _ = self.shards[ch.shard].commands.try_send(Command::RemoveMember { channel: channel.to_string(), key: m.key });
+        ch.floor.handle(Input::Leave { member: member.to_string() }, Instant::now());
+        self.drive(channel);
+        if m.ready {
+            let presence = Message::Presence { channel: channel.to_string(), joined: None, left: Some(member.to_string()) };
+            self.broadcast_presence(channel, member, &presence);
+            let (sessions, node, channel, member) =
+                (self.sessions.clone(), self.config.node.clone(), channel.to_string(), member.to_string());
+            tokio::spawn(async move {
+                let _ = sessions.leave(&channel, &member, &node).await;
+            });
+        }
+        self.forget_if_empty(channel);
+    }
+
+    fn forget_if_empty(&mut self, channel: &str) {
+        if self.channels.get(channel).is_some_and(|ch| ch.members.is_empty() && ch.floor.is_quiet()) {
+            self.channels.remove(channel);
+            self.ticking.remove(channel);
+        }
+    }
+
+    fn disconnect(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        for (channel, member) in c.joined {
+            self.leave(conn, &channel, &member);
+        }
+        debug!(conn, "disconnected");
+    }
+
+    fn on_store(&mut self, done: StoreDone) {
+        let now = Instant::now();
+        let channel = match done {
+            StoreDone::Acquired { channel, member, result } => {
+                let input = match result {
+                    Ok(Acquired::Granted { epoch }) => Input::StoreGranted { member, epoch },
+                    Ok(Acquired::Busy(holder)) => {
+                        Input::StoreDenied { member, holder: Some(holder.member), reason: DenyReason::Busy }
+                    }
+                    Err(e) => {
+                        warn!(channel, error = %e, "floor store failed: denying (fail safe)");
+                        self.counters.store_errors += 1;
+                        Input::StoreDenied { member, holder: None, reason: DenyReason::Unavailable }
+                    }
+                };
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.floor.handle(input, now);
+                }
+                channel
+            }
+            StoreDone::Released { channel, epoch } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.floor.handle(Input::StoreReleased { epoch }, now);
+                }
+                channel
+            }
+            StoreDone::Renewed { channel, epoch, sent_at, outcome } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.floor.handle(Input::Renewed { epoch, sent_at, outcome }, now);
+                }
+                channel
+            }
+        };
+        self.drive(&channel);
+        self.forget_if_empty(&channel);
+    }
+
+    /// Drains the floor's outputs: store calls become tasks, speaker changes go to the shard, events go
+    /// to the members they are for.
+    fn drive(&mut self, channel: &str) {
+        loop {
+            let Some(ch) = self.channels.get_mut(channel) else { return };
+            let Some(out) = ch.floor.poll_output() else {
+                if ch.floor.is_quiet() {
+                    self.ticking.remove(channel);
+                } else {
+                    self.ticking.insert(channel.to_string());
+                }
+                return;
+            };
+            match out {
+                Output::Acquire { member, priority } => {
+                    let req = AcquireRequest {
+                        channel: channel.to_string(),
+                        member: member.clone(),
+                        priority,
+                        ttl: self.config.lock_ttl,
+                    };
+                    let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.to_string());
+                    tokio::spawn(async move {
+                        let result = store.acquire(req).await;
+                        let _ = me.send(HubMsg::Store(StoreDone::Acquired { channel, member, result })).await;
+                    });
+                }
+                Output::Release { epoch } => {
+                    let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.to_string());
+                    tokio::spawn(async move {
+                        if let Err(e) = store.release(&channel, epoch).await {
+                            // The lease runs out on its own.
+                            debug!(channel, error = %e, "floor release failed");
+                        }
+                        let _ = me.send(HubMsg::Store(StoreDone::Released { channel, epoch })).await;
+                    });
+                }
+                Output::Renew { epoch } => {
+                    let ttl = self.config.lock_ttl;
+                    let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.to_string());
+                    let sent_at = Instant::now();
+                    tokio::spawn(async move {
+                        let outcome = match store.renew(&channel, epoch, ttl).await {
+                            Ok(true) => Renewal::Renewed,
+                            Ok(false) => Renewal::Lost,
+                            Err(_) => Renewal::Failed,
+                        };
+                        let _ = me.send(HubMsg::Store(StoreDone::Renewed { channel, epoch, sent_at, outcome })).await;
+                    });
+                }
+                Output::Apply { speaker, epoch } => {
+                    let change = match speaker {
+                        Some(name) => SpeakerChange::Granted {
+                            speaker: ch.members.get(&name).map(|m| m.key),
+                            epoch,
+                        },
+                        None => SpeakerChange::Idle { epoch },
+                    };
+                    let cmd = Command::Speaker { channel: channel.to_string(), change };
+                    if self.shards[ch.shard].commands.try_send(cmd).is_err() {
+                        // The grant is never acknowledged, so never announced: the requester times out
+                        // rather than talking into a shard that does not forward it.
+                        self.counters.shard_queue_full += 1;
+                        warn!(channel, "shard command queue full: speaker change lost");
+                    }
+                }
+                Output::Notify { to, event } => self.notify(channel, to, event),
+            }
+        }
+    }
+
+    fn notify(&mut self, channel: &str, to: To, event: FloorEvent) {
+        match &event {
+            FloorEvent::Granted { .. } => self.counters.floor_grants += 1,
+            FloorEvent::Denied { reason, .. } => *self.counters.floor_denials.entry(reason.as_str()).or_default() += 1,
+            FloorEvent::Revoked { reason, .. } => *self.counters.floor_revokes.entry(reason.as_str()).or_default() += 1,
+            _ => {}
+        }
+        let Some(ch) = self.channels.get(channel) else { return };
+        let text = Message::Floor(FloorMessage::from_event(channel, &event)).to_json();
+        let conns: Vec<ConnId> = ch
+            .members
+            .iter()
+            .filter(|(name, m)| {
+                m.ready
+                    && match &to {
+                        To::Member(x) => *name == x,
+                        To::AllExcept(x) => *name != x,
+                        To::All => true,
+                    }
+            })
+            .map(|(_, m)| m.conn)
+            .collect();
+        for conn in conns {
+            self.send_text(conn, text.clone());
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let names: Vec<String> = self.ticking.iter().cloned().collect();
+        for name in names {
+            if let Some(ch) = self.channels.get_mut(&name) {
+                ch.floor.handle(Input::Tick, now);
+            }
+            self.drive(&name);
+            self.forget_if_empty(&name);
+        }
+    }
+
+    /// Clean stop: floors are given back and announced idle, every member is told `left`, the shards stop.
+    async fn shutdown(&mut self) {
+        info!("shutting down: releasing floors and closing connections");
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        for name in channels {
+            let Some(ch) = self.channels.get(&name) else { continue };
+            if let Some(speaker) = ch.floor.speaker() {
+                let epoch = ch.floor.epoch();
+                let local = ch.members.contains_key(speaker);
+                if local {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.floors.release(&name, epoch)).await;
+                    self.notify(&name, To::All, FloorEvent::Idle { epoch });
+                }
+            }
+            let Some(ch) = self.channels.get(&name) else { continue };
+            let members: Vec<(String, ConnId)> = ch.members.iter().map(|(n, m)| (n.clone(), m.conn)).collect();
+            for (member, conn) in members {
+                self.send(conn, &Message::Left { channel: name.clone(), id: None });
+                let _ = tokio::time::timeout(Duration::from_millis(500), self.sessions.leave(&name, &member, &self.config.node))
+                    .await;
+            }
+        }
+        self.conns.clear();
+        for s in &self.shards {
+            let _ = s.commands.try_send(Command::Shutdown);
+        }
+    }
+}
+
+/// Whether `ip` is inside `net/bits`.
+pub fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - u32::from(bits.min(32))) };
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - u32::from(bits.min(128))) };
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Parses `CIDR,CIDR,…` (e.g. `127.0.0.0/8,10.0.0.0/8`).
+pub fn parse_networks(text: &str) -> Result<Vec<(IpAddr, u8)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (ip, bits) = s.split_once('/').unwrap_or((s, if s.contains(':') { "128" } else { "32" }));
+            let ip: IpAddr = ip.parse().map_err(|_| format!("'{s}' is not an IP network"))?;
+            let bits: u8 = bits.parse().map_err(|_| format!("'{s}' has a bad prefix length"))?;
+            Ok((ip, bits))
+        })
+        .collect()
+}
+
+/// Loopback and private ranges: the default of `--rtp-allow`.
+pub const DEFAULT_RTP_ALLOW: &str = "127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,::1/128,fc00::/7";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks() {
+        let nets = parse_networks(DEFAULT_RTP_ALLOW).unwrap();
+        let allowed = |ip: &str| nets.iter().any(|&(n, b)| in_network(ip.parse().unwrap(), n, b));
+        assert!(allowed("127.0.0.1"));
+        assert!(allowed("192.168.3.4"));
+        assert!(allowed("::1"));
+        assert!(!allowed("8.8.8.8"));
+        assert!(parse_networks("10.0.0.0/x").is_err());
+    }
+}

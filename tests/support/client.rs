@@ -1,0 +1,194 @@
+//! Test clients: a WebSocket signaling client and a plain-RTP member, both on 127.0.0.1 with timeouts.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const STEP: Duration = Duration::from_secs(5);
+
+/// A signaling connection that keeps frames it was not asked for yet.
+pub struct Signal {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    backlog: Vec<Value>,
+    pub hello: Value,
+}
+
+impl Signal {
+    pub async fn connect(http: SocketAddr) -> Signal {
+        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(format!("ws://{http}/ws")))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        let mut s = Signal { ws, backlog: vec![], hello: Value::Null };
+        s.hello = s.next_raw().await.expect("no hello");
+        assert_eq!(s.hello["type"], "hello");
+        s
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Ws::Text(v.to_string().into())).await.expect("send failed");
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Ws::Text(t.to_string().into())).await.expect("send failed");
+    }
+
+    async fn next_raw(&mut self) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(STEP, self.ws.next()).await {
+                Ok(Some(Ok(Ws::Text(t)))) => return Some(serde_json::from_str(&t).expect("server sent bad JSON")),
+                Ok(Some(Ok(Ws::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("no frame within {STEP:?}"),
+            }
+        }
+    }
+
+    /// The next frame for which `pred` holds (others are kept for later calls).
+    pub async fn expect(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.backlog.iter().position(&pred) {
+            return self.backlog.remove(i);
+        }
+        loop {
+            let v = match self.next_raw().await {
+                Some(v) => v,
+                None => panic!("connection closed while waiting for {what}; backlog {:?}", self.backlog),
+            };
+            if pred(&v) {
+                return v;
+            }
+            self.backlog.push(v);
+        }
+    }
+
+    pub async fn expect_floor(&mut self, channel: &str, state: &str) -> Value {
+        let (c, s) = (channel.to_string(), state.to_string());
+        self.expect(&format!("floor {state} on {channel}"), move |v| v["type"] == "floor" && v["channel"] == c && v["state"] == s.as_str())
+            .await
+    }
+
+    pub async fn expect_type(&mut self, ty: &str) -> Value {
+        let t = ty.to_string();
+        self.expect(ty, move |v| v["type"] == t.as_str()).await
+    }
+
+    /// True when the server closes the connection within the step (frames before it are kept).
+    pub async fn closed(&mut self) -> bool {
+        loop {
+            match tokio::time::timeout(STEP, self.ws.next()).await {
+                Ok(Some(Ok(Ws::Text(t)))) => self.backlog.push(serde_json::from_str(&t).unwrap_or(Value::Null)),
+                Ok(Some(Ok(Ws::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return true,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    pub fn backlog(&self) -> &[Value] {
+        &self.backlog
+    }
+
+    pub async fn press(&mut self, channel: &str) {
+        self.send(json!({"type":"ptt","channel":channel,"action":"press"})).await;
+    }
+
+    pub async fn release(&mut self, channel: &str) {
+        self.send(json!({"type":"ptt","channel":channel,"action":"release"})).await;
+    }
+}
+
+/// A plain-RTP member: its UDP socket and what `joined` told it.
+pub struct RtpMember {
+    pub name: String,
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    /// Our outbound stream as a listener: the SSRC the server uses towards us.
+    pub ssrc: u32,
+    seq: u16,
+    ts: u32,
+    own_ssrc: u32,
+}
+
+impl RtpMember {
+    /// Joins `channel` as `name` over `sig` and latches (sends one receiver report).
+    pub async fn join(sig: &mut Signal, channel: &str, name: &str) -> RtpMember {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = sock.local_addr().expect("local addr");
+        sig.send(json!({"type":"join","channel":channel,"member":name,"transport":"rtp","rtp_addr":addr.to_string()}))
+            .await;
+        let (c, n) = (channel.to_string(), name.to_string());
+        let joined = sig.expect("joined", move |v| v["type"] == "joined" && v["channel"] == c.as_str() && v["member"] == n.as_str()).await;
+        let server: SocketAddr = joined["rtp"]["server_addr"].as_str().expect("server_addr").parse().expect("addr");
+        let ssrc = joined["rtp"]["ssrc"].as_u64().expect("ssrc") as u32;
+        let m = RtpMember { name: name.into(), sock, server, ssrc, seq: 1000, ts: 50_000, own_ssrc: rand_ssrc(name) };
+        m.latch().await;
+        m
+    }
+
+    pub async fn latch(&self) {
+        // An empty receiver report (RFC 3550 §6.4.2).
+        let rr = [0x80, 201, 0, 1, 0, 0, 0, 1];
+        self.sock.send_to(&rr, self.server).await.expect("send rr");
+    }
+
+    /// Sends one Opus-like packet with `payload`.
+    pub async fn send_rtp(&mut self, payload: &[u8]) {
+        let p = talkgroup::rtp::build_packet(false, 111, self.seq, self.ts, self.own_ssrc, payload);
+        self.seq = self.seq.wrapping_add(1);
+        self.ts = self.ts.wrapping_add(960);
+        self.sock.send_to(&p, self.server).await.expect("send rtp");
+    }
+
+    pub async fn send_raw(&self, data: &[u8]) {
+        self.sock.send_to(data, self.server).await.expect("send raw");
+    }
+
+    /// Receives RTP packets until `n` arrived or `wait` passed: (ssrc, seq, ts, marker, payload).
+    pub async fn recv_rtp(&self, n: usize, wait: Duration) -> Vec<(u32, u16, u32, bool, Vec<u8>)> {
+        let mut out = vec![];
+        let mut buf = [0u8; 2048];
+        let deadline = tokio::time::Instant::now() + wait;
+        while out.len() < n {
+            let Ok(r) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await else { break };
+            let (len, _) = r.expect("recv");
+            let data = &buf[..len];
+            if talkgroup::rtp::classify(data) != talkgroup::rtp::Kind::Rtp {
+                continue; // sender reports
+            }
+            let v = talkgroup::rtp::RtpView::parse(data).expect("server sent bad RTP");
+            out.push((v.ssrc, v.seq, v.timestamp, v.marker, v.payload.to_vec()));
+        }
+        out
+    }
+}
+
+fn rand_ssrc(name: &str) -> u32 {
+    name.bytes().fold(0x1234_5678u32, |h, b| h.rotate_left(5) ^ u32::from(b))
+}
+
+/// A tiny HTTP/1.1 GET (no client crate needed for three routes).
+pub async fn http_get(http: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(STEP, TcpStream::connect(http)).await.expect("timeout").expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut buf)).await.expect("timeout").expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Reads one metric value (first sample whose line starts with `prefix`), summed over matching lines.
+pub fn metric(body: &str, prefix: &str) -> u64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
