@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::forward::{Batch, Ingress, IngressVerdict, OutStream, RawAddr};
+use crate::peer::PeerId;
 use crate::rtp::{RtpView, SR_LEN};
 
 /// Identifies one membership (one join) across the whole node. Assigned by the control thread.
@@ -17,20 +18,35 @@ pub type MemberKey = u64;
 /// A member stops receiving after this long without a packet from its address (protocol v1 latching).
 pub const LATCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a member's audio reaches it.
+#[derive(Debug, Clone, Copy)]
+pub enum Leg {
+    /// Plain RTP to a latched address: the shard writes the header, the payload is shared.
+    Rtp { addr: SocketAddr, dest: RawAddr },
+    /// A WebRTC peer of the shard: the header goes to its `Rtc`, which encrypts and sends.
+    WebRtc { peer: PeerId },
+}
+
 /// One member of a channel on this shard.
 #[derive(Debug)]
 pub struct Member {
     pub key: MemberKey,
     pub name: String,
-    pub addr: SocketAddr,
-    dest: RawAddr,
+    pub leg: Leg,
     pub out: OutStream,
     last_heard: Option<Instant>,
 }
 
 impl Member {
+    /// A plain-RTP member at `addr`.
     pub fn new(key: MemberKey, name: String, addr: SocketAddr, out: OutStream) -> Self {
-        Member { key, name, addr, dest: RawAddr::new(addr), out, last_heard: None }
+        Member { key, name, leg: Leg::Rtp { addr, dest: RawAddr::new(addr) }, out, last_heard: None }
+    }
+
+    /// A WebRTC member. It counts as latched once its peer is connected and while it keeps sending
+    /// (STUN consent checks, RTCP): the shard calls [`Channel::heard`] for both.
+    pub fn webrtc(key: MemberKey, name: String, peer: PeerId, out: OutStream) -> Self {
+        Member { key, name, leg: Leg::WebRtc { peer }, out, last_heard: None }
     }
 
     #[inline]
@@ -171,7 +187,10 @@ impl Channel {
             }
             if let Some(h) = m.out.rewrite(&inbound, now) {
                 m.out.count(payload_len);
-                batch.push(&m.out, h, &m.dest);
+                match &m.leg {
+                    Leg::Rtp { dest, .. } => batch.push(&m.out, h, dest),
+                    Leg::WebRtc { peer } => batch.peers.push((*peer, h)),
+                }
             }
         }
         Ok(())
@@ -186,9 +205,11 @@ impl Channel {
         None
     }
 
-    /// Sender reports for every latched listener stream that has carried media (RFC 3550 §6.4.1).
+    /// Sender reports for every latched plain-RTP listener stream that has carried media (RFC 3550
+    /// §6.4.1). WebRTC legs get theirs from str0m.
     pub fn sender_reports(&self, now: Instant, ntp: u64, out: &mut Vec<([u8; SR_LEN], RawAddr)>) {
         for m in &self.members {
+            let Leg::Rtp { dest, .. } = m.leg else { continue };
             if m.latched(now) && m.out.has_sent() {
                 let mut sr = [0u8; SR_LEN];
                 crate::rtp::write_sender_report(
@@ -199,7 +220,7 @@ impl Channel {
                     m.out.packets,
                     m.out.octets,
                 );
-                out.push((sr, m.dest));
+                out.push((sr, dest));
             }
         }
     }

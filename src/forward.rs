@@ -118,7 +118,7 @@ impl Ingress {
 }
 
 /// Extends a 16-bit sequence number to the value nearest `reference` (RFC 3550 A.1).
-fn extend(reference: u64, seq: u16) -> u64 {
+pub fn extend(reference: u64, seq: u16) -> u64 {
     let cycle = reference & !0xffff;
     let candidate = cycle | u64::from(seq);
     if candidate + 0x8000 < reference {
@@ -275,18 +275,21 @@ impl std::fmt::Debug for RawAddr {
     }
 }
 
-/// The datagrams of one fan-out: a header per destination, all sharing one payload. The vectors keep
-/// their capacity between packets, so steady-state forwarding allocates nothing.
+/// The datagrams of one fan-out: a header per plain-RTP destination, all sharing one payload, and the
+/// rewritten header for each WebRTC listener (its `Rtc` encrypts and sends). The vectors keep their
+/// capacity between packets, so steady-state forwarding allocates nothing.
 #[derive(Default)]
 pub struct Batch {
     pub headers: Vec<[u8; HEADER_LEN]>,
     pub dests: Vec<RawAddr>,
+    pub peers: Vec<(crate::peer::PeerId, OutHeader)>,
 }
 
 impl Batch {
     pub fn clear(&mut self) {
         self.headers.clear();
         self.dests.clear();
+        self.peers.clear();
     }
 
     pub fn len(&self) -> usize {

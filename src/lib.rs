@@ -12,6 +12,10 @@
 //!   shard loop and the hub touch sockets and clocks. That is what makes them testable in virtual time and
 //!   fast.
 //!
+//! - **WebRTC members** ([`peer`]): a str0m `Rtc` per member on its channel's shard (ICE-lite, DTLS-SRTP,
+//!   RTP mode). Found by source address or STUN username fragment, driven by one timer heap per shard;
+//!   a listener's rewritten header is written into its `Rtc` with the speaker's payload shared.
+//!
 //! A packet's walk: socket → [`rtp::classify`] → peer by source address → floor check (cached speaker and
 //! epoch) → [`forward::OutStream::rewrite`] per listener → [`forward::Batch`] → `sendmmsg`.
 
@@ -20,6 +24,7 @@ pub mod config;
 pub mod floor;
 pub mod forward;
 pub mod metrics;
+pub mod peer;
 pub mod rtp;
 pub mod server;
 pub mod shard;

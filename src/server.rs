@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::config::{self, ServeArgs, StoreKind};
 use crate::floor::FloorConfig;
+use crate::peer::webrtc::WebRtcConfig;
 use crate::shard::{self, core::ShardConfig, ShardHandle};
 use crate::signal::http::{self, AppState};
 use crate::signal::hub::{self, Hub, HubConfig, HubMsg};
@@ -74,19 +75,6 @@ impl Server {
         };
         let floor = FloorConfig { t1, t2, t3, lease };
 
-        let (event_tx, event_rx) = flume::bounded(65_536);
-        let mut handles: Vec<ShardHandle> = Vec::new();
-        let mut shard_threads = Vec::new();
-        for i in 0..n {
-            let port = if args.media_port == 0 { 0 } else { args.media_port.checked_add(i as u16).ok_or_else(|| ServerError::Config("media port range overflows".into()))? };
-            let bind = SocketAddr::new(args.media_ip, port);
-            let cpu = (!args.no_pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-            let (handle, join) = shard::spawn(i, bind, cpu, ShardConfig { t1, ..Default::default() }, event_tx.clone())
-                .map_err(|source| ServerError::Bind { what: "media port", addr: bind, source })?;
-            handles.push(handle);
-            shard_threads.push(join);
-        }
-        let media_addrs: Vec<SocketAddr> = handles.iter().map(|h| h.media_addr).collect();
         let announce_ip = args.announce_ip.unwrap_or_else(|| {
             if args.media_ip.is_unspecified() {
                 config::primary_ip()
@@ -94,6 +82,24 @@ impl Server {
                 args.media_ip
             }
         });
+        // One DTLS certificate for the whole process; each shard puts its own port in the candidate.
+        let webrtc = WebRtcConfig::generate(SocketAddr::new(announce_ip, 0))
+            .map_err(|e| ServerError::Start(e.to_string()))?;
+
+        let (event_tx, event_rx) = flume::bounded(65_536);
+        let mut handles: Vec<ShardHandle> = Vec::new();
+        let mut shard_threads = Vec::new();
+        for i in 0..n {
+            let port = if args.media_port == 0 { 0 } else { args.media_port.checked_add(i as u16).ok_or_else(|| ServerError::Config("media port range overflows".into()))? };
+            let bind = SocketAddr::new(args.media_ip, port);
+            let cpu = (!args.no_pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            let config = ShardConfig { t1, webrtc: Some(webrtc.clone()), ..Default::default() };
+            let (handle, join) = shard::spawn(i, bind, cpu, config, event_tx.clone())
+                .map_err(|source| ServerError::Bind { what: "media port", addr: bind, source })?;
+            handles.push(handle);
+            shard_threads.push(join);
+        }
+        let media_addrs: Vec<SocketAddr> = handles.iter().map(|h| h.media_addr).collect();
         let hub_config = HubConfig { node, floor, lock_ttl, announce_ip, rtp_allow };
 
         let listener = std::net::TcpListener::bind(args.http)

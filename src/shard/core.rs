@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, ForwardDrop, Member, MemberKey, SpeakerChange};
+use crate::channel::{Channel, ForwardDrop, Leg, Member, MemberKey, SpeakerChange};
 use crate::forward::{Batch, OutStream, RawAddr};
+use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcConfig};
+use crate::peer::{PeerId, Peers};
 use crate::rtp::{self, Kind, RtpError, RtpView, MAX_DATAGRAM, SR_LEN};
 
 use super::{Command, Event, ShardStats, DROP_REASONS};
@@ -29,6 +32,8 @@ pub enum Drop {
     NotOpus,
     Stale,
     NotRtp,
+    /// A datagram of a WebRTC peer that str0m refused (bad DTLS, SRTP authentication, …).
+    PeerRefused,
 }
 
 impl From<RtpError> for Drop {
@@ -46,22 +51,29 @@ impl From<RtpError> for Drop {
 pub enum Verdict {
     /// Send the batch with this range of the datagram as the shared payload.
     Forward(Range<usize>),
+    /// Send the batch with this payload (a WebRTC speaker's packet, already decrypted by str0m).
+    ForwardShared(Arc<[u8]>),
+    /// Taken by a WebRTC peer (STUN, DTLS, SRTCP, or media that went only to WebRTC listeners); what it
+    /// produced waits in [`ShardCore::poll_transmits`].
+    Peer,
     /// An RTCP packet from a member (it latches; nothing is forwarded).
     Rtcp,
     Dropped(Drop),
 }
 
 /// Timer settings the shard needs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ShardConfig {
     pub t1: Duration,
     /// Interval of the server's sender reports on each listener stream.
     pub sr_interval: Duration,
+    /// WebRTC members are refused when `None` (the shard then has no certificate).
+    pub webrtc: Option<WebRtcConfig>,
 }
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { t1: Duration::from_secs(4), sr_interval: Duration::from_secs(5) }
+        ShardConfig { t1: Duration::from_secs(4), sr_interval: Duration::from_secs(5), webrtc: None }
     }
 }
 
@@ -76,10 +88,21 @@ pub struct ShardCore {
     by_addr: HashMap<SocketAddr, Vec<(usize, MemberKey)>>,
     stats: ShardStats,
     next_sr: Instant,
+    peers: Peers,
+    /// Datagrams the WebRTC peers produced, waiting for the socket.
+    transmits: Vec<Transmit>,
+    /// Events produced outside `handle_command` (a peer closed), waiting for the control thread.
+    events: Vec<Event>,
+    // Scratch space kept between calls so that the packet path does not allocate.
+    peer_events: Vec<PeerEvent>,
+    listener_events: Vec<PeerEvent>,
+    due: Vec<PeerId>,
+    spill: Batch,
 }
 
 impl ShardCore {
     pub fn new(index: usize, config: ShardConfig, now: Instant) -> Self {
+        let next_sr = now + config.sr_interval;
         ShardCore {
             index,
             config,
@@ -88,7 +111,14 @@ impl ShardCore {
             by_name: HashMap::new(),
             by_addr: HashMap::new(),
             stats: ShardStats { shard: index, ..Default::default() },
-            next_sr: now + config.sr_interval,
+            next_sr,
+            peers: Peers::default(),
+            transmits: Vec::new(),
+            events: Vec::new(),
+            peer_events: Vec::new(),
+            listener_events: Vec::new(),
+            due: Vec::new(),
+            spill: Batch::default(),
         }
     }
 
@@ -99,7 +129,8 @@ impl ShardCore {
     pub fn stats(&self) -> ShardStats {
         let mut s = self.stats.clone();
         s.channels = self.by_name.len() as u64;
-        s.members = self.by_addr.values().map(|v| v.len() as u64).sum();
+        s.members = self.by_addr.values().map(|v| v.len() as u64).sum::<u64>() + self.peers.len() as u64;
+        s.peers = self.peers.len() as u64;
         s
     }
 
@@ -140,6 +171,9 @@ impl ShardCore {
             return Verdict::Dropped(Drop::Oversized);
         }
         let kind = rtp::classify(data);
+        if let Some(peer) = self.peers.find(src, kind, data) {
+            return self.handle_peer_datagram(peer, src, data, now, batch);
+        }
         let Some(memberships) = self.by_addr.get(&src) else {
             return Verdict::Dropped(match kind {
                 Kind::Rtp | Kind::Rtcp => Drop::UnknownSource,
@@ -192,6 +226,10 @@ impl ShardCore {
         };
         match ch.forward(key, &pkt, now, batch) {
             Ok(()) => {
+                if !batch.peers.is_empty() {
+                    // WebRTC listeners: one copy of the payload into an `Arc`, shared by their `Rtc`s.
+                    self.write_peers(batch, Arc::from(pkt.payload), now, None);
+                }
                 let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
                 Verdict::Forward(start..start + pkt.payload.len())
             }
@@ -204,24 +242,7 @@ impl ShardCore {
     pub fn handle_command(&mut self, cmd: Command, now: Instant) -> Option<Event> {
         match cmd {
             Command::AddMember { channel, key, name, addr, ssrc } => {
-                let slot = match self.by_name.get(&channel) {
-                    Some(&slot) => slot,
-                    None => {
-                        let ch = Channel::new(channel.clone(), now);
-                        let slot = match self.free_slots.pop() {
-                            Some(s) => {
-                                self.channels[s] = Some(ch);
-                                s
-                            }
-                            None => {
-                                self.channels.push(Some(ch));
-                                self.channels.len() - 1
-                            }
-                        };
-                        self.by_name.insert(channel.clone(), slot);
-                        slot
-                    }
-                };
+                let slot = self.channel_slot(&channel, now);
                 let out = OutStream::new(ssrc, OPUS_PT, rand::random::<u16>() & 0x7fff, rand::random());
                 if let Some(ch) = self.channels[slot].as_mut() {
                     ch.add(Member::new(key, name, addr, out));
@@ -229,16 +250,23 @@ impl ShardCore {
                 self.by_addr.entry(addr).or_default().push((slot, key));
                 Some(Event::MemberAdded { key })
             }
+            Command::AddPeer { channel, key, name, offer } => Some(self.add_peer(channel, key, name, *offer, now)),
             Command::RemoveMember { channel, key } => {
                 let slot = *self.by_name.get(&channel)?;
                 let ch = self.channels[slot].as_mut()?;
                 let member = ch.remove(key)?;
-                if let Some(v) = self.by_addr.get_mut(&member.addr) {
-                    v.retain(|&(s, k)| !(s == slot && k == key));
-                    if v.is_empty() {
-                        self.by_addr.remove(&member.addr);
+                match member.leg {
+                    Leg::Rtp { addr, .. } => {
+                        if let Some(v) = self.by_addr.get_mut(&addr) {
+                            v.retain(|&(s, k)| !(s == slot && k == key));
+                            if v.is_empty() {
+                                self.by_addr.remove(&addr);
+                            }
+                        }
                     }
+                    Leg::WebRtc { peer } => self.remove_peer(peer),
                 }
+                let ch = self.channels[slot].as_mut()?;
                 if ch.is_empty() {
                     self.channels[slot] = None;
                     self.by_name.remove(&channel);
@@ -265,6 +293,26 @@ impl ShardCore {
             }
             Command::Shutdown => None,
         }
+    }
+
+    /// The slot of `channel`, created if new.
+    fn channel_slot(&mut self, channel: &str, now: Instant) -> usize {
+        if let Some(&slot) = self.by_name.get(channel) {
+            return slot;
+        }
+        let ch = Channel::new(channel.to_string(), now);
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.channels[s] = Some(ch);
+                s
+            }
+            None => {
+                self.channels.push(Some(ch));
+                self.channels.len() - 1
+            }
+        };
+        self.by_name.insert(channel.to_string(), slot);
+        slot
     }
 
     /// Periodic work: T1 silence detection and sender reports. `unix` is the wall-clock time for NTP.
@@ -303,8 +351,11 @@ pub const fn drop_reason_names() -> [&'static str; DROP_REASONS] {
         "not_opus",
         "stale",
         "not_rtp",
+        "peer_refused",
     ]
 }
+
+mod webrtc;
 
 #[cfg(test)]
 mod tests;

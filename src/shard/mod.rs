@@ -7,9 +7,10 @@
 //! floor, rewrite, batch, `sendmmsg` — takes no lock and allocates nothing per listener.
 
 pub mod core;
+pub mod timers;
 pub mod udp;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -20,10 +21,11 @@ use tracing::{debug, info, warn};
 
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::forward::Batch;
+use crate::peer::webrtc::Transmit;
 use self::core::{ShardConfig, ShardCore, Verdict};
 
 /// Number of drop reasons counted per shard.
-pub const DROP_REASONS: usize = 9;
+pub const DROP_REASONS: usize = 10;
 /// Capacity of the command channel into a shard.
 pub const COMMAND_QUEUE: usize = 8192;
 /// How often the shard checks T1 and sends sender reports.
@@ -33,6 +35,8 @@ const TICK: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub enum Command {
     AddMember { channel: String, key: MemberKey, name: String, addr: SocketAddr, ssrc: u32 },
+    /// A WebRTC member: the shard builds its `Rtc`, registers it, and answers [`Event::PeerAnswered`].
+    AddPeer { channel: String, key: MemberKey, name: String, offer: Box<str0m::change::SdpOffer> },
     RemoveMember { channel: String, key: MemberKey },
     Speaker { channel: String, change: SpeakerChange },
     Stats { reply: flume::Sender<ShardStats> },
@@ -47,6 +51,10 @@ pub enum Event {
     Applied { channel: String, epoch: u64, applied: bool },
     /// T1: no media from the holder of `epoch`.
     Silence { channel: String, epoch: u64 },
+    /// The SDP answer for an `AddPeer` (the peer is registered and reachable), or why there is none.
+    PeerAnswered { key: MemberKey, answer: Result<String, String> },
+    /// A WebRTC peer is gone (ICE timeout, DTLS close, never connected): run the leave path.
+    PeerClosed { channel: String, key: MemberKey, reason: &'static str },
 }
 
 /// Counters of one shard (plain integers: only the shard writes them; the control thread gets copies).
@@ -64,6 +72,8 @@ pub struct ShardStats {
     pub events_lost: u64,
     pub channels: u64,
     pub members: u64,
+    pub peers: u64,
+    pub peers_closed: u64,
 }
 
 /// The control thread's handle on a shard.
@@ -89,11 +99,14 @@ pub fn spawn(
     index: usize,
     bind: SocketAddr,
     cpu: Option<usize>,
-    config: ShardConfig,
+    mut config: ShardConfig,
     events: flume::Sender<Event>,
 ) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
     let socket = udp::bind(bind)?;
     let media_addr = socket.local_addr()?.as_socket().unwrap_or(bind);
+    if let Some(w) = config.webrtc.as_mut() {
+        w.candidate.set_port(media_addr.port());
+    }
     let (tx, rx) = flume::bounded(COMMAND_QUEUE);
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
     let fd = socket.into_raw_fd();
@@ -118,6 +131,56 @@ pub fn spawn(
     Ok((handle, join))
 }
 
+/// What the shard's tasks share. One thread: `Rc` and `RefCell`, never a lock.
+struct Loop {
+    core: RefCell<ShardCore>,
+    socket: glommio::net::UdpSocket,
+    events: flume::Sender<Event>,
+    /// Wakes the timer task when a peer's deadline became earlier than the one it sleeps until.
+    wake: glommio::channels::local_channel::LocalSender<()>,
+    sleeping_until: Cell<Option<Instant>>,
+    scratch: RefCell<(Vec<Transmit>, Vec<Event>, udp::Sender)>,
+}
+
+impl Loop {
+    fn send_event(&self, event: Event) {
+        if self.events.try_send(event).is_err() {
+            self.core.borrow_mut().count_lost_event();
+            warn!("control event queue full: event lost");
+        }
+    }
+
+    /// After every input: send what the WebRTC peers produced, pass their events on, and wake the timer
+    /// task if a deadline moved earlier than the one it sleeps until.
+    fn flush(&self) {
+        let mut scratch = self.scratch.borrow_mut();
+        let (transmits, events, sender) = &mut *scratch;
+        {
+            let mut core = self.core.borrow_mut();
+            core.poll_transmits(transmits);
+            core.poll_events(events);
+        }
+        if !transmits.is_empty() {
+            let sent = sender.send_each(self.socket.as_raw_fd(), transmits);
+            let mut core = self.core.borrow_mut();
+            core.count_sent(sent.sent, sent.failed + sent.would_block);
+            core.count_would_block(sent.would_block);
+            transmits.clear();
+        }
+        for event in events.drain(..) {
+            self.send_event(event);
+        }
+        if let (Some(sleeping), Some(next)) = (
+            self.sleeping_until.get(),
+            self.core.borrow().next_deadline(),
+        ) {
+            if next < sleeping {
+                let _ = self.wake.try_send(());
+            }
+        }
+    }
+}
+
 async fn run(
     index: usize,
     socket: glommio::net::UdpSocket,
@@ -125,41 +188,42 @@ async fn run(
     commands: flume::Receiver<Command>,
     events: flume::Sender<Event>,
 ) {
-    let core = Rc::new(RefCell::new(ShardCore::new(index, config, Instant::now())));
-    let socket = Rc::new(socket);
-    info!(shard = index, addr = ?socket.local_addr().ok(), "shard started");
-    let rx = glommio::spawn_local(receive_loop(core.clone(), socket.clone())).detach();
-    let tick = glommio::spawn_local(tick_loop(core.clone(), socket.clone(), events.clone())).detach();
+    let (wake, wake_rx) = glommio::channels::local_channel::new_bounded(1);
+    let lp = Rc::new(Loop {
+        core: RefCell::new(ShardCore::new(index, config, Instant::now())),
+        socket,
+        events,
+        wake,
+        sleeping_until: Cell::new(None),
+        scratch: RefCell::new(Default::default()),
+    });
+    info!(shard = index, addr = ?lp.socket.local_addr().ok(), "shard started");
+    let rx = glommio::spawn_local(receive_loop(lp.clone())).detach();
+    let timers = glommio::spawn_local(timer_loop(lp.clone(), wake_rx)).detach();
     while let Ok(cmd) = commands.recv_async().await {
         if matches!(cmd, Command::Shutdown) {
             break;
         }
-        let event = core.borrow_mut().handle_command(cmd, Instant::now());
+        let event = lp.core.borrow_mut().handle_command(cmd, Instant::now());
         if let Some(event) = event {
-            send_event(&core, &events, event);
+            lp.send_event(event);
         }
+        lp.flush();
     }
     rx.cancel();
-    tick.cancel();
+    timers.cancel();
     info!(shard = index, "shard stopped");
-}
-
-fn send_event(core: &Rc<RefCell<ShardCore>>, events: &flume::Sender<Event>, event: Event) {
-    if events.try_send(event).is_err() {
-        core.borrow_mut().count_lost_event();
-        warn!("control event queue full: event lost");
-    }
 }
 
 /// Receive → decide → send, one datagram at a time; glommio's `recv_from` first tries a non-blocking
 /// `recvmsg`, so under load this is a syscall per datagram without a trip through the ring.
-async fn receive_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::UdpSocket>) {
-    let fd = socket.as_raw_fd();
+async fn receive_loop(lp: Rc<Loop>) {
+    let fd = lp.socket.as_raw_fd();
     let mut buf = vec![0u8; 2048];
     let mut batch = Batch::default();
     let mut sender = udp::Sender::default();
     loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
+        let (len, src) = match lp.socket.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "recv_from failed");
@@ -167,29 +231,35 @@ async fn receive_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::Udp
             }
         };
         batch.clear();
-        let verdict = core.borrow_mut().handle_datagram(src, &buf[..len], Instant::now(), &mut batch);
-        if let Verdict::Forward(payload) = verdict {
-            if batch.is_empty() {
-                continue;
-            }
-            let sent = sender.send_fanout(fd, &batch, &buf[payload.clone()]);
+        let verdict =
+            lp.core
+                .borrow_mut()
+                .handle_datagram(src, &buf[..len], Instant::now(), &mut batch);
+        let payload: &[u8] = match &verdict {
+            Verdict::Forward(range) => &buf[range.clone()],
+            Verdict::ForwardShared(shared) => shared,
+            _ => &[],
+        };
+        if matches!(verdict, Verdict::Forward(_) | Verdict::ForwardShared(_)) && !batch.is_empty() {
+            let sent = sender.send_fanout(fd, &batch, payload);
             let mut slow = 0;
             if sent.would_block > 0 {
                 // The socket buffer is full: wait for room with glommio for the rest of this batch.
                 let first = batch.len() - sent.would_block;
                 for i in first..batch.len() {
                     let mut datagram = batch.headers[i].to_vec();
-                    datagram.extend_from_slice(&buf[payload.clone()]);
+                    datagram.extend_from_slice(payload);
                     let dest = raw_to_std(&batch.dests[i]);
-                    if socket.send_to(&datagram, dest).await.is_ok() {
+                    if lp.socket.send_to(&datagram, dest).await.is_ok() {
                         slow += 1;
                     }
                 }
             }
-            let mut c = core.borrow_mut();
+            let mut c = lp.core.borrow_mut();
             c.count_sent(sent.sent + slow, sent.failed + sent.would_block - slow);
             c.count_would_block(sent.would_block);
         }
+        lp.flush();
     }
 }
 
@@ -209,22 +279,47 @@ fn raw_to_std(raw: &crate::forward::RawAddr) -> SocketAddr {
     sa.ok().and_then(|(_, a)| a.as_socket()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn tick_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::UdpSocket>, events: flume::Sender<Event>) {
-    let fd = socket.as_raw_fd();
+/// The shard's clock: peers' deadlines from the timer heap, and every [`TICK`] the T1 check and sender
+/// reports. Sleeps until the earlier of the two; `flush` wakes it when a nearer deadline appears.
+async fn timer_loop(lp: Rc<Loop>, wake: glommio::channels::local_channel::LocalReceiver<()>) {
+    let fd = lp.socket.as_raw_fd();
     let mut sender = udp::Sender::default();
     let mut out_events = Vec::new();
     let mut reports = Vec::new();
+    let mut next_tick = Instant::now() + TICK;
     loop {
-        glommio::timer::sleep(TICK).await;
-        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        core.borrow_mut().handle_tick(Instant::now(), unix, &mut out_events, &mut reports);
-        for event in out_events.drain(..) {
-            send_event(&core, &events, event);
+        let wake_at = lp
+            .core
+            .borrow()
+            .next_deadline()
+            .map_or(next_tick, |d| d.min(next_tick));
+        let nap = wake_at.saturating_duration_since(Instant::now());
+        if !nap.is_zero() {
+            lp.sleeping_until.set(Some(wake_at));
+            let sleep = std::pin::pin!(glommio::timer::sleep(nap));
+            let woken = std::pin::pin!(wake.recv());
+            futures_util::future::select(sleep, woken).await;
+            lp.sleeping_until.set(None);
         }
-        if !reports.is_empty() {
-            let sent = sender.send_each(fd, &reports);
-            core.borrow_mut().count_reports(sent.sent);
-            reports.clear();
+        let now = Instant::now();
+        lp.core.borrow_mut().handle_timers(now);
+        if now >= next_tick {
+            next_tick = now + TICK;
+            let unix = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            lp.core
+                .borrow_mut()
+                .handle_tick(now, unix, &mut out_events, &mut reports);
+            for event in out_events.drain(..) {
+                lp.send_event(event);
+            }
+            if !reports.is_empty() {
+                let sent = sender.send_each(fd, &reports);
+                lp.core.borrow_mut().count_reports(sent.sent);
+                reports.clear();
+            }
         }
+        lp.flush();
     }
 }

@@ -72,9 +72,9 @@ impl Sender {
         self.send_with(fd, batch.len(), |i| (&batch.headers[i][..HEADER_LEN], payload, &batch.dests[i]))
     }
 
-    /// Sends whole datagrams (sender reports).
-    pub fn send_each<const N: usize>(&mut self, fd: RawFd, datagrams: &[([u8; N], RawAddr)]) -> Sent {
-        self.send_with(fd, datagrams.len(), |i| (&datagrams[i].0[..], &[][..], &datagrams[i].1))
+    /// Sends whole datagrams (sender reports, what the WebRTC peers produced).
+    pub fn send_each<D: AsRef<[u8]>>(&mut self, fd: RawFd, datagrams: &[(D, RawAddr)]) -> Sent {
+        self.send_with(fd, datagrams.len(), |i| (datagrams[i].0.as_ref(), &[][..], &datagrams[i].1))
     }
 
     fn send_with<'a>(

@@ -106,6 +106,8 @@ struct MemberCtl {
     ready: bool,
     ssrc: u32,
     join_id: Option<Value>,
+    /// A WebRTC member that offered `recvonly`: its presses are denied `listen_only`.
+    listen_only: bool,
 }
 
 struct ChannelCtl {
@@ -253,6 +255,14 @@ impl Hub {
                 let member = self.member_of(conn, &ptt.channel)?;
                 let ch = self.channels.get_mut(&ptt.channel).expect("member_of found the channel");
                 let input = match ptt.action {
+                    PttAction::Press if ch.members[&member].listen_only => {
+                        let event = FloorEvent::Denied {
+                            speaker: ch.floor.speaker().map(str::to_string),
+                            reason: DenyReason::ListenOnly,
+                        };
+                        self.notify(&ptt.channel, To::Member(member), event);
+                        return Ok(());
+                    }
                     PttAction::Press => {
                         let priority = ch.members[&member].priority;
                         Input::Request { member, priority, queue: ptt.queue }
@@ -291,13 +301,9 @@ impl Hub {
     fn on_join(&mut self, conn: ConnId, join: Join, id: Option<Value>) -> Result<(), SignalError> {
         protocol::validate_name("channel", &join.channel)?;
         protocol::validate_name("member", &join.member)?;
-        let addr = match join.transport.as_str() {
-            "rtp" => self.rtp_addr(&join)?,
-            "webrtc" => {
-                return Err(SignalError::bad_request(
-                    "transport 'webrtc' is not available on this server yet; join with \"transport\":\"rtp\"",
-                ))
-            }
+        let leg = match join.transport.as_str() {
+            "rtp" => JoinLeg::Rtp(self.rtp_addr(&join)?),
+            "webrtc" => JoinLeg::WebRtc(webrtc_offer(&join)?),
             other => return Err(SignalError::bad_request(format!("unknown transport '{other}' (rtp or webrtc)"))),
         };
         if let Some(c) = self.conns.get(&conn) {
@@ -326,14 +332,27 @@ impl Hub {
         let key = self.next_key;
         self.next_key += 1;
         let ssrc = rand::random::<u32>().max(1);
-        let cmd = Command::AddMember { channel: join.channel.clone(), key, name: join.member.clone(), addr, ssrc };
+        let (channel, name) = (join.channel.clone(), join.member.clone());
+        let (cmd, listen_only) = match leg {
+            JoinLeg::Rtp(addr) => (Command::AddMember { channel, key, name, addr, ssrc }, false),
+            JoinLeg::WebRtc(offer) => (Command::AddPeer { channel, key, name, offer: Box::new(offer.sdp) }, offer.listen_only),
+        };
         if self.shards[ch.shard].commands.try_send(cmd).is_err() {
             self.counters.shard_queue_full += 1;
             return Err(SignalError::new(ErrorCode::Unavailable, "media shard is overloaded; try again"));
         }
         ch.members.insert(
             join.member.clone(),
-            MemberCtl { conn, key, priority: join.priority, presence: join.presence, ready: false, ssrc, join_id: id },
+            MemberCtl {
+                conn,
+                key,
+                priority: join.priority,
+                presence: join.presence,
+                ready: false,
+                ssrc,
+                join_id: id,
+                listen_only,
+            },
         );
         self.pending.insert(key, (join.channel.clone(), join.member.clone()));
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -366,8 +385,10 @@ impl Hub {
         match event {
             Event::MemberAdded { key } => {
                 let Some((channel, member)) = self.pending.remove(&key) else { return };
-                self.member_ready(&channel, &member, key);
+                self.member_ready(&channel, &member, key, None);
             }
+            Event::PeerAnswered { key, answer } => self.on_peer_answered(key, answer),
+            Event::PeerClosed { channel, key, reason } => self.on_peer_closed(&channel, key, reason),
             Event::Applied { channel, epoch, applied } => {
                 if let Some(ch) = self.channels.get_mut(&channel) {
                     if applied {
@@ -385,7 +406,33 @@ impl Hub {
         }
     }
 
-    fn member_ready(&mut self, channel: &str, member: &str, key: MemberKey) {
+    /// The shard built a WebRTC member's peer: `joined` carries the answer. If it could not (str0m refused
+    /// the offer), the membership is undone and the join answered with an error.
+    fn on_peer_answered(&mut self, key: MemberKey, answer: Result<String, String>) {
+        let Some((channel, member)) = self.pending.remove(&key) else { return };
+        match answer {
+            Ok(sdp) => self.member_ready(&channel, &member, key, Some(sdp)),
+            Err(message) => {
+                let Some(m) = self.channels.get(&channel).and_then(|ch| ch.members.get(&member)) else { return };
+                let (conn, id) = (m.conn, m.join_id.clone());
+                self.leave(conn, &channel, &member);
+                self.send_error(conn, &SignalError::bad_request(message), id);
+            }
+        }
+    }
+
+    /// A WebRTC peer went away (ICE timeout, DTLS close): the normal leave path, so a holder's floor is
+    /// released, and the client is told `left`.
+    fn on_peer_closed(&mut self, channel: &str, key: MemberKey, reason: &str) {
+        let Some(ch) = self.channels.get(channel) else { return };
+        let Some((member, m)) = ch.members.iter().find(|(_, m)| m.key == key) else { return };
+        let (member, conn) = (member.clone(), m.conn);
+        info!(channel, member, reason, "WebRTC peer closed: leaving");
+        self.leave(conn, channel, &member);
+        self.send(conn, &Message::Left { channel: channel.to_string(), id: None });
+    }
+
+    fn member_ready(&mut self, channel: &str, member: &str, key: MemberKey, sdp: Option<String>) {
         let Some(ch) = self.channels.get_mut(channel) else { return };
         let Some(m) = ch.members.get_mut(member) else { return };
         if m.key != key {
@@ -402,8 +449,12 @@ impl Hub {
             members: others,
             speaker: ch.floor.speaker().map(str::to_string),
             epoch: ch.floor.epoch(),
-            rtp: Some(RtpInfo { server_addr: server_addr.to_string(), ssrc, payload_type: shard::core::OPUS_PT }),
-            sdp: None,
+            rtp: sdp.is_none().then(|| RtpInfo {
+                server_addr: server_addr.to_string(),
+                ssrc,
+                payload_type: shard::core::OPUS_PT,
+            }),
+            sdp,
             id,
         };
         info!(channel, member, conn, "joined");
@@ -641,6 +692,21 @@ impl Hub {
             let _ = s.commands.try_send(Command::Shutdown);
         }
     }
+}
+
+/// How a joining member's media will flow.
+enum JoinLeg {
+    Rtp(SocketAddr),
+    WebRtc(crate::peer::offer::Offer),
+}
+
+/// The checked SDP offer of a WebRTC join (before anything is built for it).
+fn webrtc_offer(join: &Join) -> Result<crate::peer::offer::Offer, SignalError> {
+    let sdp = join
+        .sdp
+        .as_deref()
+        .ok_or_else(|| SignalError::bad_request("transport 'webrtc' needs \"sdp\" with an SDP offer"))?;
+    crate::peer::offer::parse_offer(sdp).map_err(|e| SignalError::bad_request(e.to_string()))
 }
 
 /// Whether `ip` is inside `net/bits`.

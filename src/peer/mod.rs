@@ -1,0 +1,218 @@
+//! Peers of a shard that need more than an address: WebRTC members (str0m `Rtc`s).
+//!
+//! A plain-RTP member is only an address and an [`crate::forward::OutStream`]; a WebRTC member also has
+//! ICE, DTLS and SRTP state. [`Peers`] keeps them in a slab and finds the one a datagram belongs to:
+//! - by source address (a hash map), once the address is known;
+//! - for STUN, by the server's ICE username fragment in `USERNAME` (`server:client`), whatever the source
+//!   address — so the first check (which can beat the answer to the client) and a changed network path
+//!   (mobile handover) find their peer, and the new address is learnt.
+//!
+//! str0m's own `Rtc::accepts` would need a linear scan over all peers for every datagram.
+
+pub mod offer;
+pub mod webrtc;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::channel::MemberKey;
+use crate::rtp::Kind;
+use crate::shard::timers::Timers;
+
+use self::webrtc::WebRtcPeer;
+
+/// Index of a peer in its shard's slab.
+pub type PeerId = usize;
+
+/// Source addresses remembered per peer; older ones are forgotten first (a peer that changes network
+/// keeps working, a spoofer cannot grow the map without bound).
+const ADDRS_PER_PEER: usize = 4;
+
+/// One WebRTC member on the shard.
+pub struct PeerSlot {
+    pub peer: WebRtcPeer,
+    /// Slot of its channel in the shard, and its membership key.
+    pub channel: usize,
+    pub key: MemberKey,
+    addrs: Vec<SocketAddr>,
+}
+
+/// The shard's WebRTC peers, their lookup maps and their timers.
+#[derive(Default)]
+pub struct Peers {
+    slots: Vec<Option<PeerSlot>>,
+    free: Vec<PeerId>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    by_ufrag: HashMap<String, PeerId>,
+    timers: Timers,
+    live: usize,
+}
+
+impl Peers {
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    pub fn ufrag_taken(&self, ufrag: &str) -> bool {
+        self.by_ufrag.contains_key(ufrag)
+    }
+
+    /// Registers a peer (its ufrag at once: the first STUN check may come before the answer is read).
+    pub fn insert(
+        &mut self,
+        peer: WebRtcPeer,
+        channel: usize,
+        key: MemberKey,
+        now: Instant,
+    ) -> PeerId {
+        let ufrag = peer.ufrag.clone();
+        let deadline = peer.deadline;
+        let slot = PeerSlot {
+            peer,
+            channel,
+            key,
+            addrs: Vec::new(),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id] = Some(slot);
+                id
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.by_ufrag.insert(ufrag, id);
+        self.timers.schedule(id, deadline, now);
+        self.live += 1;
+        id
+    }
+
+    pub fn remove(&mut self, id: PeerId) -> Option<PeerSlot> {
+        let slot = self.slots.get_mut(id)?.take()?;
+        self.by_ufrag.remove(&slot.peer.ufrag);
+        for a in &slot.addrs {
+            if self.by_addr.get(a) == Some(&id) {
+                self.by_addr.remove(a);
+            }
+        }
+        self.free.push(id);
+        self.live -= 1;
+        Some(slot)
+    }
+
+    pub fn get_mut(&mut self, id: PeerId) -> Option<&mut PeerSlot> {
+        self.slots.get_mut(id).and_then(Option::as_mut)
+    }
+
+    /// The peer a datagram from `src` belongs to, if any. A STUN request found by ufrag teaches the map
+    /// its source address.
+    pub fn find(&mut self, src: SocketAddr, kind: Kind, data: &[u8]) -> Option<PeerId> {
+        if let Some(&id) = self.by_addr.get(&src) {
+            return Some(id);
+        }
+        if kind != Kind::Stun {
+            return None;
+        }
+        let ufrag = stun_local_ufrag(data)?;
+        let id = *self.by_ufrag.get(ufrag)?;
+        let slot = self.slots.get_mut(id)?.as_mut()?;
+        if slot.addrs.len() == ADDRS_PER_PEER {
+            let old = slot.addrs.remove(0);
+            if self.by_addr.get(&old) == Some(&id) {
+                self.by_addr.remove(&old);
+            }
+        }
+        slot.addrs.push(src);
+        self.by_addr.insert(src, id);
+        Some(id)
+    }
+
+    /// Queues the peer's current deadline after it was driven.
+    pub fn reschedule(&mut self, id: PeerId, before: Instant, now: Instant) {
+        let Some(slot) = self.slots.get(id).and_then(Option::as_ref) else {
+            return;
+        };
+        if slot.peer.deadline != before && !slot.peer.closed {
+            self.timers.schedule(id, slot.peer.deadline, now);
+        }
+        if self.timers.len() > 4 * self.live + 1024 {
+            let live = self.slots.iter().enumerate().filter_map(|(i, s)| {
+                s.as_ref()
+                    .filter(|s| !s.peer.closed)
+                    .map(|s| (i, s.peer.deadline))
+            });
+            let live: Vec<_> = live.collect();
+            self.timers.compact(live.into_iter(), now);
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    /// Peers whose deadline has come.
+    pub fn expired(&mut self, now: Instant, out: &mut Vec<PeerId>) {
+        let slots = &self.slots;
+        self.timers.expired(
+            now,
+            |id| {
+                slots
+                    .get(id)
+                    .and_then(Option::as_ref)
+                    .filter(|s| !s.peer.closed)
+                    .map(|s| s.peer.deadline)
+            },
+            out,
+        );
+    }
+}
+
+/// The receiver's ufrag from a STUN binding request's `USERNAME` ("server:client", RFC 8445 §7.2.2).
+/// Walks the attributes without allocating; `None` on anything malformed.
+pub fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
+    const HEADER: usize = 20;
+    const USERNAME: u16 = 0x0006;
+    if data.len() < HEADER || data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([data[2], data[3]]));
+    let body = data.get(HEADER..HEADER + len)?;
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let ty = u16::from_be_bytes([body[at], body[at + 1]]);
+        let alen = usize::from(u16::from_be_bytes([body[at + 2], body[at + 3]]));
+        let value = body.get(at + 4..at + 4 + alen)?;
+        if ty == USERNAME {
+            let name = std::str::from_utf8(value).ok()?;
+            return name.split(':').next();
+        }
+        at += 4 + alen.div_ceil(4) * 4;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn username_of_a_binding_request() {
+        let user = b"srvfrag1:cli";
+        let mut p = vec![0x00, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+        p.extend_from_slice(&[7; 12]);
+        p.extend_from_slice(&[0x00, 0x06, 0, user.len() as u8]);
+        p.extend_from_slice(user);
+        let len = (p.len() - 20) as u16;
+        p[2..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(stun_local_ufrag(&p), Some("srvfrag1"));
+        assert_eq!(stun_local_ufrag(&p[..30]), None, "truncated");
+        assert_eq!(stun_local_ufrag(&[0u8; 20]), None, "no magic cookie");
+    }
+}

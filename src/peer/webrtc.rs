@@ -1,0 +1,360 @@
+//! One WebRTC member: a str0m `Rtc` in ICE-lite, RTP mode, living on its channel's shard.
+//!
+//! str0m is sans-IO like the rest of the shard: datagrams and time go in, datagrams to send, events and
+//! the next deadline come out. This wrapper fixes the choices of design.md "RTCP and SDP":
+//! - ICE-lite (the server has one host candidate: the shard's own UDP port), DTLS passive, one certificate
+//!   per process (building a cert per peer costs milliseconds of CPU).
+//! - RTP mode: payloads go in and out as RTP packets, never depacketized, so the `Arc<[u8]>` str0m hands
+//!   us from one speaker is the same allocation written to every listener.
+//! - Only Opus (with `useinbandfec=1`), no NACK/RTX, no transport-cc or abs-send-time (they would make
+//!   every listener send feedback every 50–100 ms for nothing); only the audio level extension.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::config::{CryptoProvider, DtlsCert};
+use str0m::format::{Codec, CodecConfig, CodecSpec, FormatParams, PayloadParams};
+use str0m::media::{Frequency, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{Extension, ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::{
+    Candidate, Event as RtcEvent, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig,
+};
+use thiserror::Error;
+use tracing::debug;
+
+use crate::forward::{extend, OutHeader, RawAddr};
+
+/// A peer that has not completed ICE and DTLS by then is given up (the client never used the answer).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What every peer of a process shares. Cloned into each shard; the certificate is generated once.
+#[derive(Clone)]
+pub struct WebRtcConfig {
+    pub cert: DtlsCert,
+    pub crypto: Arc<CryptoProvider>,
+    /// The ICE host candidate of the shard: the announce address and the shard's UDP port.
+    pub candidate: SocketAddr,
+}
+
+impl std::fmt::Debug for WebRtcConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebRtcConfig")
+            .field("candidate", &self.candidate)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebRtcConfig {
+    /// Generates the process's DTLS certificate with the compiled-in crypto provider (aws-lc-rs).
+    pub fn generate(candidate: SocketAddr) -> Result<Self, PeerError> {
+        let crypto = str0m::crypto::from_feature_flags();
+        let cert = crypto
+            .dtls_provider
+            .generate_certificate()
+            .ok_or(PeerError::Certificate)?;
+        Ok(WebRtcConfig {
+            cert,
+            crypto: Arc::new(crypto),
+            candidate,
+        })
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum PeerError {
+    #[error("cannot generate a DTLS certificate")]
+    Certificate,
+    #[error("bad host candidate: {0}")]
+    Candidate(String),
+    #[error("the offer was refused: {0}")]
+    Offer(String),
+    #[error("the offer negotiated no Opus payload type")]
+    NoOpus,
+    #[error("the answer has no audio media")]
+    NoMid,
+}
+
+/// What a peer reports to its shard.
+// `Media` is the common variant: boxing it would allocate once per packet to save stack on rare ones.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// ICE and DTLS are up: media may flow.
+    Connected,
+    /// An RTP packet from the client, SRTP already removed.
+    Media(RtpPacket),
+    /// ICE timed out, DTLS closed, or the peer never connected: it must leave its channel.
+    Closed(&'static str),
+}
+
+/// A datagram str0m wants sent: contents and destination.
+pub type Transmit = (Vec<u8>, RawAddr);
+
+pub struct WebRtcPeer {
+    rtc: Rtc,
+    /// Where datagrams "arrive" for str0m: the host candidate, whatever address the socket is bound to.
+    local: SocketAddr,
+    pub ufrag: String,
+    mid: Option<Mid>,
+    /// The listener stream (`None` when the client offered sendonly: it cannot hear).
+    tx: Option<Ssrc>,
+    /// Opus payload type negotiated with this client (Chrome 111, Firefox 109).
+    pub pt: u8,
+    /// Highest extended sequence number written; the first is below 2^16 (SRTP ROC 0, RFC 3711 §3.3.1).
+    ext_seq: Option<u64>,
+    pub connected: bool,
+    pub closed: bool,
+    connect_deadline: Instant,
+    /// The next instant this peer must be driven; the shard's timer heap holds it.
+    pub deadline: Instant,
+}
+
+/// Builds a str0m config for one peer from the shared parts.
+fn rtc_config(shared: &WebRtcConfig, ufrag: &str) -> RtcConfig {
+    let pass: String = (0..24)
+        .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+        .collect();
+    let mut opus = PayloadParams::new(
+        Pt::from(111),
+        None,
+        CodecSpec {
+            codec: Codec::Opus,
+            clock_rate: Frequency::FORTY_EIGHT_KHZ,
+            channels: Some(2),
+            format: FormatParams {
+                min_p_time: Some(10),
+                use_inband_fec: Some(true),
+                ..Default::default()
+            },
+        },
+    );
+    opus.set_fb_transport_cc(false);
+    opus.set_fb_nack(false);
+    let mut config = RtcConfig::new()
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .set_dtls_cert(shared.cert.clone())
+        .set_crypto_provider(shared.crypto.clone())
+        .set_local_ice_credentials(IceCreds {
+            ufrag: ufrag.to_string(),
+            pass,
+        })
+        .clear_extension_map()
+        .set_extension(1, Extension::AudioLevel);
+    *config.codec_config() = CodecConfig::new_from_payload_params(vec![opus]);
+    config
+}
+
+impl WebRtcPeer {
+    /// Builds the `Rtc`, accepts the (already validated) offer and returns the peer with its SDP answer.
+    /// `ufrag` must be unique on the shard: STUN checks are routed by it before the address is known.
+    pub fn accept(
+        shared: &WebRtcConfig,
+        offer: SdpOffer,
+        ufrag: String,
+        now: Instant,
+    ) -> Result<(Self, String), PeerError> {
+        let mut rtc = rtc_config(shared, &ufrag).build(now);
+        let candidate = Candidate::host(shared.candidate, "udp")
+            .map_err(|e| PeerError::Candidate(e.to_string()))?;
+        rtc.add_local_candidate(candidate);
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| PeerError::Offer(e.to_string()))?;
+        let mut peer = WebRtcPeer {
+            rtc,
+            local: shared.candidate,
+            ufrag,
+            mid: None,
+            tx: None,
+            pt: 0,
+            ext_seq: None,
+            connected: false,
+            closed: false,
+            connect_deadline: now + CONNECT_TIMEOUT,
+            deadline: now,
+        };
+        let answer = answer.to_sdp_string();
+        // The offer was checked to have exactly one m-line, so the answer has one mid.
+        let mid: Mid = answer
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("a=mid:"))
+            .ok_or(PeerError::NoMid)?
+            .into();
+        peer.mid = Some(mid);
+        let (mut out, mut events) = (Vec::new(), Vec::new());
+        peer.drain(&mut out, &mut events);
+        let media = peer.rtc.media(mid).ok_or(PeerError::NoMid)?;
+        let remote = media.remote_pts().to_vec();
+        let opus = peer
+            .rtc
+            .codec_config()
+            .find(|p| p.spec().codec == Codec::Opus && remote.contains(&p.pt()))
+            .ok_or(PeerError::NoOpus)?;
+        peer.pt = *opus.pt();
+        peer.tx = peer
+            .rtc
+            .direct_api()
+            .stream_tx_by_mid(mid, None)
+            .map(|s| s.ssrc());
+        Ok((peer, answer))
+    }
+
+    /// The SSRC of the stream this peer hears (for the record; str0m owns it).
+    pub fn listener_ssrc(&self) -> Option<u32> {
+        self.tx.map(|s| *s)
+    }
+
+    /// One datagram from the client (STUN, DTLS, SRTP or SRTCP). Returns false if str0m refused it.
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        data: &[u8],
+        out: &mut Vec<Transmit>,
+        events: &mut Vec<PeerEvent>,
+    ) -> bool {
+        if self.closed {
+            return false;
+        }
+        let Ok(contents) = Receive::new(Protocol::Udp, source, self.local, data) else {
+            return false;
+        };
+        if let Err(e) = self.rtc.handle_input(Input::Receive(now, contents)) {
+            debug!(ufrag = %self.ufrag, error = %e, "peer refused a datagram");
+            return false;
+        }
+        self.drain(out, events);
+        true
+    }
+
+    /// Drives time: retransmits, RTCP reports, ICE consent, and packets queued by [`Self::write`].
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        out: &mut Vec<Transmit>,
+        events: &mut Vec<PeerEvent>,
+    ) {
+        if self.closed {
+            return;
+        }
+        if !self.connected && now >= self.connect_deadline {
+            self.close_with(events, "connect_timeout", true);
+            return;
+        }
+        if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
+            debug!(ufrag = %self.ufrag, error = %e, "peer timeout failed");
+        }
+        self.drain(out, events);
+    }
+
+    /// Queues one listener packet. The caller then calls [`Self::handle_timeout`] with the same `now`
+    /// (str0m sends what was written on its next timeout). `wallclock` is when the packet came in.
+    pub fn write(
+        &mut self,
+        h: OutHeader,
+        payload: Arc<[u8]>,
+        wallclock: Instant,
+        audio_level: Option<i8>,
+    ) -> bool {
+        let (Some(ssrc), true, false) = (self.tx, self.connected, self.closed) else {
+            return false;
+        };
+        let ext = match self.ext_seq {
+            None => u64::from(h.seq),
+            Some(prev) => extend(prev, h.seq),
+        };
+        if self.ext_seq.is_none_or(|prev| ext > prev) {
+            self.ext_seq = Some(ext);
+        }
+        let exts = ExtensionValues {
+            audio_level,
+            ..Default::default()
+        };
+        let mut api = self.rtc.direct_api();
+        let Some(stream) = api.stream_tx(&ssrc) else {
+            return false;
+        };
+        stream.write_rtp(
+            RtpWrite::new(
+                Pt::from(self.pt),
+                ext.into(),
+                h.timestamp,
+                wallclock,
+                payload,
+            )
+            .marker(h.marker)
+            .ext_vals(exts)
+            .nackable(false),
+        );
+        true
+    }
+
+    /// Starts a clean shutdown (RTCP BYE, DTLS close_notify) and drains what that sends.
+    pub fn close(&mut self, out: &mut Vec<Transmit>) {
+        if !self.closed {
+            let _ = self.rtc.close();
+            let mut events = Vec::new();
+            self.drain(out, &mut events);
+            self.closed = true;
+        }
+    }
+
+    /// Reports the peer closed (once); `disconnect` also makes the `Rtc` inert at once.
+    fn close_with(&mut self, events: &mut Vec<PeerEvent>, why: &'static str, disconnect: bool) {
+        if disconnect {
+            self.rtc.disconnect();
+        }
+        if !self.closed {
+            self.closed = true;
+            events.push(PeerEvent::Closed(why));
+        }
+    }
+
+    /// The drain loop (str0m's `poll_output` until `Timeout`), documented once: transmits are queued for
+    /// the shard's socket, events are reported, and the next deadline is kept for the timer heap.
+    fn drain(&mut self, out: &mut Vec<Transmit>, events: &mut Vec<PeerEvent>) {
+        loop {
+            if !self.rtc.is_alive() {
+                self.close_with(events, "closed", false);
+                return;
+            }
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(at)) => {
+                    self.deadline = if self.connected {
+                        at
+                    } else {
+                        at.min(self.connect_deadline)
+                    };
+                    return;
+                }
+                Ok(Output::Transmit(t)) => {
+                    out.push((t.contents.into(), RawAddr::new(t.destination)))
+                }
+                Ok(Output::Event(e)) => match e {
+                    RtcEvent::RtpPacket(p) => events.push(PeerEvent::Media(p)),
+                    RtcEvent::Connected => {
+                        self.connected = true;
+                        events.push(PeerEvent::Connected);
+                    }
+                    RtcEvent::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        self.close_with(events, "ice_disconnected", true);
+                        return;
+                    }
+                    // The client closed DTLS: str0m still drains its own close_notify and BYE.
+                    RtcEvent::Closed => self.close_with(events, "dtls_closed", false),
+                    _ => {}
+                },
+                Err(e) => {
+                    debug!(ufrag = %self.ufrag, error = %e, "peer failed");
+                    self.close_with(events, "error", true);
+                    return;
+                }
+            }
+        }
+    }
+}

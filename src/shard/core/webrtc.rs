@@ -1,0 +1,297 @@
+//! The shard's WebRTC side: adding and removing peers, their datagrams and timers, and writing a fan-out
+//! into the listeners' `Rtc`s. Still sans-IO: what the peers want sent waits in `transmits`, events for
+//! the control thread in `events`; the shard loop collects both after every call.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use str0m::change::SdpOffer;
+use str0m::rtp::RtpPacket;
+
+use super::{Drop, ShardCore, Verdict};
+use crate::channel::{ForwardDrop, Member, MemberKey};
+use crate::forward::{Batch, OutStream};
+use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcPeer};
+use crate::peer::PeerId;
+use crate::rtp::RtpView;
+use crate::shard::Event;
+
+impl ShardCore {
+    /// Builds the peer, accepts its offer, and registers it (ufrag at once, so the first STUN check finds
+    /// it) *before* the answer goes back to the control thread and on to the client.
+    pub(super) fn add_peer(
+        &mut self,
+        channel: String,
+        key: MemberKey,
+        name: String,
+        offer: SdpOffer,
+        now: Instant,
+    ) -> Event {
+        let Some(config) = self.config.webrtc.as_ref() else {
+            return Event::PeerAnswered {
+                key,
+                answer: Err("WebRTC is not enabled on this server".into()),
+            };
+        };
+        let ufrag = loop {
+            let u: String = (0..16)
+                .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
+                .collect();
+            if !self.peers.ufrag_taken(&u) {
+                break u;
+            }
+        };
+        let (peer, answer) = match WebRtcPeer::accept(config, offer, ufrag, now) {
+            Ok(r) => r,
+            Err(e) => {
+                return Event::PeerAnswered {
+                    key,
+                    answer: Err(e.to_string()),
+                }
+            }
+        };
+        let slot = self.channel_slot(&channel, now);
+        let out = OutStream::new(
+            peer.listener_ssrc().unwrap_or(0),
+            peer.pt,
+            rand::random::<u16>() & 0x7fff,
+            rand::random(),
+        );
+        let id = self.peers.insert(peer, slot, key, now);
+        if let Some(ch) = self.channels[slot].as_mut() {
+            ch.add(Member::webrtc(key, name, id, out));
+        }
+        Event::PeerAnswered {
+            key,
+            answer: Ok(answer),
+        }
+    }
+
+    /// Closes a peer that left (DTLS close_notify goes out with the next transmits).
+    pub(super) fn remove_peer(&mut self, id: PeerId) {
+        if let Some(mut slot) = self.peers.remove(id) {
+            slot.peer.close(&mut self.transmits);
+        }
+    }
+
+    pub(super) fn handle_peer_datagram(
+        &mut self,
+        id: PeerId,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Verdict {
+        let mut events = std::mem::take(&mut self.peer_events);
+        let Some(slot) = self.peers.get_mut(id) else {
+            return Verdict::Dropped(Drop::UnknownSource);
+        };
+        let before = slot.peer.deadline;
+        let accepted = slot
+            .peer
+            .handle_receive(now, src, data, &mut self.transmits, &mut events);
+        let (channel, key, connected) = (slot.channel, slot.key, slot.peer.connected);
+        self.peers.reschedule(id, before, now);
+        if connected {
+            // Consent checks and RTCP keep a WebRTC listener latched like a plain one.
+            if let Some(ch) = self.channels[channel].as_mut() {
+                ch.heard(key, now);
+            }
+        }
+        let verdict = if accepted {
+            self.handle_peer_events(id, &mut events, now, Some(batch))
+        } else {
+            Verdict::Dropped(Drop::PeerRefused)
+        };
+        events.clear();
+        self.peer_events = events;
+        verdict
+    }
+
+    /// What a peer reported. The first media packet's plain-RTP fan-out goes into `batch` (sent with
+    /// `sendmmsg` and the payload shared); any further one in the same call, or one with no batch (timer
+    /// path), is spilled into owned datagrams — str0m releases several packets at once only after
+    /// reordering, which is rare.
+    fn handle_peer_events(
+        &mut self,
+        id: PeerId,
+        events: &mut Vec<PeerEvent>,
+        now: Instant,
+        mut batch: Option<&mut Batch>,
+    ) -> Verdict {
+        let mut verdict = Verdict::Peer;
+        for event in events.drain(..) {
+            let Some(slot) = self.peers.get_mut(id) else {
+                break;
+            };
+            let (channel, key) = (slot.channel, slot.key);
+            match event {
+                PeerEvent::Connected => {
+                    if let Some(ch) = self.channels[channel].as_mut() {
+                        ch.heard(key, now);
+                    }
+                }
+                PeerEvent::Closed(reason) => self.peer_closed(channel, key, reason),
+                PeerEvent::Media(pkt) => match batch.take() {
+                    Some(b) if b.is_empty() => {
+                        match self.peer_media(id, &pkt, now, b) {
+                            Ok(()) if !b.is_empty() => {
+                                verdict = Verdict::ForwardShared(pkt.payload.clone())
+                            }
+                            Ok(()) => {}
+                            Err(d) => {
+                                b.clear();
+                                verdict = dropped_unless_forwarded(verdict, d);
+                            }
+                        }
+                        batch = Some(b);
+                    }
+                    other => {
+                        batch = other;
+                        let mut spill = std::mem::take(&mut self.spill);
+                        match self.peer_media(id, &pkt, now, &mut spill) {
+                            Ok(()) => {
+                                for (h, d) in spill.headers.iter().zip(&spill.dests) {
+                                    let mut datagram =
+                                        Vec::with_capacity(h.len() + pkt.payload.len());
+                                    datagram.extend_from_slice(h);
+                                    datagram.extend_from_slice(&pkt.payload);
+                                    self.transmits.push((datagram, *d));
+                                }
+                            }
+                            Err(d) => verdict = dropped_unless_forwarded(verdict, d),
+                        }
+                        spill.clear();
+                        self.spill = spill;
+                    }
+                },
+            }
+        }
+        verdict
+    }
+
+    /// A WebRTC member's RTP packet, after SRTP: forwarded only if it holds the floor.
+    fn peer_media(
+        &mut self,
+        id: PeerId,
+        pkt: &RtpPacket,
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Result<(), Drop> {
+        let slot = self.peers.get_mut(id).ok_or(Drop::UnknownSource)?;
+        let (channel, key) = (slot.channel, slot.key);
+        if *pkt.header.payload_type != slot.peer.pt {
+            return Err(Drop::NotOpus);
+        }
+        let view = RtpView {
+            marker: pkt.header.marker,
+            payload_type: *pkt.header.payload_type,
+            seq: pkt.header.sequence_number,
+            timestamp: pkt.header.timestamp,
+            ssrc: *pkt.header.ssrc,
+            payload: &pkt.payload,
+        };
+        let ch = self.channels[channel].as_mut().ok_or(Drop::UnknownSource)?;
+        match ch.forward(key, &view, now, batch) {
+            Ok(()) => {}
+            Err(ForwardDrop::NotHolder) => return Err(Drop::NotHolder),
+            Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => return Err(Drop::Stale),
+        }
+        if !batch.peers.is_empty() {
+            self.write_peers(
+                batch,
+                pkt.payload.clone(),
+                now,
+                pkt.header.ext_vals.audio_level,
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes one fan-out into every WebRTC listener's `Rtc` and drives each with the same `now`, so the
+    /// packets leave at once (parking str0m's send queue until a timer fires would delay every packet).
+    pub(super) fn write_peers(
+        &mut self,
+        batch: &mut Batch,
+        payload: Arc<[u8]>,
+        now: Instant,
+        level: Option<i8>,
+    ) {
+        let mut events = std::mem::take(&mut self.listener_events);
+        for &(id, h) in &batch.peers {
+            let Some(slot) = self.peers.get_mut(id) else {
+                continue;
+            };
+            let before = slot.peer.deadline;
+            if slot.peer.write(h, payload.clone(), now, level) {
+                slot.peer
+                    .handle_timeout(now, &mut self.transmits, &mut events);
+            }
+            let (channel, key) = (slot.channel, slot.key);
+            self.peers.reschedule(id, before, now);
+            for e in events.drain(..) {
+                if let PeerEvent::Closed(reason) = e {
+                    self.peer_closed(channel, key, reason);
+                }
+            }
+        }
+        batch.peers.clear();
+        self.listener_events = events;
+    }
+
+    fn peer_closed(&mut self, channel: usize, key: MemberKey, reason: &'static str) {
+        self.stats.peers_closed += 1;
+        if let Some(ch) = self.channels[channel].as_ref() {
+            tracing::info!(channel = %ch.name, key, reason, "WebRTC peer closed");
+            self.events.push(Event::PeerClosed {
+                channel: ch.name.clone(),
+                key,
+                reason,
+            });
+        }
+    }
+
+    /// Drives every peer whose deadline has come.
+    pub fn handle_timers(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.due);
+        let mut events = std::mem::take(&mut self.peer_events);
+        self.peers.expired(now, &mut due);
+        for &id in &due {
+            let Some(slot) = self.peers.get_mut(id) else {
+                continue;
+            };
+            let before = slot.peer.deadline;
+            slot.peer
+                .handle_timeout(now, &mut self.transmits, &mut events);
+            self.peers.reschedule(id, before, now);
+            self.handle_peer_events(id, &mut events, now, None);
+        }
+        due.clear();
+        self.due = due;
+        self.peer_events = events;
+    }
+
+    /// The earliest instant a peer must be driven.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.peers.next_deadline()
+    }
+
+    /// Moves the datagrams the peers produced into `out` (for the socket).
+    pub fn poll_transmits(&mut self, out: &mut Vec<Transmit>) {
+        out.append(&mut self.transmits);
+    }
+
+    /// Moves pending events for the control thread into `out`.
+    pub fn poll_events(&mut self, out: &mut Vec<Event>) {
+        out.append(&mut self.events);
+    }
+}
+
+/// A drop is reported only when nothing of the call was forwarded.
+fn dropped_unless_forwarded(verdict: Verdict, d: Drop) -> Verdict {
+    match verdict {
+        Verdict::Peer => Verdict::Dropped(d),
+        other => other,
+    }
+}
