@@ -199,7 +199,10 @@ pub fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod stun_tests {
     use super::*;
 
     #[test]

@@ -294,7 +294,10 @@ async fn timer_loop(lp: Rc<Loop>, wake: glommio::channels::local_channel::LocalR
             .next_deadline()
             .map_or(next_tick, |d| d.min(next_tick));
         let nap = wake_at.saturating_duration_since(Instant::now());
-        if !nap.is_zero() {
+        if nap.is_zero() {
+            // A deadline already due: let the receive loop run before serving it (no busy spin).
+            glommio::yield_if_needed().await;
+        } else {
             lp.sleeping_until.set(Some(wake_at));
             let sleep = std::pin::pin!(glommio::timer::sleep(nap));
             let woken = std::pin::pin!(wake.recv());

@@ -1,0 +1,198 @@
+//! A server-side [`WebRtcPeer`] against an in-memory str0m client, in virtual time: no sockets, no sleeps.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpAnswer;
+use str0m::media::{Direction, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Input, Output, Rtc};
+
+use super::webrtc::{PeerEvent, WebRtcConfig, WebRtcPeer, CONNECT_TIMEOUT};
+use super::Peers;
+use crate::forward::OutHeader;
+use crate::rtp::Kind;
+
+const SERVER: &str = "127.0.0.1:40000";
+const CLIENT: &str = "127.0.0.2:5000";
+
+struct Pair {
+    peer: WebRtcPeer,
+    client: Rtc,
+    now: Instant,
+    events: Vec<PeerEvent>,
+    heard: usize,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let config = WebRtcConfig::generate(SERVER.parse().unwrap()).unwrap();
+        let now = Instant::now();
+        let mut client = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_crypto_provider(config.crypto.clone())
+            .build(now);
+        client.add_local_candidate(Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap());
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let (peer, answer) =
+            WebRtcPeer::accept(&config, offer, "testufragtestufr".into(), now).unwrap();
+        assert!(
+            answer.contains("a=ice-lite") && answer.contains("useinbandfec=1"),
+            "{answer}"
+        );
+        assert!(
+            !answer.contains("transport-cc")
+                && !answer.contains("nack")
+                && !answer.contains("abs-send-time")
+        );
+        client
+            .sdp_api()
+            .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+            .unwrap();
+        Pair {
+            peer,
+            client,
+            now,
+            events: vec![],
+            heard: 0,
+        }
+    }
+
+    /// Advances 10 ms; `link` false drops everything in both directions.
+    fn step(&mut self, link: bool) {
+        let (server, client): (SocketAddr, SocketAddr) =
+            (SERVER.parse().unwrap(), CLIENT.parse().unwrap());
+        self.now += Duration::from_millis(10);
+        let mut out = vec![];
+        self.client.handle_input(Input::Timeout(self.now)).unwrap();
+        while let Ok(o) = self.client.poll_output() {
+            match o {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) if link => {
+                    self.peer.handle_receive(
+                        self.now,
+                        client,
+                        &t.contents,
+                        &mut out,
+                        &mut self.events,
+                    );
+                }
+                Output::Event(str0m::Event::RtpPacket(_)) => self.heard += 1,
+                _ => {}
+            }
+        }
+        self.peer
+            .handle_timeout(self.now, &mut out, &mut self.events);
+        for (data, _) in out.drain(..) {
+            if link {
+                let r = Receive::new(Protocol::Udp, server, client, &data).unwrap();
+                let _ = self.client.handle_input(Input::Receive(self.now, r));
+            }
+        }
+    }
+
+    fn closed(&self) -> Option<&'static str> {
+        self.events.iter().find_map(|e| match e {
+            PeerEvent::Closed(why) => Some(*why),
+            _ => None,
+        })
+    }
+}
+
+#[test]
+fn connects_and_listener_packets_reach_the_client() {
+    let mut p = Pair::new();
+    for _ in 0..300 {
+        p.step(true);
+        if p.peer.connected {
+            break;
+        }
+    }
+    assert!(p.peer.connected, "ICE + DTLS within 3 s of virtual time");
+    assert!(p.events.iter().any(|e| matches!(e, PeerEvent::Connected)));
+    let payload: std::sync::Arc<[u8]> = std::sync::Arc::from(&b"opus"[..]);
+    for i in 0..10u16 {
+        let h = OutHeader {
+            seq: 100 + i,
+            timestamp: 960 * u32::from(i),
+            marker: i == 0,
+        };
+        assert!(p.peer.write(h, payload.clone(), p.now, Some(-40)));
+        p.step(true);
+    }
+    for _ in 0..5 {
+        p.step(true);
+    }
+    assert_eq!(p.heard, 10);
+}
+
+#[test]
+fn a_peer_whose_client_vanishes_is_closed_by_ice() {
+    let mut p = Pair::new();
+    while !p.peer.connected {
+        p.step(true);
+    }
+    // ICE-lite keeps a pair alive 15 s after the last binding request (str0m/is RECENT_BINDING_REQUEST).
+    for _ in 0..2000 {
+        p.step(false);
+        if p.closed().is_some() {
+            break;
+        }
+    }
+    assert_eq!(p.closed(), Some("ice_disconnected"));
+}
+
+#[test]
+fn a_peer_that_never_connects_is_given_up_but_not_too_soon() {
+    let mut p = Pair::new();
+    let start = p.now;
+    while p.closed().is_none() && p.now < start + CONNECT_TIMEOUT + Duration::from_secs(1) {
+        p.step(false);
+    }
+    // With the client's candidate in the offer, ICE gives up on the pair after 15 s without a check;
+    // without one (candidates are optional in offers) the connect timeout does.
+    assert!(
+        matches!(p.closed(), Some("ice_disconnected" | "connect_timeout")),
+        "{:?}",
+        p.closed()
+    );
+    assert!(
+        p.now - start >= Duration::from_secs(10),
+        "the client must have time to use the answer"
+    );
+}
+
+#[test]
+fn stun_finds_its_peer_by_ufrag_then_by_address() {
+    let p = Pair::new();
+    let mut peers = Peers::default();
+    let id = peers.insert(p.peer, 0, 7, p.now);
+    let src: SocketAddr = "10.0.0.9:1234".parse().unwrap();
+    let user = b"testufragtestufr:cli1";
+    let mut stun = vec![0x00, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+    stun.extend_from_slice(&[1; 12]);
+    stun.extend_from_slice(&[0x00, 0x06, 0, user.len() as u8]);
+    stun.extend_from_slice(user);
+    stun.extend_from_slice(&[0; 3]); // padding to 4 bytes
+    let len = (stun.len() - 20) as u16;
+    stun[2..4].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(
+        peers.find(src, Kind::Dtls, &[22; 20]),
+        None,
+        "unknown address, not STUN"
+    );
+    assert_eq!(peers.find(src, Kind::Stun, &stun), Some(id));
+    assert_eq!(
+        peers.find(src, Kind::Dtls, &[22; 20]),
+        Some(id),
+        "address learnt"
+    );
+    assert!(peers.remove(id).is_some());
+    assert_eq!(
+        peers.find(src, Kind::Dtls, &[22; 20]),
+        None,
+        "forgotten with the peer"
+    );
+}
