@@ -12,6 +12,9 @@ fn main() {
     let cli = Cli::parse();
     match cli.command {
         CommandLine::Serve(args) => {
+            // Signal handlers go in before the server says it serves: a SIGTERM right after "talkgroup
+            // serving" must stop it cleanly, not kill it.
+            let signals = Signals::install();
             let server = match Server::start(args) {
                 Ok(s) => s,
                 Err(e) => {
@@ -19,33 +22,46 @@ fn main() {
                     std::process::exit(1);
                 }
             };
-            wait_for_signal();
+            signals.wait();
             tracing::info!("signal received: stopping");
             server.shutdown();
         }
     }
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("talkgroup: cannot wait for signals: {e}");
-            std::process::exit(1);
-        }
-    };
-    rt.block_on(async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+/// SIGINT and SIGTERM handlers, installed up front.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("talkgroup: cannot wait for signals: {e}");
+                std::process::exit(1);
             }
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    });
+        let term = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() });
+        Signals { rt, term }
+    }
+
+    /// Blocks until SIGINT or SIGTERM.
+    fn wait(mut self) {
+        self.rt.block_on(async {
+            match self.term.as_mut() {
+                Some(term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        });
+    }
 }
