@@ -359,3 +359,5 @@ mod webrtc;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod webrtc_tests;
