@@ -58,6 +58,15 @@ impl Peers {
         self.live == 0
     }
 
+    /// Peers still in ICE/DTLS set-up. A walk over the slab: called per join, never per packet.
+    pub fn connecting(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| !s.peer.connected && !s.peer.closed)
+            .count()
+    }
+
     pub fn ufrag_taken(&self, ufrag: &str) -> bool {
         self.by_ufrag.contains_key(ufrag)
     }

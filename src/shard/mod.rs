@@ -52,9 +52,18 @@ pub enum Event {
     /// T1: no media from the holder of `epoch`.
     Silence { channel: String, epoch: u64 },
     /// The SDP answer for an `AddPeer` (the peer is registered and reachable), or why there is none.
-    PeerAnswered { key: MemberKey, answer: Result<String, String> },
+    PeerAnswered { key: MemberKey, answer: Result<String, PeerRefused> },
     /// A WebRTC peer is gone (ICE timeout, DTLS close, never connected): run the leave path.
     PeerClosed { channel: String, key: MemberKey, reason: &'static str },
+}
+
+/// Why a shard built no peer for an offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerRefused {
+    /// str0m refused the offer, or WebRTC is off (answered `bad_request`).
+    Offer(String),
+    /// Too many DTLS handshakes in progress on the shard (answered `unavailable`: try again).
+    Busy,
 }
 
 /// Counters of one shard (plain integers: only the shard writes them; the control thread gets copies).

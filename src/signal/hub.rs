@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::floor::{DenyReason, Floor, FloorConfig, FloorEvent, Input, Output, Renewal, To};
-use crate::shard::{self, Command, Event, ShardHandle};
+use crate::shard::{self, Command, Event, PeerRefused, ShardHandle};
 use crate::state::{AcquireRequest, Acquired, FloorStore, SessionStore, StateError};
 
 use super::protocol::{
@@ -408,17 +408,20 @@ impl Hub {
 
     /// The shard built a WebRTC member's peer: `joined` carries the answer. If it could not (str0m refused
     /// the offer), the membership is undone and the join answered with an error.
-    fn on_peer_answered(&mut self, key: MemberKey, answer: Result<String, String>) {
+    fn on_peer_answered(&mut self, key: MemberKey, answer: Result<String, PeerRefused>) {
         let Some((channel, member)) = self.pending.remove(&key) else { return };
-        match answer {
-            Ok(sdp) => self.member_ready(&channel, &member, key, Some(sdp)),
-            Err(message) => {
-                let Some(m) = self.channels.get(&channel).and_then(|ch| ch.members.get(&member)) else { return };
-                let (conn, id) = (m.conn, m.join_id.clone());
-                self.leave(conn, &channel, &member);
-                self.send_error(conn, &SignalError::bad_request(message), id);
-            }
-        }
+        let refused = match answer {
+            Ok(sdp) => return self.member_ready(&channel, &member, key, Some(sdp)),
+            Err(PeerRefused::Offer(message)) => SignalError::bad_request(message),
+            Err(PeerRefused::Busy) => SignalError::new(
+                ErrorCode::Unavailable,
+                "too many WebRTC connections are being set up on this server; try again",
+            ),
+        };
+        let Some(m) = self.channels.get(&channel).and_then(|ch| ch.members.get(&member)) else { return };
+        let (conn, id) = (m.conn, m.join_id.clone());
+        self.leave(conn, &channel, &member);
+        self.send_error(conn, &refused, id);
     }
 
     /// A WebRTC peer went away (ICE timeout, DTLS close): the normal leave path, so a holder's floor is

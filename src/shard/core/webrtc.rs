@@ -15,7 +15,12 @@ use crate::forward::{Batch, OutStream};
 use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcPeer};
 use crate::peer::PeerId;
 use crate::rtp::RtpView;
-use crate::shard::Event;
+use crate::shard::{Event, PeerRefused};
+
+/// Peers being set up (ICE + DTLS not done) at once per shard. A DTLS handshake costs the shard a few
+/// milliseconds of CPU (key exchange, certificate signature); a join storm must not stall the media of
+/// everyone else on the core, so beyond this joins are refused `unavailable` and retried by clients.
+pub const MAX_HANDSHAKES: usize = 64;
 
 impl ShardCore {
     /// Builds the peer, accepts its offer, and registers it (ufrag at once, so the first STUN check finds
@@ -31,7 +36,15 @@ impl ShardCore {
         let Some(config) = self.config.webrtc.as_ref() else {
             return Event::PeerAnswered {
                 key,
-                answer: Err("WebRTC is not enabled on this server".into()),
+                answer: Err(PeerRefused::Offer(
+                    "WebRTC is not enabled on this server".into(),
+                )),
+            };
+        };
+        if self.peers.connecting() >= MAX_HANDSHAKES {
+            return Event::PeerAnswered {
+                key,
+                answer: Err(PeerRefused::Busy),
             };
         };
         let ufrag = loop {
@@ -47,7 +60,7 @@ impl ShardCore {
             Err(e) => {
                 return Event::PeerAnswered {
                     key,
-                    answer: Err(e.to_string()),
+                    answer: Err(PeerRefused::Offer(e.to_string())),
                 }
             }
         };

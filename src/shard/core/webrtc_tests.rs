@@ -242,3 +242,53 @@ fn plain_and_webrtc_members_hear_each_other_through_the_shard() {
         Verdict::Dropped(Drop::NotRtp)
     ));
 }
+
+#[test]
+fn handshakes_in_progress_are_capped_per_shard() {
+    let config = WebRtcConfig::generate(SERVER.parse().unwrap()).unwrap();
+    let now = Instant::now();
+    let mut client = Rtc::builder()
+        .set_rtp_mode(true)
+        .set_crypto_provider(config.crypto.clone())
+        .build(now);
+    client.add_local_candidate(Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap());
+    let mut api = client.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    let offer = api.apply().unwrap().0.to_sdp_string();
+    let mut shard = ShardCore::new(
+        0,
+        ShardConfig {
+            webrtc: Some(config),
+            ..Default::default()
+        },
+        now,
+    );
+    let join = |shard: &mut ShardCore, key: MemberKey| {
+        let offer = Box::new(str0m::change::SdpOffer::from_sdp_string(&offer).unwrap());
+        let cmd = Command::AddPeer {
+            channel: "storm".into(),
+            key,
+            name: format!("m{key}"),
+            offer,
+        };
+        match shard.handle_command(cmd, now) {
+            Some(Event::PeerAnswered { answer, .. }) => answer,
+            other => panic!("{other:?}"),
+        }
+    };
+    for key in 0..super::webrtc::MAX_HANDSHAKES as u64 {
+        assert!(join(&mut shard, key).is_ok());
+    }
+    assert_eq!(join(&mut shard, 999), Err(crate::shard::PeerRefused::Busy));
+    shard.handle_command(
+        Command::RemoveMember {
+            channel: "storm".into(),
+            key: 0,
+        },
+        now,
+    );
+    assert!(
+        join(&mut shard, 1000).is_ok(),
+        "room again once one is gone"
+    );
+}
