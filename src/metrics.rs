@@ -6,10 +6,13 @@ use crate::shard::core::drop_reason_names;
 use crate::shard::ShardStats;
 use crate::signal::hub::HubCounters;
 
+/// A per-shard metric: name, help text, how to read it.
+type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
+
 /// Renders all metrics (text format 0.0.4).
 pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard: [(&str, &str, fn(&ShardStats) -> u64); 9] = [
+    let per_shard: [ShardMetric; 9] = [
         ("packets_in_total", "Datagrams received on the media port", |s| s.packets_in),
         ("packets_forwarded_total", "Datagrams sent to listeners", |s| s.forwarded),
         ("rtcp_in_total", "RTCP packets received from members", |s| s.rtcp_in),

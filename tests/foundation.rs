@@ -233,7 +233,7 @@ async fn presence_and_joined_members() {
     let p = sa.expect_type("presence").await;
     assert_eq!(p["joined"], "b");
     drop(sb);
-    let p = sa.expect(&"presence left", |v| v["type"] == "presence" && v["left"] == "b").await;
+    let p = sa.expect("presence left", |v| v["type"] == "presence" && v["left"] == "b").await;
     assert_eq!(p["channel"], "p");
     srv.shutdown();
 }
