@@ -119,8 +119,9 @@ pub enum Input {
     /// The member left the channel.
     Leave { member: String },
     StoreGranted { member: String, epoch: u64 },
-    /// The store refused: `holder` is who holds it (`Busy`), or the store failed (`Unavailable`).
-    StoreDenied { member: String, holder: Option<String>, reason: DenyReason },
+    /// The store refused: `holder` is who holds it and since which epoch (`Busy`), or the store failed
+    /// (`Unavailable`).
+    StoreDenied { member: String, holder: Option<(String, u64)>, reason: DenyReason },
     /// The store has released (or failed to release; the lease then runs out on its own).
     StoreReleased { epoch: u64 },
     /// The answer to the renewal sent at `sent_at`.
@@ -224,6 +225,14 @@ impl Floor {
         }
     }
 
+    /// The holder when it is a member of another node, with its epoch.
+    pub fn remote(&self) -> Option<(&str, u64)> {
+        match &self.state {
+            State::Remote { speaker, epoch } => Some((speaker, *epoch)),
+            _ => None,
+        }
+    }
+
     /// True when nothing is pending, held or queued: the channel needs no ticks.
     pub fn is_quiet(&self) -> bool {
         matches!(self.state, State::Idle | State::Remote { .. }) && self.queue.is_empty()
@@ -282,6 +291,13 @@ impl Floor {
             }
             let holder = holder.to_string();
             let is_remote = matches!(self.state, State::Remote { .. });
+            if is_remote && !queue {
+                // Our view of another node's holder is a cache: its node may have died and its lease run
+                // out without a word (an expiring key publishes nothing). The store decides.
+                self.state = State::Acquiring { member: member.clone(), priority, cancelled: false };
+                self.out.push_back(Output::Acquire { member, priority });
+                return;
+            }
             if priority > holder_priority && !is_remote {
                 self.enqueue(member, priority);
                 self.preempt(now);
@@ -435,7 +451,7 @@ impl Floor {
         }
     }
 
-    fn on_store_denied(&mut self, member: String, holder: Option<String>, reason: DenyReason) {
+    fn on_store_denied(&mut self, member: String, holder: Option<(String, u64)>, reason: DenyReason) {
         let State::Acquiring { member: m, cancelled, .. } = &self.state else {
             return;
         };
@@ -445,7 +461,17 @@ impl Floor {
         let cancelled = *cancelled;
         self.state = State::Idle;
         if !cancelled {
-            self.notify(To::Member(member), FloorEvent::Denied { speaker: holder, reason });
+            let speaker = holder.as_ref().map(|(name, _)| name.clone());
+            self.notify(To::Member(member), FloorEvent::Denied { speaker, reason });
+        }
+        // The store knows a holder we have not heard of yet (pub/sub lags or lost the message): adopt it,
+        // so its release is recognised.
+        if let Some((speaker, epoch)) = holder {
+            if epoch > self.epoch {
+                self.on_remote(Some(speaker), epoch);
+            } else if epoch == self.epoch && self.remote().is_none() {
+                self.state = State::Remote { speaker, epoch };
+            }
         }
         // Queued members wait for the remote holder's release (a `Remote` input) or, on a store failure,
         // are denied too: never let a queue wait on a store that does not answer.

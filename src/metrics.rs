@@ -6,7 +6,7 @@ use crate::shard::core::drop_reason_names;
 use crate::shard::ShardStats;
 use crate::signal::hub::HubCounters;
 
-/// A per-shard metric: name, help text, and how to read it.
+/// A per-shard metric: name, help text, how to read it.
 type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
 
 /// Renders all metrics (text format 0.0.4).

@@ -11,13 +11,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::{self, ServeArgs, StoreKind};
-use crate::floor::FloorConfig;
+use crate::floor::{FloorConfig, Lease};
 use crate::peer::webrtc::WebRtcConfig;
 use crate::shard::{self, core::ShardConfig, ShardHandle};
 use crate::signal::http::{self, AppState};
 use crate::signal::hub::{self, Hub, HubConfig, HubMsg};
 use crate::state::memory::{MemoryFloorStore, MemorySessionStore};
-use crate::state::{FloorStore, SessionStore};
+use crate::state::redis::{RedisConfig, RedisStore};
+use crate::state::{FloorStore, SessionStore, StoreEvent};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -27,6 +28,34 @@ pub enum ServerError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot start: {0}")]
     Start(String),
+}
+
+/// The floor lease on a shared store (design: TTL 3 s, renewed every 1 s, holder revoked 250 ms before
+/// the lease would run out).
+pub const LEASE: Lease =
+    Lease { ttl: Duration::from_secs(3), renew_every: Duration::from_secs(1), margin: Duration::from_millis(250) };
+
+type Stores = (Arc<dyn FloorStore>, Arc<dyn SessionStore>, Option<mpsc::Receiver<StoreEvent>>);
+
+/// Opens the stores on the control thread's runtime (the Redis client spawns its tasks there).
+async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, String> {
+    match kind {
+        StoreKind::Memory => Ok((
+            Arc::new(MemoryFloorStore::new(redis.node.clone())),
+            Arc::new(MemorySessionStore::default()),
+            None,
+        )),
+        StoreKind::Redis => {
+            let url = redis.url.clone();
+            let store = RedisStore::connect(redis).await.map_err(|e| format!("redis at {url}: {e}"))?;
+            if let Ok(Some(warning)) = store.check_maxmemory_policy().await {
+                warn!("{warning}");
+            }
+            let events = store.subscribe();
+            let store = Arc::new(store);
+            Ok((store.clone(), store, Some(events)))
+        }
+    }
 }
 
 /// A running node.
@@ -61,17 +90,10 @@ impl Server {
         let (t1, t2, t3) = args.timers();
         let rtp_allow = hub::parse_networks(&args.rtp_allow).map_err(ServerError::Config)?;
         let node = args.node_id();
-        let (floors, sessions, lock_ttl, lease): (Arc<dyn FloorStore>, Arc<dyn SessionStore>, _, _) = match args.store {
-            StoreKind::Memory => (
-                Arc::new(MemoryFloorStore::new(node.clone())),
-                Arc::new(MemorySessionStore::default()),
-                // No lease to renew: the lock lives past T2 and is always released by the floor.
-                t2 + Duration::from_secs(10),
-                None,
-            ),
-            StoreKind::Redis => {
-                return Err(ServerError::Config("--store redis is not available in this build yet".into()))
-            }
+        let (lock_ttl, lease) = match args.store {
+            // No lease to renew: the lock lives past T2 and is always released by the floor.
+            StoreKind::Memory => (t2 + Duration::from_secs(10), None),
+            StoreKind::Redis => (LEASE.ttl, Some(LEASE)),
         };
         let floor = FloorConfig { t1, t2, t3, lease };
 
@@ -113,7 +135,9 @@ impl Server {
             floor,
             next_conn: Arc::new(AtomicU64::new(1)),
         };
-        let hub = Hub::new(hub_config, handles, floors, sessions, hub_tx.clone());
+        let store_kind = args.store;
+        let redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), hub_config.node.clone());
+        let me = hub_tx.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let control = std::thread::Builder::new()
             .name("control".into())
@@ -126,6 +150,15 @@ impl Server {
                     }
                 };
                 rt.block_on(async move {
+                    let (floors, sessions, events) = match open_stores(store_kind, redis).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let shared = events.is_some();
+                    let hub = Hub::new(hub_config, handles, floors, sessions, me, shared);
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -133,7 +166,7 @@ impl Server {
                             return;
                         }
                     };
-                    let hub_task = tokio::spawn(hub.run(hub_rx, event_rx));
+                    let hub_task = tokio::spawn(hub.run(hub_rx, event_rx, events));
                     let app = http::router(state);
                     tokio::spawn(async move {
                         if let Err(e) = axum::serve(listener, app).await {

@@ -295,8 +295,15 @@ fn remote_grant_revokes_a_stale_local_holder() {
     assert!(matches!(ev[0], (_, FloorEvent::Revoked { reason: RevokeReason::LeaseLost, .. })));
     assert!(ev.contains(&(To::All, FloorEvent::Taken { speaker: "zed".into(), epoch: 500 })));
     assert_eq!(h.floor.speaker(), Some("zed"));
+    // A press while another node holds asks the store (the holder's node may be dead); the store says busy.
+    h.auto_store = false;
     h.press("b", 0);
+    assert_eq!(h.pending, vec![Output::Acquire { member: "b".into(), priority: 0 }]);
+    h.pending.clear();
+    h.feed(Input::StoreDenied { member: "b".into(), holder: Some(("zed".into(), 500)), reason: DenyReason::Busy });
     assert!(matches!(h.take_events()[0].1, FloorEvent::Denied { reason: DenyReason::Busy, .. }));
+    assert_eq!(h.floor.remote(), Some(("zed", 500)));
+    h.auto_store = true;
     h.feed(Input::Remote { speaker: None, epoch: 499 });
     assert_eq!(h.floor.speaker(), Some("zed"), "idle of another epoch changes nothing");
     h.feed(Input::Remote { speaker: None, epoch: 500 });
@@ -395,5 +402,29 @@ proptest! {
             }
             prop_assert!(h.floor.speaker().is_none() || forwarded.is_some());
         }
+    }
+}
+
+#[test]
+fn losing_a_race_to_another_node_still_sees_its_release() {
+    for event_first in [true, false] {
+        let mut h = Harness::new(FloorConfig::default());
+        h.auto_store = false;
+        h.press("a", 0);
+        let zed = Input::Remote { speaker: Some("zed".into()), epoch: 50 };
+        let denied = Input::StoreDenied { member: "a".into(), holder: Some(("zed".into(), 50)), reason: DenyReason::Busy };
+        if event_first {
+            h.feed(zed.clone());
+            h.feed(denied);
+        } else {
+            h.feed(denied);
+            h.feed(zed.clone());
+        }
+        let ev = h.take_events();
+        assert!(ev.contains(&(to("a"), FloorEvent::Denied { speaker: Some("zed".into()), reason: DenyReason::Busy })));
+        assert_eq!(ev.iter().filter(|(_, e)| matches!(e, FloorEvent::Taken { .. })).count(), 1, "{ev:?}");
+        assert_eq!(h.floor.remote(), Some(("zed", 50)));
+        h.feed(Input::Remote { speaker: None, epoch: 50 });
+        assert_eq!(h.take_events(), vec![(To::All, FloorEvent::Idle { epoch: 50 })]);
     }
 }

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::floor::{DenyReason, Floor, FloorConfig, FloorEvent, Input, Output, Renewal, To};
 use crate::shard::{self, Command, Event, PeerRefused, ShardHandle};
-use crate::state::{AcquireRequest, Acquired, FloorStore, SessionStore, StateError};
+use crate::state::{AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StateError, StoreEvent};
 
 use super::protocol::{
     self, ErrorCode, FloorMessage, Frame, Join, Message, PttAction, Request, RtpInfo, SignalError,
@@ -30,6 +30,12 @@ pub const OUTBOUND_QUEUE: usize = 1024;
 
 /// How often non-idle floors are ticked (T2, T3, lease renewal).
 const TICK: Duration = Duration::from_millis(25);
+/// Pub/sub is at-most-once and an expiring key publishes nothing: re-read the floors this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// Session heartbeat: well inside the store's idle TTL (1 h).
+const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Bound on the session-store calls a join waits for before answering `joined`.
+const SESSION_WAIT: Duration = Duration::from_millis(500);
 
 /// Node settings the hub needs.
 #[derive(Debug, Clone)]
@@ -52,6 +58,8 @@ pub enum HubMsg {
     Disconnect { conn: ConnId },
     Shard(Event),
     Store(StoreDone),
+    /// A change published by the store (other nodes' grants, releases, presence; resync/down).
+    StoreEvent(StoreEvent),
     Channels { reply: oneshot::Sender<Vec<ChannelInfo>> },
     Counters { reply: oneshot::Sender<HubCounters> },
     Shutdown { done: oneshot::Sender<()> },
@@ -62,6 +70,10 @@ pub enum StoreDone {
     Acquired { channel: String, member: String, result: Result<Acquired, StateError> },
     Released { channel: String, epoch: u64 },
     Renewed { channel: String, epoch: u64, sent_at: Instant, outcome: Renewal },
+    /// The floor as the store has it, read on resync.
+    Holder { channel: String, result: Result<Option<Holder>, StateError> },
+    /// The session store recorded a join and listed the channel's members on every node.
+    Joined { channel: String, member: String, key: MemberKey, members: Vec<String> },
 }
 
 /// One row of `/api/channels`.
@@ -108,6 +120,8 @@ struct MemberCtl {
     join_id: Option<Value>,
     /// A WebRTC member that offered `recvonly`: its presses are denied `listen_only`.
     listen_only: bool,
+    /// The shard's SDP answer, held until `joined` is sent.
+    answer: Option<String>,
 }
 
 struct ChannelCtl {
@@ -131,6 +145,13 @@ pub struct Hub {
     ticking: HashSet<String>,
     next_key: MemberKey,
     counters: HubCounters,
+    /// False while the store's subscription is down: presses are denied `unavailable` (fail safe), since
+    /// grants made elsewhere would go unseen.
+    store_up: bool,
+    /// Whether floors are shared with other nodes (a store with pub/sub).
+    shared: bool,
+    next_resync: Instant,
+    next_refresh: Instant,
 }
 
 impl Hub {
@@ -140,7 +161,9 @@ impl Hub {
         floors: Arc<dyn FloorStore>,
         sessions: Arc<dyn SessionStore>,
         me: mpsc::Sender<HubMsg>,
+        shared: bool,
     ) -> Self {
+        let now = Instant::now();
         Hub {
             config,
             shards,
@@ -153,11 +176,20 @@ impl Hub {
             ticking: HashSet::new(),
             next_key: 1,
             counters: HubCounters::default(),
+            store_up: !shared,
+            shared,
+            next_resync: now + RESYNC_EVERY,
+            next_refresh: now + REFRESH_EVERY,
         }
     }
 
     /// Runs until `Shutdown`.
-    pub async fn run(mut self, mut inbox: mpsc::Receiver<HubMsg>, shard_events: flume::Receiver<Event>) {
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<HubMsg>,
+        shard_events: flume::Receiver<Event>,
+        mut store_events: Option<mpsc::Receiver<StoreEvent>>,
+    ) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -172,6 +204,7 @@ impl Hub {
                     None => return,
                 },
                 Ok(event) = shard_events.recv_async() => self.handle(HubMsg::Shard(event)),
+                Some(event) = recv_store_event(&mut store_events) => self.on_store_event(event),
                 _ = tick.tick() => self.tick(),
             }
         }
@@ -201,6 +234,7 @@ impl Hub {
             HubMsg::Disconnect { conn } => self.disconnect(conn),
             HubMsg::Shard(event) => self.on_shard_event(event),
             HubMsg::Store(done) => self.on_store(done),
+            HubMsg::StoreEvent(event) => self.on_store_event(event),
             HubMsg::Channels { reply } => {
                 let mut rows: Vec<ChannelInfo> = self
                     .channels
@@ -255,6 +289,11 @@ impl Hub {
                 let member = self.member_of(conn, &ptt.channel)?;
                 let ch = self.channels.get_mut(&ptt.channel).expect("member_of found the channel");
                 let input = match ptt.action {
+                    PttAction::Press if !self.store_up => {
+                        let event = FloorEvent::Denied { speaker: None, reason: DenyReason::Unavailable };
+                        self.notify(&ptt.channel, To::Member(member), event);
+                        return Ok(());
+                    }
                     PttAction::Press if ch.members[&member].listen_only => {
                         let event = FloorEvent::Denied {
                             speaker: ch.floor.speaker().map(str::to_string),
@@ -352,6 +391,7 @@ impl Hub {
                 ssrc,
                 join_id: id,
                 listen_only,
+                answer: None,
             },
         );
         self.pending.insert(key, (join.channel.clone(), join.member.clone()));
@@ -385,7 +425,7 @@ impl Hub {
         match event {
             Event::MemberAdded { key } => {
                 let Some((channel, member)) = self.pending.remove(&key) else { return };
-                self.member_ready(&channel, &member, key, None);
+                self.session_join(channel, member, key);
             }
             Event::PeerAnswered { key, answer } => self.on_peer_answered(key, answer),
             Event::PeerClosed { channel, key, reason } => self.on_peer_closed(&channel, key, reason),
@@ -411,7 +451,12 @@ impl Hub {
     fn on_peer_answered(&mut self, key: MemberKey, answer: Result<String, PeerRefused>) {
         let Some((channel, member)) = self.pending.remove(&key) else { return };
         let refused = match answer {
-            Ok(sdp) => return self.member_ready(&channel, &member, key, Some(sdp)),
+            Ok(sdp) => {
+                if let Some(m) = self.channels.get_mut(&channel).and_then(|ch| ch.members.get_mut(&member)) {
+                    m.answer = Some(sdp);
+                }
+                return self.session_join(channel, member, key);
+            }
             Err(PeerRefused::Offer(message)) => SignalError::bad_request(message),
             Err(PeerRefused::Busy) => SignalError::new(
                 ErrorCode::Unavailable,
@@ -435,7 +480,26 @@ impl Hub {
         self.send(conn, &Message::Left { channel: channel.to_string(), id: None });
     }
 
-    fn member_ready(&mut self, channel: &str, member: &str, key: MemberKey, sdp: Option<String>) {
+    /// Records the member in the session store and lists who is in the channel on every node, then
+    /// answers `joined` (via `StoreDone::Joined`). Bounded: a store that does not answer costs the remote
+    /// names only.
+    fn session_join(&mut self, channel: String, member: String, key: MemberKey) {
+        let (sessions, node, me) = (self.sessions.clone(), self.config.node.clone(), self.me.clone());
+        tokio::spawn(async move {
+            let members = tokio::time::timeout(SESSION_WAIT, async {
+                let _ = sessions.join(&channel, &member, &node).await;
+                sessions.members(&channel).await
+            })
+            .await;
+            let members = match members {
+                Ok(Ok(m)) => m,
+                _ => Vec::new(),
+            };
+            let _ = me.send(HubMsg::Store(StoreDone::Joined { channel, member, key, members })).await;
+        });
+    }
+
+    fn member_ready(&mut self, channel: &str, member: &str, key: MemberKey, elsewhere: Vec<String>) {
         let Some(ch) = self.channels.get_mut(channel) else { return };
         let Some(m) = ch.members.get_mut(member) else { return };
         if m.key != key {
@@ -443,8 +507,18 @@ impl Hub {
         }
         m.ready = true;
         let (conn, ssrc, id) = (m.conn, m.ssrc, m.join_id.take());
-        let others: Vec<String> =
+        // A WebRTC member's SDP answer; plain-RTP members get the `rtp` block instead.
+        let sdp = m.answer.take();
+        let mut others: Vec<String> =
             ch.members.iter().filter(|(n, m)| *n != member && m.ready).map(|(n, _)| n.clone()).collect();
+        // Members on other nodes, as the session store lists them.
+        for name in elsewhere {
+            if name != member && !ch.members.contains_key(&name) {
+                others.push(name);
+            }
+        }
+        others.sort();
+        others.dedup();
         let server_addr = SocketAddr::new(self.config.announce_ip, self.shards[ch.shard].media_addr.port());
         let joined = Message::Joined {
             channel: channel.to_string(),
@@ -464,13 +538,6 @@ impl Hub {
         self.send(conn, &joined);
         let presence = Message::Presence { channel: channel.to_string(), joined: Some(member.to_string()), left: None };
         self.broadcast_presence(channel, member, &presence);
-        let (sessions, node, channel, member) =
-            (self.sessions.clone(), self.config.node.clone(), channel.to_string(), member.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = sessions.join(&channel, &member, &node).await {
-                debug!(error = %e, "session store join failed");
-            }
-        });
     }
 
     fn broadcast_presence(&mut self, channel: &str, except: &str, msg: &Message) {
@@ -528,7 +595,7 @@ impl Hub {
                 let input = match result {
                     Ok(Acquired::Granted { epoch }) => Input::StoreGranted { member, epoch },
                     Ok(Acquired::Busy(holder)) => {
-                        Input::StoreDenied { member, holder: Some(holder.member), reason: DenyReason::Busy }
+                        Input::StoreDenied { member, holder: Some((holder.member, holder.epoch)), reason: DenyReason::Busy }
                     }
                     Err(e) => {
                         warn!(channel, error = %e, "floor store failed: denying (fail safe)");
@@ -551,6 +618,26 @@ impl Hub {
                 if let Some(ch) = self.channels.get_mut(&channel) {
                     ch.floor.handle(Input::Renewed { epoch, sent_at, outcome }, now);
                 }
+                channel
+            }
+            StoreDone::Holder { channel, result } => {
+                let Some(ch) = self.channels.get_mut(&channel) else { return };
+                match result {
+                    Ok(Some(h)) if h.node != self.config.node => {
+                        ch.floor.handle(Input::Remote { speaker: Some(h.member), epoch: h.epoch }, now)
+                    }
+                    Ok(None) => {
+                        // The remote holder's lease ran out (an expiring key publishes nothing).
+                        if let Some((_, epoch)) = ch.floor.remote() {
+                            ch.floor.handle(Input::Remote { speaker: None, epoch }, now);
+                        }
+                    }
+                    _ => {}
+                }
+                channel
+            }
+            StoreDone::Joined { channel, member, key, members } => {
+                self.member_ready(&channel, &member, key, members);
                 channel
             }
         };
@@ -656,8 +743,85 @@ impl Hub {
         }
     }
 
+    /// Changes published by the store. Our own grants come back too and are ignored: the floor already
+    /// knows them.
+    fn on_store_event(&mut self, event: StoreEvent) {
+        let now = Instant::now();
+        match event {
+            StoreEvent::Floor { channel, holder, epoch } => {
+                let Some(ch) = self.channels.get_mut(&channel) else { return };
+                match holder {
+                    Some(h) if h.node == self.config.node => return,
+                    Some(h) => ch.floor.handle(Input::Remote { speaker: Some(h.member), epoch }, now),
+                    None => ch.floor.handle(Input::Remote { speaker: None, epoch }, now),
+                }
+                self.drive(&channel);
+            }
+            StoreEvent::Presence { channel, member, node, joined } => {
+                if node == self.config.node || !self.channels.contains_key(&channel) {
+                    return;
+                }
+                let msg = if joined {
+                    Message::Presence { channel: channel.clone(), joined: Some(member.clone()), left: None }
+                } else {
+                    Message::Presence { channel: channel.clone(), joined: None, left: Some(member.clone()) }
+                };
+                self.broadcast_presence(&channel, &member, &msg);
+            }
+            StoreEvent::Resync => {
+                if !self.store_up {
+                    info!("floor store subscription up: resynchronising");
+                }
+                self.store_up = true;
+                self.resync();
+            }
+            StoreEvent::Down => {
+                if self.store_up {
+                    warn!("floor store subscription down: denying presses until it is back");
+                }
+                self.store_up = false;
+            }
+        }
+    }
+
+    /// Re-reads every local channel's floor from the store.
+    fn resync(&mut self) {
+        for channel in self.channels.keys() {
+            let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.clone());
+            tokio::spawn(async move {
+                let result = store.holder(&channel).await;
+                let _ = me.send(HubMsg::Store(StoreDone::Holder { channel, result })).await;
+            });
+        }
+    }
+
+    /// Heartbeats for every local member, so the session store's idle TTL only removes the dead.
+    fn refresh_sessions(&self) {
+        let members: Vec<(String, String)> = self
+            .channels
+            .iter()
+            .flat_map(|(c, ch)| ch.members.iter().filter(|(_, m)| m.ready).map(move |(n, _)| (c.clone(), n.clone())))
+            .collect();
+        let (sessions, node) = (self.sessions.clone(), self.config.node.clone());
+        tokio::spawn(async move {
+            for (channel, member) in members {
+                let _ = sessions.refresh(&channel, &member, &node).await;
+            }
+        });
+    }
+
     fn tick(&mut self) {
         let now = Instant::now();
+        if self.shared && now >= self.next_resync {
+            self.next_resync = now + RESYNC_EVERY;
+            if self.store_up {
+                self.resync();
+            }
+        }
+        if now >= self.next_refresh {
+            self.next_refresh = now + REFRESH_EVERY;
+            self.refresh_sessions();
+        }
         let names: Vec<String> = self.ticking.iter().cloned().collect();
         for name in names {
             if let Some(ch) = self.channels.get_mut(&name) {
@@ -710,6 +874,14 @@ fn webrtc_offer(join: &Join) -> Result<crate::peer::offer::Offer, SignalError> {
         .as_deref()
         .ok_or_else(|| SignalError::bad_request("transport 'webrtc' needs \"sdp\" with an SDP offer"))?;
     crate::peer::offer::parse_offer(sdp).map_err(|e| SignalError::bad_request(e.to_string()))
+}
+
+/// The next store event, or never when the store publishes nothing (the embedded one).
+async fn recv_store_event(rx: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option<StoreEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether `ip` is inside `net/bits`.

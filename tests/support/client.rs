@@ -90,6 +90,13 @@ impl Signal {
         }
     }
 
+    /// Reads what arrives within `settle` and forgets it and everything kept so far.
+    pub async fn settle(&mut self, settle: Duration) {
+        let deadline = tokio::time::Instant::now() + settle;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, self.ws.next()).await {}
+        self.backlog.clear();
+    }
+
     pub fn backlog(&self) -> &[Value] {
         &self.backlog
     }
