@@ -40,18 +40,34 @@ pub struct Member {
 impl Member {
     /// A plain-RTP member at `addr`.
     pub fn new(key: MemberKey, name: String, addr: SocketAddr, out: OutStream) -> Self {
-        Member { key, name, leg: Leg::Rtp { addr, dest: RawAddr::new(addr) }, out, last_heard: None }
+        Member {
+            key,
+            name,
+            leg: Leg::Rtp {
+                addr,
+                dest: RawAddr::new(addr),
+            },
+            out,
+            last_heard: None,
+        }
     }
 
     /// A WebRTC member. It counts as latched once its peer is connected and while it keeps sending
     /// (STUN consent checks, RTCP): the shard calls [`Channel::heard`] for both.
     pub fn webrtc(key: MemberKey, name: String, peer: PeerId, out: OutStream) -> Self {
-        Member { key, name, leg: Leg::WebRtc { peer }, out, last_heard: None }
+        Member {
+            key,
+            name,
+            leg: Leg::WebRtc { peer },
+            out,
+            last_heard: None,
+        }
     }
 
     #[inline]
     fn latched(&self, now: Instant) -> bool {
-        self.last_heard.is_some_and(|t| now.saturating_duration_since(t) < LATCH_TIMEOUT)
+        self.last_heard
+            .is_some_and(|t| now.saturating_duration_since(t) < LATCH_TIMEOUT)
     }
 }
 
@@ -62,7 +78,10 @@ impl Member {
 pub enum SpeakerChange {
     /// The floor was granted at `epoch`; `speaker` is the local member to forward, or `None` when the
     /// holder is not on this shard (its media does not arrive here).
-    Granted { speaker: Option<MemberKey>, epoch: u64 },
+    Granted {
+        speaker: Option<MemberKey>,
+        epoch: u64,
+    },
     /// The floor of `epoch` is free.
     Idle { epoch: u64 },
 }
@@ -198,7 +217,10 @@ impl Channel {
 
     /// T1: the speaker of the current epoch has sent nothing for `t1`. Reported once per grant.
     pub fn poll_silence(&mut self, now: Instant, t1: Duration) -> Option<u64> {
-        if self.speaker.is_some() && !self.silence_reported && now.saturating_duration_since(self.last_media) >= t1 {
+        if self.speaker.is_some()
+            && !self.silence_reported
+            && now.saturating_duration_since(self.last_media) >= t1
+        {
             self.silence_reported = true;
             return Some(self.epoch);
         }
@@ -209,7 +231,9 @@ impl Channel {
     /// §6.4.1). WebRTC legs get theirs from str0m.
     pub fn sender_reports(&self, now: Instant, ntp: u64, out: &mut Vec<([u8; SR_LEN], RawAddr)>) {
         for m in &self.members {
-            let Leg::Rtp { dest, .. } = m.leg else { continue };
+            let Leg::Rtp { dest, .. } = m.leg else {
+                continue;
+            };
             if m.latched(now) && m.out.has_sent() {
                 let mut sr = [0u8; SR_LEN];
                 crate::rtp::write_sender_report(

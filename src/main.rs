@@ -6,7 +6,9 @@ use talkgroup::server::Server;
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -38,14 +40,19 @@ struct Signals {
 
 impl Signals {
     fn install() -> Signals {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("talkgroup: cannot wait for signals: {e}");
                 std::process::exit(1);
             }
         };
-        let term = rt.block_on(async { tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok() });
+        let term = rt.block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()
+        });
         Signals { rt, term }
     }
 

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
+use self::core::{ShardConfig, ShardCore, Verdict};
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::forward::Batch;
 use crate::peer::webrtc::Transmit;
-use self::core::{ShardConfig, ShardCore, Verdict};
 
 /// Number of drop reasons counted per shard.
 pub const DROP_REASONS: usize = 10;
@@ -34,27 +34,62 @@ const TICK: Duration = Duration::from_millis(50);
 /// Commands from the control thread.
 #[derive(Debug)]
 pub enum Command {
-    AddMember { channel: String, key: MemberKey, name: String, addr: SocketAddr, ssrc: u32 },
+    AddMember {
+        channel: String,
+        key: MemberKey,
+        name: String,
+        addr: SocketAddr,
+        ssrc: u32,
+    },
     /// A WebRTC member: the shard builds its `Rtc`, registers it, and answers [`Event::PeerAnswered`].
-    AddPeer { channel: String, key: MemberKey, name: String, offer: Box<str0m::change::SdpOffer> },
-    RemoveMember { channel: String, key: MemberKey },
-    Speaker { channel: String, change: SpeakerChange },
-    Stats { reply: flume::Sender<ShardStats> },
+    AddPeer {
+        channel: String,
+        key: MemberKey,
+        name: String,
+        offer: Box<str0m::change::SdpOffer>,
+    },
+    RemoveMember {
+        channel: String,
+        key: MemberKey,
+    },
+    Speaker {
+        channel: String,
+        change: SpeakerChange,
+    },
+    Stats {
+        reply: flume::Sender<ShardStats>,
+    },
     Shutdown,
 }
 
 /// Events for the control thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    MemberAdded { key: MemberKey },
+    MemberAdded {
+        key: MemberKey,
+    },
     /// A speaker change reached the shard; `applied` is false when the epoch rules discarded it.
-    Applied { channel: String, epoch: u64, applied: bool },
+    Applied {
+        channel: String,
+        epoch: u64,
+        applied: bool,
+    },
     /// T1: no media from the holder of `epoch`.
-    Silence { channel: String, epoch: u64 },
+    Silence {
+        channel: String,
+        epoch: u64,
+    },
     /// The SDP answer for an `AddPeer` (the peer is registered and reachable), or why there is none.
-    PeerAnswered { key: MemberKey, answer: Result<String, PeerRefused> },
+    PeerAnswered {
+        key: MemberKey,
+        answer: Result<String, PeerRefused>,
+    },
     /// A WebRTC peer is gone (ICE timeout, DTLS close, never connected): run the leave path.
-    PeerClosed { channel: String, key: MemberKey, reason: &'static str },
+    PeerClosed {
+        channel: String,
+        key: MemberKey,
+        reason: &'static str,
+    },
 }
 
 /// Why a shard built no peer for an offer.
@@ -130,7 +165,11 @@ pub fn spawn(
             run(index, socket, config, rx, events).await;
         })
         .map_err(|e| std::io::Error::other(format!("shard {index}: {e}")))?;
-    let handle = ShardHandle { index, media_addr, commands: tx };
+    let handle = ShardHandle {
+        index,
+        media_addr,
+        commands: tx,
+    };
     // glommio's join handle is not std's; wrap it in a thread that waits for it.
     let join = std::thread::Builder::new()
         .name(format!("shard-{index}-join"))
@@ -285,7 +324,9 @@ fn raw_to_std(raw: &crate::forward::RawAddr) -> SocketAddr {
             Ok(())
         })
     };
-    sa.ok().and_then(|(_, a)| a.as_socket()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    sa.ok()
+        .and_then(|(_, a)| a.as_socket())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// The shard's clock: peers' deadlines from the timer heap, and every [`TICK`] the T1 check and sender
