@@ -17,7 +17,12 @@ fn drain(floor: &mut Floor, store: &MemoryFloorStore, now: Instant) -> usize {
         n += 1;
         match out {
             Output::Acquire { member, priority } => {
-                let req = AcquireRequest { channel: "c".into(), member: member.clone(), priority, ttl: Duration::from_secs(60) };
+                let req = AcquireRequest {
+                    channel: "c".into(),
+                    member: member.clone(),
+                    priority,
+                    ttl: Duration::from_secs(60),
+                };
                 let fut = store.acquire(req);
                 // The memory store answers without awaiting anything.
                 let answer = futures_util::FutureExt::now_or_never(fut).and_then(Result::ok);
@@ -25,7 +30,10 @@ fn drain(floor: &mut Floor, store: &MemoryFloorStore, now: Instant) -> usize {
                     floor.handle(Input::StoreGranted { member, epoch }, now);
                 }
             }
-            Output::Apply { speaker: Some(_), epoch } => floor.handle(Input::ShardApplied { epoch }, now),
+            Output::Apply {
+                speaker: Some(_),
+                epoch,
+            } => floor.handle(Input::ShardApplied { epoch }, now),
             Output::Release { epoch } => {
                 let _ = futures_util::FutureExt::now_or_never(store.release("c", epoch));
                 floor.handle(Input::StoreReleased { epoch }, now);
@@ -44,18 +52,44 @@ fn press_release(c: &mut Criterion) {
     g.bench_function("press_release_cycle", |b| {
         b.iter(|| {
             let now = Instant::now();
-            floor.handle(Input::Request { member: "alice".into(), priority: 0, queue: false }, now);
+            floor.handle(
+                Input::Request {
+                    member: "alice".into(),
+                    priority: 0,
+                    queue: false,
+                },
+                now,
+            );
             let a = drain(&mut floor, &store, now);
-            floor.handle(Input::Release { member: "alice".into() }, now);
+            floor.handle(
+                Input::Release {
+                    member: "alice".into(),
+                },
+                now,
+            );
             black_box(a + drain(&mut floor, &store, now))
         })
     });
     g.bench_function("denied_busy", |b| {
         let now = Instant::now();
-        floor.handle(Input::Request { member: "alice".into(), priority: 0, queue: false }, now);
+        floor.handle(
+            Input::Request {
+                member: "alice".into(),
+                priority: 0,
+                queue: false,
+            },
+            now,
+        );
         drain(&mut floor, &store, now);
         b.iter(|| {
-            floor.handle(Input::Request { member: "bob".into(), priority: 0, queue: false }, now);
+            floor.handle(
+                Input::Request {
+                    member: "bob".into(),
+                    priority: 0,
+                    queue: false,
+                },
+                now,
+            );
             black_box(drain(&mut floor, &store, now))
         })
     });

@@ -27,20 +27,44 @@ fn shard(listeners: usize, addrs: &[SocketAddr]) -> ShardCore {
     for k in 0..=listeners {
         let addr = addrs[k];
         s.handle_command(
-            Command::AddMember { channel: "bench".into(), key: k as u64, name: format!("m{k}"), addr, ssrc: k as u32 + 1 },
+            Command::AddMember {
+                channel: "bench".into(),
+                key: k as u64,
+                name: format!("m{k}"),
+                addr,
+                ssrc: k as u32 + 1,
+            },
             now,
         );
-        s.handle_datagram(addr, &[0x80, 201, 0, 1, 0, 0, 0, 1], now, &mut Batch::default());
+        s.handle_datagram(
+            addr,
+            &[0x80, 201, 0, 1, 0, 0, 0, 1],
+            now,
+            &mut Batch::default(),
+        );
     }
     s.handle_command(
-        Command::Speaker { channel: "bench".into(), change: SpeakerChange::Granted { speaker: Some(0), epoch: 1 } },
+        Command::Speaker {
+            channel: "bench".into(),
+            change: SpeakerChange::Granted {
+                speaker: Some(0),
+                epoch: 1,
+            },
+        },
         now,
     );
     s
 }
 
 fn fake_addrs(n: usize) -> Vec<SocketAddr> {
-    (0..n).map(|i| SocketAddr::from(([127, 0, (i / 250) as u8, (i % 250) as u8 + 1], 20_000 + i as u16))).collect()
+    (0..n)
+        .map(|i| {
+            SocketAddr::from((
+                [127, 0, (i / 250) as u8, (i % 250) as u8 + 1],
+                20_000 + i as u16,
+            ))
+        })
+        .collect()
 }
 
 fn prepare(c: &mut Criterion) {
@@ -72,7 +96,9 @@ fn send(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout_send");
     g.measurement_time(Duration::from_secs(4));
     for n in [10usize, 100] {
-        let sinks: Vec<UdpSocket> = (0..n).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+        let sinks: Vec<UdpSocket> = (0..n)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
         let speaker = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut addrs = vec![speaker.local_addr().unwrap()];
         addrs.extend(sinks.iter().map(|s| s.local_addr().unwrap()));
@@ -89,7 +115,9 @@ fn send(c: &mut Criterion) {
                 seq = seq.wrapping_add(1);
                 let p = rtp::build_packet(false, 111, seq, u32::from(seq) * 960, 7, &payload);
                 batch.clear();
-                if let Verdict::Forward(r) = s.handle_datagram(addrs[0], &p, Instant::now(), &mut batch) {
+                if let Verdict::Forward(r) =
+                    s.handle_datagram(addrs[0], &p, Instant::now(), &mut batch)
+                {
                     black_box(sender.send_fanout(fd, &batch, &p[r]));
                 }
             })

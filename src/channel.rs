@@ -30,12 +30,20 @@ pub struct Member {
 
 impl Member {
     pub fn new(key: MemberKey, name: String, addr: SocketAddr, out: OutStream) -> Self {
-        Member { key, name, addr, dest: RawAddr::new(addr), out, last_heard: None }
+        Member {
+            key,
+            name,
+            addr,
+            dest: RawAddr::new(addr),
+            out,
+            last_heard: None,
+        }
     }
 
     #[inline]
     fn latched(&self, now: Instant) -> bool {
-        self.last_heard.is_some_and(|t| now.saturating_duration_since(t) < LATCH_TIMEOUT)
+        self.last_heard
+            .is_some_and(|t| now.saturating_duration_since(t) < LATCH_TIMEOUT)
     }
 }
 
@@ -46,7 +54,10 @@ impl Member {
 pub enum SpeakerChange {
     /// The floor was granted at `epoch`; `speaker` is the local member to forward, or `None` when the
     /// holder is not on this shard (its media does not arrive here).
-    Granted { speaker: Option<MemberKey>, epoch: u64 },
+    Granted {
+        speaker: Option<MemberKey>,
+        epoch: u64,
+    },
     /// The floor of `epoch` is free.
     Idle { epoch: u64 },
 }
@@ -179,7 +190,10 @@ impl Channel {
 
     /// T1: the speaker of the current epoch has sent nothing for `t1`. Reported once per grant.
     pub fn poll_silence(&mut self, now: Instant, t1: Duration) -> Option<u64> {
-        if self.speaker.is_some() && !self.silence_reported && now.saturating_duration_since(self.last_media) >= t1 {
+        if self.speaker.is_some()
+            && !self.silence_reported
+            && now.saturating_duration_since(self.last_media) >= t1
+        {
             self.silence_reported = true;
             return Some(self.epoch);
         }

@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "talkgroup", version, about = "Thread-per-core push-to-talk SFU")]
+#[command(
+    name = "talkgroup",
+    version,
+    about = "Thread-per-core push-to-talk SFU"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: CommandLine,
@@ -94,13 +98,18 @@ impl ServeArgs {
 
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "node".into());
             format!("{}-{}", host.trim(), std::process::id())
         })
     }
 
     pub fn timers(&self) -> (Duration, Duration, Duration) {
-        (Duration::from_millis(self.t1_ms), Duration::from_millis(self.t2_ms), Duration::from_millis(self.t3_ms))
+        (
+            Duration::from_millis(self.t1_ms),
+            Duration::from_millis(self.t2_ms),
+            Duration::from_millis(self.t3_ms),
+        )
     }
 
     /// Defaults for an in-process server on 127.0.0.1 with free ports (tests, benchmarks).

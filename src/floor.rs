@@ -92,12 +92,31 @@ impl RevokeReason {
 /// A floor event for clients (protocol v1 `{"type":"floor", …}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FloorEvent {
-    Granted { speaker: String, epoch: u64, duration_ms: u64 },
-    Taken { speaker: String, epoch: u64 },
-    Denied { speaker: Option<String>, reason: DenyReason },
-    Queued { position: usize },
-    Idle { epoch: u64 },
-    Revoked { speaker: String, epoch: u64, reason: RevokeReason, grace_ms: u64 },
+    Granted {
+        speaker: String,
+        epoch: u64,
+        duration_ms: u64,
+    },
+    Taken {
+        speaker: String,
+        epoch: u64,
+    },
+    Denied {
+        speaker: Option<String>,
+        reason: DenyReason,
+    },
+    Queued {
+        position: usize,
+    },
+    Idle {
+        epoch: u64,
+    },
+    Revoked {
+        speaker: String,
+        epoch: u64,
+        reason: RevokeReason,
+        grace_ms: u64,
+    },
 }
 
 /// Who an event is for.
@@ -113,25 +132,53 @@ pub enum To {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// A press. `queue`: wait in the queue when busy instead of being denied.
-    Request { member: String, priority: u8, queue: bool },
+    Request {
+        member: String,
+        priority: u8,
+        queue: bool,
+    },
     /// A release: by the holder, a queued member (withdraws) or a pending requester (cancels).
-    Release { member: String },
+    Release {
+        member: String,
+    },
     /// The member left the channel.
-    Leave { member: String },
-    StoreGranted { member: String, epoch: u64 },
+    Leave {
+        member: String,
+    },
+    StoreGranted {
+        member: String,
+        epoch: u64,
+    },
     /// The store refused: `holder` is who holds it and since which epoch (`Busy`), or the store failed
     /// (`Unavailable`).
-    StoreDenied { member: String, holder: Option<(String, u64)>, reason: DenyReason },
+    StoreDenied {
+        member: String,
+        holder: Option<(String, u64)>,
+        reason: DenyReason,
+    },
     /// The store has released (or failed to release; the lease then runs out on its own).
-    StoreReleased { epoch: u64 },
+    StoreReleased {
+        epoch: u64,
+    },
     /// The answer to the renewal sent at `sent_at`.
-    Renewed { epoch: u64, sent_at: Instant, outcome: Renewal },
+    Renewed {
+        epoch: u64,
+        sent_at: Instant,
+        outcome: Renewal,
+    },
     /// The shard forwards the speaker of `epoch` now.
-    ShardApplied { epoch: u64 },
+    ShardApplied {
+        epoch: u64,
+    },
     /// The shard saw no media from the holder of `epoch` for T1.
-    MediaSilence { epoch: u64 },
+    MediaSilence {
+        epoch: u64,
+    },
     /// Another node's member holds the floor at `epoch` (`Some`), or it was released (`None`).
-    Remote { speaker: Option<String>, epoch: u64 },
+    Remote {
+        speaker: Option<String>,
+        epoch: u64,
+    },
     Tick,
 }
 
@@ -149,28 +196,54 @@ pub enum Renewal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// Ask the store for the lock on behalf of `member`.
-    Acquire { member: String, priority: u8 },
+    Acquire {
+        member: String,
+        priority: u8,
+    },
     /// Renew the lease of `epoch`.
-    Renew { epoch: u64 },
+    Renew {
+        epoch: u64,
+    },
     /// Release the lock of `epoch` in the store.
-    Release { epoch: u64 },
+    Release {
+        epoch: u64,
+    },
     /// Tell the shard who to forward: `speaker` of `epoch` (`None`: nobody).
-    Apply { speaker: Option<String>, epoch: u64 },
-    Notify { to: To, event: FloorEvent },
+    Apply {
+        speaker: Option<String>,
+        epoch: u64,
+    },
+    Notify {
+        to: To,
+        event: FloorEvent,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     Idle,
     /// Waiting for the store. `cancelled`: released meanwhile; give the lock back when it comes.
-    Acquiring { member: String, priority: u8, cancelled: bool },
+    Acquiring {
+        member: String,
+        priority: u8,
+        cancelled: bool,
+    },
     /// Store granted; waiting for the shard to forward.
-    Applying { member: String, priority: u8, epoch: u64 },
+    Applying {
+        member: String,
+        priority: u8,
+        epoch: u64,
+    },
     Held(Held),
     /// The lock is being given back; then the queue's head is granted, or idle announced.
-    Releasing { epoch: u64 },
+    Releasing {
+        epoch: u64,
+    },
     /// Held by a member of another node.
-    Remote { speaker: String, epoch: u64 },
+    Remote {
+        speaker: String,
+        epoch: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,7 +281,13 @@ pub struct Floor {
 
 impl Floor {
     pub fn new(config: FloorConfig) -> Self {
-        Floor { config, state: State::Idle, queue: Vec::new(), epoch: 0, out: VecDeque::new() }
+        Floor {
+            config,
+            state: State::Idle,
+            queue: Vec::new(),
+            epoch: 0,
+            out: VecDeque::new(),
+        }
     }
 
     /// The newest epoch seen.
@@ -246,13 +325,25 @@ impl Floor {
     /// Feeds one input at `now`.
     pub fn handle(&mut self, input: Input, now: Instant) {
         match input {
-            Input::Request { member, priority, queue } => self.on_request(member, priority, queue, now),
+            Input::Request {
+                member,
+                priority,
+                queue,
+            } => self.on_request(member, priority, queue, now),
             Input::Release { member } => self.on_release(&member, None),
             Input::Leave { member } => self.on_release(&member, Some(RevokeReason::Left)),
             Input::StoreGranted { member, epoch } => self.on_store_granted(member, epoch),
-            Input::StoreDenied { member, holder, reason } => self.on_store_denied(member, holder, reason),
+            Input::StoreDenied {
+                member,
+                holder,
+                reason,
+            } => self.on_store_denied(member, holder, reason),
             Input::StoreReleased { epoch } => self.on_store_released(epoch),
-            Input::Renewed { epoch, sent_at, outcome } => self.on_renewed(epoch, sent_at, outcome),
+            Input::Renewed {
+                epoch,
+                sent_at,
+                outcome,
+            } => self.on_renewed(epoch, sent_at, outcome),
             Input::ShardApplied { epoch } => self.on_applied(epoch, now),
             Input::MediaSilence { epoch } => {
                 if matches!(&self.state, State::Held(h) if h.epoch == epoch) {
@@ -271,8 +362,14 @@ impl Floor {
     /// The member that holds or is about to hold the floor, with its priority.
     fn current(&self) -> Option<(&str, u8)> {
         match &self.state {
-            State::Acquiring { member, priority, cancelled: false } => Some((member, *priority)),
-            State::Applying { member, priority, .. } => Some((member, *priority)),
+            State::Acquiring {
+                member,
+                priority,
+                cancelled: false,
+            } => Some((member, *priority)),
+            State::Applying {
+                member, priority, ..
+            } => Some((member, *priority)),
             State::Held(h) => Some((&h.member, h.priority)),
             State::Remote { speaker, .. } => Some((speaker, 0)),
             _ => None,
@@ -294,7 +391,11 @@ impl Floor {
             if is_remote && !queue {
                 // Our view of another node's holder is a cache: its node may have died and its lease run
                 // out without a word (an expiring key publishes nothing). The store decides.
-                self.state = State::Acquiring { member: member.clone(), priority, cancelled: false };
+                self.state = State::Acquiring {
+                    member: member.clone(),
+                    priority,
+                    cancelled: false,
+                };
                 self.out.push_back(Output::Acquire { member, priority });
                 return;
             }
@@ -310,14 +411,21 @@ impl Floor {
             } else {
                 self.notify(
                     To::Member(member),
-                    FloorEvent::Denied { speaker: Some(holder), reason: DenyReason::Busy },
+                    FloorEvent::Denied {
+                        speaker: Some(holder),
+                        reason: DenyReason::Busy,
+                    },
                 );
             }
             return;
         }
         match self.state {
             State::Idle => {
-                self.state = State::Acquiring { member: member.clone(), priority, cancelled: false };
+                self.state = State::Acquiring {
+                    member: member.clone(),
+                    priority,
+                    cancelled: false,
+                };
                 self.out.push_back(Output::Acquire { member, priority });
             }
             // Acquiring-cancelled or Releasing: the floor is about to be free; wait in line.
@@ -332,8 +440,19 @@ impl Floor {
         if self.queue.iter().any(|q| q.member == member) {
             return;
         }
-        let at = self.queue.iter().position(|q| q.priority < priority).unwrap_or(self.queue.len());
-        self.queue.insert(at, Queued { member, priority, told: usize::MAX });
+        let at = self
+            .queue
+            .iter()
+            .position(|q| q.priority < priority)
+            .unwrap_or(self.queue.len());
+        self.queue.insert(
+            at,
+            Queued {
+                member,
+                priority,
+                told: usize::MAX,
+            },
+        );
     }
 
     /// Queue positions are 1-based; a member whose pre-emption is under way is told 0.
@@ -343,11 +462,12 @@ impl Floor {
             || matches!(self.state, State::Releasing { .. });
         let mut events = Vec::new();
         for (i, q) in self.queue.iter_mut().enumerate() {
-            let position = if i == 0 && (preempting || holder_priority.is_some_and(|p| q.priority > p)) {
-                0
-            } else {
-                i + 1
-            };
+            let position =
+                if i == 0 && (preempting || holder_priority.is_some_and(|p| q.priority > p)) {
+                    0
+                } else {
+                    i + 1
+                };
             if q.told != position {
                 q.told = position;
                 events.push((q.member.clone(), position));
@@ -384,7 +504,11 @@ impl Floor {
     }
 
     fn granted_event(&self, speaker: String, epoch: u64) -> FloorEvent {
-        FloorEvent::Granted { speaker, epoch, duration_ms: self.config.t2.as_millis() as u64 }
+        FloorEvent::Granted {
+            speaker,
+            epoch,
+            duration_ms: self.config.t2.as_millis() as u64,
+        }
     }
 
     /// Takes the floor from the holder: it stops being forwarded at once, the lock is given back.
@@ -392,12 +516,20 @@ impl Floor {
         let State::Held(h) = std::mem::replace(&mut self.state, State::Idle) else {
             return;
         };
-        self.out.push_back(Output::Apply { speaker: None, epoch: h.epoch });
+        self.out.push_back(Output::Apply {
+            speaker: None,
+            epoch: h.epoch,
+        });
         // With T3 grace the holder was already told; otherwise tell it now.
         if h.preempt_at.is_none() || reason != RevokeReason::Preempted {
             self.notify(
                 To::Member(h.member.clone()),
-                FloorEvent::Revoked { speaker: h.member, epoch: h.epoch, reason, grace_ms: 0 },
+                FloorEvent::Revoked {
+                    speaker: h.member,
+                    epoch: h.epoch,
+                    reason,
+                    grace_ms: 0,
+                },
             );
         }
         self.state = State::Releasing { epoch: h.epoch };
@@ -414,15 +546,27 @@ impl Floor {
                     self.revoke(reason);
                 } else {
                     let epoch = h.epoch;
-                    self.out.push_back(Output::Apply { speaker: None, epoch });
+                    self.out.push_back(Output::Apply {
+                        speaker: None,
+                        epoch,
+                    });
                     self.state = State::Releasing { epoch };
                     self.out.push_back(Output::Release { epoch });
                 }
             }
-            State::Acquiring { member: m, cancelled, .. } if m == member => *cancelled = true,
-            State::Applying { member: m, epoch, .. } if m == member => {
+            State::Acquiring {
+                member: m,
+                cancelled,
+                ..
+            } if m == member => *cancelled = true,
+            State::Applying {
+                member: m, epoch, ..
+            } if m == member => {
                 let epoch = *epoch;
-                self.out.push_back(Output::Apply { speaker: None, epoch });
+                self.out.push_back(Output::Apply {
+                    speaker: None,
+                    epoch,
+                });
                 self.state = State::Releasing { epoch };
                 self.out.push_back(Output::Release { epoch });
             }
@@ -437,13 +581,24 @@ impl Floor {
     fn on_store_granted(&mut self, member: String, epoch: u64) {
         self.epoch = self.epoch.max(epoch);
         match &self.state {
-            State::Acquiring { member: m, priority, cancelled } if *m == member => {
+            State::Acquiring {
+                member: m,
+                priority,
+                cancelled,
+            } if *m == member => {
                 if *cancelled {
                     self.state = State::Releasing { epoch };
                     self.out.push_back(Output::Release { epoch });
                 } else {
-                    self.state = State::Applying { member: m.clone(), priority: *priority, epoch };
-                    self.out.push_back(Output::Apply { speaker: Some(member), epoch });
+                    self.state = State::Applying {
+                        member: m.clone(),
+                        priority: *priority,
+                        epoch,
+                    };
+                    self.out.push_back(Output::Apply {
+                        speaker: Some(member),
+                        epoch,
+                    });
                 }
             }
             // Nobody is waiting for this grant any more: give it back.
@@ -451,8 +606,18 @@ impl Floor {
         }
     }
 
-    fn on_store_denied(&mut self, member: String, holder: Option<(String, u64)>, reason: DenyReason) {
-        let State::Acquiring { member: m, cancelled, .. } = &self.state else {
+    fn on_store_denied(
+        &mut self,
+        member: String,
+        holder: Option<(String, u64)>,
+        reason: DenyReason,
+    ) {
+        let State::Acquiring {
+            member: m,
+            cancelled,
+            ..
+        } = &self.state
+        else {
             return;
         };
         if *m != member {
@@ -477,7 +642,13 @@ impl Floor {
         // are denied too: never let a queue wait on a store that does not answer.
         if reason == DenyReason::Unavailable {
             for q in std::mem::take(&mut self.queue) {
-                self.notify(To::Member(q.member), FloorEvent::Denied { speaker: None, reason });
+                self.notify(
+                    To::Member(q.member),
+                    FloorEvent::Denied {
+                        speaker: None,
+                        reason,
+                    },
+                );
             }
         } else if !self.queue.is_empty() && cancelled {
             self.grant_next();
@@ -485,14 +656,22 @@ impl Floor {
     }
 
     fn on_applied(&mut self, epoch: u64, now: Instant) {
-        let State::Applying { member, priority, epoch: e } = &self.state else {
+        let State::Applying {
+            member,
+            priority,
+            epoch: e,
+        } = &self.state
+        else {
             return;
         };
         if *e != epoch {
             return;
         }
         let (member, priority) = (member.clone(), *priority);
-        let renew_every = self.config.lease.map_or(Duration::MAX / 4, |l| l.renew_every);
+        let renew_every = self
+            .config
+            .lease
+            .map_or(Duration::MAX / 4, |l| l.renew_every);
         self.state = State::Held(Held {
             member: member.clone(),
             priority,
@@ -505,7 +684,13 @@ impl Floor {
         });
         let granted = self.granted_event(member.clone(), epoch);
         self.notify(To::Member(member.clone()), granted);
-        self.notify(To::AllExcept(member.clone()), FloorEvent::Taken { speaker: member, epoch });
+        self.notify(
+            To::AllExcept(member.clone()),
+            FloorEvent::Taken {
+                speaker: member,
+                epoch,
+            },
+        );
         if self.queue.first().is_some_and(|q| q.priority > priority) {
             self.preempt(now);
         }
@@ -526,8 +711,15 @@ impl Floor {
 
     fn grant_next(&mut self) {
         let q = self.queue.remove(0);
-        self.state = State::Acquiring { member: q.member.clone(), priority: q.priority, cancelled: false };
-        self.out.push_back(Output::Acquire { member: q.member, priority: q.priority });
+        self.state = State::Acquiring {
+            member: q.member.clone(),
+            priority: q.priority,
+            cancelled: false,
+        };
+        self.out.push_back(Output::Acquire {
+            member: q.member,
+            priority: q.priority,
+        });
         self.tell_queue_positions();
     }
 
@@ -555,18 +747,32 @@ impl Floor {
                     // A newer grant elsewhere: our own holder is stale.
                     State::Held(_) => self.revoke(RevokeReason::LeaseLost),
                     // Our grant is older than the remote one: it never reaches the member.
-                    State::Applying { member, epoch: e, .. } => {
+                    State::Applying {
+                        member, epoch: e, ..
+                    } => {
                         let (member, e) = (member.clone(), *e);
                         self.out.push_back(Output::Release { epoch: e });
                         self.notify(
                             To::Member(member),
-                            FloorEvent::Denied { speaker: Some(speaker.clone()), reason: DenyReason::Busy },
+                            FloorEvent::Denied {
+                                speaker: Some(speaker.clone()),
+                                reason: DenyReason::Busy,
+                            },
                         );
                     }
                     _ => {}
                 }
-                self.out.push_back(Output::Apply { speaker: Some(speaker.clone()), epoch });
-                self.notify(To::All, FloorEvent::Taken { speaker: speaker.clone(), epoch });
+                self.out.push_back(Output::Apply {
+                    speaker: Some(speaker.clone()),
+                    epoch,
+                });
+                self.notify(
+                    To::All,
+                    FloorEvent::Taken {
+                        speaker: speaker.clone(),
+                        epoch,
+                    },
+                );
                 // A store answer still on its way settles an acquisition; otherwise the remote holder is it.
                 if !matches!(self.state, State::Acquiring { .. }) {
                     self.state = State::Remote { speaker, epoch };
@@ -574,7 +780,10 @@ impl Floor {
             }
             None if matches!(&self.state, State::Remote { epoch: e, .. } if *e == epoch) => {
                 self.state = State::Idle;
-                self.out.push_back(Output::Apply { speaker: None, epoch });
+                self.out.push_back(Output::Apply {
+                    speaker: None,
+                    epoch,
+                });
                 if self.queue.is_empty() {
                     self.notify(To::All, FloorEvent::Idle { epoch });
                 } else {

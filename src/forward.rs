@@ -190,7 +190,8 @@ impl OutStream {
             let gap = match self.last_sent {
                 Some(t) => {
                     let wall = now.saturating_duration_since(t);
-                    let wall_ts = (wall.as_micros() as u64 * OPUS_CLOCK / 1_000_000).min(u32::MAX as u64 / 2);
+                    let wall_ts =
+                        (wall.as_micros() as u64 * OPUS_CLOCK / 1_000_000).min(u32::MAX as u64 / 2);
                     (wall_ts as u32).max(self.last_duration)
                 }
                 None => 0,
@@ -215,7 +216,11 @@ impl OutStream {
             self.last_sent = Some(now);
             self.last_duration = pkt.duration;
         }
-        Some(OutHeader { seq, timestamp, marker })
+        Some(OutHeader {
+            seq,
+            timestamp,
+            marker,
+        })
     }
 
     /// Counts one sent packet for the sender report.
@@ -235,7 +240,8 @@ impl OutStream {
         match self.last_sent {
             Some(t) => {
                 let us = now.saturating_duration_since(t).as_micros() as u64;
-                self.last_ts.wrapping_add((us * OPUS_CLOCK / 1_000_000) as u32)
+                self.last_ts
+                    .wrapping_add((us * OPUS_CLOCK / 1_000_000) as u32)
             }
             None => self.last_ts,
         }
@@ -265,7 +271,10 @@ impl RawAddr {
                 len,
             );
         }
-        RawAddr { storage, len: len as libc::socklen_t }
+        RawAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
     }
 }
 
@@ -301,7 +310,14 @@ impl Batch {
     #[inline]
     pub fn push(&mut self, stream: &OutStream, h: OutHeader, dest: &RawAddr) {
         let mut header = [0u8; HEADER_LEN];
-        rtp::write_header(&mut header, h.marker, stream.payload_type, h.seq, h.timestamp, stream.ssrc);
+        rtp::write_header(
+            &mut header,
+            h.marker,
+            stream.payload_type,
+            h.seq,
+            h.timestamp,
+            stream.ssrc,
+        );
         self.headers.push(header);
         self.dests.push(*dest);
     }
@@ -347,9 +363,18 @@ mod tests {
     #[test]
     fn older_than_spurt_start_is_dropped_and_padding_absorbed() {
         let mut ing = Ingress::default();
-        assert!(matches!(accept(&mut ing, 1, &pkt(100, 0, 7, b"x")), IngressVerdict::Forward(_)));
-        assert_eq!(accept(&mut ing, 1, &pkt(99, 0, 7, b"x")), IngressVerdict::TooOld);
-        assert_eq!(accept(&mut ing, 1, &pkt(101, 960, 7, b"")), IngressVerdict::PaddingOnly);
+        assert!(matches!(
+            accept(&mut ing, 1, &pkt(100, 0, 7, b"x")),
+            IngressVerdict::Forward(_)
+        ));
+        assert_eq!(
+            accept(&mut ing, 1, &pkt(99, 0, 7, b"x")),
+            IngressVerdict::TooOld
+        );
+        assert_eq!(
+            accept(&mut ing, 1, &pkt(101, 960, 7, b"")),
+            IngressVerdict::PaddingOnly
+        );
         match accept(&mut ing, 1, &pkt(102, 1920, 7, b"y")) {
             IngressVerdict::Forward(i) => assert_eq!(i.ext_seq, (1 << 16) + 101),
             other => panic!("{other:?}"),
@@ -363,8 +388,15 @@ mod tests {
         let mut out = OutStream::new(0xabc, 111, 500, 10_000);
         let mut headers = vec![];
         for i in 0..3u16 {
-            if let IngressVerdict::Forward(p) = accept(&mut ing, 1, &pkt(1000 + i, 5000 + 960 * u32::from(i), 1, b"a")) {
-                headers.push(out.rewrite(&p, t0 + Duration::from_millis(20 * u64::from(i))).unwrap());
+            if let IngressVerdict::Forward(p) = accept(
+                &mut ing,
+                1,
+                &pkt(1000 + i, 5000 + 960 * u32::from(i), 1, b"a"),
+            ) {
+                headers.push(
+                    out.rewrite(&p, t0 + Duration::from_millis(20 * u64::from(i)))
+                        .unwrap(),
+                );
             }
         }
         // B speaks 1 s later with an unrelated seq/ts space.
@@ -388,7 +420,9 @@ mod tests {
         let mut out = OutStream::new(1, 111, 0, 0);
         let mut seqs = vec![];
         for s in [10u16, 11, 13, 12, 14] {
-            if let IngressVerdict::Forward(p) = accept(&mut ing, 1, &pkt(s, u32::from(s) * 960, 1, b"a")) {
+            if let IngressVerdict::Forward(p) =
+                accept(&mut ing, 1, &pkt(s, u32::from(s) * 960, 1, b"a"))
+            {
                 seqs.push(out.rewrite(&p, t).unwrap().seq);
             }
         }

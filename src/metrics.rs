@@ -13,19 +13,48 @@ type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
 pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
     let per_shard: [ShardMetric; 9] = [
-        ("packets_in_total", "Datagrams received on the media port", |s| s.packets_in),
-        ("packets_forwarded_total", "Datagrams sent to listeners", |s| s.forwarded),
-        ("rtcp_in_total", "RTCP packets received from members", |s| s.rtcp_in),
-        ("send_errors_total", "Datagrams the kernel refused", |s| s.send_errors),
-        ("send_would_block_total", "Datagrams that found the socket buffer full", |s| s.send_would_block),
-        ("sender_reports_total", "RTCP sender reports sent", |s| s.sender_reports),
-        ("events_lost_total", "Shard events lost to a full control queue", |s| s.events_lost),
+        (
+            "packets_in_total",
+            "Datagrams received on the media port",
+            |s| s.packets_in,
+        ),
+        (
+            "packets_forwarded_total",
+            "Datagrams sent to listeners",
+            |s| s.forwarded,
+        ),
+        ("rtcp_in_total", "RTCP packets received from members", |s| {
+            s.rtcp_in
+        }),
+        ("send_errors_total", "Datagrams the kernel refused", |s| {
+            s.send_errors
+        }),
+        (
+            "send_would_block_total",
+            "Datagrams that found the socket buffer full",
+            |s| s.send_would_block,
+        ),
+        ("sender_reports_total", "RTCP sender reports sent", |s| {
+            s.sender_reports
+        }),
+        (
+            "events_lost_total",
+            "Shard events lost to a full control queue",
+            |s| s.events_lost,
+        ),
         ("shard_channels", "Channels on the shard", |s| s.channels),
         ("shard_members", "Members on the shard", |s| s.members),
     ];
     for (name, help, get) in per_shard {
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
-        let _ = writeln!(out, "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} {kind}");
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(
+            out,
+            "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} {kind}"
+        );
         for s in shards {
             let _ = writeln!(out, "talkgroup_{name}{{shard=\"{}\"}} {}", s.shard, get(s));
         }
@@ -33,35 +62,76 @@ pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
     let _ = writeln!(out, "# HELP talkgroup_packets_dropped_total Datagrams dropped, by reason\n# TYPE talkgroup_packets_dropped_total counter");
     for s in shards {
         for (reason, n) in drop_reason_names().iter().zip(s.dropped.iter()) {
-            let _ = writeln!(out, "talkgroup_packets_dropped_total{{shard=\"{}\",reason=\"{reason}\"}} {n}", s.shard);
+            let _ = writeln!(
+                out,
+                "talkgroup_packets_dropped_total{{shard=\"{}\",reason=\"{reason}\"}} {n}",
+                s.shard
+            );
         }
     }
     let gauges = [
         ("connections", "Open WebSocket connections", hub.connections),
-        ("channels", "Channels with members on this node", hub.channels),
+        (
+            "channels",
+            "Channels with members on this node",
+            hub.channels,
+        ),
         ("members", "Memberships on this node", hub.members),
     ];
     for (name, help, v) in gauges {
-        let _ = writeln!(out, "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} gauge\ntalkgroup_{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} gauge\ntalkgroup_{name} {v}"
+        );
     }
     let counters = [
         ("floor_grants_total", "Floor grants", hub.floor_grants),
-        ("store_errors_total", "Floor store calls that failed (presses denied unavailable)", hub.store_errors),
-        ("slow_clients_total", "Clients disconnected for not reading", hub.slow_clients),
-        ("shard_queue_full_total", "Commands lost to a full shard queue", hub.shard_queue_full),
+        (
+            "store_errors_total",
+            "Floor store calls that failed (presses denied unavailable)",
+            hub.store_errors,
+        ),
+        (
+            "slow_clients_total",
+            "Clients disconnected for not reading",
+            hub.slow_clients,
+        ),
+        (
+            "shard_queue_full_total",
+            "Commands lost to a full shard queue",
+            hub.shard_queue_full,
+        ),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(out, "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} counter\ntalkgroup_{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} counter\ntalkgroup_{name} {v}"
+        );
     }
     let labelled = [
-        ("floor_denials_total", "Floor denials, by reason", &hub.floor_denials),
-        ("floor_revokes_total", "Floor revocations, by reason", &hub.floor_revokes),
+        (
+            "floor_denials_total",
+            "Floor denials, by reason",
+            &hub.floor_denials,
+        ),
+        (
+            "floor_revokes_total",
+            "Floor revocations, by reason",
+            &hub.floor_revokes,
+        ),
         ("signal_errors_total", "Error replies, by code", &hub.errors),
     ];
     for (name, help, map) in labelled {
-        let _ = writeln!(out, "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} counter"
+        );
         for (label, v) in map.iter() {
-            let key = if name == "signal_errors_total" { "code" } else { "reason" };
+            let key = if name == "signal_errors_total" {
+                "code"
+            } else {
+                "reason"
+            };
             let _ = writeln!(out, "talkgroup_{name}{{{key}=\"{label}\"}} {v}");
         }
     }

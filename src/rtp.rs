@@ -79,9 +79,7 @@ impl<'a> RtpView<'a> {
         let csrc_count = usize::from(b0 & 0x0f);
         let mut offset = HEADER_LEN + 4 * csrc_count;
         if extension {
-            let ext = data
-                .get(offset..offset + 4)
-                .ok_or(RtpError::BadHeader)?;
+            let ext = data.get(offset..offset + 4).ok_or(RtpError::BadHeader)?;
             let words = usize::from(u16::from_be_bytes([ext[2], ext[3]]));
             offset += 4 + 4 * words;
         }
@@ -109,7 +107,14 @@ impl<'a> RtpView<'a> {
 
 /// Writes a 12-byte RTP header (V=2, no padding, no extension, no CSRC).
 #[inline]
-pub fn write_header(out: &mut [u8; HEADER_LEN], marker: bool, pt: u8, seq: u16, ts: u32, ssrc: u32) {
+pub fn write_header(
+    out: &mut [u8; HEADER_LEN],
+    marker: bool,
+    pt: u8,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+) {
     out[0] = 0x80;
     out[1] = (u8::from(marker) << 7) | (pt & 0x7f);
     out[2..4].copy_from_slice(&seq.to_be_bytes());
@@ -178,7 +183,10 @@ mod tests {
         let p = build_packet(true, 111, 65535, 0xdead_beef, 42, b"opus");
         let v = RtpView::parse(&p).unwrap();
         assert!(v.marker);
-        assert_eq!((v.payload_type, v.seq, v.timestamp, v.ssrc), (111, 65535, 0xdead_beef, 42));
+        assert_eq!(
+            (v.payload_type, v.seq, v.timestamp, v.ssrc),
+            (111, 65535, 0xdead_beef, 42)
+        );
         assert_eq!(v.payload, b"opus");
     }
 

@@ -24,17 +24,28 @@ pub enum ServerError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot bind {what} {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start: {0}")]
     Start(String),
 }
 
 /// The floor lease on a shared store (design: TTL 3 s, renewed every 1 s, holder revoked 250 ms before
 /// the lease would run out).
-pub const LEASE: Lease =
-    Lease { ttl: Duration::from_secs(3), renew_every: Duration::from_secs(1), margin: Duration::from_millis(250) };
+pub const LEASE: Lease = Lease {
+    ttl: Duration::from_secs(3),
+    renew_every: Duration::from_secs(1),
+    margin: Duration::from_millis(250),
+};
 
-type Stores = (Arc<dyn FloorStore>, Arc<dyn SessionStore>, Option<mpsc::Receiver<StoreEvent>>);
+type Stores = (
+    Arc<dyn FloorStore>,
+    Arc<dyn SessionStore>,
+    Option<mpsc::Receiver<StoreEvent>>,
+);
 
 /// Opens the stores on the control thread's runtime (the Redis client spawns its tasks there).
 async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, String> {
@@ -46,7 +57,9 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
         )),
         StoreKind::Redis => {
             let url = redis.url.clone();
-            let store = RedisStore::connect(redis).await.map_err(|e| format!("redis at {url}: {e}"))?;
+            let store = RedisStore::connect(redis)
+                .await
+                .map_err(|e| format!("redis at {url}: {e}"))?;
             if let Ok(Some(warning)) = store.check_maxmemory_policy().await {
                 warn!("{warning}");
             }
@@ -74,7 +87,9 @@ fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return vec![];
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 
@@ -100,11 +115,30 @@ impl Server {
         let mut handles: Vec<ShardHandle> = Vec::new();
         let mut shard_threads = Vec::new();
         for i in 0..n {
-            let port = if args.media_port == 0 { 0 } else { args.media_port.checked_add(i as u16).ok_or_else(|| ServerError::Config("media port range overflows".into()))? };
+            let port = if args.media_port == 0 {
+                0
+            } else {
+                args.media_port
+                    .checked_add(i as u16)
+                    .ok_or_else(|| ServerError::Config("media port range overflows".into()))?
+            };
             let bind = SocketAddr::new(args.media_ip, port);
             let cpu = (!args.no_pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-            let (handle, join) = shard::spawn(i, bind, cpu, ShardConfig { t1, ..Default::default() }, event_tx.clone())
-                .map_err(|source| ServerError::Bind { what: "media port", addr: bind, source })?;
+            let (handle, join) = shard::spawn(
+                i,
+                bind,
+                cpu,
+                ShardConfig {
+                    t1,
+                    ..Default::default()
+                },
+                event_tx.clone(),
+            )
+            .map_err(|source| ServerError::Bind {
+                what: "media port",
+                addr: bind,
+                source,
+            })?;
             handles.push(handle);
             shard_threads.push(join);
         }
@@ -116,12 +150,26 @@ impl Server {
                 args.media_ip
             }
         });
-        let hub_config = HubConfig { node, floor, lock_ttl, announce_ip, rtp_allow };
+        let hub_config = HubConfig {
+            node,
+            floor,
+            lock_ttl,
+            announce_ip,
+            rtp_allow,
+        };
 
-        let listener = std::net::TcpListener::bind(args.http)
-            .map_err(|source| ServerError::Bind { what: "HTTP", addr: args.http, source })?;
-        listener.set_nonblocking(true).map_err(|e| ServerError::Start(e.to_string()))?;
-        let http_addr = listener.local_addr().map_err(|e| ServerError::Start(e.to_string()))?;
+        let listener =
+            std::net::TcpListener::bind(args.http).map_err(|source| ServerError::Bind {
+                what: "HTTP",
+                addr: args.http,
+                source,
+            })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ServerError::Start(e.to_string()))?;
+        let http_addr = listener
+            .local_addr()
+            .map_err(|e| ServerError::Start(e.to_string()))?;
         let (hub_tx, hub_rx) = mpsc::channel(65_536);
         let state = AppState {
             hub: hub_tx.clone(),
@@ -130,13 +178,20 @@ impl Server {
             next_conn: Arc::new(AtomicU64::new(1)),
         };
         let store_kind = args.store;
-        let redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), hub_config.node.clone());
+        let redis = RedisConfig::new(
+            args.redis_url(),
+            args.key_prefix.clone(),
+            hub_config.node.clone(),
+        );
         let me = hub_tx.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let control = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
@@ -177,7 +232,13 @@ impl Server {
             .map_err(|_| ServerError::Start("control thread died".into()))?
             .map_err(ServerError::Start)?;
         info!(%http_addr, ?media_addrs, shards = n, "talkgroup serving");
-        Ok(Server { http_addr, media_addrs, hub: hub_tx, control: Some(control), shards: shard_threads })
+        Ok(Server {
+            http_addr,
+            media_addrs,
+            hub: hub_tx,
+            control: Some(control),
+            shards: shard_threads,
+        })
     }
 
     /// Stops cleanly: floors released and announced idle, members told `left`, shards stopped.
@@ -186,14 +247,19 @@ impl Server {
     }
 
     fn stop(&mut self) {
-        let Some(control) = self.control.take() else { return };
+        let Some(control) = self.control.take() else {
+            return;
+        };
         let hub = self.hub.clone();
         let shards: Vec<JoinHandle<()>> = self.shards.drain(..).collect();
         // On a thread of its own: `blocking_send` panics when called from inside a runtime (tests, or an
         // embedding application), and waiting on a plain thread does not.
         let stopper = std::thread::spawn(move || {
             let (done_tx, done_rx) = oneshot::channel();
-            if hub.blocking_send(HubMsg::Shutdown { done: done_tx }).is_ok() {
+            if hub
+                .blocking_send(HubMsg::Shutdown { done: done_tx })
+                .is_ok()
+            {
                 let _ = done_rx.blocking_recv();
             }
             let _ = control.join();

@@ -34,14 +34,19 @@ async fn holder_is_forwarded_to_every_other_member_and_streams_stay_continuous()
     let epoch1 = g["epoch"].as_u64().unwrap();
     for s in [&mut sb, &mut sc, &mut sd] {
         let t = s.expect_floor("ops", "taken").await;
-        assert_eq!((t["speaker"].as_str(), t["epoch"].as_u64()), (Some("alice"), Some(epoch1)));
+        assert_eq!(
+            (t["speaker"].as_str(), t["epoch"].as_u64()),
+            (Some("alice"), Some(epoch1))
+        );
     }
 
     // D does not hold the floor: its media goes nowhere.
     for i in 0..5u8 {
         d.send_rtp(&[0xdd, i]).await;
     }
-    let payloads: Vec<Vec<u8>> = (0..100u8).map(|i| vec![0xa0, i, i.wrapping_mul(3), 7]).collect();
+    let payloads: Vec<Vec<u8>> = (0..100u8)
+        .map(|i| vec![0xa0, i, i.wrapping_mul(3), 7])
+        .collect();
     for p in &payloads {
         a.send_rtp(p).await;
         if p[1] % 10 == 0 {
@@ -52,29 +57,55 @@ async fn holder_is_forwarded_to_every_other_member_and_streams_stay_continuous()
     let got_c = c.recv_rtp(100, Duration::from_secs(5)).await;
     for (got, who) in [(&got_b, &b), (&got_c, &c)] {
         assert_eq!(got.len(), 100, "{} got {} packets", who.name, got.len());
-        assert_eq!(got.iter().map(|p| p.4.clone()).collect::<Vec<_>>(), payloads, "payloads intact and in order");
-        assert!(got.iter().all(|p| p.0 == who.ssrc), "the listener's own SSRC");
-        assert!(got.windows(2).all(|w| w[1].1 == w[0].1.wrapping_add(1)), "no sequence gap");
+        assert_eq!(
+            got.iter().map(|p| p.4.clone()).collect::<Vec<_>>(),
+            payloads,
+            "payloads intact and in order"
+        );
+        assert!(
+            got.iter().all(|p| p.0 == who.ssrc),
+            "the listener's own SSRC"
+        );
+        assert!(
+            got.windows(2).all(|w| w[1].1 == w[0].1.wrapping_add(1)),
+            "no sequence gap"
+        );
         assert!(got[0].3, "marker on the first packet of the spurt");
     }
-    assert!(a.recv_rtp(1, Duration::from_millis(200)).await.is_empty(), "never back to the holder");
+    assert!(
+        a.recv_rtp(1, Duration::from_millis(200)).await.is_empty(),
+        "never back to the holder"
+    );
 
     sa.release("ops").await;
     for s in [&mut sa, &mut sb, &mut sc, &mut sd] {
-        assert_eq!(s.expect_floor("ops", "idle").await["epoch"].as_u64(), Some(epoch1));
+        assert_eq!(
+            s.expect_floor("ops", "idle").await["epoch"].as_u64(),
+            Some(epoch1)
+        );
     }
 
     sb.press("ops").await;
     let g2 = sb.expect_floor("ops", "granted").await;
-    assert!(g2["epoch"].as_u64().unwrap() > epoch1, "epoch grows on every grant");
+    assert!(
+        g2["epoch"].as_u64().unwrap() > epoch1,
+        "epoch grows on every grant"
+    );
     for i in 0..10u8 {
         b.send_rtp(&[0xb0, i]).await;
     }
     let got_c2 = c.recv_rtp(10, Duration::from_secs(5)).await;
     assert_eq!(got_c2.len(), 10);
-    assert_eq!(got_c2[0].1, got_c.last().unwrap().1.wrapping_add(1), "sequence continues across the speaker change");
+    assert_eq!(
+        got_c2[0].1,
+        got_c.last().unwrap().1.wrapping_add(1),
+        "sequence continues across the speaker change"
+    );
     assert!(got_c2[0].3, "marker bit on the new speaker's first packet");
-    assert!(got_c2[0].2.wrapping_sub(got_c.last().unwrap().2) < 1 << 30, "timestamp went forward");
+    assert!(
+        got_c2[0].2.wrapping_sub(got_c.last().unwrap().2) < 1 << 30,
+        "timestamp went forward"
+    );
     assert_eq!(got_c2[0].0, c.ssrc, "same SSRC across speakers");
     let got_a = a.recv_rtp(10, Duration::from_secs(5)).await;
     assert_eq!(got_a.len(), 10, "the old speaker now listens");
@@ -83,7 +114,11 @@ async fn holder_is_forwarded_to_every_other_member_and_streams_stay_continuous()
     assert_eq!(status, 200);
     assert!(metric(&body, "talkgroup_packets_dropped_total") >= 5);
     assert!(metric(&body, "talkgroup_packets_forwarded_total") >= 200 + 20 + 20);
-    assert!(body.lines().any(|l| l.contains("reason=\"not_holder\"") && !l.ends_with(" 0")), "{body}");
+    assert!(
+        body.lines()
+            .any(|l| l.contains("reason=\"not_holder\"") && !l.ends_with(" 0")),
+        "{body}"
+    );
     assert_eq!(metric(&body, "talkgroup_floor_grants_total"), 2);
     srv.shutdown();
 }
@@ -114,13 +149,25 @@ async fn two_channels_on_two_shards_at_once() {
     let gy = yl.recv_rtp(20, Duration::from_secs(5)).await;
     assert_eq!(gx.len(), 20);
     assert_eq!(gy.len(), 20);
-    assert!(gx.iter().all(|p| p.4[0] == 1) && gy.iter().all(|p| p.4[0] == 2), "no cross-talk");
+    assert!(
+        gx.iter().all(|p| p.4[0] == 1) && gy.iter().all(|p| p.4[0] == 2),
+        "no cross-talk"
+    );
     let (_, body) = http_get(srv.http_addr, "/api/channels").await;
     let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let shards: Vec<u64> = rows.as_array().unwrap().iter().map(|r| r["shard"].as_u64().unwrap()).collect();
+    let shards: Vec<u64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["shard"].as_u64().unwrap())
+        .collect();
     assert_eq!(shards.len(), 2);
     assert_ne!(shards[0], shards[1]);
-    assert!(rows.as_array().unwrap().iter().all(|r| r["speaker"] == "speaker" && r["members"] == 2));
+    assert!(rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["speaker"] == "speaker" && r["members"] == 2));
     srv.shutdown();
 }
 
@@ -142,7 +189,10 @@ async fn bad_requests_get_errors_naming_the_problem_and_the_connection_stays() {
         s.send_text(&frame).await;
         let e = s.expect_type("error").await;
         assert_eq!(e["code"], code, "{frame}: {e}");
-        assert!(e["message"].as_str().unwrap().contains(text), "{frame}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains(text),
+            "{frame}: {e}"
+        );
     }
     s.send_text(r#"{"type":"dance","id":4}"#).await;
     assert_eq!(s.expect_type("error").await["id"], 4, "the id is echoed");
@@ -162,7 +212,11 @@ async fn bad_requests_get_errors_naming_the_problem_and_the_connection_stays() {
     assert_eq!(s.expect_type("left").await["id"], 1);
 
     // An oversized frame is refused and the connection closed; others are unaffected.
-    s2.send_text(&format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(70_000))).await;
+    s2.send_text(&format!(
+        "{{\"type\":\"ping\",\"pad\":\"{}\"}}",
+        "x".repeat(70_000)
+    ))
+    .await;
     assert_eq!(s2.expect_type("error").await["code"], "too_large");
     assert!(s2.closed().await);
     s.send(json!({"type":"ping","id":8})).await;
@@ -181,11 +235,11 @@ async fn garbage_on_the_media_port_is_counted_and_others_carry_on() {
     sa.expect_floor("g", "granted").await;
     let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let garbage: Vec<Vec<u8>> = vec![
-        vec![0x80, 111, 0],                                       // shorter than 12 bytes
-        vec![0x40; 20],                                           // wrong version
-        vec![0x80; 3000],                                         // oversized
+        vec![0x80, 111, 0],                                      // shorter than 12 bytes
+        vec![0x40; 20],                                          // wrong version
+        vec![0x80; 3000],                                        // oversized
         talkgroup::rtp::build_packet(false, 111, 1, 1, 1, b"x"), // unknown source (from the stranger)
-        vec![22, 254, 253, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],        // DTLS-looking
+        vec![22, 254, 253, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10],       // DTLS-looking
     ];
     for (i, g) in garbage.iter().enumerate() {
         stranger.send_to(g, a.server).await.unwrap();
@@ -198,9 +252,20 @@ async fn garbage_on_the_media_port_is_counted_and_others_carry_on() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].4, b"still-here");
     let (_, body) = http_get(srv.http_addr, "/metrics").await;
-    for reason in ["too_short", "bad_version", "oversized", "unknown_source", "not_rtp"] {
-        let n = metric(&body, &format!("talkgroup_packets_dropped_total{{shard=\"0\",reason=\"{reason}\"}}"))
-            + metric(&body, &format!("talkgroup_packets_dropped_total{{shard=\"1\",reason=\"{reason}\"}}"));
+    for reason in [
+        "too_short",
+        "bad_version",
+        "oversized",
+        "unknown_source",
+        "not_rtp",
+    ] {
+        let n = metric(
+            &body,
+            &format!("talkgroup_packets_dropped_total{{shard=\"0\",reason=\"{reason}\"}}"),
+        ) + metric(
+            &body,
+            &format!("talkgroup_packets_dropped_total{{shard=\"1\",reason=\"{reason}\"}}"),
+        );
         assert!(n >= 1, "{reason} not counted:\n{body}");
     }
     srv.shutdown();
@@ -233,7 +298,11 @@ async fn presence_and_joined_members() {
     let p = sa.expect_type("presence").await;
     assert_eq!(p["joined"], "b");
     drop(sb);
-    let p = sa.expect("presence left", |v| v["type"] == "presence" && v["left"] == "b").await;
+    let p = sa
+        .expect("presence left", |v| {
+            v["type"] == "presence" && v["left"] == "b"
+        })
+        .await;
     assert_eq!(p["channel"], "p");
     srv.shutdown();
 }
@@ -257,7 +326,18 @@ async fn shutdown_tells_members_idle_and_left() {
 #[test]
 fn the_binary_exits_zero_on_sigterm() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_talkgroup"))
-        .args(["serve", "--http", "127.0.0.1:0", "--media-ip", "127.0.0.1", "--media-port", "0", "--shards", "1", "--no-pin"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--media-ip",
+            "127.0.0.1",
+            "--media-port",
+            "0",
+            "--shards",
+            "1",
+            "--no-pin",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn talkgroup");
@@ -284,7 +364,10 @@ fn the_binary_exits_zero_on_sigterm() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "did not stop on SIGTERM");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

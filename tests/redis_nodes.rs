@@ -30,9 +30,14 @@ fn node(redis: &RedisServer, name: &str) -> Server {
 
 /// Waits for the next floor frame on `channel` whose state is one of `states`.
 async fn floor_any(s: &mut Signal, channel: &str, states: &[&str]) -> Value {
-    let (c, st): (String, Vec<String>) = (channel.into(), states.iter().map(|s| s.to_string()).collect());
+    let (c, st): (String, Vec<String>) = (
+        channel.into(),
+        states.iter().map(|s| s.to_string()).collect(),
+    );
     s.expect(&format!("floor {states:?}"), move |v| {
-        v["type"] == "floor" && v["channel"] == c.as_str() && st.iter().any(|x| v["state"] == x.as_str())
+        v["type"] == "floor"
+            && v["channel"] == c.as_str()
+            && st.iter().any(|x| v["state"] == x.as_str())
     })
     .await
 }
@@ -78,13 +83,20 @@ async fn simultaneous_presses_on_two_nodes_grant_exactly_one() {
             other => panic!("round {round}: not exactly one grant: {other:?} {ra} {rb}"),
         };
         let epoch = winner["epoch"].as_u64().unwrap();
-        assert!(epoch > last_epoch, "round {round}: epoch {epoch} after {last_epoch}");
+        assert!(
+            epoch > last_epoch,
+            "round {round}: epoch {epoch} after {last_epoch}"
+        );
         last_epoch = epoch;
         assert_eq!(loser["reason"], "busy", "round {round}: {loser}");
         let winner_name = winner["speaker"].as_str().unwrap();
         assert_ne!(winner_name, lname);
         assert_eq!(loser["speaker"], winner_name, "the loser is told who won");
-        if winner_name == "alice" { wins_a += 1 } else { wins_b += 1 }
+        if winner_name == "alice" {
+            wins_a += 1
+        } else {
+            wins_b += 1
+        }
         wsig.release("race").await;
         // Both nodes see the floor free again before the next round.
         floor_any(&mut sa, "race", &["idle"]).await;
@@ -114,21 +126,39 @@ async fn a_grant_on_one_node_reaches_members_on_the_other() {
         let g = floor_any(&mut sa, "x", &["granted"]).await;
         let t = floor_any(&mut sb, "x", &["taken"]).await;
         delays.push(t0.elapsed());
-        assert_eq!((t["speaker"].clone(), t["epoch"].clone()), (g["speaker"].clone(), g["epoch"].clone()));
+        assert_eq!(
+            (t["speaker"].clone(), t["epoch"].clone()),
+            (g["speaker"].clone(), g["epoch"].clone())
+        );
         sa.release("x").await;
         floor_any(&mut sb, "x", &["idle"]).await;
         floor_any(&mut sa, "x", &["idle"]).await;
     }
     delays.sort();
-    println!("press on A -> taken on B: median {:?}, max {:?}", delays[10], delays[19]);
+    println!(
+        "press on A -> taken on B: median {:?}, max {:?}",
+        delays[10], delays[19]
+    );
     // A third member joining on B is told alice is in the channel (joined.members spans nodes).
     let mut sc = Signal::connect(nb.http_addr).await;
     sc.send(serde_json::json!({"type":"join","channel":"x","member":"carol","transport":"rtp","rtp_addr":"127.0.0.1:9"})).await;
     let j = sc.expect_type("joined").await;
-    let members: Vec<&str> = j["members"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
-    assert!(members.contains(&"alice") && members.contains(&"bob"), "{j}");
+    let members: Vec<&str> = j["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        members.contains(&"alice") && members.contains(&"bob"),
+        "{j}"
+    );
     // Presence across nodes: alice, on node A, is told carol joined on node B.
-    let p = sa.expect("presence of carol", |v| v["type"] == "presence" && v["joined"] == "carol").await;
+    let p = sa
+        .expect("presence of carol", |v| {
+            v["type"] == "presence" && v["joined"] == "carol"
+        })
+        .await;
     assert_eq!(p["channel"], "x");
 }
 
@@ -158,10 +188,16 @@ async fn redis_outage_denies_presses_revokes_by_lease_and_recovers() {
     let r = floor_any(&mut sa, "o", &["revoked"]).await;
     assert_eq!(r["reason"], "lease_lost");
     let lost_after = killed.elapsed();
-    assert!(lost_after <= Duration::from_secs(3), "revoked after {lost_after:?}, lease TTL is 3 s");
+    assert!(
+        lost_after <= Duration::from_secs(3),
+        "revoked after {lost_after:?}, lease TTL is 3 s"
+    );
     // While Redis is down every press is denied unavailable (fail safe: never two speakers).
     sb.press("o").await;
-    assert_eq!(floor_any(&mut sb, "o", &["denied"]).await["reason"], "unavailable");
+    assert_eq!(
+        floor_any(&mut sb, "o", &["denied"]).await["reason"],
+        "unavailable"
+    );
     redis.restart();
     let back = Instant::now();
     loop {
@@ -170,10 +206,17 @@ async fn redis_outage_denies_presses_revokes_by_lease_and_recovers() {
         if v["state"] == "granted" {
             break;
         }
-        assert!(back.elapsed() < Duration::from_secs(15), "no grant {:?} after Redis came back: {v}", back.elapsed());
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "no grant {:?} after Redis came back: {v}",
+            back.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("lease_lost {lost_after:?} after the kill; granted again {:?} after the restart", back.elapsed());
+    println!(
+        "lease_lost {lost_after:?} after the kill; granted again {:?} after the restart",
+        back.elapsed()
+    );
     talker.abort();
 }
 
@@ -182,8 +225,28 @@ async fn a_killed_nodes_floor_frees_within_the_lease() {
     let redis = RedisServer::start();
     let nb = node(&redis, "node-b");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_talkgroup"))
-        .args(["serve", "--http", "127.0.0.1:0", "--media-ip", "127.0.0.1", "--media-port", "0", "--shards", "1"])
-        .args(["--no-pin", "--store", "redis", "--redis-url", &redis.url(), "--key-prefix", "test", "--node-id", "node-a"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--media-ip",
+            "127.0.0.1",
+            "--media-port",
+            "0",
+            "--shards",
+            "1",
+        ])
+        .args([
+            "--no-pin",
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--key-prefix",
+            "test",
+            "--node-id",
+            "node-a",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn talkgroup");
@@ -207,10 +270,17 @@ async fn a_killed_nodes_floor_frees_within_the_lease() {
             break;
         }
         assert_eq!(v["reason"], "busy");
-        assert!(killed.elapsed() < Duration::from_secs(5), "floor still held {:?} after the kill", killed.elapsed());
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "floor still held {:?} after the kill",
+            killed.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("floor of the killed node free after {:?} (lease TTL 3 s)", killed.elapsed());
+    println!(
+        "floor of the killed node free after {:?} (lease TTL 3 s)",
+        killed.elapsed()
+    );
     assert!(killed.elapsed() <= Duration::from_millis(3500));
 }
 
@@ -226,20 +296,37 @@ async fn a_stale_event_changes_nothing() {
         async move {
             let client = redis::Client::open(url).unwrap();
             let mut c = client.get_multiplexed_async_connection().await.unwrap();
-            let _: i64 = redis::cmd("PUBLISH").arg("test:tg:events").arg(msg).query_async(&mut c).await.unwrap();
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg("test:tg:events")
+                .arg(msg)
+                .query_async(&mut c)
+                .await
+                .unwrap();
         }
     };
     let grant = |epoch: u64, member: &str| {
-        format!(r#"{{"kind":"grant","channel":"s","epoch":"{epoch}","member":"{member}","node":"node-z","priority":0}}"#)
+        format!(
+            r#"{{"kind":"grant","channel":"s","epoch":"{epoch}","member":"{member}","node":"node-z","priority":0}}"#
+        )
     };
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
     let newer = now_us + 10_000_000;
     publish(grant(newer, "zed")).await;
     let t = floor_any(&mut sb, "s", &["taken"]).await;
-    assert_eq!((t["speaker"].as_str(), t["epoch"].as_u64()), (Some("zed"), Some(newer)));
+    assert_eq!(
+        (t["speaker"].as_str(), t["epoch"].as_u64()),
+        (Some("zed"), Some(newer))
+    );
     // Older grant and an idle for another epoch, delivered late: nothing changes.
     publish(grant(newer - 1, "old")).await;
-    publish(format!(r#"{{"kind":"idle","channel":"s","epoch":"{}"}}"#, newer - 1)).await;
+    publish(format!(
+        r#"{{"kind":"idle","channel":"s","epoch":"{}"}}"#,
+        newer - 1
+    ))
+    .await;
     sb.send(serde_json::json!({"type":"ping","id":1})).await;
     sb.expect_type("pong").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -269,6 +356,8 @@ fn read_http_addr(child: &mut std::process::Child) -> std::net::SocketAddr {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("child did not start");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("child did not start");
     addr.parse().expect("http_addr in the log")
 }

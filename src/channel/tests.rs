@@ -13,7 +13,12 @@ fn addr(port: u16) -> SocketAddr {
 fn channel(n: u64, now: Instant) -> Channel {
     let mut ch = Channel::new("ops".into(), now);
     for k in 1..=n {
-        ch.add(Member::new(k, format!("m{k}"), addr(5000 + k as u16), OutStream::new(0x1000 + k as u32, 111, 0, 0)));
+        ch.add(Member::new(
+            k,
+            format!("m{k}"),
+            addr(5000 + k as u16),
+            OutStream::new(0x1000 + k as u32, 111, 0, 0),
+        ));
         ch.heard(k, now);
     }
     ch
@@ -39,9 +44,21 @@ fn only_the_holder_is_forwarded_to_everyone_else() {
     let p = rtp::build_packet(false, 111, 7, 960, 99, b"voice");
     let view = RtpView::parse(&p).unwrap();
     let mut batch = Batch::default();
-    assert_eq!(ch.forward(1, &view, now, &mut batch), Err(ForwardDrop::NotHolder));
-    assert!(ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 5 }, now));
-    assert_eq!(ch.forward(2, &view, now, &mut batch), Err(ForwardDrop::NotHolder));
+    assert_eq!(
+        ch.forward(1, &view, now, &mut batch),
+        Err(ForwardDrop::NotHolder)
+    );
+    assert!(ch.apply(
+        SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 5
+        },
+        now
+    ));
+    assert_eq!(
+        ch.forward(2, &view, now, &mut batch),
+        Err(ForwardDrop::NotHolder)
+    );
     assert!(batch.is_empty());
     ch.forward(1, &view, now, &mut batch).unwrap();
     let ssrcs: Vec<u32> = decode(&batch).iter().map(|h| h.0).collect();
@@ -52,20 +69,39 @@ fn only_the_holder_is_forwarded_to_everyone_else() {
 fn unlatched_members_hear_nothing_until_they_send() {
     let now = Instant::now();
     let mut ch = Channel::new("ops".into(), now);
-    ch.add(Member::new(1, "a".into(), addr(1), OutStream::new(1, 111, 0, 0)));
-    ch.add(Member::new(2, "b".into(), addr(2), OutStream::new(2, 111, 0, 0)));
-    ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 1 }, now);
+    ch.add(Member::new(
+        1,
+        "a".into(),
+        addr(1),
+        OutStream::new(1, 111, 0, 0),
+    ));
+    ch.add(Member::new(
+        2,
+        "b".into(),
+        addr(2),
+        OutStream::new(2, 111, 0, 0),
+    ));
+    ch.apply(
+        SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 1,
+        },
+        now,
+    );
     let p = rtp::build_packet(false, 111, 1, 0, 9, b"x");
     let mut batch = Batch::default();
-    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch).unwrap();
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch)
+        .unwrap();
     assert!(batch.is_empty());
     ch.heard(2, now);
-    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch).unwrap();
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch)
+        .unwrap();
     assert_eq!(batch.len(), 1);
     batch.clear();
     let later = now + LATCH_TIMEOUT + Duration::from_secs(1);
     let p = rtp::build_packet(false, 111, 2, 960, 9, b"x");
-    ch.forward(1, &RtpView::parse(&p).unwrap(), later, &mut batch).unwrap();
+    ch.forward(1, &RtpView::parse(&p).unwrap(), later, &mut batch)
+        .unwrap();
     assert!(batch.is_empty(), "latch expired");
 }
 
@@ -73,14 +109,50 @@ fn unlatched_members_hear_nothing_until_they_send() {
 fn epoch_rules_ignore_stale_and_duplicate_events() {
     let now = Instant::now();
     let mut ch = channel(2, now);
-    assert!(ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 10 }, now));
-    assert!(!ch.apply(SpeakerChange::Granted { speaker: Some(2), epoch: 9 }, now), "older grant");
-    assert!(!ch.apply(SpeakerChange::Granted { speaker: Some(2), epoch: 10 }, now), "same epoch twice");
-    assert!(!ch.apply(SpeakerChange::Idle { epoch: 9 }, now), "idle of another epoch");
+    assert!(ch.apply(
+        SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 10
+        },
+        now
+    ));
+    assert!(
+        !ch.apply(
+            SpeakerChange::Granted {
+                speaker: Some(2),
+                epoch: 9
+            },
+            now
+        ),
+        "older grant"
+    );
+    assert!(
+        !ch.apply(
+            SpeakerChange::Granted {
+                speaker: Some(2),
+                epoch: 10
+            },
+            now
+        ),
+        "same epoch twice"
+    );
+    assert!(
+        !ch.apply(SpeakerChange::Idle { epoch: 9 }, now),
+        "idle of another epoch"
+    );
     assert_eq!(ch.speaker(), Some(1));
     assert!(ch.apply(SpeakerChange::Idle { epoch: 10 }, now));
     assert_eq!(ch.speaker(), None);
-    assert!(!ch.apply(SpeakerChange::Granted { speaker: Some(2), epoch: 10 }, now), "reused epoch");
+    assert!(
+        !ch.apply(
+            SpeakerChange::Granted {
+                speaker: Some(2),
+                epoch: 10
+            },
+            now
+        ),
+        "reused epoch"
+    );
 }
 
 #[test]
@@ -89,7 +161,13 @@ fn silence_is_reported_once_per_grant() {
     let mut ch = channel(2, now);
     let t1 = Duration::from_secs(4);
     assert_eq!(ch.poll_silence(now + t1, t1), None, "nobody speaks");
-    ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 3 }, now);
+    ch.apply(
+        SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 3,
+        },
+        now,
+    );
     assert_eq!(ch.poll_silence(now + Duration::from_secs(3), t1), None);
     assert_eq!(ch.poll_silence(now + t1, t1), Some(3));
     assert_eq!(ch.poll_silence(now + t1 * 2, t1), None);
@@ -99,16 +177,31 @@ fn silence_is_reported_once_per_grant() {
 fn sender_reports_for_streams_that_carried_media() {
     let now = Instant::now();
     let mut ch = channel(3, now);
-    ch.apply(SpeakerChange::Granted { speaker: Some(1), epoch: 3 }, now);
+    ch.apply(
+        SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 3,
+        },
+        now,
+    );
     let p = rtp::build_packet(false, 111, 1, 0, 9, b"abcd");
-    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut Batch::default()).unwrap();
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut Batch::default())
+        .unwrap();
     let mut out = vec![];
     ch.sender_reports(now, 1 << 32, &mut out);
     assert_eq!(out.len(), 2);
     let sr = &out[0].0;
     assert_eq!(sr[1], 200);
-    assert_eq!(u32::from_be_bytes(sr[20..24].try_into().unwrap()), 1, "packet count");
-    assert_eq!(u32::from_be_bytes(sr[24..28].try_into().unwrap()), 4, "octet count");
+    assert_eq!(
+        u32::from_be_bytes(sr[20..24].try_into().unwrap()),
+        1,
+        "packet count"
+    );
+    assert_eq!(
+        u32::from_be_bytes(sr[24..28].try_into().unwrap()),
+        4,
+        "octet count"
+    );
 }
 
 #[derive(Debug, Clone)]

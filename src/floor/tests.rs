@@ -51,7 +51,8 @@ impl Harness {
                     self.next_epoch += 1;
                     self.store_holder = Some(self.next_epoch);
                     let epoch = self.next_epoch;
-                    self.floor.handle(Input::StoreGranted { member, epoch }, self.now);
+                    self.floor
+                        .handle(Input::StoreGranted { member, epoch }, self.now);
                 }
                 Output::Release { epoch } => {
                     assert_eq!(self.store_holder, Some(epoch), "released a lock not held");
@@ -64,7 +65,11 @@ impl Harness {
     }
 
     fn press(&mut self, m: &str, priority: u8) {
-        self.feed(Input::Request { member: m.into(), priority, queue: false });
+        self.feed(Input::Request {
+            member: m.into(),
+            priority,
+            queue: false,
+        });
     }
 
     fn release(&mut self, m: &str) {
@@ -92,43 +97,106 @@ fn grant_then_busy_then_release_to_idle() {
     assert_eq!(
         h.take_events(),
         vec![
-            (to("alice"), FloorEvent::Granted { speaker: "alice".into(), epoch: 101, duration_ms: 30_000 }),
-            (To::AllExcept("alice".into()), FloorEvent::Taken { speaker: "alice".into(), epoch: 101 }),
+            (
+                to("alice"),
+                FloorEvent::Granted {
+                    speaker: "alice".into(),
+                    epoch: 101,
+                    duration_ms: 30_000
+                }
+            ),
+            (
+                To::AllExcept("alice".into()),
+                FloorEvent::Taken {
+                    speaker: "alice".into(),
+                    epoch: 101
+                }
+            ),
         ]
     );
     assert_eq!(h.forwarded, Some((Some("alice".into()), 101)));
     h.press("bob", 0);
     assert_eq!(
         h.take_events(),
-        vec![(to("bob"), FloorEvent::Denied { speaker: Some("alice".into()), reason: DenyReason::Busy })]
+        vec![(
+            to("bob"),
+            FloorEvent::Denied {
+                speaker: Some("alice".into()),
+                reason: DenyReason::Busy
+            }
+        )]
     );
     h.release("bob"); // not the holder: nothing happens
     assert!(h.take_events().is_empty());
     h.release("alice");
-    assert_eq!(h.take_events(), vec![(To::All, FloorEvent::Idle { epoch: 101 })]);
+    assert_eq!(
+        h.take_events(),
+        vec![(To::All, FloorEvent::Idle { epoch: 101 })]
+    );
     assert_eq!(h.forwarded, Some((None, 101)));
     h.press("bob", 0);
-    assert!(matches!(&h.take_events()[0].1, FloorEvent::Granted { epoch: 102, .. }));
+    assert!(matches!(
+        &h.take_events()[0].1,
+        FloorEvent::Granted { epoch: 102, .. }
+    ));
 }
 
 #[test]
 fn granted_waits_for_the_shard() {
     let mut f = Floor::new(FloorConfig::default());
     let now = Instant::now();
-    f.handle(Input::Request { member: "a".into(), priority: 0, queue: false }, now);
-    assert_eq!(f.poll_output(), Some(Output::Acquire { member: "a".into(), priority: 0 }));
-    f.handle(Input::StoreGranted { member: "a".into(), epoch: 5 }, now);
-    assert_eq!(f.poll_output(), Some(Output::Apply { speaker: Some("a".into()), epoch: 5 }));
-    assert_eq!(f.poll_output(), None, "no granted before the shard acknowledges");
+    f.handle(
+        Input::Request {
+            member: "a".into(),
+            priority: 0,
+            queue: false,
+        },
+        now,
+    );
+    assert_eq!(
+        f.poll_output(),
+        Some(Output::Acquire {
+            member: "a".into(),
+            priority: 0
+        })
+    );
+    f.handle(
+        Input::StoreGranted {
+            member: "a".into(),
+            epoch: 5,
+        },
+        now,
+    );
+    assert_eq!(
+        f.poll_output(),
+        Some(Output::Apply {
+            speaker: Some("a".into()),
+            epoch: 5
+        })
+    );
+    assert_eq!(
+        f.poll_output(),
+        None,
+        "no granted before the shard acknowledges"
+    );
     f.handle(Input::ShardApplied { epoch: 4 }, now);
     assert_eq!(f.poll_output(), None, "an old acknowledgement is ignored");
     f.handle(Input::ShardApplied { epoch: 5 }, now);
-    assert!(matches!(f.poll_output(), Some(Output::Notify { event: FloorEvent::Granted { .. }, .. })));
+    assert!(matches!(
+        f.poll_output(),
+        Some(Output::Notify {
+            event: FloorEvent::Granted { .. },
+            ..
+        })
+    ));
 }
 
 #[test]
 fn t2_max_talk_time_revokes() {
-    let mut h = Harness::new(FloorConfig { t2: Duration::from_secs(30), ..Default::default() });
+    let mut h = Harness::new(FloorConfig {
+        t2: Duration::from_secs(30),
+        ..Default::default()
+    });
     h.press("a", 0);
     h.take_events();
     h.advance(Duration::from_secs(29));
@@ -139,7 +207,12 @@ fn t2_max_talk_time_revokes() {
         vec![
             (
                 to("a"),
-                FloorEvent::Revoked { speaker: "a".into(), epoch: 101, reason: RevokeReason::MaxTalkTime, grace_ms: 0 }
+                FloorEvent::Revoked {
+                    speaker: "a".into(),
+                    epoch: 101,
+                    reason: RevokeReason::MaxTalkTime,
+                    grace_ms: 0
+                }
             ),
             (To::All, FloorEvent::Idle { epoch: 101 }),
         ]
@@ -155,7 +228,13 @@ fn silence_revokes_only_the_current_epoch() {
     assert!(h.take_events().is_empty());
     h.feed(Input::MediaSilence { epoch: 101 });
     let ev = h.take_events();
-    assert!(matches!(ev[0].1, FloorEvent::Revoked { reason: RevokeReason::Silence, .. }));
+    assert!(matches!(
+        ev[0].1,
+        FloorEvent::Revoked {
+            reason: RevokeReason::Silence,
+            ..
+        }
+    ));
     assert_eq!(ev[1].1, FloorEvent::Idle { epoch: 101 });
 }
 
@@ -163,18 +242,39 @@ fn silence_revokes_only_the_current_epoch() {
 fn queue_then_grant_in_priority_order() {
     let mut h = Harness::new(FloorConfig::default());
     h.press("a", 5);
-    h.feed(Input::Request { member: "b".into(), priority: 1, queue: true });
-    h.feed(Input::Request { member: "c".into(), priority: 3, queue: true });
+    h.feed(Input::Request {
+        member: "b".into(),
+        priority: 1,
+        queue: true,
+    });
+    h.feed(Input::Request {
+        member: "c".into(),
+        priority: 3,
+        queue: true,
+    });
     h.take_events();
     h.release("a");
     let ev = h.take_events();
-    assert!(ev.contains(&(to("c"), FloorEvent::Granted { speaker: "c".into(), epoch: 102, duration_ms: 30_000 })));
+    assert!(ev.contains(&(
+        to("c"),
+        FloorEvent::Granted {
+            speaker: "c".into(),
+            epoch: 102,
+            duration_ms: 30_000
+        }
+    )));
     assert!(ev.contains(&(to("b"), FloorEvent::Queued { position: 1 })));
-    assert!(!ev.iter().any(|(_, e)| matches!(e, FloorEvent::Idle { .. })), "no idle while the queue hands over");
+    assert!(
+        !ev.iter().any(|(_, e)| matches!(e, FloorEvent::Idle { .. })),
+        "no idle while the queue hands over"
+    );
     // A queued member withdraws with a release.
     h.release("b");
     h.release("c");
-    assert_eq!(h.take_events(), vec![(To::All, FloorEvent::Idle { epoch: 102 })]);
+    assert_eq!(
+        h.take_events(),
+        vec![(To::All, FloorEvent::Idle { epoch: 102 })]
+    );
 }
 
 #[test]
@@ -183,37 +283,86 @@ fn higher_priority_preempts_immediately_without_t3() {
     h.press("a", 0);
     h.take_events();
     h.press("b", 0); // equal priority never pre-empts
-    assert!(matches!(h.take_events()[0].1, FloorEvent::Denied { reason: DenyReason::Busy, .. }));
+    assert!(matches!(
+        h.take_events()[0].1,
+        FloorEvent::Denied {
+            reason: DenyReason::Busy,
+            ..
+        }
+    ));
     h.press("boss", 9);
     let ev = h.take_events();
     assert_eq!(
         ev,
         vec![
-            (to("a"), FloorEvent::Revoked { speaker: "a".into(), epoch: 101, reason: RevokeReason::Preempted, grace_ms: 0 }),
+            (
+                to("a"),
+                FloorEvent::Revoked {
+                    speaker: "a".into(),
+                    epoch: 101,
+                    reason: RevokeReason::Preempted,
+                    grace_ms: 0
+                }
+            ),
             (to("boss"), FloorEvent::Queued { position: 0 }),
-            (to("boss"), FloorEvent::Granted { speaker: "boss".into(), epoch: 102, duration_ms: 30_000 }),
-            (To::AllExcept("boss".into()), FloorEvent::Taken { speaker: "boss".into(), epoch: 102 }),
+            (
+                to("boss"),
+                FloorEvent::Granted {
+                    speaker: "boss".into(),
+                    epoch: 102,
+                    duration_ms: 30_000
+                }
+            ),
+            (
+                To::AllExcept("boss".into()),
+                FloorEvent::Taken {
+                    speaker: "boss".into(),
+                    epoch: 102
+                }
+            ),
         ]
     );
 }
 
 #[test]
 fn preemption_with_t3_grace_keeps_the_holder_until_the_deadline() {
-    let mut h = Harness::new(FloorConfig { t3: Duration::from_millis(500), ..Default::default() });
+    let mut h = Harness::new(FloorConfig {
+        t3: Duration::from_millis(500),
+        ..Default::default()
+    });
     h.press("a", 0);
     h.press("boss", 9);
     let ev = h.take_events();
     assert!(ev.contains(&(
         to("a"),
-        FloorEvent::Revoked { speaker: "a".into(), epoch: 101, reason: RevokeReason::Preempted, grace_ms: 500 }
+        FloorEvent::Revoked {
+            speaker: "a".into(),
+            epoch: 101,
+            reason: RevokeReason::Preempted,
+            grace_ms: 500
+        }
     )));
-    assert_eq!(h.forwarded, Some((Some("a".into()), 101)), "still forwarded during the grace");
+    assert_eq!(
+        h.forwarded,
+        Some((Some("a".into()), 101)),
+        "still forwarded during the grace"
+    );
     h.advance(Duration::from_millis(499));
     assert!(h.take_events().is_empty());
     h.advance(Duration::from_millis(1));
     let ev = h.take_events();
-    assert!(ev.contains(&(to("boss"), FloorEvent::Granted { speaker: "boss".into(), epoch: 102, duration_ms: 30_000 })));
-    assert!(!ev.iter().any(|(t, _)| *t == to("a")), "the holder was told once, at the start of its grace");
+    assert!(ev.contains(&(
+        to("boss"),
+        FloorEvent::Granted {
+            speaker: "boss".into(),
+            epoch: 102,
+            duration_ms: 30_000
+        }
+    )));
+    assert!(
+        !ev.iter().any(|(t, _)| *t == to("a")),
+        "the holder was told once, at the start of its grace"
+    );
 }
 
 #[test]
@@ -223,7 +372,13 @@ fn holder_leaving_is_revoked_with_left() {
     h.take_events();
     h.feed(Input::Leave { member: "a".into() });
     let ev = h.take_events();
-    assert!(matches!(ev[0].1, FloorEvent::Revoked { reason: RevokeReason::Left, .. }));
+    assert!(matches!(
+        ev[0].1,
+        FloorEvent::Revoked {
+            reason: RevokeReason::Left,
+            ..
+        }
+    ));
     assert_eq!(ev[1].1, FloorEvent::Idle { epoch: 101 });
 }
 
@@ -232,12 +387,24 @@ fn release_while_acquiring_gives_the_lock_back() {
     let mut h = Harness::new(FloorConfig::default());
     h.auto_store = false;
     h.press("a", 0);
-    assert_eq!(h.pending, vec![Output::Acquire { member: "a".into(), priority: 0 }]);
+    assert_eq!(
+        h.pending,
+        vec![Output::Acquire {
+            member: "a".into(),
+            priority: 0
+        }]
+    );
     h.release("a");
     h.pending.clear();
-    h.feed(Input::StoreGranted { member: "a".into(), epoch: 7 });
+    h.feed(Input::StoreGranted {
+        member: "a".into(),
+        epoch: 7,
+    });
     assert_eq!(h.pending, vec![Output::Release { epoch: 7 }]);
-    assert!(h.take_events().is_empty(), "nobody is told of a grant that was withdrawn");
+    assert!(
+        h.take_events().is_empty(),
+        "nobody is told of a grant that was withdrawn"
+    );
 }
 
 #[test]
@@ -245,41 +412,82 @@ fn store_failure_denies_unavailable() {
     let mut h = Harness::new(FloorConfig::default());
     h.auto_store = false;
     h.press("a", 0);
-    h.feed(Input::StoreDenied { member: "a".into(), holder: None, reason: DenyReason::Unavailable });
+    h.feed(Input::StoreDenied {
+        member: "a".into(),
+        holder: None,
+        reason: DenyReason::Unavailable,
+    });
     assert_eq!(
         h.take_events(),
-        vec![(to("a"), FloorEvent::Denied { speaker: None, reason: DenyReason::Unavailable })]
+        vec![(
+            to("a"),
+            FloorEvent::Denied {
+                speaker: None,
+                reason: DenyReason::Unavailable
+            }
+        )]
     );
 }
 
 #[test]
 fn lease_is_renewed_and_lost_when_renewals_fail() {
-    let lease = Lease { ttl: Duration::from_secs(3), renew_every: Duration::from_secs(1), margin: Duration::from_millis(250) };
-    let mut h = Harness::new(FloorConfig { lease: Some(lease), ..Default::default() });
+    let lease = Lease {
+        ttl: Duration::from_secs(3),
+        renew_every: Duration::from_secs(1),
+        margin: Duration::from_millis(250),
+    };
+    let mut h = Harness::new(FloorConfig {
+        lease: Some(lease),
+        ..Default::default()
+    });
     h.auto_store = false;
     h.press("a", 0);
     let start = h.now;
-    h.feed(Input::StoreGranted { member: "a".into(), epoch: 9 });
+    h.feed(Input::StoreGranted {
+        member: "a".into(),
+        epoch: 9,
+    });
     h.take_events();
     h.pending.clear();
     h.advance(Duration::from_secs(1));
     assert_eq!(h.pending, vec![Output::Renew { epoch: 9 }]);
     h.pending.clear();
     let sent = h.now;
-    h.feed(Input::Renewed { epoch: 9, sent_at: sent, outcome: Renewal::Renewed });
+    h.feed(Input::Renewed {
+        epoch: 9,
+        sent_at: sent,
+        outcome: Renewal::Renewed,
+    });
     // Renewals now fail: revoked at last success + TTL − margin = start + 1 s + 2.75 s.
     for _ in 0..7 {
         h.advance(Duration::from_millis(250));
         for out in std::mem::take(&mut h.pending) {
             if let Output::Renew { epoch } = out {
-                h.feed(Input::Renewed { epoch, sent_at: h.now, outcome: Renewal::Failed });
+                h.feed(Input::Renewed {
+                    epoch,
+                    sent_at: h.now,
+                    outcome: Renewal::Failed,
+                });
             }
         }
     }
-    assert!(h.take_events().is_empty(), "still within the lease at {:?}", h.now - start);
+    assert!(
+        h.take_events().is_empty(),
+        "still within the lease at {:?}",
+        h.now - start
+    );
     h.advance(Duration::from_millis(1000));
     let ev = h.take_events();
-    assert!(matches!(ev[0].1, FloorEvent::Revoked { reason: RevokeReason::LeaseLost, .. }), "{ev:?}");
+    assert!(
+        matches!(
+            ev[0].1,
+            FloorEvent::Revoked {
+                reason: RevokeReason::LeaseLost,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
     assert_eq!(h.forwarded, Some((None, 9)));
 }
 
@@ -288,26 +496,79 @@ fn remote_grant_revokes_a_stale_local_holder() {
     let mut h = Harness::new(FloorConfig::default());
     h.press("a", 0);
     h.take_events();
-    h.feed(Input::Remote { speaker: Some("zed".into()), epoch: 50 });
-    assert!(h.take_events().is_empty(), "an older remote epoch changes nothing");
-    h.feed(Input::Remote { speaker: Some("zed".into()), epoch: 500 });
+    h.feed(Input::Remote {
+        speaker: Some("zed".into()),
+        epoch: 50,
+    });
+    assert!(
+        h.take_events().is_empty(),
+        "an older remote epoch changes nothing"
+    );
+    h.feed(Input::Remote {
+        speaker: Some("zed".into()),
+        epoch: 500,
+    });
     let ev = h.take_events();
-    assert!(matches!(ev[0], (_, FloorEvent::Revoked { reason: RevokeReason::LeaseLost, .. })));
-    assert!(ev.contains(&(To::All, FloorEvent::Taken { speaker: "zed".into(), epoch: 500 })));
+    assert!(matches!(
+        ev[0],
+        (
+            _,
+            FloorEvent::Revoked {
+                reason: RevokeReason::LeaseLost,
+                ..
+            }
+        )
+    ));
+    assert!(ev.contains(&(
+        To::All,
+        FloorEvent::Taken {
+            speaker: "zed".into(),
+            epoch: 500
+        }
+    )));
     assert_eq!(h.floor.speaker(), Some("zed"));
     // A press while another node holds asks the store (the holder's node may be dead); the store says busy.
     h.auto_store = false;
     h.press("b", 0);
-    assert_eq!(h.pending, vec![Output::Acquire { member: "b".into(), priority: 0 }]);
+    assert_eq!(
+        h.pending,
+        vec![Output::Acquire {
+            member: "b".into(),
+            priority: 0
+        }]
+    );
     h.pending.clear();
-    h.feed(Input::StoreDenied { member: "b".into(), holder: Some(("zed".into(), 500)), reason: DenyReason::Busy });
-    assert!(matches!(h.take_events()[0].1, FloorEvent::Denied { reason: DenyReason::Busy, .. }));
+    h.feed(Input::StoreDenied {
+        member: "b".into(),
+        holder: Some(("zed".into(), 500)),
+        reason: DenyReason::Busy,
+    });
+    assert!(matches!(
+        h.take_events()[0].1,
+        FloorEvent::Denied {
+            reason: DenyReason::Busy,
+            ..
+        }
+    ));
     assert_eq!(h.floor.remote(), Some(("zed", 500)));
     h.auto_store = true;
-    h.feed(Input::Remote { speaker: None, epoch: 499 });
-    assert_eq!(h.floor.speaker(), Some("zed"), "idle of another epoch changes nothing");
-    h.feed(Input::Remote { speaker: None, epoch: 500 });
-    assert_eq!(h.take_events(), vec![(To::All, FloorEvent::Idle { epoch: 500 })]);
+    h.feed(Input::Remote {
+        speaker: None,
+        epoch: 499,
+    });
+    assert_eq!(
+        h.floor.speaker(),
+        Some("zed"),
+        "idle of another epoch changes nothing"
+    );
+    h.feed(Input::Remote {
+        speaker: None,
+        epoch: 500,
+    });
+    assert_eq!(
+        h.take_events(),
+        vec![(To::All, FloorEvent::Idle { epoch: 500 })]
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -411,8 +672,15 @@ fn losing_a_race_to_another_node_still_sees_its_release() {
         let mut h = Harness::new(FloorConfig::default());
         h.auto_store = false;
         h.press("a", 0);
-        let zed = Input::Remote { speaker: Some("zed".into()), epoch: 50 };
-        let denied = Input::StoreDenied { member: "a".into(), holder: Some(("zed".into(), 50)), reason: DenyReason::Busy };
+        let zed = Input::Remote {
+            speaker: Some("zed".into()),
+            epoch: 50,
+        };
+        let denied = Input::StoreDenied {
+            member: "a".into(),
+            holder: Some(("zed".into(), 50)),
+            reason: DenyReason::Busy,
+        };
         if event_first {
             h.feed(zed.clone());
             h.feed(denied);
@@ -421,10 +689,28 @@ fn losing_a_race_to_another_node_still_sees_its_release() {
             h.feed(zed.clone());
         }
         let ev = h.take_events();
-        assert!(ev.contains(&(to("a"), FloorEvent::Denied { speaker: Some("zed".into()), reason: DenyReason::Busy })));
-        assert_eq!(ev.iter().filter(|(_, e)| matches!(e, FloorEvent::Taken { .. })).count(), 1, "{ev:?}");
+        assert!(ev.contains(&(
+            to("a"),
+            FloorEvent::Denied {
+                speaker: Some("zed".into()),
+                reason: DenyReason::Busy
+            }
+        )));
+        assert_eq!(
+            ev.iter()
+                .filter(|(_, e)| matches!(e, FloorEvent::Taken { .. }))
+                .count(),
+            1,
+            "{ev:?}"
+        );
         assert_eq!(h.floor.remote(), Some(("zed", 50)));
-        h.feed(Input::Remote { speaker: None, epoch: 50 });
-        assert_eq!(h.take_events(), vec![(To::All, FloorEvent::Idle { epoch: 50 })]);
+        h.feed(Input::Remote {
+            speaker: None,
+            epoch: 50,
+        });
+        assert_eq!(
+            h.take_events(),
+            vec![(To::All, FloorEvent::Idle { epoch: 50 })]
+        );
     }
 }

@@ -61,7 +61,10 @@ pub struct ShardConfig {
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        ShardConfig { t1: Duration::from_secs(4), sr_interval: Duration::from_secs(5) }
+        ShardConfig {
+            t1: Duration::from_secs(4),
+            sr_interval: Duration::from_secs(5),
+        }
     }
 }
 
@@ -87,7 +90,10 @@ impl ShardCore {
             free_slots: Vec::new(),
             by_name: HashMap::new(),
             by_addr: HashMap::new(),
-            stats: ShardStats { shard: index, ..Default::default() },
+            stats: ShardStats {
+                shard: index,
+                ..Default::default()
+            },
             next_sr: now + config.sr_interval,
         }
     }
@@ -122,11 +128,19 @@ impl ShardCore {
     }
 
     pub fn channel(&self, name: &str) -> Option<&Channel> {
-        self.by_name.get(name).and_then(|&i| self.channels[i].as_ref())
+        self.by_name
+            .get(name)
+            .and_then(|&i| self.channels[i].as_ref())
     }
 
     /// One received datagram. On `Forward`, `batch` holds a header per listener.
-    pub fn handle_datagram(&mut self, src: SocketAddr, data: &[u8], now: Instant, batch: &mut Batch) -> Verdict {
+    pub fn handle_datagram(
+        &mut self,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Verdict {
         self.stats.packets_in += 1;
         let verdict = self.classify_and_forward(src, data, now, batch);
         if let Verdict::Dropped(d) = verdict {
@@ -135,7 +149,13 @@ impl ShardCore {
         verdict
     }
 
-    fn classify_and_forward(&mut self, src: SocketAddr, data: &[u8], now: Instant, batch: &mut Batch) -> Verdict {
+    fn classify_and_forward(
+        &mut self,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Verdict {
         if data.len() > MAX_DATAGRAM {
             return Verdict::Dropped(Drop::Oversized);
         }
@@ -203,7 +223,13 @@ impl ShardCore {
     /// A command from the control thread; the answer, if any, is for the control thread.
     pub fn handle_command(&mut self, cmd: Command, now: Instant) -> Option<Event> {
         match cmd {
-            Command::AddMember { channel, key, name, addr, ssrc } => {
+            Command::AddMember {
+                channel,
+                key,
+                name,
+                addr,
+                ssrc,
+            } => {
                 let slot = match self.by_name.get(&channel) {
                     Some(&slot) => slot,
                     None => {
@@ -222,7 +248,12 @@ impl ShardCore {
                         slot
                     }
                 };
-                let out = OutStream::new(ssrc, OPUS_PT, rand::random::<u16>() & 0x7fff, rand::random());
+                let out = OutStream::new(
+                    ssrc,
+                    OPUS_PT,
+                    rand::random::<u16>() & 0x7fff,
+                    rand::random(),
+                );
                 if let Some(ch) = self.channels[slot].as_mut() {
                     ch.add(Member::new(key, name, addr, out));
                 }
@@ -247,7 +278,11 @@ impl ShardCore {
                 None
             }
             Command::Speaker { channel, change } => {
-                let applied = match self.by_name.get(&channel).and_then(|&s| self.channels[s].as_mut()) {
+                let applied = match self
+                    .by_name
+                    .get(&channel)
+                    .and_then(|&s| self.channels[s].as_mut())
+                {
                     Some(ch) => ch.apply(change, now),
                     None => false,
                 };
@@ -257,7 +292,11 @@ impl ShardCore {
                 let epoch = match change {
                     SpeakerChange::Granted { epoch, .. } | SpeakerChange::Idle { epoch } => epoch,
                 };
-                Some(Event::Applied { channel, epoch, applied })
+                Some(Event::Applied {
+                    channel,
+                    epoch,
+                    applied,
+                })
             }
             Command::Stats { reply } => {
                 let _ = reply.try_send(self.stats());
@@ -282,7 +321,10 @@ impl ShardCore {
         let ntp = rtp::ntp_from_unix(unix);
         for ch in self.channels.iter_mut().flatten() {
             if let Some(epoch) = ch.poll_silence(now, self.config.t1) {
-                events.push(Event::Silence { channel: ch.name.clone(), epoch });
+                events.push(Event::Silence {
+                    channel: ch.name.clone(),
+                    epoch,
+                });
             }
             if send_reports {
                 ch.sender_reports(now, ntp, reports);

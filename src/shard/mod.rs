@@ -18,9 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
+use self::core::{ShardConfig, ShardCore, Verdict};
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::forward::Batch;
-use self::core::{ShardConfig, ShardCore, Verdict};
 
 /// Number of drop reasons counted per shard.
 pub const DROP_REASONS: usize = 9;
@@ -32,21 +32,44 @@ const TICK: Duration = Duration::from_millis(50);
 /// Commands from the control thread.
 #[derive(Debug)]
 pub enum Command {
-    AddMember { channel: String, key: MemberKey, name: String, addr: SocketAddr, ssrc: u32 },
-    RemoveMember { channel: String, key: MemberKey },
-    Speaker { channel: String, change: SpeakerChange },
-    Stats { reply: flume::Sender<ShardStats> },
+    AddMember {
+        channel: String,
+        key: MemberKey,
+        name: String,
+        addr: SocketAddr,
+        ssrc: u32,
+    },
+    RemoveMember {
+        channel: String,
+        key: MemberKey,
+    },
+    Speaker {
+        channel: String,
+        change: SpeakerChange,
+    },
+    Stats {
+        reply: flume::Sender<ShardStats>,
+    },
     Shutdown,
 }
 
 /// Events for the control thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    MemberAdded { key: MemberKey },
+    MemberAdded {
+        key: MemberKey,
+    },
     /// A speaker change reached the shard; `applied` is false when the epoch rules discarded it.
-    Applied { channel: String, epoch: u64, applied: bool },
+    Applied {
+        channel: String,
+        epoch: u64,
+        applied: bool,
+    },
     /// T1: no media from the holder of `epoch`.
-    Silence { channel: String, epoch: u64 },
+    Silence {
+        channel: String,
+        epoch: u64,
+    },
 }
 
 /// Counters of one shard (plain integers: only the shard writes them; the control thread gets copies).
@@ -108,7 +131,11 @@ pub fn spawn(
             run(index, socket, config, rx, events).await;
         })
         .map_err(|e| std::io::Error::other(format!("shard {index}: {e}")))?;
-    let handle = ShardHandle { index, media_addr, commands: tx };
+    let handle = ShardHandle {
+        index,
+        media_addr,
+        commands: tx,
+    };
     // glommio's join handle is not std's; wrap it in a thread that waits for it.
     let join = std::thread::Builder::new()
         .name(format!("shard-{index}-join"))
@@ -129,7 +156,8 @@ async fn run(
     let socket = Rc::new(socket);
     info!(shard = index, addr = ?socket.local_addr().ok(), "shard started");
     let rx = glommio::spawn_local(receive_loop(core.clone(), socket.clone())).detach();
-    let tick = glommio::spawn_local(tick_loop(core.clone(), socket.clone(), events.clone())).detach();
+    let tick =
+        glommio::spawn_local(tick_loop(core.clone(), socket.clone(), events.clone())).detach();
     while let Ok(cmd) = commands.recv_async().await {
         if matches!(cmd, Command::Shutdown) {
             break;
@@ -167,7 +195,9 @@ async fn receive_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::Udp
             }
         };
         batch.clear();
-        let verdict = core.borrow_mut().handle_datagram(src, &buf[..len], Instant::now(), &mut batch);
+        let verdict =
+            core.borrow_mut()
+                .handle_datagram(src, &buf[..len], Instant::now(), &mut batch);
         if let Verdict::Forward(payload) = verdict {
             if batch.is_empty() {
                 continue;
@@ -206,18 +236,27 @@ fn raw_to_std(raw: &crate::forward::RawAddr) -> SocketAddr {
             Ok(())
         })
     };
-    sa.ok().and_then(|(_, a)| a.as_socket()).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    sa.ok()
+        .and_then(|(_, a)| a.as_socket())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
-async fn tick_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::UdpSocket>, events: flume::Sender<Event>) {
+async fn tick_loop(
+    core: Rc<RefCell<ShardCore>>,
+    socket: Rc<glommio::net::UdpSocket>,
+    events: flume::Sender<Event>,
+) {
     let fd = socket.as_raw_fd();
     let mut sender = udp::Sender::default();
     let mut out_events = Vec::new();
     let mut reports = Vec::new();
     loop {
         glommio::timer::sleep(TICK).await;
-        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        core.borrow_mut().handle_tick(Instant::now(), unix, &mut out_events, &mut reports);
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        core.borrow_mut()
+            .handle_tick(Instant::now(), unix, &mut out_events, &mut reports);
         for event in out_events.drain(..) {
             send_event(&core, &events, event);
         }

@@ -20,7 +20,10 @@ const MAX_BATCH: usize = 1024;
 pub fn bind(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
-    for (force, normal) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+    for (force, normal) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
         // Forcing needs CAP_NET_ADMIN; fall back to the capped request.
         if set_int(&socket, force, SOCKET_BUFFER as libc::c_int).is_err() {
             let _ = set_int(&socket, normal, SOCKET_BUFFER as libc::c_int);
@@ -69,12 +72,20 @@ impl Sender {
     /// Sends `batch.headers[i] + payload` to `batch.dests[i]` for every i, in `sendmmsg` calls of up to
     /// 1024 datagrams. Stops at the first EAGAIN and reports the rest as `would_block`.
     pub fn send_fanout(&mut self, fd: RawFd, batch: &Batch, payload: &[u8]) -> Sent {
-        self.send_with(fd, batch.len(), |i| (&batch.headers[i][..HEADER_LEN], payload, &batch.dests[i]))
+        self.send_with(fd, batch.len(), |i| {
+            (&batch.headers[i][..HEADER_LEN], payload, &batch.dests[i])
+        })
     }
 
     /// Sends whole datagrams (sender reports).
-    pub fn send_each<const N: usize>(&mut self, fd: RawFd, datagrams: &[([u8; N], RawAddr)]) -> Sent {
-        self.send_with(fd, datagrams.len(), |i| (&datagrams[i].0[..], &[][..], &datagrams[i].1))
+    pub fn send_each<const N: usize>(
+        &mut self,
+        fd: RawFd,
+        datagrams: &[([u8; N], RawAddr)],
+    ) -> Sent {
+        self.send_with(fd, datagrams.len(), |i| {
+            (&datagrams[i].0[..], &[][..], &datagrams[i].1)
+        })
     }
 
     fn send_with<'a>(
@@ -92,8 +103,14 @@ impl Sender {
             for i in start..end {
                 let (head, payload, _) = item(i);
                 self.iov.push([
-                    libc::iovec { iov_base: head.as_ptr() as *mut _, iov_len: head.len() },
-                    libc::iovec { iov_base: payload.as_ptr() as *mut _, iov_len: payload.len() },
+                    libc::iovec {
+                        iov_base: head.as_ptr() as *mut _,
+                        iov_len: head.len(),
+                    },
+                    libc::iovec {
+                        iov_base: payload.as_ptr() as *mut _,
+                        iov_len: payload.len(),
+                    },
                 ]);
             }
             for (k, i) in (start..end).enumerate() {
@@ -113,7 +130,12 @@ impl Sender {
                 // SAFETY: every pointer in `msgs` points into `iov`, the batch or `datagrams`, all alive
                 // and unmoved for the duration of the call.
                 let rc = unsafe {
-                    libc::sendmmsg(fd, remaining.as_mut_ptr(), remaining.len() as libc::c_uint, libc::MSG_DONTWAIT)
+                    libc::sendmmsg(
+                        fd,
+                        remaining.as_mut_ptr(),
+                        remaining.len() as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                    )
                 };
                 if rc > 0 {
                     done += rc as usize;
@@ -146,7 +168,10 @@ impl Sender {
 /// io_uring needs locked memory for its rings; an RLIMIT_MEMLOCK that is too low makes glommio fail at
 /// start-up with an unhelpful error. Returns a message saying how to fix it.
 pub fn check_memlock() -> Option<String> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct passed.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
         return None;

@@ -46,7 +46,9 @@ async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
     let hello = Message::Hello {
         protocol: 1,
         session: format!("s-{:08x}", rand::random::<u32>()),
-        limits: Limits { max_frame: MAX_FRAME },
+        limits: Limits {
+            max_frame: MAX_FRAME,
+        },
         timers: Timers {
             t1_ms: state.floor.t1.as_millis() as u64,
             t2_ms: state.floor.t2.as_millis() as u64,
@@ -59,10 +61,16 @@ async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
         .on_upgrade(move |socket| super::ws::serve(socket, conn, state.hub, hello))
 }
 
-async fn ask<T>(hub: &mpsc::Sender<HubMsg>, make: impl FnOnce(oneshot::Sender<T>) -> HubMsg) -> Option<T> {
+async fn ask<T>(
+    hub: &mpsc::Sender<HubMsg>,
+    make: impl FnOnce(oneshot::Sender<T>) -> HubMsg,
+) -> Option<T> {
     let (tx, rx) = oneshot::channel();
     hub.send(make(tx)).await.ok()?;
-    tokio::time::timeout(Duration::from_secs(2), rx).await.ok()?.ok()
+    tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .ok()?
+        .ok()
 }
 
 async fn channels(State(state): State<AppState>) -> Response {
@@ -80,7 +88,9 @@ async fn metrics_route(State(state): State<AppState>) -> Response {
     for s in &state.shards {
         let (tx, rx) = flume::bounded(1);
         if s.commands.try_send(Command::Stats { reply: tx }).is_ok() {
-            if let Ok(Ok(stats)) = tokio::time::timeout(Duration::from_secs(1), rx.recv_async()).await {
+            if let Ok(Ok(stats)) =
+                tokio::time::timeout(Duration::from_secs(1), rx.recv_async()).await
+            {
                 shard_stats.push(stats);
             }
         }

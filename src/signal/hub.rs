@@ -15,7 +15,9 @@ use tracing::{debug, info, warn};
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::floor::{DenyReason, Floor, FloorConfig, FloorEvent, Input, Output, Renewal, To};
 use crate::shard::{self, Command, Event, ShardHandle};
-use crate::state::{AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StateError, StoreEvent};
+use crate::state::{
+    AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StateError, StoreEvent,
+};
 
 use super::protocol::{
     self, ErrorCode, FloorMessage, Frame, Join, Message, PttAction, Request, RtpInfo, SignalError,
@@ -51,29 +53,66 @@ pub struct HubConfig {
 
 /// Messages to the hub.
 pub enum HubMsg {
-    Connect { conn: ConnId, tx: mpsc::Sender<String>, close: oneshot::Sender<()> },
-    Frame { conn: ConnId, frame: Result<Frame, (Option<Value>, SignalError)> },
+    Connect {
+        conn: ConnId,
+        tx: mpsc::Sender<String>,
+        close: oneshot::Sender<()>,
+    },
+    Frame {
+        conn: ConnId,
+        frame: Result<Frame, (Option<Value>, SignalError)>,
+    },
     /// A frame over the size limit: answered `too_large`, then the connection is closed.
-    TooLarge { conn: ConnId },
-    Disconnect { conn: ConnId },
+    TooLarge {
+        conn: ConnId,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
     Shard(Event),
     Store(StoreDone),
     /// A change published by the store (other nodes' grants, releases, presence; resync/down).
     StoreEvent(StoreEvent),
-    Channels { reply: oneshot::Sender<Vec<ChannelInfo>> },
-    Counters { reply: oneshot::Sender<HubCounters> },
-    Shutdown { done: oneshot::Sender<()> },
+    Channels {
+        reply: oneshot::Sender<Vec<ChannelInfo>>,
+    },
+    Counters {
+        reply: oneshot::Sender<HubCounters>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A finished store call.
 pub enum StoreDone {
-    Acquired { channel: String, member: String, result: Result<Acquired, StateError> },
-    Released { channel: String, epoch: u64 },
-    Renewed { channel: String, epoch: u64, sent_at: Instant, outcome: Renewal },
+    Acquired {
+        channel: String,
+        member: String,
+        result: Result<Acquired, StateError>,
+    },
+    Released {
+        channel: String,
+        epoch: u64,
+    },
+    Renewed {
+        channel: String,
+        epoch: u64,
+        sent_at: Instant,
+        outcome: Renewal,
+    },
     /// The floor as the store has it, read on resync.
-    Holder { channel: String, result: Result<Option<Holder>, StateError> },
+    Holder {
+        channel: String,
+        result: Result<Option<Holder>, StateError>,
+    },
     /// The session store recorded a join and listed the channel's members on every node.
-    Joined { channel: String, member: String, key: MemberKey, members: Vec<String> },
+    Joined {
+        channel: String,
+        member: String,
+        key: MemberKey,
+        members: Vec<String>,
+    },
 }
 
 /// One row of `/api/channels`.
@@ -209,7 +248,14 @@ impl Hub {
     fn handle(&mut self, msg: HubMsg) {
         match msg {
             HubMsg::Connect { conn, tx, close } => {
-                self.conns.insert(conn, Conn { tx, _close: close, joined: HashSet::new() });
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        tx,
+                        _close: close,
+                        joined: HashSet::new(),
+                    },
+                );
             }
             HubMsg::Frame { conn, frame } => match frame {
                 Ok(Frame { id, request }) => {
@@ -250,7 +296,11 @@ impl Hub {
                 let mut c = self.counters.clone();
                 c.connections = self.conns.len() as u64;
                 c.channels = self.channels.len() as u64;
-                c.members = self.channels.values().map(|ch| ch.members.len() as u64).sum();
+                c.members = self
+                    .channels
+                    .values()
+                    .map(|ch| ch.members.len() as u64)
+                    .sum();
                 let _ = reply.send(c);
             }
             HubMsg::Shutdown { .. } => {}
@@ -263,7 +313,9 @@ impl Hub {
     }
 
     fn send_text(&mut self, conn: ConnId, text: String) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(text) {
             // A client that does not read its frames is disconnected, not buffered without bound.
             warn!(conn, "client is not reading: disconnecting");
@@ -278,21 +330,36 @@ impl Hub {
         self.send(conn, &Message::error(e, id));
     }
 
-    fn on_request(&mut self, conn: ConnId, request: Request, id: Option<Value>) -> Result<(), SignalError> {
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        request: Request,
+        id: Option<Value>,
+    ) -> Result<(), SignalError> {
         match request {
             Request::Join(join) => self.on_join(conn, join, id),
             Request::Ptt(ptt) => {
                 let member = self.member_of(conn, &ptt.channel)?;
-                let ch = self.channels.get_mut(&ptt.channel).expect("member_of found the channel");
+                let ch = self
+                    .channels
+                    .get_mut(&ptt.channel)
+                    .expect("member_of found the channel");
                 let input = match ptt.action {
                     PttAction::Press if !self.store_up => {
-                        let event = FloorEvent::Denied { speaker: None, reason: DenyReason::Unavailable };
+                        let event = FloorEvent::Denied {
+                            speaker: None,
+                            reason: DenyReason::Unavailable,
+                        };
                         self.notify(&ptt.channel, To::Member(member), event);
                         return Ok(());
                     }
                     PttAction::Press => {
                         let priority = ch.members[&member].priority;
-                        Input::Request { member, priority, queue: ptt.queue }
+                        Input::Request {
+                            member,
+                            priority,
+                            queue: ptt.queue,
+                        }
                     }
                     PttAction::Release => Input::Release { member },
                 };
@@ -315,10 +382,23 @@ impl Hub {
 
     /// The member name this connection has in `channel`.
     fn member_of(&self, conn: ConnId, channel: &str) -> Result<String, SignalError> {
-        let not_joined = || SignalError::new(ErrorCode::NotJoined, format!("not joined to channel '{channel}'"));
+        let not_joined = || {
+            SignalError::new(
+                ErrorCode::NotJoined,
+                format!("not joined to channel '{channel}'"),
+            )
+        };
         let c = self.conns.get(&conn).ok_or_else(not_joined)?;
-        let (_, member) = c.joined.iter().find(|(ch, _)| ch == channel).ok_or_else(not_joined)?;
-        let ready = self.channels.get(channel).and_then(|ch| ch.members.get(member)).is_some_and(|m| m.ready);
+        let (_, member) = c
+            .joined
+            .iter()
+            .find(|(ch, _)| ch == channel)
+            .ok_or_else(not_joined)?;
+        let ready = self
+            .channels
+            .get(channel)
+            .and_then(|ch| ch.members.get(member))
+            .is_some_and(|m| m.ready);
         if !ready {
             return Err(not_joined());
         }
@@ -349,30 +429,54 @@ impl Hub {
         }
         let shards = self.shards.len();
         let floor_config = self.config.floor;
-        let ch = self.channels.entry(join.channel.clone()).or_insert_with(|| ChannelCtl {
-            shard: shard::shard_of(&join.channel, shards),
-            members: BTreeMap::new(),
-            floor: Floor::new(floor_config),
-        });
+        let ch = self
+            .channels
+            .entry(join.channel.clone())
+            .or_insert_with(|| ChannelCtl {
+                shard: shard::shard_of(&join.channel, shards),
+                members: BTreeMap::new(),
+                floor: Floor::new(floor_config),
+            });
         if ch.members.contains_key(&join.member) {
             return Err(SignalError::new(
                 ErrorCode::AlreadyJoined,
-                format!("member '{}' is already joined to channel '{}'", join.member, join.channel),
+                format!(
+                    "member '{}' is already joined to channel '{}'",
+                    join.member, join.channel
+                ),
             ));
         }
         let key = self.next_key;
         self.next_key += 1;
         let ssrc = rand::random::<u32>().max(1);
-        let cmd = Command::AddMember { channel: join.channel.clone(), key, name: join.member.clone(), addr, ssrc };
+        let cmd = Command::AddMember {
+            channel: join.channel.clone(),
+            key,
+            name: join.member.clone(),
+            addr,
+            ssrc,
+        };
         if self.shards[ch.shard].commands.try_send(cmd).is_err() {
             self.counters.shard_queue_full += 1;
-            return Err(SignalError::new(ErrorCode::Unavailable, "media shard is overloaded; try again"));
+            return Err(SignalError::new(
+                ErrorCode::Unavailable,
+                "media shard is overloaded; try again",
+            ));
         }
         ch.members.insert(
             join.member.clone(),
-            MemberCtl { conn, key, priority: join.priority, presence: join.presence, ready: false, ssrc, join_id: id },
+            MemberCtl {
+                conn,
+                key,
+                priority: join.priority,
+                presence: join.presence,
+                ready: false,
+                ssrc,
+                join_id: id,
+            },
         );
-        self.pending.insert(key, (join.channel.clone(), join.member.clone()));
+        self.pending
+            .insert(key, (join.channel.clone(), join.member.clone()));
         if let Some(c) = self.conns.get_mut(&conn) {
             c.joined.insert((join.channel, join.member));
         }
@@ -380,17 +484,23 @@ impl Hub {
     }
 
     fn rtp_addr(&self, join: &Join) -> Result<SocketAddr, SignalError> {
-        let text = join
-            .rtp_addr
-            .as_deref()
-            .ok_or_else(|| SignalError::bad_request("transport 'rtp' needs \"rtp_addr\":\"ip:port\""))?;
-        let addr: SocketAddr = text
-            .parse()
-            .map_err(|_| SignalError::bad_request(format!("rtp_addr '{text}' is not an ip:port address")))?;
+        let text = join.rtp_addr.as_deref().ok_or_else(|| {
+            SignalError::bad_request("transport 'rtp' needs \"rtp_addr\":\"ip:port\"")
+        })?;
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            SignalError::bad_request(format!("rtp_addr '{text}' is not an ip:port address"))
+        })?;
         if addr.port() == 0 || addr.ip().is_unspecified() {
-            return Err(SignalError::bad_request(format!("rtp_addr '{text}' is not a usable address")));
+            return Err(SignalError::bad_request(format!(
+                "rtp_addr '{text}' is not a usable address"
+            )));
         }
-        if !self.config.rtp_allow.iter().any(|&(net, bits)| in_network(addr.ip(), net, bits)) {
+        if !self
+            .config
+            .rtp_allow
+            .iter()
+            .any(|&(net, bits)| in_network(addr.ip(), net, bits))
+        {
             return Err(SignalError::new(
                 ErrorCode::Unauthorized,
                 format!("rtp_addr '{text}' is outside the networks allowed by --rtp-allow"),
@@ -402,10 +512,16 @@ impl Hub {
     fn on_shard_event(&mut self, event: Event) {
         match event {
             Event::MemberAdded { key } => {
-                let Some((channel, member)) = self.pending.remove(&key) else { return };
+                let Some((channel, member)) = self.pending.remove(&key) else {
+                    return;
+                };
                 // Record the member in the session store and list who is in the channel on every node,
                 // then answer `joined`. Bounded: a store that does not answer costs the remote names only.
-                let (sessions, node, me) = (self.sessions.clone(), self.config.node.clone(), self.me.clone());
+                let (sessions, node, me) = (
+                    self.sessions.clone(),
+                    self.config.node.clone(),
+                    self.me.clone(),
+                );
                 tokio::spawn(async move {
                     let members = tokio::time::timeout(SESSION_WAIT, async {
                         let _ = sessions.join(&channel, &member, &node).await;
@@ -416,36 +532,63 @@ impl Hub {
                         Ok(Ok(m)) => m,
                         _ => Vec::new(),
                     };
-                    let _ = me.send(HubMsg::Store(StoreDone::Joined { channel, member, key, members })).await;
+                    let _ = me
+                        .send(HubMsg::Store(StoreDone::Joined {
+                            channel,
+                            member,
+                            key,
+                            members,
+                        }))
+                        .await;
                 });
             }
-            Event::Applied { channel, epoch, applied } => {
+            Event::Applied {
+                channel,
+                epoch,
+                applied,
+            } => {
                 if let Some(ch) = self.channels.get_mut(&channel) {
                     if applied {
-                        ch.floor.handle(Input::ShardApplied { epoch }, Instant::now());
+                        ch.floor
+                            .handle(Input::ShardApplied { epoch }, Instant::now());
                         self.drive(&channel);
                     }
                 }
             }
             Event::Silence { channel, epoch } => {
                 if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.floor.handle(Input::MediaSilence { epoch }, Instant::now());
+                    ch.floor
+                        .handle(Input::MediaSilence { epoch }, Instant::now());
                     self.drive(&channel);
                 }
             }
         }
     }
 
-    fn member_ready(&mut self, channel: &str, member: &str, key: MemberKey, elsewhere: Vec<String>) {
-        let Some(ch) = self.channels.get_mut(channel) else { return };
-        let Some(m) = ch.members.get_mut(member) else { return };
+    fn member_ready(
+        &mut self,
+        channel: &str,
+        member: &str,
+        key: MemberKey,
+        elsewhere: Vec<String>,
+    ) {
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let Some(m) = ch.members.get_mut(member) else {
+            return;
+        };
         if m.key != key {
             return;
         }
         m.ready = true;
         let (conn, ssrc, id) = (m.conn, m.ssrc, m.join_id.take());
-        let mut others: Vec<String> =
-            ch.members.iter().filter(|(n, m)| *n != member && m.ready).map(|(n, _)| n.clone()).collect();
+        let mut others: Vec<String> = ch
+            .members
+            .iter()
+            .filter(|(n, m)| *n != member && m.ready)
+            .map(|(n, _)| n.clone())
+            .collect();
         // Members on other nodes, as the session store lists them.
         for name in elsewhere {
             if name != member && !ch.members.contains_key(&name) {
@@ -454,28 +597,45 @@ impl Hub {
         }
         others.sort();
         others.dedup();
-        let server_addr = SocketAddr::new(self.config.announce_ip, self.shards[ch.shard].media_addr.port());
+        let server_addr = SocketAddr::new(
+            self.config.announce_ip,
+            self.shards[ch.shard].media_addr.port(),
+        );
         let joined = Message::Joined {
             channel: channel.to_string(),
             member: member.to_string(),
             members: others,
             speaker: ch.floor.speaker().map(str::to_string),
             epoch: ch.floor.epoch(),
-            rtp: Some(RtpInfo { server_addr: server_addr.to_string(), ssrc, payload_type: shard::core::OPUS_PT }),
+            rtp: Some(RtpInfo {
+                server_addr: server_addr.to_string(),
+                ssrc,
+                payload_type: shard::core::OPUS_PT,
+            }),
             sdp: None,
             id,
         };
         info!(channel, member, conn, "joined");
         self.send(conn, &joined);
-        let presence = Message::Presence { channel: channel.to_string(), joined: Some(member.to_string()), left: None };
+        let presence = Message::Presence {
+            channel: channel.to_string(),
+            joined: Some(member.to_string()),
+            left: None,
+        };
         self.broadcast_presence(channel, member, &presence);
     }
 
     fn broadcast_presence(&mut self, channel: &str, except: &str, msg: &Message) {
-        let Some(ch) = self.channels.get(channel) else { return };
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
         let text = msg.to_json();
-        let to: Vec<ConnId> =
-            ch.members.iter().filter(|(n, m)| *n != except && m.ready && m.presence).map(|(_, m)| m.conn).collect();
+        let to: Vec<ConnId> = ch
+            .members
+            .iter()
+            .filter(|(n, m)| *n != except && m.ready && m.presence)
+            .map(|(_, m)| m.conn)
+            .collect();
         for conn in to {
             self.send_text(conn, text.clone());
         }
@@ -486,17 +646,39 @@ impl Hub {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.joined.remove(&(channel.to_string(), member.to_string()));
         }
-        let Some(ch) = self.channels.get_mut(channel) else { return };
-        let Some(m) = ch.members.remove(member) else { return };
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let Some(m) = ch.members.remove(member) else {
+            return;
+        };
         self.pending.remove(&m.key);
-        let _ = self.shards[ch.shard].commands.try_send(Command::RemoveMember { channel: channel.to_string(), key: m.key });
-        ch.floor.handle(Input::Leave { member: member.to_string() }, Instant::now());
+        let _ = self.shards[ch.shard]
+            .commands
+            .try_send(Command::RemoveMember {
+                channel: channel.to_string(),
+                key: m.key,
+            });
+        ch.floor.handle(
+            Input::Leave {
+                member: member.to_string(),
+            },
+            Instant::now(),
+        );
         self.drive(channel);
         if m.ready {
-            let presence = Message::Presence { channel: channel.to_string(), joined: None, left: Some(member.to_string()) };
+            let presence = Message::Presence {
+                channel: channel.to_string(),
+                joined: None,
+                left: Some(member.to_string()),
+            };
             self.broadcast_presence(channel, member, &presence);
-            let (sessions, node, channel, member) =
-                (self.sessions.clone(), self.config.node.clone(), channel.to_string(), member.to_string());
+            let (sessions, node, channel, member) = (
+                self.sessions.clone(),
+                self.config.node.clone(),
+                channel.to_string(),
+                member.to_string(),
+            );
             tokio::spawn(async move {
                 let _ = sessions.leave(&channel, &member, &node).await;
             });
@@ -505,14 +687,20 @@ impl Hub {
     }
 
     fn forget_if_empty(&mut self, channel: &str) {
-        if self.channels.get(channel).is_some_and(|ch| ch.members.is_empty() && ch.floor.is_quiet()) {
+        if self
+            .channels
+            .get(channel)
+            .is_some_and(|ch| ch.members.is_empty() && ch.floor.is_quiet())
+        {
             self.channels.remove(channel);
             self.ticking.remove(channel);
         }
     }
 
     fn disconnect(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.remove(&conn) else { return };
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
         for (channel, member) in c.joined {
             self.leave(conn, &channel, &member);
         }
@@ -522,16 +710,26 @@ impl Hub {
     fn on_store(&mut self, done: StoreDone) {
         let now = Instant::now();
         let channel = match done {
-            StoreDone::Acquired { channel, member, result } => {
+            StoreDone::Acquired {
+                channel,
+                member,
+                result,
+            } => {
                 let input = match result {
                     Ok(Acquired::Granted { epoch }) => Input::StoreGranted { member, epoch },
-                    Ok(Acquired::Busy(holder)) => {
-                        Input::StoreDenied { member, holder: Some((holder.member, holder.epoch)), reason: DenyReason::Busy }
-                    }
+                    Ok(Acquired::Busy(holder)) => Input::StoreDenied {
+                        member,
+                        holder: Some((holder.member, holder.epoch)),
+                        reason: DenyReason::Busy,
+                    },
                     Err(e) => {
                         warn!(channel, error = %e, "floor store failed: denying (fail safe)");
                         self.counters.store_errors += 1;
-                        Input::StoreDenied { member, holder: None, reason: DenyReason::Unavailable }
+                        Input::StoreDenied {
+                            member,
+                            holder: None,
+                            reason: DenyReason::Unavailable,
+                        }
                     }
                 };
                 if let Some(ch) = self.channels.get_mut(&channel) {
@@ -545,29 +743,58 @@ impl Hub {
                 }
                 channel
             }
-            StoreDone::Renewed { channel, epoch, sent_at, outcome } => {
+            StoreDone::Renewed {
+                channel,
+                epoch,
+                sent_at,
+                outcome,
+            } => {
                 if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.floor.handle(Input::Renewed { epoch, sent_at, outcome }, now);
+                    ch.floor.handle(
+                        Input::Renewed {
+                            epoch,
+                            sent_at,
+                            outcome,
+                        },
+                        now,
+                    );
                 }
                 channel
             }
             StoreDone::Holder { channel, result } => {
-                let Some(ch) = self.channels.get_mut(&channel) else { return };
+                let Some(ch) = self.channels.get_mut(&channel) else {
+                    return;
+                };
                 match result {
-                    Ok(Some(h)) if h.node != self.config.node => {
-                        ch.floor.handle(Input::Remote { speaker: Some(h.member), epoch: h.epoch }, now)
-                    }
+                    Ok(Some(h)) if h.node != self.config.node => ch.floor.handle(
+                        Input::Remote {
+                            speaker: Some(h.member),
+                            epoch: h.epoch,
+                        },
+                        now,
+                    ),
                     Ok(None) => {
                         // The remote holder's lease ran out (an expiring key publishes nothing).
                         if let Some((_, epoch)) = ch.floor.remote() {
-                            ch.floor.handle(Input::Remote { speaker: None, epoch }, now);
+                            ch.floor.handle(
+                                Input::Remote {
+                                    speaker: None,
+                                    epoch,
+                                },
+                                now,
+                            );
                         }
                     }
                     _ => {}
                 }
                 channel
             }
-            StoreDone::Joined { channel, member, key, members } => {
+            StoreDone::Joined {
+                channel,
+                member,
+                key,
+                members,
+            } => {
                 self.member_ready(&channel, &member, key, members);
                 channel
             }
@@ -580,7 +807,9 @@ impl Hub {
     /// to the members they are for.
     fn drive(&mut self, channel: &str) {
         loop {
-            let Some(ch) = self.channels.get_mut(channel) else { return };
+            let Some(ch) = self.channels.get_mut(channel) else {
+                return;
+            };
             let Some(out) = ch.floor.poll_output() else {
                 if ch.floor.is_quiet() {
                     self.ticking.remove(channel);
@@ -597,25 +826,36 @@ impl Hub {
                         priority,
                         ttl: self.config.lock_ttl,
                     };
-                    let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.to_string());
+                    let (store, me, channel) =
+                        (self.floors.clone(), self.me.clone(), channel.to_string());
                     tokio::spawn(async move {
                         let result = store.acquire(req).await;
-                        let _ = me.send(HubMsg::Store(StoreDone::Acquired { channel, member, result })).await;
+                        let _ = me
+                            .send(HubMsg::Store(StoreDone::Acquired {
+                                channel,
+                                member,
+                                result,
+                            }))
+                            .await;
                     });
                 }
                 Output::Release { epoch } => {
-                    let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.to_string());
+                    let (store, me, channel) =
+                        (self.floors.clone(), self.me.clone(), channel.to_string());
                     tokio::spawn(async move {
                         if let Err(e) = store.release(&channel, epoch).await {
                             // The lease runs out on its own.
                             debug!(channel, error = %e, "floor release failed");
                         }
-                        let _ = me.send(HubMsg::Store(StoreDone::Released { channel, epoch })).await;
+                        let _ = me
+                            .send(HubMsg::Store(StoreDone::Released { channel, epoch }))
+                            .await;
                     });
                 }
                 Output::Renew { epoch } => {
                     let ttl = self.config.lock_ttl;
-                    let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.to_string());
+                    let (store, me, channel) =
+                        (self.floors.clone(), self.me.clone(), channel.to_string());
                     let sent_at = Instant::now();
                     tokio::spawn(async move {
                         let outcome = match store.renew(&channel, epoch, ttl).await {
@@ -623,7 +863,14 @@ impl Hub {
                             Ok(false) => Renewal::Lost,
                             Err(_) => Renewal::Failed,
                         };
-                        let _ = me.send(HubMsg::Store(StoreDone::Renewed { channel, epoch, sent_at, outcome })).await;
+                        let _ = me
+                            .send(HubMsg::Store(StoreDone::Renewed {
+                                channel,
+                                epoch,
+                                sent_at,
+                                outcome,
+                            }))
+                            .await;
                     });
                 }
                 Output::Apply { speaker, epoch } => {
@@ -634,7 +881,10 @@ impl Hub {
                         },
                         None => SpeakerChange::Idle { epoch },
                     };
-                    let cmd = Command::Speaker { channel: channel.to_string(), change };
+                    let cmd = Command::Speaker {
+                        channel: channel.to_string(),
+                        change,
+                    };
                     if self.shards[ch.shard].commands.try_send(cmd).is_err() {
                         // The grant is never acknowledged, so never announced: the requester times out
                         // rather than talking into a shard that does not forward it.
@@ -650,11 +900,25 @@ impl Hub {
     fn notify(&mut self, channel: &str, to: To, event: FloorEvent) {
         match &event {
             FloorEvent::Granted { .. } => self.counters.floor_grants += 1,
-            FloorEvent::Denied { reason, .. } => *self.counters.floor_denials.entry(reason.as_str()).or_default() += 1,
-            FloorEvent::Revoked { reason, .. } => *self.counters.floor_revokes.entry(reason.as_str()).or_default() += 1,
+            FloorEvent::Denied { reason, .. } => {
+                *self
+                    .counters
+                    .floor_denials
+                    .entry(reason.as_str())
+                    .or_default() += 1
+            }
+            FloorEvent::Revoked { reason, .. } => {
+                *self
+                    .counters
+                    .floor_revokes
+                    .entry(reason.as_str())
+                    .or_default() += 1
+            }
             _ => {}
         }
-        let Some(ch) = self.channels.get(channel) else { return };
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
         let text = Message::Floor(FloorMessage::from_event(channel, &event)).to_json();
         let conns: Vec<ConnId> = ch
             .members
@@ -679,23 +943,54 @@ impl Hub {
     fn on_store_event(&mut self, event: StoreEvent) {
         let now = Instant::now();
         match event {
-            StoreEvent::Floor { channel, holder, epoch } => {
-                let Some(ch) = self.channels.get_mut(&channel) else { return };
+            StoreEvent::Floor {
+                channel,
+                holder,
+                epoch,
+            } => {
+                let Some(ch) = self.channels.get_mut(&channel) else {
+                    return;
+                };
                 match holder {
                     Some(h) if h.node == self.config.node => return,
-                    Some(h) => ch.floor.handle(Input::Remote { speaker: Some(h.member), epoch }, now),
-                    None => ch.floor.handle(Input::Remote { speaker: None, epoch }, now),
+                    Some(h) => ch.floor.handle(
+                        Input::Remote {
+                            speaker: Some(h.member),
+                            epoch,
+                        },
+                        now,
+                    ),
+                    None => ch.floor.handle(
+                        Input::Remote {
+                            speaker: None,
+                            epoch,
+                        },
+                        now,
+                    ),
                 }
                 self.drive(&channel);
             }
-            StoreEvent::Presence { channel, member, node, joined } => {
+            StoreEvent::Presence {
+                channel,
+                member,
+                node,
+                joined,
+            } => {
                 if node == self.config.node || !self.channels.contains_key(&channel) {
                     return;
                 }
                 let msg = if joined {
-                    Message::Presence { channel: channel.clone(), joined: Some(member.clone()), left: None }
+                    Message::Presence {
+                        channel: channel.clone(),
+                        joined: Some(member.clone()),
+                        left: None,
+                    }
                 } else {
-                    Message::Presence { channel: channel.clone(), joined: None, left: Some(member.clone()) }
+                    Message::Presence {
+                        channel: channel.clone(),
+                        joined: None,
+                        left: Some(member.clone()),
+                    }
                 };
                 self.broadcast_presence(&channel, &member, &msg);
             }
@@ -721,7 +1016,9 @@ impl Hub {
             let (store, me, channel) = (self.floors.clone(), self.me.clone(), channel.clone());
             tokio::spawn(async move {
                 let result = store.holder(&channel).await;
-                let _ = me.send(HubMsg::Store(StoreDone::Holder { channel, result })).await;
+                let _ = me
+                    .send(HubMsg::Store(StoreDone::Holder { channel, result }))
+                    .await;
             });
         }
     }
@@ -731,7 +1028,12 @@ impl Hub {
         let members: Vec<(String, String)> = self
             .channels
             .iter()
-            .flat_map(|(c, ch)| ch.members.iter().filter(|(_, m)| m.ready).map(move |(n, _)| (c.clone(), n.clone())))
+            .flat_map(|(c, ch)| {
+                ch.members
+                    .iter()
+                    .filter(|(_, m)| m.ready)
+                    .map(move |(n, _)| (c.clone(), n.clone()))
+            })
             .collect();
         let (sessions, node) = (self.sessions.clone(), self.config.node.clone());
         tokio::spawn(async move {
@@ -768,21 +1070,42 @@ impl Hub {
         info!("shutting down: releasing floors and closing connections");
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         for name in channels {
-            let Some(ch) = self.channels.get(&name) else { continue };
+            let Some(ch) = self.channels.get(&name) else {
+                continue;
+            };
             if let Some(speaker) = ch.floor.speaker() {
                 let epoch = ch.floor.epoch();
                 let local = ch.members.contains_key(speaker);
                 if local {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), self.floors.release(&name, epoch)).await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        self.floors.release(&name, epoch),
+                    )
+                    .await;
                     self.notify(&name, To::All, FloorEvent::Idle { epoch });
                 }
             }
-            let Some(ch) = self.channels.get(&name) else { continue };
-            let members: Vec<(String, ConnId)> = ch.members.iter().map(|(n, m)| (n.clone(), m.conn)).collect();
+            let Some(ch) = self.channels.get(&name) else {
+                continue;
+            };
+            let members: Vec<(String, ConnId)> = ch
+                .members
+                .iter()
+                .map(|(n, m)| (n.clone(), m.conn))
+                .collect();
             for (member, conn) in members {
-                self.send(conn, &Message::Left { channel: name.clone(), id: None });
-                let _ = tokio::time::timeout(Duration::from_millis(500), self.sessions.leave(&name, &member, &self.config.node))
-                    .await;
+                self.send(
+                    conn,
+                    &Message::Left {
+                        channel: name.clone(),
+                        id: None,
+                    },
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    self.sessions.leave(&name, &member, &self.config.node),
+                )
+                .await;
             }
         }
         self.conns.clear();
@@ -804,11 +1127,19 @@ async fn recv_store_event(rx: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option
 pub fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - u32::from(bits.min(32))) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(bits.min(32)))
+            };
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - u32::from(bits.min(128))) };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(bits.min(128)))
+            };
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -821,16 +1152,23 @@ pub fn parse_networks(text: &str) -> Result<Vec<(IpAddr, u8)>, String> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let (ip, bits) = s.split_once('/').unwrap_or((s, if s.contains(':') { "128" } else { "32" }));
-            let ip: IpAddr = ip.parse().map_err(|_| format!("'{s}' is not an IP network"))?;
-            let bits: u8 = bits.parse().map_err(|_| format!("'{s}' has a bad prefix length"))?;
+            let (ip, bits) = s
+                .split_once('/')
+                .unwrap_or((s, if s.contains(':') { "128" } else { "32" }));
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("'{s}' is not an IP network"))?;
+            let bits: u8 = bits
+                .parse()
+                .map_err(|_| format!("'{s}' has a bad prefix length"))?;
             Ok((ip, bits))
         })
         .collect()
 }
 
 /// Loopback and private ranges: the default of `--rtp-allow`.
-pub const DEFAULT_RTP_ALLOW: &str = "127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,::1/128,fc00::/7";
+pub const DEFAULT_RTP_ALLOW: &str =
+    "127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,::1/128,fc00::/7";
 
 #[cfg(test)]
 mod tests {
@@ -839,7 +1177,10 @@ mod tests {
     #[test]
     fn networks() {
         let nets = parse_networks(DEFAULT_RTP_ALLOW).unwrap();
-        let allowed = |ip: &str| nets.iter().any(|&(n, b)| in_network(ip.parse().unwrap(), n, b));
+        let allowed = |ip: &str| {
+            nets.iter()
+                .any(|&(n, b)| in_network(ip.parse().unwrap(), n, b))
+        };
         assert!(allowed("127.0.0.1"));
         assert!(allowed("192.168.3.4"));
         assert!(allowed("::1"));

@@ -52,7 +52,10 @@ pub struct SignalError {
 
 impl SignalError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        SignalError { code, message: message.into() }
+        SignalError {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -117,34 +120,58 @@ pub struct Frame {
 
 /// Parses one text frame. On error, returns the `id` (if one could be read) with the error.
 pub fn parse(text: &str) -> Result<Frame, (Option<Value>, SignalError)> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| (None, SignalError::bad_request(format!("frame is not valid JSON: {e}"))))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        (
+            None,
+            SignalError::bad_request(format!("frame is not valid JSON: {e}")),
+        )
+    })?;
     let Value::Object(map) = &value else {
         return Err((None, SignalError::bad_request("frame is not a JSON object")));
     };
-    let id = map.get("id").filter(|v| v.is_number() || v.is_string()).cloned();
+    let id = map
+        .get("id")
+        .filter(|v| v.is_number() || v.is_string())
+        .cloned();
     let Some(ty) = map.get("type") else {
         return Err((id, SignalError::bad_request("missing field `type`")));
     };
     let Some(ty) = ty.as_str().map(str::to_string) else {
-        return Err((id, SignalError::bad_request("field `type` must be a string")));
+        return Err((
+            id,
+            SignalError::bad_request("field `type` must be a string"),
+        ));
     };
     if !matches!(ty.as_str(), "join" | "ptt" | "leave" | "ping") {
-        return Err((id, SignalError::bad_request(format!("unknown message type '{ty}'"))));
+        return Err((
+            id,
+            SignalError::bad_request(format!("unknown message type '{ty}'")),
+        ));
     }
     match serde_json::from_value::<Request>(value) {
         Ok(request) => Ok(Frame { id, request }),
-        Err(e) => Err((id, SignalError::bad_request(format!("invalid '{ty}' message: {e}")))),
+        Err(e) => Err((
+            id,
+            SignalError::bad_request(format!("invalid '{ty}' message: {e}")),
+        )),
     }
 }
 
 /// Channel and member names: 1–64 characters of `[A-Za-z0-9._-]`.
 pub fn validate_name(what: &str, name: &str) -> Result<(), SignalError> {
     if name.is_empty() || name.len() > 64 {
-        return Err(SignalError::bad_request(format!("{what} name must be 1-64 characters, got {}", name.len())));
+        return Err(SignalError::bad_request(format!(
+            "{what} name must be 1-64 characters, got {}",
+            name.len()
+        )));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(SignalError::bad_request(format!("{what} name has an invalid character {c:?}")));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(SignalError::bad_request(format!(
+            "{what} name has an invalid character {c:?}"
+        )));
     }
     Ok(())
 }
@@ -242,7 +269,11 @@ impl FloorMessage {
     pub fn from_event(channel: &str, event: &FloorEvent) -> Self {
         let channel = channel.to_string();
         match event.clone() {
-            FloorEvent::Granted { speaker, epoch, duration_ms } => FloorMessage {
+            FloorEvent::Granted {
+                speaker,
+                epoch,
+                duration_ms,
+            } => FloorMessage {
                 channel,
                 state: "granted",
                 speaker: Some(speaker),
@@ -250,17 +281,38 @@ impl FloorMessage {
                 duration_ms: Some(duration_ms),
                 ..Default::default()
             },
-            FloorEvent::Taken { speaker, epoch } => {
-                FloorMessage { channel, state: "taken", speaker: Some(speaker), epoch: Some(epoch), ..Default::default() }
-            }
-            FloorEvent::Denied { speaker, reason } => {
-                FloorMessage { channel, state: "denied", speaker, reason: Some(reason.as_str()), ..Default::default() }
-            }
-            FloorEvent::Queued { position } => {
-                FloorMessage { channel, state: "queued", position: Some(position), ..Default::default() }
-            }
-            FloorEvent::Idle { epoch } => FloorMessage { channel, state: "idle", epoch: Some(epoch), ..Default::default() },
-            FloorEvent::Revoked { speaker, epoch, reason, grace_ms } => FloorMessage {
+            FloorEvent::Taken { speaker, epoch } => FloorMessage {
+                channel,
+                state: "taken",
+                speaker: Some(speaker),
+                epoch: Some(epoch),
+                ..Default::default()
+            },
+            FloorEvent::Denied { speaker, reason } => FloorMessage {
+                channel,
+                state: "denied",
+                speaker,
+                reason: Some(reason.as_str()),
+                ..Default::default()
+            },
+            FloorEvent::Queued { position } => FloorMessage {
+                channel,
+                state: "queued",
+                position: Some(position),
+                ..Default::default()
+            },
+            FloorEvent::Idle { epoch } => FloorMessage {
+                channel,
+                state: "idle",
+                epoch: Some(epoch),
+                ..Default::default()
+            },
+            FloorEvent::Revoked {
+                speaker,
+                epoch,
+                reason,
+                grace_ms,
+            } => FloorMessage {
                 channel,
                 state: "revoked",
                 speaker: Some(speaker),
@@ -275,12 +327,18 @@ impl FloorMessage {
 
 impl Message {
     pub fn error(err: &SignalError, id: Option<Value>) -> Self {
-        Message::Error { code: err.code, message: err.message.clone(), id }
+        Message::Error {
+            code: err.code,
+            message: err.message.clone(),
+            id,
+        }
     }
 
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: no maps with non-string keys, no foreign Serialize impls.
-        serde_json::to_string(self).unwrap_or_else(|_| r#"{"type":"error","code":"internal","message":"serialize"}"#.into())
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"serialize"}"#.into()
+        })
     }
 }
 
@@ -292,14 +350,34 @@ mod tests {
     fn parses_requests_with_ids() {
         let f = parse(r#"{"type":"join","channel":"ops-1","member":"alice","transport":"rtp","rtp_addr":"127.0.0.1:5","id":3}"#).unwrap();
         assert_eq!(f.id, Some(Value::from(3)));
-        let Request::Join(j) = f.request else { panic!() };
-        assert_eq!((j.priority, j.presence, j.transport.as_str()), (0, true, "rtp"));
+        let Request::Join(j) = f.request else {
+            panic!()
+        };
+        assert_eq!(
+            (j.priority, j.presence, j.transport.as_str()),
+            (0, true, "rtp")
+        );
         let f = parse(r#"{"type":"ptt","channel":"c","action":"press","id":"x"}"#).unwrap();
-        assert_eq!(f.request, Request::Ptt(Ptt { channel: "c".into(), action: PttAction::Press, queue: false }));
-        assert_eq!(parse(r#"{"type":"ping","id":7}"#).unwrap().request, Request::Ping {});
+        assert_eq!(
+            f.request,
+            Request::Ptt(Ptt {
+                channel: "c".into(),
+                action: PttAction::Press,
+                queue: false
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"ping","id":7}"#).unwrap().request,
+            Request::Ping {}
+        );
         let f = parse(r#"{"type":"join","channel":"c","member":"m","extra":1}"#).unwrap();
-        let Request::Join(j) = f.request else { panic!() };
-        assert_eq!(j.transport, "webrtc", "transport defaults to webrtc; unknown fields ignored");
+        let Request::Join(j) = f.request else {
+            panic!()
+        };
+        assert_eq!(
+            j.transport, "webrtc",
+            "transport defaults to webrtc; unknown fields ignored"
+        );
     }
 
     #[test]
@@ -311,7 +389,10 @@ mod tests {
         assert!(msg(r#"{"type":"dance"}"#).contains("unknown message type 'dance'"));
         assert!(msg(r#"{"type":"ptt","channel":"c"}"#).contains("action"));
         assert!(msg(r#"{"type":"ptt","channel":"c","action":"hold"}"#).contains("hold"));
-        assert_eq!(parse(r#"{"type":"dance","id":9}"#).unwrap_err().0, Some(Value::from(9)));
+        assert_eq!(
+            parse(r#"{"type":"dance","id":9}"#).unwrap_err().0,
+            Some(Value::from(9))
+        );
     }
 
     #[test]
@@ -327,10 +408,22 @@ mod tests {
     fn floor_messages_match_the_protocol() {
         let m = Message::Floor(FloorMessage::from_event(
             "ops-1",
-            &FloorEvent::Denied { speaker: Some("bob".into()), reason: crate::floor::DenyReason::Busy },
+            &FloorEvent::Denied {
+                speaker: Some("bob".into()),
+                reason: crate::floor::DenyReason::Busy,
+            },
         ));
-        assert_eq!(m.to_json(), r#"{"type":"floor","channel":"ops-1","state":"denied","speaker":"bob","reason":"busy"}"#);
-        let m = Message::Floor(FloorMessage::from_event("ops-1", &FloorEvent::Idle { epoch: 9 }));
-        assert_eq!(m.to_json(), r#"{"type":"floor","channel":"ops-1","state":"idle","epoch":9}"#);
+        assert_eq!(
+            m.to_json(),
+            r#"{"type":"floor","channel":"ops-1","state":"denied","speaker":"bob","reason":"busy"}"#
+        );
+        let m = Message::Floor(FloorMessage::from_event(
+            "ops-1",
+            &FloorEvent::Idle { epoch: 9 },
+        ));
+        assert_eq!(
+            m.to_json(),
+            r#"{"type":"floor","channel":"ops-1","state":"idle","epoch":9}"#
+        );
     }
 }

@@ -20,10 +20,22 @@ pub async fn serve(socket: WebSocket, conn: ConnId, hub: mpsc::Sender<HubMsg>, h
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<String>(OUTBOUND_QUEUE);
     let (close_tx, mut close_rx) = oneshot::channel::<()>();
-    if sink.send(WsMessage::Text(hello.to_json().into())).await.is_err() {
+    if sink
+        .send(WsMessage::Text(hello.to_json().into()))
+        .await
+        .is_err()
+    {
         return;
     }
-    if hub.send(HubMsg::Connect { conn, tx, close: close_tx }).await.is_err() {
+    if hub
+        .send(HubMsg::Connect {
+            conn,
+            tx,
+            close: close_tx,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
     let writer = tokio::spawn(async move {
@@ -66,11 +78,17 @@ pub async fn serve(socket: WebSocket, conn: ConnId, hub: mpsc::Sender<HubMsg>, h
         };
         let hub_msg = match msg {
             WsMessage::Text(text) if text.len() > MAX_FRAME => HubMsg::TooLarge { conn },
-            WsMessage::Text(text) => HubMsg::Frame { conn, frame: protocol::parse(&text) },
+            WsMessage::Text(text) => HubMsg::Frame {
+                conn,
+                frame: protocol::parse(&text),
+            },
             WsMessage::Binary(b) if b.len() > MAX_FRAME => HubMsg::TooLarge { conn },
             WsMessage::Binary(_) => HubMsg::Frame {
                 conn,
-                frame: Err((None, SignalError::bad_request("binary frames are not supported; send JSON text"))),
+                frame: Err((
+                    None,
+                    SignalError::bad_request("binary frames are not supported; send JSON text"),
+                )),
             },
             WsMessage::Close(_) => break,
             WsMessage::Ping(_) | WsMessage::Pong(_) => continue,

@@ -8,7 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StoreFuture};
+use super::{
+    wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StoreFuture,
+};
 
 struct Lock {
     holder: Holder,
@@ -29,7 +31,10 @@ pub struct MemoryFloorStore {
 
 impl MemoryFloorStore {
     pub fn new(node: impl Into<String>) -> Self {
-        MemoryFloorStore { node: node.into(), inner: Mutex::new(Floors::default()) }
+        MemoryFloorStore {
+            node: node.into(),
+            inner: Mutex::new(Floors::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Floors> {
@@ -55,7 +60,13 @@ impl FloorStore for MemoryFloorStore {
                     epoch,
                     priority: req.priority,
                 };
-                f.locks.insert(req.channel, Lock { holder, expires: now + req.ttl });
+                f.locks.insert(
+                    req.channel,
+                    Lock {
+                        holder,
+                        expires: now + req.ttl,
+                    },
+                );
                 Acquired::Granted { epoch }
             }
         };
@@ -91,7 +102,11 @@ impl FloorStore for MemoryFloorStore {
     fn holder<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Option<Holder>> {
         let now = Instant::now();
         let f = self.lock();
-        let h = f.locks.get(channel).filter(|l| l.expires > now).map(|l| l.holder.clone());
+        let h = f
+            .locks
+            .get(channel)
+            .filter(|l| l.expires > now)
+            .map(|l| l.holder.clone());
         Box::pin(std::future::ready(Ok(h)))
     }
 }
@@ -116,14 +131,30 @@ impl MemorySessionStore {
 }
 
 impl SessionStore for MemorySessionStore {
-    fn join<'a>(&'a self, channel: &'a str, member: &'a str, _node: &'a str) -> StoreFuture<'a, ()> {
+    fn join<'a>(
+        &'a self,
+        channel: &'a str,
+        member: &'a str,
+        _node: &'a str,
+    ) -> StoreFuture<'a, ()> {
         let mut s = self.lock();
-        s.by_channel.entry(channel.to_string()).or_default().insert(member.to_string());
-        s.by_member.entry(member.to_string()).or_default().insert(channel.to_string());
+        s.by_channel
+            .entry(channel.to_string())
+            .or_default()
+            .insert(member.to_string());
+        s.by_member
+            .entry(member.to_string())
+            .or_default()
+            .insert(channel.to_string());
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn leave<'a>(&'a self, channel: &'a str, member: &'a str, _node: &'a str) -> StoreFuture<'a, ()> {
+    fn leave<'a>(
+        &'a self,
+        channel: &'a str,
+        member: &'a str,
+        _node: &'a str,
+    ) -> StoreFuture<'a, ()> {
         let mut s = self.lock();
         if let Some(m) = s.by_channel.get_mut(channel) {
             m.remove(member);
@@ -140,20 +171,33 @@ impl SessionStore for MemorySessionStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn refresh<'a>(&'a self, _channel: &'a str, _member: &'a str, _node: &'a str) -> StoreFuture<'a, ()> {
+    fn refresh<'a>(
+        &'a self,
+        _channel: &'a str,
+        _member: &'a str,
+        _node: &'a str,
+    ) -> StoreFuture<'a, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn members<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Vec<String>> {
         let s = self.lock();
-        let mut v: Vec<String> = s.by_channel.get(channel).map(|m| m.iter().cloned().collect()).unwrap_or_default();
+        let mut v: Vec<String> = s
+            .by_channel
+            .get(channel)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
         v.sort();
         Box::pin(std::future::ready(Ok(v)))
     }
 
     fn channels_of<'a>(&'a self, member: &'a str) -> StoreFuture<'a, Vec<String>> {
         let s = self.lock();
-        let mut v: Vec<String> = s.by_member.get(member).map(|m| m.iter().cloned().collect()).unwrap_or_default();
+        let mut v: Vec<String> = s
+            .by_member
+            .get(member)
+            .map(|m| m.iter().cloned().collect())
+            .unwrap_or_default();
         v.sort();
         Box::pin(std::future::ready(Ok(v)))
     }

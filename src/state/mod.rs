@@ -61,9 +61,18 @@ pub enum Acquired {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreEvent {
     /// `channel`'s floor was granted (`holder: Some`) or released at `epoch` (`None`).
-    Floor { channel: String, holder: Option<Holder>, epoch: u64 },
+    Floor {
+        channel: String,
+        holder: Option<Holder>,
+        epoch: u64,
+    },
     /// A member joined or left a channel on some node.
-    Presence { channel: String, member: String, node: String, joined: bool },
+    Presence {
+        channel: String,
+        member: String,
+        node: String,
+        joined: bool,
+    },
     /// The subscription is up again after a (re)connect: resynchronise from the keys.
     Resync,
     /// The subscription is down: deny presses until `Resync`.
@@ -87,9 +96,15 @@ pub trait FloorStore: Send + Sync + 'static {
 pub trait SessionStore: Send + Sync + 'static {
     /// Records `member` of `node` in `channel`, with an idle TTL refreshed by [`SessionStore::refresh`].
     fn join<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
-    fn leave<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    fn leave<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str)
+        -> StoreFuture<'a, ()>;
     /// Heartbeat: the member is still there.
-    fn refresh<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    fn refresh<'a>(
+        &'a self,
+        channel: &'a str,
+        member: &'a str,
+        node: &'a str,
+    ) -> StoreFuture<'a, ()>;
     /// Everyone in the channel, on every node.
     fn members<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Vec<String>>;
     /// The channels a member is in.

@@ -21,28 +21,43 @@ pub struct Signal {
 
 impl Signal {
     pub async fn connect(http: SocketAddr) -> Signal {
-        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(format!("ws://{http}/ws")))
-            .await
-            .expect("connect timed out")
-            .expect("connect failed");
-        let mut s = Signal { ws, backlog: vec![], hello: Value::Null };
+        let (ws, _) = tokio::time::timeout(
+            STEP,
+            tokio_tungstenite::connect_async(format!("ws://{http}/ws")),
+        )
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
+        let mut s = Signal {
+            ws,
+            backlog: vec![],
+            hello: Value::Null,
+        };
         s.hello = s.next_raw().await.expect("no hello");
         assert_eq!(s.hello["type"], "hello");
         s
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Ws::Text(v.to_string().into())).await.expect("send failed");
+        self.ws
+            .send(Ws::Text(v.to_string().into()))
+            .await
+            .expect("send failed");
     }
 
     pub async fn send_text(&mut self, t: &str) {
-        self.ws.send(Ws::Text(t.to_string().into())).await.expect("send failed");
+        self.ws
+            .send(Ws::Text(t.to_string().into()))
+            .await
+            .expect("send failed");
     }
 
     async fn next_raw(&mut self) -> Option<Value> {
         loop {
             match tokio::time::timeout(STEP, self.ws.next()).await {
-                Ok(Some(Ok(Ws::Text(t)))) => return Some(serde_json::from_str(&t).expect("server sent bad JSON")),
+                Ok(Some(Ok(Ws::Text(t)))) => {
+                    return Some(serde_json::from_str(&t).expect("server sent bad JSON"))
+                }
                 Ok(Some(Ok(Ws::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return None,
                 Ok(Some(Ok(_))) => continue,
                 Err(_) => panic!("no frame within {STEP:?}"),
@@ -58,7 +73,10 @@ impl Signal {
         loop {
             let v = match self.next_raw().await {
                 Some(v) => v,
-                None => panic!("connection closed while waiting for {what}; backlog {:?}", self.backlog),
+                None => panic!(
+                    "connection closed while waiting for {what}; backlog {:?}",
+                    self.backlog
+                ),
             };
             if pred(&v) {
                 return v;
@@ -69,8 +87,10 @@ impl Signal {
 
     pub async fn expect_floor(&mut self, channel: &str, state: &str) -> Value {
         let (c, s) = (channel.to_string(), state.to_string());
-        self.expect(&format!("floor {state} on {channel}"), move |v| v["type"] == "floor" && v["channel"] == c && v["state"] == s.as_str())
-            .await
+        self.expect(&format!("floor {state} on {channel}"), move |v| {
+            v["type"] == "floor" && v["channel"] == c && v["state"] == s.as_str()
+        })
+        .await
     }
 
     pub async fn expect_type(&mut self, ty: &str) -> Value {
@@ -82,7 +102,9 @@ impl Signal {
     pub async fn closed(&mut self) -> bool {
         loop {
             match tokio::time::timeout(STEP, self.ws.next()).await {
-                Ok(Some(Ok(Ws::Text(t)))) => self.backlog.push(serde_json::from_str(&t).unwrap_or(Value::Null)),
+                Ok(Some(Ok(Ws::Text(t)))) => self
+                    .backlog
+                    .push(serde_json::from_str(&t).unwrap_or(Value::Null)),
                 Ok(Some(Ok(Ws::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return true,
                 Ok(Some(Ok(_))) => continue,
                 Err(_) => return false,
@@ -102,11 +124,13 @@ impl Signal {
     }
 
     pub async fn press(&mut self, channel: &str) {
-        self.send(json!({"type":"ptt","channel":channel,"action":"press"})).await;
+        self.send(json!({"type":"ptt","channel":channel,"action":"press"}))
+            .await;
     }
 
     pub async fn release(&mut self, channel: &str) {
-        self.send(json!({"type":"ptt","channel":channel,"action":"release"})).await;
+        self.send(json!({"type":"ptt","channel":channel,"action":"release"}))
+            .await;
     }
 }
 
@@ -130,10 +154,26 @@ impl RtpMember {
         sig.send(json!({"type":"join","channel":channel,"member":name,"transport":"rtp","rtp_addr":addr.to_string()}))
             .await;
         let (c, n) = (channel.to_string(), name.to_string());
-        let joined = sig.expect("joined", move |v| v["type"] == "joined" && v["channel"] == c.as_str() && v["member"] == n.as_str()).await;
-        let server: SocketAddr = joined["rtp"]["server_addr"].as_str().expect("server_addr").parse().expect("addr");
+        let joined = sig
+            .expect("joined", move |v| {
+                v["type"] == "joined" && v["channel"] == c.as_str() && v["member"] == n.as_str()
+            })
+            .await;
+        let server: SocketAddr = joined["rtp"]["server_addr"]
+            .as_str()
+            .expect("server_addr")
+            .parse()
+            .expect("addr");
         let ssrc = joined["rtp"]["ssrc"].as_u64().expect("ssrc") as u32;
-        let m = RtpMember { name: name.into(), sock, server, ssrc, seq: 1000, ts: 50_000, own_ssrc: rand_ssrc(name) };
+        let m = RtpMember {
+            name: name.into(),
+            sock,
+            server,
+            ssrc,
+            seq: 1000,
+            ts: 50_000,
+            own_ssrc: rand_ssrc(name),
+        };
         m.latch().await;
         m
     }
@@ -153,7 +193,10 @@ impl RtpMember {
     }
 
     pub async fn send_raw(&self, data: &[u8]) {
-        self.sock.send_to(data, self.server).await.expect("send raw");
+        self.sock
+            .send_to(data, self.server)
+            .await
+            .expect("send raw");
     }
 
     /// Receives RTP packets until `n` arrived or `wait` passed: (ssrc, seq, ts, marker, payload).
@@ -162,7 +205,10 @@ impl RtpMember {
         let mut buf = [0u8; 2048];
         let deadline = tokio::time::Instant::now() + wait;
         while out.len() < n {
-            let Ok(r) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await else { break };
+            let Ok(r) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await
+            else {
+                break;
+            };
             let (len, _) = r.expect("recv");
             let data = &buf[..len];
             if talkgroup::rtp::classify(data) != talkgroup::rtp::Kind::Rtp {
@@ -176,19 +222,37 @@ impl RtpMember {
 }
 
 fn rand_ssrc(name: &str) -> u32 {
-    name.bytes().fold(0x1234_5678u32, |h, b| h.rotate_left(5) ^ u32::from(b))
+    name.bytes()
+        .fold(0x1234_5678u32, |h, b| h.rotate_left(5) ^ u32::from(b))
 }
 
 /// A tiny HTTP/1.1 GET (no client crate needed for three routes).
 pub async fn http_get(http: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(STEP, TcpStream::connect(http)).await.expect("timeout").expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    let mut s = tokio::time::timeout(STEP, TcpStream::connect(http))
+        .await
+        .expect("timeout")
+        .expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
     let mut buf = Vec::new();
-    tokio::time::timeout(STEP, s.read_to_end(&mut buf)).await.expect("timeout").expect("read");
+    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
+        .await
+        .expect("timeout")
+        .expect("read");
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 

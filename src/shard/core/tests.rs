@@ -12,18 +12,40 @@ fn shard() -> (ShardCore, Instant) {
     let mut s = ShardCore::new(0, ShardConfig::default(), now);
     for k in 1..=3u64 {
         let ev = s.handle_command(
-            Command::AddMember { channel: "ops".into(), key: k, name: format!("m{k}"), addr: addr(6000 + k as u16), ssrc: k as u32 },
+            Command::AddMember {
+                channel: "ops".into(),
+                key: k,
+                name: format!("m{k}"),
+                addr: addr(6000 + k as u16),
+                ssrc: k as u32,
+            },
             now,
         );
         assert_eq!(ev, Some(Event::MemberAdded { key: k }));
         let rr = [0x80, 201, 0, 1, 0, 0, 0, 1];
-        assert_eq!(s.handle_datagram(addr(6000 + k as u16), &rr, now, &mut Batch::default()), Verdict::Rtcp);
+        assert_eq!(
+            s.handle_datagram(addr(6000 + k as u16), &rr, now, &mut Batch::default()),
+            Verdict::Rtcp
+        );
     }
     let ev = s.handle_command(
-        Command::Speaker { channel: "ops".into(), change: SpeakerChange::Granted { speaker: Some(1), epoch: 9 } },
+        Command::Speaker {
+            channel: "ops".into(),
+            change: SpeakerChange::Granted {
+                speaker: Some(1),
+                epoch: 9,
+            },
+        },
         now,
     );
-    assert_eq!(ev, Some(Event::Applied { channel: "ops".into(), epoch: 9, applied: true }));
+    assert_eq!(
+        ev,
+        Some(Event::Applied {
+            channel: "ops".into(),
+            epoch: 9,
+            applied: true
+        })
+    );
     (s, now)
 }
 
@@ -48,24 +70,61 @@ fn bad_input_is_counted_and_dropped() {
     let good = rtp::build_packet(false, OPUS_PT, 1, 960, 77, b"x");
     let cases: Vec<(SocketAddr, Vec<u8>, Drop)> = vec![
         (addr(6001), vec![0x80, 111, 0, 1], Drop::TooShort),
-        (addr(6001), { let mut p = good.clone(); p[0] = 0x40; p }, Drop::BadVersion),
-        (addr(6001), { let mut p = good.clone(); p[0] |= 0x0f; p }, Drop::Malformed),
+        (
+            addr(6001),
+            {
+                let mut p = good.clone();
+                p[0] = 0x40;
+                p
+            },
+            Drop::BadVersion,
+        ),
+        (
+            addr(6001),
+            {
+                let mut p = good.clone();
+                p[0] |= 0x0f;
+                p
+            },
+            Drop::Malformed,
+        ),
         (addr(6001), vec![0x80; 4000], Drop::Oversized),
         (addr(7000), good.clone(), Drop::UnknownSource),
         (addr(6002), good.clone(), Drop::NotHolder),
-        (addr(6001), rtp::build_packet(false, 0, 2, 1920, 77, b"pcmu"), Drop::NotOpus),
-        (addr(6001), vec![0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], Drop::NotRtp),
-        (addr(6001), vec![22, 254, 253, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], Drop::NotRtp),
+        (
+            addr(6001),
+            rtp::build_packet(false, 0, 2, 1920, 77, b"pcmu"),
+            Drop::NotOpus,
+        ),
+        (
+            addr(6001),
+            vec![
+                0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+            ],
+            Drop::NotRtp,
+        ),
+        (
+            addr(6001),
+            vec![22, 254, 253, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            Drop::NotRtp,
+        ),
     ];
     for (src, data, reason) in cases {
         let before = dropped(&s, reason);
         batch.clear();
-        assert_eq!(s.handle_datagram(src, &data, now, &mut batch), Verdict::Dropped(reason), "{reason:?}");
+        assert_eq!(
+            s.handle_datagram(src, &data, now, &mut batch),
+            Verdict::Dropped(reason),
+            "{reason:?}"
+        );
         assert!(batch.is_empty());
         assert_eq!(dropped(&s, reason), before + 1);
     }
     // The holder still gets through afterwards.
-    assert!(matches!(s.handle_datagram(addr(6001), &good, now, &mut batch), Verdict::Forward(_)));
+    assert!(matches!(
+        s.handle_datagram(addr(6001), &good, now, &mut batch),
+        Verdict::Forward(_)
+    ));
     assert_eq!(s.stats().packets_in, 3 + 10);
 }
 
@@ -73,13 +132,22 @@ fn bad_input_is_counted_and_dropped() {
 fn removing_members_and_channels_cleans_the_maps() {
     let (mut s, now) = shard();
     for k in 1..=3 {
-        s.handle_command(Command::RemoveMember { channel: "ops".into(), key: k }, now);
+        s.handle_command(
+            Command::RemoveMember {
+                channel: "ops".into(),
+                key: k,
+            },
+            now,
+        );
     }
     assert!(s.channel("ops").is_none());
     let st = s.stats();
     assert_eq!((st.channels, st.members), (0, 0));
     let p = rtp::build_packet(false, OPUS_PT, 1, 960, 77, b"x");
-    assert_eq!(s.handle_datagram(addr(6001), &p, now, &mut Batch::default()), Verdict::Dropped(Drop::UnknownSource));
+    assert_eq!(
+        s.handle_datagram(addr(6001), &p, now, &mut Batch::default()),
+        Verdict::Dropped(Drop::UnknownSource)
+    );
 }
 
 #[test]
@@ -87,16 +155,37 @@ fn silence_is_reported_after_t1() {
     let (mut s, now) = shard();
     let mut events = vec![];
     let mut reports = vec![];
-    s.handle_tick(now + Duration::from_secs(1), Duration::ZERO, &mut events, &mut reports);
+    s.handle_tick(
+        now + Duration::from_secs(1),
+        Duration::ZERO,
+        &mut events,
+        &mut reports,
+    );
     assert!(events.is_empty());
-    s.handle_tick(now + Duration::from_secs(5), Duration::ZERO, &mut events, &mut reports);
-    assert_eq!(events, vec![Event::Silence { channel: "ops".into(), epoch: 9 }]);
+    s.handle_tick(
+        now + Duration::from_secs(5),
+        Duration::ZERO,
+        &mut events,
+        &mut reports,
+    );
+    assert_eq!(
+        events,
+        vec![Event::Silence {
+            channel: "ops".into(),
+            epoch: 9
+        }]
+    );
 }
 
 #[test]
 fn shard_of_is_stable() {
-    assert_eq!(crate::shard::shard_of("ops-1", 4), crate::shard::shard_of("ops-1", 4));
+    assert_eq!(
+        crate::shard::shard_of("ops-1", 4),
+        crate::shard::shard_of("ops-1", 4)
+    );
     assert_eq!(crate::shard::shard_of("anything", 1), 0);
-    let spread: std::collections::HashSet<usize> = (0..64).map(|i| crate::shard::shard_of(&format!("ch{i}"), 2)).collect();
+    let spread: std::collections::HashSet<usize> = (0..64)
+        .map(|i| crate::shard::shard_of(&format!("ch{i}"), 2))
+        .collect();
     assert_eq!(spread.len(), 2);
 }
