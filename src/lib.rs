@@ -20,6 +20,7 @@ pub mod config;
 pub mod floor;
 pub mod forward;
 pub mod metrics;
+pub mod relay;
 pub mod rtp;
 pub mod server;
 pub mod shard;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
-use self::core::{ShardConfig, ShardCore, Verdict};
+use self::core::{RelayState, ShardConfig, ShardCore, Verdict};
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::forward::Batch;
 
@@ -46,6 +46,15 @@ pub enum Command {
     Speaker {
         channel: String,
         change: SpeakerChange,
+    },
+    /// Other nodes' relay addresses for the channel (this shard's index on each node).
+    RelayTargets {
+        channel: String,
+        targets: Vec<SocketAddr>,
+    },
+    /// Relay addresses of every registered node: the only accepted relay senders.
+    RelayPeers {
+        peers: Vec<SocketAddr>,
     },
     Stats {
         reply: flume::Sender<ShardStats>,
@@ -85,6 +94,9 @@ pub struct ShardStats {
     pub sender_reports: u64,
     pub stale_speaker_changes: u64,
     pub events_lost: u64,
+    pub relay_sent: u64,
+    pub relay_in: u64,
+    pub relay_dropped: [u64; core::RELAY_DROPS],
     pub channels: u64,
     pub members: u64,
 }
@@ -94,6 +106,8 @@ pub struct ShardStats {
 pub struct ShardHandle {
     pub index: usize,
     pub media_addr: SocketAddr,
+    /// Where other nodes send this shard relayed media (relay enabled only).
+    pub relay_addr: Option<SocketAddr>,
     pub commands: flume::Sender<Command>,
 }
 
@@ -113,10 +127,19 @@ pub fn spawn(
     bind: SocketAddr,
     cpu: Option<usize>,
     config: ShardConfig,
+    relay: Option<(SocketAddr, RelayState)>,
     events: flume::Sender<Event>,
 ) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
     let socket = udp::bind(bind)?;
     let media_addr = socket.local_addr()?.as_socket().unwrap_or(bind);
+    let (relay_fd, relay_addr, relay_state) = match relay {
+        Some((relay_bind, state)) => {
+            let s = udp::bind(relay_bind)?;
+            let addr = s.local_addr()?.as_socket().unwrap_or(relay_bind);
+            (Some(s.into_raw_fd()), Some(addr), Some(state))
+        }
+        None => (None, None, None),
+    };
     let (tx, rx) = flume::bounded(COMMAND_QUEUE);
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
     let fd = socket.into_raw_fd();
@@ -128,12 +151,17 @@ pub fn spawn(
         .spawn(move || async move {
             // SAFETY: `fd` is a bound UDP socket whose ownership moves here.
             let socket = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
-            run(index, socket, config, rx, events).await;
+            // SAFETY: likewise for the relay socket.
+            let relay_socket =
+                relay_fd.map(|fd| unsafe { glommio::net::UdpSocket::from_raw_fd(fd) });
+            let core = ShardCore::with_relay(index, config, relay_state, Instant::now());
+            run(index, socket, relay_socket, core, rx, events).await;
         })
         .map_err(|e| std::io::Error::other(format!("shard {index}: {e}")))?;
     let handle = ShardHandle {
         index,
         media_addr,
+        relay_addr,
         commands: tx,
     };
     // glommio's join handle is not std's; wrap it in a thread that waits for it.
@@ -148,14 +176,31 @@ pub fn spawn(
 async fn run(
     index: usize,
     socket: glommio::net::UdpSocket,
-    config: ShardConfig,
+    relay_socket: Option<glommio::net::UdpSocket>,
+    core: ShardCore,
     commands: flume::Receiver<Command>,
     events: flume::Sender<Event>,
 ) {
-    let core = Rc::new(RefCell::new(ShardCore::new(index, config, Instant::now())));
+    let core = Rc::new(RefCell::new(core));
     let socket = Rc::new(socket);
+    let relay_socket = relay_socket.map(Rc::new);
     info!(shard = index, addr = ?socket.local_addr().ok(), "shard started");
-    let rx = glommio::spawn_local(receive_loop(core.clone(), socket.clone())).detach();
+    let rx = glommio::spawn_local(receive_loop(
+        core.clone(),
+        socket.clone(),
+        relay_socket.clone(),
+        Port::Media,
+    ))
+    .detach();
+    let relay_rx = relay_socket.clone().map(|relay| {
+        glommio::spawn_local(receive_loop(
+            core.clone(),
+            socket.clone(),
+            Some(relay),
+            Port::Relay,
+        ))
+        .detach()
+    });
     let tick =
         glommio::spawn_local(tick_loop(core.clone(), socket.clone(), events.clone())).detach();
     while let Ok(cmd) = commands.recv_async().await {
@@ -168,6 +213,9 @@ async fn run(
         }
     }
     rx.cancel();
+    if let Some(r) = relay_rx {
+        r.cancel();
+    }
     tick.cancel();
     info!(shard = index, "shard stopped");
 }
@@ -179,10 +227,30 @@ fn send_event(core: &Rc<RefCell<ShardCore>>, events: &flume::Sender<Event>, even
     }
 }
 
+/// Which socket a receive loop serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// Members' media: forward a holder's packets to local listeners, and relay them to other nodes.
+    Media,
+    /// Other nodes' relayed media: forward to local listeners.
+    Relay,
+}
+
 /// Receive → decide → send, one datagram at a time; glommio's `recv_from` first tries a non-blocking
-/// `recvmsg`, so under load this is a syscall per datagram without a trip through the ring.
-async fn receive_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::UdpSocket>) {
-    let fd = socket.as_raw_fd();
+/// `recvmsg`, so under load this is a syscall per datagram without a trip through the ring. Listeners
+/// always get their packets from the media socket (the address `joined` announced); relay copies leave
+/// from the relay socket, which is what the receiving node accepts.
+async fn receive_loop(
+    core: Rc<RefCell<ShardCore>>,
+    media: Rc<glommio::net::UdpSocket>,
+    relay: Option<Rc<glommio::net::UdpSocket>>,
+    port: Port,
+) {
+    let (media_fd, relay_fd) = (media.as_raw_fd(), relay.as_ref().map(|r| r.as_raw_fd()));
+    let socket = match (port, &relay) {
+        (Port::Relay, Some(r)) => r.clone(),
+        _ => media.clone(),
+    };
     let mut buf = vec![0u8; 2048];
     let mut batch = Batch::default();
     let mut sender = udp::Sender::default();
@@ -195,31 +263,50 @@ async fn receive_loop(core: Rc<RefCell<ShardCore>>, socket: Rc<glommio::net::Udp
             }
         };
         batch.clear();
-        let verdict =
-            core.borrow_mut()
-                .handle_datagram(src, &buf[..len], Instant::now(), &mut batch);
-        if let Verdict::Forward(payload) = verdict {
-            if batch.is_empty() {
-                continue;
+        let now = Instant::now();
+        let verdict = match port {
+            Port::Media => core
+                .borrow_mut()
+                .handle_datagram(src, &buf[..len], now, &mut batch),
+            Port::Relay => {
+                core.borrow_mut()
+                    .handle_relay_datagram(src, &buf[..len], now, &mut batch)
             }
-            let sent = sender.send_fanout(fd, &batch, &buf[payload.clone()]);
-            let mut slow = 0;
-            if sent.would_block > 0 {
-                // The socket buffer is full: wait for room with glommio for the rest of this batch.
-                let first = batch.len() - sent.would_block;
-                for i in first..batch.len() {
-                    let mut datagram = batch.headers[i].to_vec();
-                    datagram.extend_from_slice(&buf[payload.clone()]);
-                    let dest = raw_to_std(&batch.dests[i]);
-                    if socket.send_to(&datagram, dest).await.is_ok() {
-                        slow += 1;
-                    }
+        };
+        let Verdict::Forward(payload) = verdict else {
+            continue;
+        };
+        if port == Port::Media {
+            if let Some(fd) = relay_fd {
+                let c = core.borrow();
+                let out = c.relay_out();
+                if !out.dests.is_empty() {
+                    let sent = sender.send_same(fd, &out.data, &out.dests);
+                    drop(c);
+                    core.borrow_mut().count_relayed(sent.sent);
                 }
             }
-            let mut c = core.borrow_mut();
-            c.count_sent(sent.sent + slow, sent.failed + sent.would_block - slow);
-            c.count_would_block(sent.would_block);
         }
+        if batch.is_empty() {
+            continue;
+        }
+        let sent = sender.send_fanout(media_fd, &batch, &buf[payload.clone()]);
+        let mut slow = 0;
+        if sent.would_block > 0 {
+            // The socket buffer is full: wait for room with glommio for the rest of this batch.
+            let first = batch.len() - sent.would_block;
+            for i in first..batch.len() {
+                let mut datagram = batch.headers[i].to_vec();
+                datagram.extend_from_slice(&buf[payload.clone()]);
+                let dest = raw_to_std(&batch.dests[i]);
+                if media.send_to(&datagram, dest).await.is_ok() {
+                    slow += 1;
+                }
+            }
+        }
+        let mut c = core.borrow_mut();
+        c.count_sent(sent.sent + slow, sent.failed + sent.would_block - slow);
+        c.count_would_block(sent.would_block);
     }
 }
 
