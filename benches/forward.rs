@@ -18,14 +18,11 @@ use talkgroup::shard::core::{ShardConfig, ShardCore, Verdict};
 use talkgroup::shard::udp::Sender;
 use talkgroup::shard::Command;
 
-const SPEAKER: u16 = 1;
-
 /// A shard with one channel of `listeners` latched listeners plus the speaker (member 0).
 fn shard(listeners: usize, addrs: &[SocketAddr]) -> ShardCore {
     let now = Instant::now();
     let mut s = ShardCore::new(0, ShardConfig::default(), now);
-    for k in 0..=listeners {
-        let addr = addrs[k];
+    for (k, &addr) in addrs.iter().enumerate().take(listeners + 1) {
         s.handle_command(
             Command::AddMember {
                 channel: "bench".into(),

@@ -90,6 +90,8 @@ pub enum SpeakerChange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardDrop {
     NotHolder,
+    /// A relayed packet whose epoch is not the channel's current remote grant.
+    StaleEpoch,
     TooOld,
     PaddingOnly,
 }
@@ -100,8 +102,14 @@ pub struct Channel {
     pub name: String,
     members: Vec<Member>,
     speaker: Option<MemberKey>,
+    /// The floor is held at `epoch` by a member of another node: its media arrives by relay.
+    remote: bool,
+    /// Name of the local speaker, for the relay prefix.
+    speaker_name: String,
     epoch: u64,
     ingress: Ingress,
+    /// Other nodes' relay addresses for this channel: each local speaker packet goes once to each.
+    relay_targets: Vec<RawAddr>,
     last_media: Instant,
     silence_reported: bool,
 }
@@ -112,8 +120,11 @@ impl Channel {
             name,
             members: Vec::new(),
             speaker: None,
+            remote: false,
+            speaker_name: String::new(),
             epoch: 0,
             ingress: Ingress::default(),
+            relay_targets: Vec::new(),
             last_media: now,
             silence_reported: false,
         }
@@ -154,6 +165,11 @@ impl Channel {
             SpeakerChange::Granted { speaker, epoch } if epoch > self.epoch => {
                 self.epoch = epoch;
                 self.speaker = speaker;
+                self.remote = speaker.is_none();
+                self.speaker_name.clear();
+                if let Some(m) = self.members.iter().find(|m| Some(m.key) == speaker) {
+                    self.speaker_name.push_str(&m.name);
+                }
                 self.ingress.reset();
                 self.last_media = now;
                 self.silence_reported = false;
@@ -161,6 +177,7 @@ impl Channel {
             }
             SpeakerChange::Idle { epoch } if epoch == self.epoch => {
                 self.speaker = None;
+                self.remote = false;
                 true
             }
             _ => false,
@@ -186,6 +203,44 @@ impl Channel {
         if self.speaker != Some(key) {
             return Err(ForwardDrop::NotHolder);
         }
+        self.fan_out(Some(key), pkt, now, batch)
+    }
+
+    /// A packet relayed from the node of the remote holder of `epoch`: fanned out to every latched local
+    /// member, by the same epoch rule as local media.
+    pub fn forward_remote(
+        &mut self,
+        epoch: u64,
+        pkt: &RtpView<'_>,
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Result<(), ForwardDrop> {
+        if !self.remote || epoch != self.epoch {
+            return Err(ForwardDrop::StaleEpoch);
+        }
+        self.fan_out(None, pkt, now, batch)
+    }
+
+    /// Where to relay a local speaker's packets, and under which name.
+    pub fn relay_targets(&self) -> &[RawAddr] {
+        &self.relay_targets
+    }
+
+    pub fn set_relay_targets(&mut self, targets: Vec<RawAddr>) {
+        self.relay_targets = targets;
+    }
+
+    pub fn speaker_name(&self) -> &str {
+        &self.speaker_name
+    }
+
+    fn fan_out(
+        &mut self,
+        from: Option<MemberKey>,
+        pkt: &RtpView<'_>,
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Result<(), ForwardDrop> {
         let inbound = match self.ingress.accept(self.epoch, pkt) {
             IngressVerdict::Forward(inbound) => inbound,
             IngressVerdict::TooOld => return Err(ForwardDrop::TooOld),
@@ -197,7 +252,7 @@ impl Channel {
         self.last_media = now;
         let payload_len = pkt.payload.len();
         for m in self.members.iter_mut() {
-            if m.key == key {
+            if Some(m.key) == from {
                 m.last_heard = Some(now);
                 continue;
             }

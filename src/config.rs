@@ -80,6 +80,13 @@ pub struct ServeArgs {
     /// Networks allowed to join as plain RTP (comma-separated CIDRs).
     #[arg(long, default_value = crate::signal::hub::DEFAULT_RTP_ALLOW, env = "TALKGROUP_RTP_ALLOW")]
     pub rtp_allow: String,
+    /// First UDP relay port (node-to-node audio); shard i listens on BASE+i. Default: media port + 1000
+    /// (0 with a media port of 0). Only with `--store redis` and a cluster secret.
+    #[arg(long, env = "TALKGROUP_RELAY_PORT")]
+    pub relay_port: Option<u16>,
+    /// Shared secret that authenticates relay packets between the nodes of a cluster (HMAC-SHA256).
+    #[arg(long, env = "TALKGROUP_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     /// Do not pin shards to CPUs.
     #[arg(long)]
     pub no_pin: bool,

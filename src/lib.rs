@@ -25,6 +25,7 @@ pub mod floor;
 pub mod forward;
 pub mod metrics;
 pub mod peer;
+pub mod relay;
 pub mod rtp;
 pub mod server;
 pub mod shard;

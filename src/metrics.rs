@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::shard::core::drop_reason_names;
+use crate::shard::core::{drop_reason_names, relay_drop_names};
 use crate::shard::ShardStats;
 use crate::signal::hub::HubCounters;
 
@@ -12,7 +12,7 @@ type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
 /// Renders all metrics (text format 0.0.4).
 pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard: [ShardMetric; 11] = [
+    let per_shard: [ShardMetric; 13] = [
         (
             "packets_in_total",
             "Datagrams received on the media port",
@@ -41,6 +41,16 @@ pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
             "events_lost_total",
             "Shard events lost to a full control queue",
             |s| s.events_lost,
+        ),
+        (
+            "relay_sent_total",
+            "Relay datagrams sent to other nodes",
+            |s| s.relay_sent,
+        ),
+        (
+            "relay_in_total",
+            "Relay datagrams received from other nodes",
+            |s| s.relay_in,
         ),
         ("shard_channels", "Channels on the shard", |s| s.channels),
         ("shard_members", "Members on the shard", |s| s.members),
@@ -73,6 +83,19 @@ pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
             let _ = writeln!(
                 out,
                 "talkgroup_packets_dropped_total{{shard=\"{}\",reason=\"{reason}\"}} {n}",
+                s.shard
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP talkgroup_relay_dropped_total Relay datagrams dropped, by reason\n# TYPE talkgroup_relay_dropped_total counter"
+    );
+    for s in shards {
+        for (reason, n) in relay_drop_names().iter().zip(s.relay_dropped.iter()) {
+            let _ = writeln!(
+                out,
+                "talkgroup_relay_dropped_total{{shard=\"{}\",reason=\"{reason}\"}} {n}",
                 s.shard
             );
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -13,12 +14,14 @@ use tracing::{info, warn};
 use crate::config::{self, ServeArgs, StoreKind};
 use crate::floor::{FloorConfig, Lease};
 use crate::peer::webrtc::WebRtcConfig;
+use crate::relay::RelayKey;
+use crate::shard::core::RelayState;
 use crate::shard::{self, core::ShardConfig, ShardHandle};
 use crate::signal::http::{self, AppState};
 use crate::signal::hub::{self, Hub, HubConfig, HubMsg};
-use crate::state::memory::{MemoryFloorStore, MemorySessionStore};
+use crate::state::memory::{MemoryFloorStore, MemoryRegistry, MemorySessionStore};
 use crate::state::redis::{RedisConfig, RedisStore};
-use crate::state::{FloorStore, SessionStore, StoreEvent};
+use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -42,20 +45,23 @@ pub const LEASE: Lease = Lease {
     margin: Duration::from_millis(250),
 };
 
-type Stores = (
-    Arc<dyn FloorStore>,
-    Arc<dyn SessionStore>,
-    Option<mpsc::Receiver<StoreEvent>>,
-);
+/// Floor store, session store, cluster registry, and the store's published events (shared stores only).
+pub struct Stores {
+    pub floors: Arc<dyn FloorStore>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub registry: Arc<dyn Registry>,
+    pub events: Option<mpsc::Receiver<StoreEvent>>,
+}
 
 /// Opens the stores on the control thread's runtime (the Redis client spawns its tasks there).
 async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, String> {
     match kind {
-        StoreKind::Memory => Ok((
-            Arc::new(MemoryFloorStore::new(redis.node.clone())),
-            Arc::new(MemorySessionStore::default()),
-            None,
-        )),
+        StoreKind::Memory => Ok(Stores {
+            floors: Arc::new(MemoryFloorStore::new(redis.node.clone())),
+            sessions: Arc::new(MemorySessionStore::default()),
+            registry: Arc::new(MemoryRegistry),
+            events: None,
+        }),
         StoreKind::Redis => {
             let url = redis.url.clone();
             let store = RedisStore::connect(redis)
@@ -66,7 +72,12 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             }
             let events = store.subscribe();
             let store = Arc::new(store);
-            Ok((store.clone(), store, Some(events)))
+            Ok(Stores {
+                floors: store.clone(),
+                sessions: store.clone(),
+                registry: store,
+                events: Some(events),
+            })
         }
     }
 }
@@ -111,7 +122,6 @@ impl Server {
             StoreKind::Redis => (LEASE.ttl, Some(LEASE)),
         };
         let floor = FloorConfig { t1, t2, t3, lease };
-
         let announce_ip = args.announce_ip.unwrap_or_else(|| {
             if args.media_ip.is_unspecified() {
                 config::primary_ip()
@@ -119,6 +129,20 @@ impl Server {
                 args.media_ip
             }
         });
+        let relay_key = match (args.store, &args.cluster_secret) {
+            (StoreKind::Redis, Some(secret)) => Some(RelayKey::new(secret.as_bytes())),
+            (StoreKind::Redis, None) => {
+                warn!("no --cluster-secret: relay off, speakers are heard on their own node only");
+                None
+            }
+            (StoreKind::Memory, _) => None,
+        };
+        let relay_base = args.relay_port.unwrap_or(if args.media_port == 0 {
+            0
+        } else {
+            args.media_port.saturating_add(1000)
+        });
+
         // One DTLS certificate for the whole process; each shard puts its own port in the candidate.
         let webrtc = WebRtcConfig::generate(SocketAddr::new(announce_ip, 0))
             .map_err(|e| ServerError::Start(e.to_string()))?;
@@ -136,29 +160,59 @@ impl Server {
             };
             let bind = SocketAddr::new(args.media_ip, port);
             let cpu = (!args.no_pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
-            let config = ShardConfig {
-                t1,
-                webrtc: Some(webrtc.clone()),
-                ..Default::default()
+            let relay = match &relay_key {
+                Some(key) => {
+                    let port = if relay_base == 0 {
+                        0
+                    } else {
+                        relay_base.checked_add(i as u16).ok_or_else(|| {
+                            ServerError::Config("relay port range overflows".into())
+                        })?
+                    };
+                    let state = RelayState {
+                        key: key.clone(),
+                        node: node.clone(),
+                        peers: Default::default(),
+                    };
+                    Some((SocketAddr::new(args.media_ip, port), state))
+                }
+                None => None,
             };
-            let (handle, join) =
-                shard::spawn(i, bind, cpu, config, event_tx.clone()).map_err(|source| {
-                    ServerError::Bind {
-                        what: "media port",
-                        addr: bind,
-                        source,
-                    }
-                })?;
+            let (handle, join) = shard::spawn(
+                i,
+                bind,
+                cpu,
+                ShardConfig {
+                    t1,
+                    webrtc: Some(webrtc.clone()),
+                    ..Default::default()
+                },
+                relay,
+                event_tx.clone(),
+            )
+            .map_err(|source| ServerError::Bind {
+                what: "media port",
+                addr: bind,
+                source,
+            })?;
             handles.push(handle);
             shard_threads.push(join);
         }
         let media_addrs: Vec<SocketAddr> = handles.iter().map(|h| h.media_addr).collect();
+        let relay_addrs: Option<Vec<SocketAddr>> = relay_key.as_ref().map(|_| {
+            handles
+                .iter()
+                .filter_map(|h| h.relay_addr)
+                .map(|a| SocketAddr::new(announce_ip, a.port()))
+                .collect()
+        });
         let hub_config = HubConfig {
             node,
             floor,
             lock_ttl,
             announce_ip,
             rtp_allow,
+            relay_addrs,
         };
 
         let listener =
@@ -202,15 +256,23 @@ impl Server {
                     }
                 };
                 rt.block_on(async move {
-                    let (floors, sessions, events) = match open_stores(store_kind, redis).await {
+                    let stores = match open_stores(store_kind, redis).await {
                         Ok(s) => s,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return;
                         }
                     };
-                    let shared = events.is_some();
-                    let hub = Hub::new(hub_config, handles, floors, sessions, me, shared);
+                    let events = stores.events;
+                    let hub = Hub::new(
+                        hub_config,
+                        handles,
+                        stores.floors,
+                        stores.sessions,
+                        stores.registry,
+                        me,
+                        events.is_some(),
+                    );
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -221,7 +283,15 @@ impl Server {
                     let hub_task = tokio::spawn(hub.run(hub_rx, event_rx, events));
                     let app = http::router(state);
                     tokio::spawn(async move {
-                        if let Err(e) = axum::serve(listener, app).await {
+                        if let Err(e) = axum::serve(
+                            listener.tap_io(|tcp| {
+                                // Signaling frames are small and latency-bound: no Nagle.
+                                let _ = tcp.set_nodelay(true);
+                            }),
+                            app,
+                        )
+                        .await
+                        {
                             warn!(error = %e, "HTTP server stopped");
                         }
                     });

@@ -251,6 +251,7 @@ async fn a_killed_nodes_floor_frees_within_the_lease() {
         .spawn()
         .expect("spawn talkgroup");
     let http = read_http_addr(&mut child);
+    let mut child = client::ChildGuard(child);
     let mut sa = Signal::connect(http).await;
     let mut sb = Signal::connect(nb.http_addr).await;
     let _a = RtpMember::join(&mut sa, "k", "alice").await;
@@ -260,8 +261,8 @@ async fn a_killed_nodes_floor_frees_within_the_lease() {
     sa.press("k").await;
     floor_any(&mut sa, "k", &["granted"]).await;
     floor_any(&mut sb, "k", &["taken"]).await;
-    child.kill().expect("kill -9");
-    let _ = child.wait();
+    child.0.kill().expect("kill -9");
+    let _ = child.0.wait();
     let killed = Instant::now();
     loop {
         sb.press("k").await;

@@ -2,7 +2,7 @@
 //! `shard/mod.rs` feeds it datagrams, commands and ticks with the time; it answers with a batch to send and
 //! events for the control thread. Tests drive it directly, without sockets or clocks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,6 +12,7 @@ use crate::channel::{Channel, ForwardDrop, Leg, Member, MemberKey, SpeakerChange
 use crate::forward::{Batch, OutStream, RawAddr};
 use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcConfig};
 use crate::peer::{PeerId, Peers};
+use crate::relay::{RelayError, RelayKey};
 use crate::rtp::{self, Kind, RtpError, RtpView, MAX_DATAGRAM, SR_LEN};
 
 use super::{Command, Event, ShardStats, DROP_REASONS};
@@ -102,12 +103,42 @@ pub struct ShardCore {
     listener_events: Vec<PeerEvent>,
     due: Vec<PeerId>,
     spill: Batch,
+    relay: Option<RelayState>,
+    relay_out: RelayOut,
+}
+
+/// The relay settings of a shard: the cluster key, this node's id, and the relay addresses of the
+/// registered nodes (the only senders accepted).
+#[derive(Debug, Clone)]
+pub struct RelayState {
+    pub key: RelayKey,
+    pub node: String,
+    pub peers: HashSet<SocketAddr>,
+}
+
+/// One relay datagram and its destinations; reused between packets.
+#[derive(Debug, Default)]
+pub struct RelayOut {
+    pub data: Vec<u8>,
+    pub dests: Vec<RawAddr>,
 }
 
 impl ShardCore {
     pub fn new(index: usize, config: ShardConfig, now: Instant) -> Self {
+        Self::with_relay(index, config, None, now)
+    }
+
+    /// A shard that relays to and accepts from other nodes.
+    pub fn with_relay(
+        index: usize,
+        config: ShardConfig,
+        relay: Option<RelayState>,
+        now: Instant,
+    ) -> Self {
         let next_sr = now + config.sr_interval;
         ShardCore {
+            relay,
+            relay_out: RelayOut::default(),
             index,
             config,
             channels: Vec::new(),
@@ -175,6 +206,8 @@ impl ShardCore {
         batch: &mut Batch,
     ) -> Verdict {
         self.stats.packets_in += 1;
+        // Only a packet forwarded now fills it again: a stale copy must never be relayed twice.
+        self.relay_out.dests.clear();
         let verdict = self.classify_and_forward(src, data, now, batch);
         if let Verdict::Dropped(d) = verdict {
             self.stats.dropped[d as usize] += 1;
@@ -253,10 +286,97 @@ impl ShardCore {
                     self.write_peers(batch, Arc::from(pkt.payload), now, None);
                 }
                 let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
+                self.prepare_relay(slot, data);
                 Verdict::Forward(start..start + pkt.payload.len())
             }
-            Err(ForwardDrop::NotHolder) => Verdict::Dropped(Drop::NotHolder),
+            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => {
+                Verdict::Dropped(Drop::NotHolder)
+            }
             Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => Verdict::Dropped(Drop::Stale),
+        }
+    }
+
+    /// Prepares the relay copy of a local speaker's packet (once for every other node of the channel);
+    /// the shard loop sends [`ShardCore::relay_out`] from the relay socket.
+    pub(super) fn prepare_relay(&mut self, slot: usize, data: &[u8]) {
+        self.relay_out.dests.clear();
+        let (Some(relay), Some(ch)) = (self.relay.as_ref(), self.channels[slot].as_ref()) else {
+            return;
+        };
+        if ch.relay_targets().is_empty() {
+            return;
+        }
+        relay.key.encode(
+            &mut self.relay_out.data,
+            &ch.name,
+            ch.epoch(),
+            ch.speaker_name(),
+            &relay.node,
+            data,
+        );
+        self.relay_out.dests.extend_from_slice(ch.relay_targets());
+    }
+
+    /// The relay datagram to send after the last `handle_datagram`, and where (empty: nothing to relay).
+    pub fn relay_out(&self) -> &RelayOut {
+        &self.relay_out
+    }
+
+    /// Counts relay datagrams the socket layer sent.
+    pub fn count_relayed(&mut self, n: usize) {
+        self.stats.relay_sent += n as u64;
+    }
+
+    /// A datagram on the relay port: authenticated, from a registered node, for the current remote grant.
+    pub fn handle_relay_datagram(
+        &mut self,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Verdict {
+        self.stats.relay_in += 1;
+        let result = self.relay_forward(src, data, now, batch);
+        match result {
+            Ok(range) => Verdict::Forward(range),
+            Err(e) => {
+                self.stats.relay_dropped[e as usize] += 1;
+                Verdict::Dropped(Drop::NotRtp)
+            }
+        }
+    }
+
+    fn relay_forward(
+        &mut self,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        batch: &mut Batch,
+    ) -> Result<Range<usize>, RelayError> {
+        let relay = self.relay.as_ref().ok_or(RelayError::UnknownNode)?;
+        let pkt = relay.key.decode(data)?;
+        if !relay.peers.contains(&src) {
+            return Err(RelayError::UnknownNode);
+        }
+        let slot = *self
+            .by_name
+            .get(pkt.channel)
+            .ok_or(RelayError::UnknownChannel)?;
+        let ch = self.channels[slot]
+            .as_mut()
+            .ok_or(RelayError::UnknownChannel)?;
+        let rtp = RtpView::parse(pkt.rtp).map_err(|_| RelayError::Malformed)?;
+        match ch.forward_remote(pkt.epoch, &rtp, now, batch) {
+            Ok(()) => {
+                let start = rtp.payload.as_ptr() as usize - data.as_ptr() as usize;
+                if !batch.peers.is_empty() {
+                    // Local WebRTC listeners of a remote speaker.
+                    self.write_peers(batch, Arc::from(rtp.payload), now, None);
+                }
+                Ok(start..start + rtp.payload.len())
+            }
+            Err(ForwardDrop::StaleEpoch | ForwardDrop::NotHolder) => Err(RelayError::StaleEpoch),
+            Err(_) => Err(RelayError::Malformed),
         }
     }
 
@@ -333,6 +453,18 @@ impl ShardCore {
                     applied,
                 })
             }
+            Command::RelayTargets { channel, targets } => {
+                let slot = *self.by_name.get(&channel)?;
+                let ch = self.channels[slot].as_mut()?;
+                ch.set_relay_targets(targets.into_iter().map(RawAddr::new).collect());
+                None
+            }
+            Command::RelayPeers { peers } => {
+                if let Some(relay) = self.relay.as_mut() {
+                    relay.peers = peers.into_iter().collect();
+                }
+                None
+            }
             Command::Stats { reply } => {
                 let _ = reply.try_send(self.stats());
                 None
@@ -405,6 +537,19 @@ pub const fn drop_reason_names() -> [&'static str; DROP_REASONS] {
 }
 
 mod webrtc;
+/// Names of the relay drop reasons, in [`RelayError`] order, for metrics.
+pub const fn relay_drop_names() -> [&'static str; RELAY_DROPS] {
+    [
+        "malformed",
+        "bad_tag",
+        "unknown_node",
+        "stale_epoch",
+        "unknown_channel",
+    ]
+}
+
+/// Number of relay drop reasons.
+pub const RELAY_DROPS: usize = 5;
 
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
-use self::core::{ShardConfig, ShardCore, Verdict};
+use self::core::{RelayState, ShardConfig, ShardCore, Verdict};
 use crate::channel::{MemberKey, SpeakerChange};
 use crate::forward::Batch;
 use crate::peer::webrtc::Transmit;
@@ -55,6 +55,15 @@ pub enum Command {
     Speaker {
         channel: String,
         change: SpeakerChange,
+    },
+    /// Other nodes' relay addresses for the channel (this shard's index on each node).
+    RelayTargets {
+        channel: String,
+        targets: Vec<SocketAddr>,
+    },
+    /// Relay addresses of every registered node: the only accepted relay senders.
+    RelayPeers {
+        peers: Vec<SocketAddr>,
     },
     Stats {
         reply: flume::Sender<ShardStats>,
@@ -114,6 +123,9 @@ pub struct ShardStats {
     pub sender_reports: u64,
     pub stale_speaker_changes: u64,
     pub events_lost: u64,
+    pub relay_sent: u64,
+    pub relay_in: u64,
+    pub relay_dropped: [u64; core::RELAY_DROPS],
     pub channels: u64,
     pub members: u64,
     pub peers: u64,
@@ -125,6 +137,8 @@ pub struct ShardStats {
 pub struct ShardHandle {
     pub index: usize,
     pub media_addr: SocketAddr,
+    /// Where other nodes send this shard relayed media (relay enabled only).
+    pub relay_addr: Option<SocketAddr>,
     pub commands: flume::Sender<Command>,
 }
 
@@ -144,6 +158,7 @@ pub fn spawn(
     bind: SocketAddr,
     cpu: Option<usize>,
     mut config: ShardConfig,
+    relay: Option<(SocketAddr, RelayState)>,
     events: flume::Sender<Event>,
 ) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
     let socket = udp::bind(bind)?;
@@ -151,6 +166,14 @@ pub fn spawn(
     if let Some(w) = config.webrtc.as_mut() {
         w.candidate.set_port(media_addr.port());
     }
+    let (relay_fd, relay_addr, relay_state) = match relay {
+        Some((relay_bind, state)) => {
+            let s = udp::bind(relay_bind)?;
+            let addr = s.local_addr()?.as_socket().unwrap_or(relay_bind);
+            (Some(s.into_raw_fd()), Some(addr), Some(state))
+        }
+        None => (None, None, None),
+    };
     let (tx, rx) = flume::bounded(COMMAND_QUEUE);
     let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
     let fd = socket.into_raw_fd();
@@ -162,12 +185,17 @@ pub fn spawn(
         .spawn(move || async move {
             // SAFETY: `fd` is a bound UDP socket whose ownership moves here.
             let socket = unsafe { glommio::net::UdpSocket::from_raw_fd(fd) };
-            run(index, socket, config, rx, events).await;
+            // SAFETY: likewise for the relay socket.
+            let relay_socket =
+                relay_fd.map(|fd| unsafe { glommio::net::UdpSocket::from_raw_fd(fd) });
+            let core = ShardCore::with_relay(index, config, relay_state, Instant::now());
+            run(index, socket, relay_socket, core, rx, events).await;
         })
         .map_err(|e| std::io::Error::other(format!("shard {index}: {e}")))?;
     let handle = ShardHandle {
         index,
         media_addr,
+        relay_addr,
         commands: tx,
     };
     // glommio's join handle is not std's; wrap it in a thread that waits for it.
@@ -183,6 +211,8 @@ pub fn spawn(
 struct Loop {
     core: RefCell<ShardCore>,
     socket: glommio::net::UdpSocket,
+    /// Relay copies leave from (and other nodes' copies arrive on) this socket; `None` without a cluster.
+    relay: Option<glommio::net::UdpSocket>,
     events: flume::Sender<Event>,
     /// Wakes the timer task when a peer's deadline became earlier than the one it sleeps until.
     wake: glommio::channels::local_channel::LocalSender<()>,
@@ -232,21 +262,26 @@ impl Loop {
 async fn run(
     index: usize,
     socket: glommio::net::UdpSocket,
-    config: ShardConfig,
+    relay_socket: Option<glommio::net::UdpSocket>,
+    core: ShardCore,
     commands: flume::Receiver<Command>,
     events: flume::Sender<Event>,
 ) {
     let (wake, wake_rx) = glommio::channels::local_channel::new_bounded(1);
+    let has_relay = relay_socket.is_some();
     let lp = Rc::new(Loop {
-        core: RefCell::new(ShardCore::new(index, config, Instant::now())),
+        core: RefCell::new(core),
         socket,
+        relay: relay_socket,
         events,
         wake,
         sleeping_until: Cell::new(None),
         scratch: RefCell::new(Default::default()),
     });
     info!(shard = index, addr = ?lp.socket.local_addr().ok(), "shard started");
-    let rx = glommio::spawn_local(receive_loop(lp.clone())).detach();
+    let rx = glommio::spawn_local(receive_loop(lp.clone(), Port::Media)).detach();
+    let relay_rx =
+        has_relay.then(|| glommio::spawn_local(receive_loop(lp.clone(), Port::Relay)).detach());
     let timers = glommio::spawn_local(timer_loop(lp.clone(), wake_rx)).detach();
     while let Ok(cmd) = commands.recv_async().await {
         if matches!(cmd, Command::Shutdown) {
@@ -259,19 +294,38 @@ async fn run(
         lp.flush();
     }
     rx.cancel();
+    if let Some(r) = relay_rx {
+        r.cancel();
+    }
     timers.cancel();
     info!(shard = index, "shard stopped");
 }
 
+/// Which socket a receive loop serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// Members' media: forward a holder's packets to local listeners, and relay them to other nodes.
+    Media,
+    /// Other nodes' relayed media: forward to local listeners.
+    Relay,
+}
+
 /// Receive → decide → send, one datagram at a time; glommio's `recv_from` first tries a non-blocking
-/// `recvmsg`, so under load this is a syscall per datagram without a trip through the ring.
-async fn receive_loop(lp: Rc<Loop>) {
-    let fd = lp.socket.as_raw_fd();
+/// `recvmsg`, so under load this is a syscall per datagram without a trip through the ring. Listeners
+/// always get their packets from the media socket (the address `joined` announced); relay copies leave
+/// from the relay socket, which is what the receiving node accepts.
+async fn receive_loop(lp: Rc<Loop>, port: Port) {
+    let media_fd = lp.socket.as_raw_fd();
+    let relay_fd = lp.relay.as_ref().map(|r| r.as_raw_fd());
     let mut buf = vec![0u8; 2048];
     let mut batch = Batch::default();
     let mut sender = udp::Sender::default();
     loop {
-        let (len, src) = match lp.socket.recv_from(&mut buf).await {
+        let socket = match (port, &lp.relay) {
+            (Port::Relay, Some(r)) => r,
+            _ => &lp.socket,
+        };
+        let (len, src) = match socket.recv_from(&mut buf).await {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "recv_from failed");
@@ -279,17 +333,37 @@ async fn receive_loop(lp: Rc<Loop>) {
             }
         };
         batch.clear();
-        let verdict =
-            lp.core
+        let now = Instant::now();
+        let verdict = match port {
+            Port::Media => lp
+                .core
                 .borrow_mut()
-                .handle_datagram(src, &buf[..len], Instant::now(), &mut batch);
+                .handle_datagram(src, &buf[..len], now, &mut batch),
+            Port::Relay => {
+                lp.core
+                    .borrow_mut()
+                    .handle_relay_datagram(src, &buf[..len], now, &mut batch)
+            }
+        };
+        if port == Port::Media {
+            // A local speaker's packet (plain or WebRTC) goes once to every other node of the channel.
+            if let Some(fd) = relay_fd {
+                let c = lp.core.borrow();
+                let out = c.relay_out();
+                if !out.dests.is_empty() {
+                    let sent = sender.send_same(fd, &out.data, &out.dests);
+                    drop(c);
+                    lp.core.borrow_mut().count_relayed(sent.sent);
+                }
+            }
+        }
         let payload: &[u8] = match &verdict {
             Verdict::Forward(range) => &buf[range.clone()],
             Verdict::ForwardShared(shared) => shared,
             _ => &[],
         };
         if matches!(verdict, Verdict::Forward(_) | Verdict::ForwardShared(_)) && !batch.is_empty() {
-            let sent = sender.send_fanout(fd, &batch, payload);
+            let sent = sender.send_fanout(media_fd, &batch, payload);
             let mut slow = 0;
             if sent.would_block > 0 {
                 // The socket buffer is full: wait for room with glommio for the rest of this batch.

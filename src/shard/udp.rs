@@ -77,6 +77,11 @@ impl Sender {
         })
     }
 
+    /// Sends the same datagram to every destination (relay copies, one per other node).
+    pub fn send_same(&mut self, fd: RawFd, data: &[u8], dests: &[RawAddr]) -> Sent {
+        self.send_with(fd, dests.len(), |i| (data, &[][..], &dests[i]))
+    }
+
     /// Sends whole datagrams (sender reports, what the WebRTC peers produced).
     pub fn send_each<D: AsRef<[u8]>>(&mut self, fd: RawFd, datagrams: &[(D, RawAddr)]) -> Sent {
         self.send_with(fd, datagrams.len(), |i| {

@@ -16,7 +16,8 @@ use crate::channel::{MemberKey, SpeakerChange};
 use crate::floor::{DenyReason, Floor, FloorConfig, FloorEvent, Input, Output, Renewal, To};
 use crate::shard::{self, Command, Event, PeerRefused, ShardHandle};
 use crate::state::{
-    AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StateError, StoreEvent,
+    AcquireRequest, Acquired, FloorStore, Holder, NodeInfo, Registry, SessionStore, StateError,
+    StoreEvent,
 };
 
 use super::protocol::{
@@ -36,6 +37,11 @@ const TICK: Duration = Duration::from_millis(25);
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
 /// Session heartbeat: well inside the store's idle TTL (1 h).
 const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Liveness of this node in the registry, and how often it is renewed (design: ≈ 10 s TTL).
+const NODE_TTL: Duration = Duration::from_secs(10);
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
+/// How often the relay targets of each channel are re-read (off the packet path).
+const RELAY_REFRESH: Duration = Duration::from_secs(1);
 /// Bound on the session-store calls a join waits for before answering `joined`.
 const SESSION_WAIT: Duration = Duration::from_millis(500);
 
@@ -49,6 +55,8 @@ pub struct HubConfig {
     pub announce_ip: IpAddr,
     /// Source networks allowed to join as plain RTP.
     pub rtp_allow: Vec<(IpAddr, u8)>,
+    /// This node's relay address per shard, announced to the other nodes; `None`: relay off.
+    pub relay_addrs: Option<Vec<SocketAddr>>,
 }
 
 /// Messages to the hub.
@@ -113,6 +121,12 @@ pub enum StoreDone {
         key: MemberKey,
         members: Vec<String>,
     },
+    /// The registry's live nodes in a channel (and the dead ones it found).
+    Nodes {
+        channel: String,
+        live: Vec<NodeInfo>,
+        dead: Vec<String>,
+    },
 }
 
 /// One row of `/api/channels`.
@@ -165,6 +179,8 @@ struct MemberCtl {
 
 struct ChannelCtl {
     shard: usize,
+    /// Relay targets last sent to the shard.
+    relay_targets: Vec<SocketAddr>,
     members: BTreeMap<String, MemberCtl>,
     floor: Floor,
 }
@@ -191,6 +207,12 @@ pub struct Hub {
     shared: bool,
     next_resync: Instant,
     next_refresh: Instant,
+    registry: Arc<dyn Registry>,
+    /// Relay addresses of the live nodes seen in the registry; the shards accept relay only from these.
+    known_nodes: HashMap<String, Vec<SocketAddr>>,
+    relay_peers: Vec<SocketAddr>,
+    next_announce: Instant,
+    next_relay_refresh: Instant,
 }
 
 impl Hub {
@@ -199,6 +221,7 @@ impl Hub {
         shards: Vec<ShardHandle>,
         floors: Arc<dyn FloorStore>,
         sessions: Arc<dyn SessionStore>,
+        registry: Arc<dyn Registry>,
         me: mpsc::Sender<HubMsg>,
         shared: bool,
     ) -> Self {
@@ -219,6 +242,11 @@ impl Hub {
             shared,
             next_resync: now + RESYNC_EVERY,
             next_refresh: now + REFRESH_EVERY,
+            registry,
+            known_nodes: HashMap::new(),
+            relay_peers: Vec::new(),
+            next_announce: now,
+            next_relay_refresh: now,
         }
     }
 
@@ -439,6 +467,17 @@ impl Hub {
         } else {
             return Ok(()); // the connection is gone
         }
+        if !self.channels.contains_key(&join.channel) && self.config.relay_addrs.is_some() {
+            // This node now serves the channel: other nodes relay its speakers here.
+            let (registry, channel, node) = (
+                self.registry.clone(),
+                join.channel.clone(),
+                self.config.node.clone(),
+            );
+            tokio::spawn(async move {
+                let _ = registry.set_channel_node(&channel, &node, true).await;
+            });
+        }
         let shards = self.shards.len();
         let floor_config = self.config.floor;
         let ch = self
@@ -446,9 +485,11 @@ impl Hub {
             .entry(join.channel.clone())
             .or_insert_with(|| ChannelCtl {
                 shard: shard::shard_of(&join.channel, shards),
+                relay_targets: Vec::new(),
                 members: BTreeMap::new(),
                 floor: Floor::new(floor_config),
             });
+
         if ch.members.contains_key(&join.member) {
             return Err(SignalError::new(
                 ErrorCode::AlreadyJoined,
@@ -713,7 +754,7 @@ impl Hub {
             sdp,
             id,
         };
-        info!(channel, member, conn, "joined");
+        debug!(channel, member, conn, "joined");
         self.send(conn, &joined);
         let presence = Message::Presence {
             channel: channel.to_string(),
@@ -792,6 +833,16 @@ impl Hub {
         {
             self.channels.remove(channel);
             self.ticking.remove(channel);
+            if self.config.relay_addrs.is_some() {
+                let (registry, channel, node) = (
+                    self.registry.clone(),
+                    channel.to_string(),
+                    self.config.node.clone(),
+                );
+                tokio::spawn(async move {
+                    let _ = registry.set_channel_node(&channel, &node, false).await;
+                });
+            }
         }
     }
 
@@ -895,6 +946,14 @@ impl Hub {
             } => {
                 self.member_ready(&channel, &member, key, members);
                 channel
+            }
+            StoreDone::Nodes {
+                channel,
+                live,
+                dead,
+            } => {
+                self.on_nodes(&channel, live, dead);
+                return;
             }
         };
         self.drive(&channel);
@@ -1108,6 +1167,93 @@ impl Hub {
         }
     }
 
+    /// The registry's view of a channel: relay to every other live node once, accept relay from every live
+    /// node, and clean up after the dead ones.
+    fn on_nodes(&mut self, channel: &str, live: Vec<NodeInfo>, dead: Vec<String>) {
+        for node in &dead {
+            warn!(node, channel, "node is gone: removing its members");
+            self.known_nodes.remove(node);
+            let (registry, channel, node) =
+                (self.registry.clone(), channel.to_string(), node.clone());
+            tokio::spawn(async move {
+                // Publishes `leave` for each of its members: every node's presence follows.
+                let _ = registry.evict_node(&channel, &node).await;
+            });
+        }
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let mut targets = Vec::new();
+        for info in live {
+            if info.node == self.config.node || info.relay.is_empty() {
+                continue;
+            }
+            // The channel lives on the same-named shard index on every node with that many shards.
+            targets.push(info.relay[shard::shard_of(channel, info.relay.len())]);
+            self.known_nodes.insert(info.node, info.relay);
+        }
+        targets.sort();
+        if targets != ch.relay_targets {
+            ch.relay_targets = targets.clone();
+            let cmd = Command::RelayTargets {
+                channel: channel.to_string(),
+                targets,
+            };
+            let _ = self.shards[ch.shard].commands.try_send(cmd);
+        }
+        let mut peers: Vec<SocketAddr> = self.known_nodes.values().flatten().copied().collect();
+        peers.sort();
+        peers.dedup();
+        if peers != self.relay_peers {
+            self.relay_peers = peers.clone();
+            for s in &self.shards {
+                let _ = s.commands.try_send(Command::RelayPeers {
+                    peers: peers.clone(),
+                });
+            }
+        }
+    }
+
+    /// Renews this node's liveness and re-reads every channel's nodes (relay on only).
+    fn tick_relay(&mut self, now: Instant) {
+        let Some(relay) = self.config.relay_addrs.clone() else {
+            return;
+        };
+        if now >= self.next_announce {
+            self.next_announce = now + ANNOUNCE_EVERY;
+            let (registry, info) = (
+                self.registry.clone(),
+                NodeInfo {
+                    node: self.config.node.clone(),
+                    relay,
+                },
+            );
+            tokio::spawn(async move {
+                if let Err(e) = registry.announce(&info, NODE_TTL).await {
+                    debug!(error = %e, "node announce failed");
+                }
+            });
+        }
+        if now >= self.next_relay_refresh {
+            self.next_relay_refresh = now + RELAY_REFRESH;
+            for channel in self.channels.keys() {
+                let (registry, me, channel) =
+                    (self.registry.clone(), self.me.clone(), channel.clone());
+                tokio::spawn(async move {
+                    if let Ok((live, dead)) = registry.channel_nodes(&channel).await {
+                        let _ = me
+                            .send(HubMsg::Store(StoreDone::Nodes {
+                                channel,
+                                live,
+                                dead,
+                            }))
+                            .await;
+                    }
+                });
+            }
+        }
+    }
+
     /// Re-reads every local channel's floor from the store.
     fn resync(&mut self) {
         for channel in self.channels.keys() {
@@ -1153,6 +1299,7 @@ impl Hub {
             self.next_refresh = now + REFRESH_EVERY;
             self.refresh_sessions();
         }
+        self.tick_relay(now);
         let names: Vec<String> = self.ticking.iter().cloned().collect();
         for name in names {
             if let Some(ch) = self.channels.get_mut(&name) {
@@ -1166,6 +1313,19 @@ impl Hub {
     /// Clean stop: floors are given back and announced idle, every member is told `left`, the shards stop.
     async fn shutdown(&mut self) {
         info!("shutting down: releasing floors and closing connections");
+        if self.config.relay_addrs.is_some() {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(500),
+                self.registry.withdraw(&self.config.node),
+            )
+            .await;
+            for channel in self.channels.keys() {
+                let set = self
+                    .registry
+                    .set_channel_node(channel, &self.config.node, false);
+                let _ = tokio::time::timeout(Duration::from_millis(200), set).await;
+            }
+        }
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         for name in channels {
             let Some(ch) = self.channels.get(&name) else {

@@ -3,13 +3,16 @@
 //!
 //! A `std::sync::Mutex` is right here (as in mini-redis `db.rs`): the store lives on the control thread,
 //! critical sections are a few map operations and never span an `.await`.
+// The lock is control-plane only (clippy.toml bans it elsewhere).
+#![allow(clippy::disallowed_types)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{
-    wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StoreFuture,
+    wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, NodeInfo, Registry, SessionStore,
+    StoreFuture,
 };
 
 struct Lock {
@@ -200,5 +203,39 @@ impl SessionStore for MemorySessionStore {
             .unwrap_or_default();
         v.sort();
         Box::pin(std::future::ready(Ok(v)))
+    }
+}
+
+/// One node alone: no other node to relay to, none to outlive.
+#[derive(Default)]
+pub struct MemoryRegistry;
+
+impl Registry for MemoryRegistry {
+    fn announce<'a>(&'a self, _node: &'a NodeInfo, _ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn withdraw<'a>(&'a self, _node: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn set_channel_node<'a>(
+        &'a self,
+        _channel: &'a str,
+        _node: &'a str,
+        _present: bool,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn channel_nodes<'a>(
+        &'a self,
+        _channel: &'a str,
+    ) -> StoreFuture<'a, (Vec<NodeInfo>, Vec<String>)> {
+        Box::pin(std::future::ready(Ok((Vec::new(), Vec::new()))))
+    }
+
+    fn evict_node<'a>(&'a self, _channel: &'a str, _node: &'a str) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
 }

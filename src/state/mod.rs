@@ -111,6 +111,38 @@ pub trait SessionStore: Send + Sync + 'static {
     fn channels_of<'a>(&'a self, member: &'a str) -> StoreFuture<'a, Vec<String>>;
 }
 
+/// A node as the cluster registry knows it: its id and one relay address per shard (index = shard).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node: String,
+    pub relay: Vec<std::net::SocketAddr>,
+}
+
+/// Which nodes have members in which channel, and which nodes are alive — what the relay needs to send a
+/// speaker's packets once per other node, and what lets the survivors clean up after a dead node.
+pub trait Registry: Send + Sync + 'static {
+    /// Announces (or renews) this node's liveness for `ttl`, with its relay addresses.
+    fn announce<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> StoreFuture<'a, ()>;
+    /// Clean shutdown: the node is gone now rather than when its liveness runs out.
+    fn withdraw<'a>(&'a self, node: &'a str) -> StoreFuture<'a, ()>;
+    /// `node` has members in `channel` (`present`) or no longer has (`!present`).
+    fn set_channel_node<'a>(
+        &'a self,
+        channel: &'a str,
+        node: &'a str,
+        present: bool,
+    ) -> StoreFuture<'a, ()>;
+    /// The live nodes with members in `channel`, and the ids of registered nodes whose liveness is gone
+    /// (those are removed from the channel on the way).
+    fn channel_nodes<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> StoreFuture<'a, (Vec<NodeInfo>, Vec<String>)>;
+    /// Removes the session entries of a dead node's members in `channel` (publishing `leave` for each);
+    /// returns their names.
+    fn evict_node<'a>(&'a self, channel: &'a str, node: &'a str) -> StoreFuture<'a, Vec<String>>;
+}
+
 /// Microseconds since the Unix epoch: the floor of every new epoch, so epochs survive a store restart.
 pub fn wall_clock_us() -> u64 {
     std::time::SystemTime::now()

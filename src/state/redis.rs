@@ -47,6 +47,8 @@ use redis::{Client, RedisResult, Script};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+mod registry;
+
 use super::{
     wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StateError,
     StoreEvent, StoreFuture,
@@ -192,6 +194,14 @@ impl Keys {
 
     fn member_channels(&self, member: &str) -> String {
         format!("{}:tg:member:{{{member}}}:channels", self.prefix)
+    }
+
+    fn node(&self, node: &str) -> String {
+        format!("{}:tg:node:{node}", self.prefix)
+    }
+
+    fn channel_nodes(&self, channel: &str) -> String {
+        self.channel(channel, "nodes")
     }
 
     fn events(&self) -> String {

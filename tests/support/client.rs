@@ -85,6 +85,31 @@ impl Signal {
         }
     }
 
+    /// Like [`Signal::expect`], waiting up to `within` in all (quiet spells longer than one step allowed).
+    pub async fn expect_within(
+        &mut self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(i) = self.backlog.iter().position(&pred) {
+                return self.backlog.remove(i);
+            }
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Ws::Text(t)))) => self
+                    .backlog
+                    .push(serde_json::from_str(&t).expect("server sent bad JSON")),
+                Ok(Some(Ok(Ws::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                    panic!("closed while waiting for {what}")
+                }
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => panic!("no {what} within {within:?}; backlog {:?}", self.backlog),
+            }
+        }
+    }
+
     pub async fn expect_floor(&mut self, channel: &str, state: &str) -> Value {
         let (c, s) = (channel.to_string(), state.to_string());
         self.expect(&format!("floor {state} on {channel}"), move |v| {
@@ -133,6 +158,9 @@ impl Signal {
             .await;
     }
 }
+
+/// One received RTP packet: (ssrc, seq, timestamp, marker, payload).
+pub type Received = (u32, u16, u32, bool, Vec<u8>);
 
 /// A plain-RTP member: its UDP socket and what `joined` told it.
 pub struct RtpMember {
@@ -200,7 +228,7 @@ impl RtpMember {
     }
 
     /// Receives RTP packets until `n` arrived or `wait` passed: (ssrc, seq, ts, marker, payload).
-    pub async fn recv_rtp(&self, n: usize, wait: Duration) -> Vec<(u32, u16, u32, bool, Vec<u8>)> {
+    pub async fn recv_rtp(&self, n: usize, wait: Duration) -> Vec<Received> {
         let mut out = vec![];
         let mut buf = [0u8; 2048];
         let deadline = tokio::time::Instant::now() + wait;
@@ -262,4 +290,14 @@ pub fn metric(body: &str, prefix: &str) -> u64 {
         .filter(|l| !l.starts_with('#') && l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// A child process killed when dropped, so a failing test leaves no server behind.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

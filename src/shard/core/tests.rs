@@ -189,3 +189,102 @@ fn shard_of_is_stable() {
         .collect();
     assert_eq!(spread.len(), 2);
 }
+
+#[test]
+fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
+    use crate::relay::RelayKey;
+    let now = Instant::now();
+    let key = RelayKey::new(b"k");
+    let peer = addr(9000);
+    let relay = RelayState {
+        key: key.clone(),
+        node: "me".into(),
+        peers: [peer].into_iter().collect(),
+    };
+    let mut s = ShardCore::with_relay(0, ShardConfig::default(), Some(relay), now);
+    for k in 1..=2u64 {
+        s.handle_command(
+            Command::AddMember {
+                channel: "ops".into(),
+                key: k,
+                name: format!("m{k}"),
+                addr: addr(6000 + k as u16),
+                ssrc: k as u32,
+            },
+            now,
+        );
+        s.handle_datagram(
+            addr(6000 + k as u16),
+            &[0x80, 201, 0, 1, 0, 0, 0, 1],
+            now,
+            &mut Batch::default(),
+        );
+    }
+    // Another node's member holds the floor at epoch 20.
+    s.handle_command(
+        Command::Speaker {
+            channel: "ops".into(),
+            change: SpeakerChange::Granted {
+                speaker: None,
+                epoch: 20,
+            },
+        },
+        now,
+    );
+    let rtp = rtp::build_packet(false, OPUS_PT, 1, 960, 5, b"remote");
+    let mut buf = Vec::new();
+    let mut batch = Batch::default();
+    key.encode(&mut buf, "ops", 20, "zed", "other", &rtp);
+    assert!(matches!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Forward(_)
+    ));
+    assert_eq!(
+        batch.len(),
+        2,
+        "every local member hears the remote speaker"
+    );
+    batch.clear();
+    assert_eq!(
+        s.handle_relay_datagram(addr(9999), &buf, now, &mut batch),
+        Verdict::Dropped(Drop::NotRtp)
+    );
+    key.encode(&mut buf, "ops", 19, "old", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(Drop::NotRtp)
+    );
+    RelayKey::new(b"wrong").encode(&mut buf, "ops", 20, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(Drop::NotRtp)
+    );
+    key.encode(&mut buf, "nope", 20, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(Drop::NotRtp)
+    );
+    assert!(batch.is_empty());
+    let st = s.stats();
+    assert_eq!(
+        st.relay_dropped,
+        [0, 1, 1, 1, 1],
+        "malformed, bad_tag, unknown_node, stale_epoch, unknown_channel"
+    );
+    // A local grant ends the remote one: relayed packets of the old epoch stop.
+    s.handle_command(
+        Command::Speaker {
+            channel: "ops".into(),
+            change: SpeakerChange::Granted {
+                speaker: Some(1),
+                epoch: 21,
+            },
+        },
+        now,
+    );
+    key.encode(&mut buf, "ops", 20, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(Drop::NotRtp)
+    );
+}

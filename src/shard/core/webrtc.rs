@@ -208,8 +208,21 @@ impl ShardCore {
         let ch = self.channels[channel].as_mut().ok_or(Drop::UnknownSource)?;
         match ch.forward(key, &view, now, batch) {
             Ok(()) => {}
-            Err(ForwardDrop::NotHolder) => return Err(Drop::NotHolder),
+            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => return Err(Drop::NotHolder),
             Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => return Err(Drop::Stale),
+        }
+        if self.relay.is_some() && !ch.relay_targets().is_empty() {
+            // Other nodes take plain RTP inside the relay envelope: rebuild the packet with the plain
+            // legs' Opus payload type (header extensions and CSRCs are never forwarded anyway).
+            let rtp = crate::rtp::build_packet(
+                view.marker,
+                super::OPUS_PT,
+                view.seq,
+                view.timestamp,
+                view.ssrc,
+                view.payload,
+            );
+            self.prepare_relay(channel, &rtp);
         }
         if !batch.peers.is_empty() {
             self.write_peers(

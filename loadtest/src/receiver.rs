@@ -1,0 +1,618 @@
+//! Receiver threads: every member's socket in one epoll set per thread, `recvmmsg` on each ready socket,
+//! the receive time read right after the syscall.
+//!
+//! Each thread owns its listeners' state (sequence trackers, last spurt), so the hot path shares nothing;
+//! it ships interval reports (histograms + counters) to the coordinator about once a second and a final
+//! one, with the per-stream sequence totals, whenever the phase number changes.
+
+use crate::model::{ChannelShared, Member, Target, TargetCell};
+use crate::seq::{SeqEvent, SeqTotals, SeqTracker};
+use crate::sockets::{pktinfo_dst, CmsgBuf, Endpoints};
+use crate::stamp::{parse_datagram, Datagram, Stamp};
+use crate::stats::LatencyHist;
+use crate::sys::mono_ns;
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+/// Counters of one interval or phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecvCounters {
+    /// RTP packets from the current target carrying our stamp, duplicates included.
+    pub packets: u64,
+    /// … without duplicates: what counts as delivered.
+    pub unique: u64,
+    pub bytes: u64,
+    /// The server's own RTCP (sender reports).
+    pub rtcp: u64,
+    /// Datagrams without our stamp.
+    pub foreign: u64,
+    /// From an address that is not this phase's target (late packets of the previous phase).
+    pub stray: u64,
+    /// Protocol checks (plain-RTP rules of protocol v1), counted on the server's streams only.
+    pub echo: u64,
+    pub misrouted: u64,
+    pub ssrc_mismatch: u64,
+    pub pt_mismatch: u64,
+    pub marker_missing: u64,
+    pub ts_backwards: u64,
+    pub switches: u64,
+}
+
+impl RecvCounters {
+    pub fn add(&mut self, o: &RecvCounters) {
+        self.packets += o.packets;
+        self.unique += o.unique;
+        self.bytes += o.bytes;
+        self.rtcp += o.rtcp;
+        self.foreign += o.foreign;
+        self.stray += o.stray;
+        self.echo += o.echo;
+        self.misrouted += o.misrouted;
+        self.ssrc_mismatch += o.ssrc_mismatch;
+        self.pt_mismatch += o.pt_mismatch;
+        self.marker_missing += o.marker_missing;
+        self.ts_backwards += o.ts_backwards;
+        self.switches += o.switches;
+    }
+
+    /// Violations of protocol v1 seen at listeners.
+    pub fn violations(&self) -> u64 {
+        self.echo
+            + self.misrouted
+            + self.ssrc_mismatch
+            + self.pt_mismatch
+            + self.marker_missing
+            + self.ts_backwards
+    }
+}
+
+/// What a receiver thread ships to the coordinator.
+#[derive(Debug, Clone)]
+pub struct RecvReport {
+    /// The phase number (as set in `RecvShared::phase`) these samples belong to.
+    pub phase: u32,
+    /// The last report of this phase from this thread (carries `seq`).
+    pub last: bool,
+    pub latency: LatencyHist,
+    pub switch: LatencyHist,
+    pub counters: RecvCounters,
+    pub seq: SeqTotals,
+}
+
+/// State shared with the coordinator.
+pub struct RecvShared {
+    pub members: Arc<Vec<Member>>,
+    pub channels: Arc<Vec<ChannelShared>>,
+    pub target: Arc<TargetCell>,
+    /// Bumped by the coordinator at every phase boundary.
+    pub phase: AtomicU32,
+    pub stop: AtomicBool,
+    /// Unique samples so far, all phases (for the live progress line; reports carry the exact counts).
+    pub delivered: AtomicU64,
+}
+
+#[derive(Default, Clone)]
+struct Listener {
+    seq: SeqTracker,
+    last_spurt: u32,
+    last_ts: Option<u32>,
+}
+
+const BATCH: usize = 16;
+const BUF: usize = 2048;
+
+/// Receive on the endpoint sockets `socks` (indices into `eps.socks`) until `stop`.
+pub fn run(
+    thread: usize,
+    socks: std::ops::Range<usize>,
+    eps: Arc<Endpoints>,
+    shared: Arc<RecvShared>,
+    out: Sender<RecvReport>,
+) {
+    crate::sys::tight_timer_slack();
+    // SAFETY: epoll_create1 with a valid flag.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        eprintln!(
+            "receiver {thread}: epoll_create1 failed: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    for k in socks {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: k as u64,
+        };
+        // SAFETY: ep and the socket are open descriptors; ev is valid for the call.
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, eps.socks[k].as_raw_fd(), &mut ev) };
+    }
+    // Indexed by member (entries of other threads' members stay unused: simpler than a map).
+    let mut listeners = vec![Listener::default(); eps.addrs.len()];
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut bufs = vec![[0u8; BUF]; BATCH];
+    // SAFETY: all-zero sockaddr_in / iovec / mmsghdr are valid initial values; pointers are set below.
+    let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
+    let mut cbufs: Vec<CmsgBuf> = (0..BATCH).map(|_| CmsgBuf([0; 64])).collect();
+
+    let mut phase = shared.phase.load(Ordering::Acquire);
+    let mut latency = LatencyHist::new();
+    let mut switch = LatencyHist::new();
+    let mut c = RecvCounters::default();
+    let mut last_report = mono_ns();
+
+    let flush = |phase: u32,
+                 last: bool,
+                 latency: &mut LatencyHist,
+                 switch: &mut LatencyHist,
+                 c: &mut RecvCounters,
+                 listeners: &mut [Listener]| {
+        let mut seq = SeqTotals::default();
+        if last {
+            for l in listeners.iter_mut() {
+                seq.add(&l.seq.totals());
+                *l = Listener::default();
+            }
+        }
+        let _ = out.send(RecvReport {
+            phase,
+            last,
+            latency: std::mem::take(latency),
+            switch: std::mem::take(switch),
+            counters: std::mem::take(c),
+            seq,
+        });
+    };
+
+    loop {
+        // SAFETY: events has room for events.len() entries.
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 5) };
+        // Close a finished phase *before* touching the new datagrams: the coordinator flips the phase
+        // after the old one drained and before the new one's first packet is sent.
+        let p = shared.phase.load(Ordering::Acquire);
+        let stop = shared.stop.load(Ordering::Acquire);
+        if p != phase || stop {
+            flush(
+                phase,
+                true,
+                &mut latency,
+                &mut switch,
+                &mut c,
+                &mut listeners,
+            );
+            phase = p;
+            last_report = mono_ns();
+            if stop {
+                break;
+            }
+        }
+        let unique_before = c.unique;
+        for ev in events.iter().take(n.max(0) as usize) {
+            let k = ev.u64 as usize;
+            for i in 0..BATCH {
+                iovs[i].iov_base = bufs[i].as_mut_ptr() as *mut libc::c_void;
+                iovs[i].iov_len = BUF;
+                msgs[i].msg_hdr.msg_name =
+                    &mut names[i] as *mut libc::sockaddr_in as *mut libc::c_void;
+                msgs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+                msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+                msgs[i].msg_hdr.msg_iovlen = 1;
+                if eps.shared {
+                    msgs[i].msg_hdr.msg_control = cbufs[i].0.as_mut_ptr() as *mut libc::c_void;
+                    msgs[i].msg_hdr.msg_controllen = cbufs[i].0.len();
+                }
+                msgs[i].msg_len = 0;
+            }
+            // SAFETY: msgs/iovs/names/bufs outlive the call and describe valid buffers.
+            let got = unsafe {
+                libc::recvmmsg(
+                    eps.socks[k].as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BATCH as u32,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if got <= 0 {
+                continue;
+            }
+            let now = mono_ns();
+            let target = shared.target.get();
+            for i in 0..got as usize {
+                let len = msgs[i].msg_len as usize;
+                let src = sockaddr_to(&names[i]);
+                let dst = if eps.shared {
+                    // SAFETY: filled in by recvmmsg just now; its control buffer is alive.
+                    unsafe { pktinfo_dst(&msgs[i].msg_hdr) }
+                } else {
+                    None
+                };
+                let Some(m) = eps.member_of(k, dst) else {
+                    c.foreign += 1;
+                    continue;
+                };
+                on_datagram(
+                    &shared,
+                    &shared.members[m],
+                    target,
+                    src,
+                    &bufs[i][..len.min(BUF)],
+                    now,
+                    &mut listeners[m],
+                    &mut latency,
+                    &mut switch,
+                    &mut c,
+                );
+            }
+        }
+        shared
+            .delivered
+            .fetch_add(c.unique - unique_before, Ordering::Relaxed);
+        if mono_ns() - last_report > 1_000_000_000 {
+            flush(
+                phase,
+                false,
+                &mut latency,
+                &mut switch,
+                &mut c,
+                &mut listeners,
+            );
+            last_report = mono_ns();
+        }
+    }
+    // SAFETY: ep is our epoll descriptor.
+    unsafe { libc::close(ep) };
+}
+
+fn sockaddr_to(sa: &libc::sockaddr_in) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+        u16::from_be(sa.sin_port),
+    ))
+}
+
+/// Account one datagram received by member `me` at `now`.
+#[allow(clippy::too_many_arguments)]
+fn on_datagram(
+    shared: &RecvShared,
+    me: &Member,
+    target: Target,
+    src: SocketAddr,
+    buf: &[u8],
+    now: u64,
+    l: &mut Listener,
+    latency: &mut LatencyHist,
+    switch: &mut LatencyHist,
+    c: &mut RecvCounters,
+) {
+    let (header, payload) = match parse_datagram(buf) {
+        Datagram::Rtp { header, payload } => (header, payload),
+        Datagram::Rtcp => {
+            c.rtcp += 1;
+            return;
+        }
+        Datagram::Other => {
+            c.foreign += 1;
+            return;
+        }
+    };
+    let expected_src = match target {
+        Target::Server => me.server_addr,
+        Target::Raw(a) => a,
+    };
+    if src != expected_src {
+        c.stray += 1;
+        return;
+    }
+    let Some(st) = Stamp::parse(payload) else {
+        c.foreign += 1;
+        return;
+    };
+    let server = target == Target::Server;
+    c.packets += 1;
+    c.bytes += buf.len() as u64;
+    let ev = l.seq.on_packet(header.seq);
+    if ev == SeqEvent::Duplicate {
+        return;
+    }
+    c.unique += 1;
+    if st.channel != me.channel {
+        c.misrouted += 1;
+    } else if st.speaker == me.slot {
+        c.echo += 1;
+    }
+    if server {
+        if header.ssrc != me.ssrc {
+            c.ssrc_mismatch += 1;
+        }
+        if header.payload_type != me.payload_type {
+            c.pt_mismatch += 1;
+        }
+    }
+    if matches!(
+        ev,
+        SeqEvent::InOrder | SeqEvent::Gap { .. } | SeqEvent::First
+    ) {
+        if let Some(prev) = l.last_ts {
+            if server && (header.timestamp.wrapping_sub(prev) as i32) < 0 {
+                c.ts_backwards += 1;
+            }
+        }
+        l.last_ts = Some(header.timestamp);
+    }
+    latency.record(now.saturating_sub(st.sched_ns));
+    if st.spurt != l.last_spurt {
+        // First packet of a new speaker at this listener.
+        if server && l.last_spurt != 0 && ev == SeqEvent::InOrder && !header.marker {
+            c.marker_missing += 1;
+        }
+        l.last_spurt = st.spurt;
+        if let Some(ch) = shared.channels.get(st.channel as usize) {
+            if ch.next_spurt.load(Ordering::Acquire) == st.spurt {
+                let from = ch.switch_from_ns.swap(0, Ordering::AcqRel);
+                if from != 0 && now > from {
+                    switch.record(now - from);
+                    c.switches += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The harness's own floor: one-way latency of `n` packets over loopback from a paced sender to a blocking
+/// receiver, same stamping and clock as the real run. Whatever the forwarding latency is, it cannot be
+/// measured below this.
+pub fn loopback_floor(n: u32, interval: std::time::Duration) -> std::io::Result<LatencyHist> {
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    rx.set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    let to = rx.local_addr()?;
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let sender = std::thread::spawn(move || {
+        crate::sys::tight_timer_slack();
+        let mut buf = [0u8; 100];
+        let start = mono_ns();
+        for i in 0..n {
+            let due = start + i as u64 * interval.as_nanos() as u64;
+            crate::sender::wait_until(due);
+            Stamp {
+                channel: 0,
+                speaker: 0,
+                spurt: 1,
+                seq: i,
+                sched_ns: due,
+            }
+            .write(&mut buf[12..]);
+            let _ = tx.send_to(&buf, to);
+        }
+    });
+    let mut h = LatencyHist::new();
+    let mut buf = [0u8; 200];
+    while h.len() < n as u64 {
+        match rx.recv_from(&mut buf) {
+            Ok((len, _)) => {
+                let now = mono_ns();
+                if let Some(st) = Stamp::parse(&buf[12..len]) {
+                    h.record(now.saturating_sub(st.sched_ns));
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = sender.join();
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stamp::RtpHeader;
+
+    fn setup() -> (Arc<RecvShared>, SocketAddr) {
+        let server: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let members = (0..3u16)
+            .map(|s| Member {
+                channel: 0,
+                slot: s,
+                addr: "127.0.0.1:1".parse().unwrap(),
+                server_addr: server,
+                ssrc: 100 + s as u32,
+                payload_type: 111,
+            })
+            .collect();
+        let shared = Arc::new(RecvShared {
+            members: Arc::new(members),
+            channels: Arc::new(vec![ChannelShared::new()]),
+            target: Arc::new(TargetCell::new(None)),
+            phase: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            delivered: AtomicU64::new(0),
+        });
+        (shared, server)
+    }
+
+    fn pkt(
+        seq: u16,
+        ts: u32,
+        marker: bool,
+        ssrc: u32,
+        speaker: u16,
+        spurt: u32,
+        sched: u64,
+    ) -> Vec<u8> {
+        let mut b = vec![0u8; 12 + 60];
+        RtpHeader {
+            marker,
+            payload_type: 111,
+            seq,
+            timestamp: ts,
+            ssrc,
+        }
+        .write(&mut b);
+        Stamp {
+            channel: 0,
+            speaker,
+            spurt,
+            seq: 0,
+            sched_ns: sched,
+        }
+        .write(&mut b[12..]);
+        b
+    }
+
+    #[test]
+    fn accounting_of_a_listener_stream() {
+        let (sh, server) = setup();
+        let me = sh.members[1].clone();
+        let mut l = Listener::default();
+        let (mut lat, mut sw, mut c) = (
+            LatencyHist::new(),
+            LatencyHist::new(),
+            RecvCounters::default(),
+        );
+        let mut feed = |b: Vec<u8>, src: SocketAddr, now: u64, l: &mut Listener| {
+            on_datagram(
+                &sh,
+                &me,
+                Target::Server,
+                src,
+                &b,
+                now,
+                l,
+                &mut lat,
+                &mut sw,
+                &mut c,
+            );
+        };
+        feed(pkt(10, 0, true, 101, 0, 1, 1_000), server, 51_000, &mut l);
+        feed(
+            pkt(11, 960, false, 101, 0, 1, 2_000),
+            server,
+            52_000,
+            &mut l,
+        );
+        feed(
+            pkt(11, 960, false, 101, 0, 1, 2_000),
+            server,
+            52_500,
+            &mut l,
+        ); // duplicate
+        feed(
+            pkt(13, 2880, false, 101, 0, 1, 4_000),
+            server,
+            54_000,
+            &mut l,
+        ); // gap: 12 missing
+           // A switch is being timed: speaker 2 takes over as spurt 2; its first packet lacks the marker.
+        sh.channels[0].next_spurt.store(2, Ordering::Release);
+        sh.channels[0]
+            .switch_from_ns
+            .store(50_000, Ordering::Release);
+        feed(
+            pkt(14, 9000, false, 101, 2, 2, 5_000),
+            server,
+            60_000,
+            &mut l,
+        );
+        feed(
+            pkt(15, 100, false, 999, 1, 2, 6_000),
+            server,
+            61_000,
+            &mut l,
+        ); // echo, wrong SSRC, ts back
+        feed(
+            pkt(16, 9960, false, 101, 2, 2, 7_000),
+            "127.0.0.9:1".parse().unwrap(),
+            62_000,
+            &mut l,
+        ); // stray
+        assert_eq!(c.packets, 6);
+        assert_eq!(c.unique, 5);
+        assert_eq!(c.stray, 1);
+        assert_eq!(c.echo, 1);
+        assert_eq!(c.ssrc_mismatch, 1);
+        assert_eq!(c.ts_backwards, 1);
+        assert_eq!(c.marker_missing, 1);
+        assert_eq!(c.switches, 1);
+        assert_eq!(sw.len(), 1);
+        assert!(
+            (sw.quantile(1.0) as i64 - 10_000).abs() < 20,
+            "{}",
+            sw.quantile(1.0)
+        );
+        assert_eq!(lat.len(), 5);
+        assert!((lat.quantile(0.0) as i64 - 50_000).abs() < 100);
+        let t = l.seq.totals();
+        assert_eq!(t.lost, 1);
+        assert_eq!(t.duplicates, 1);
+        // Only the first listener to see the new speaker times the switch.
+        assert_eq!(sh.channels[0].switch_from_ns.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn rtcp_and_garbage_are_not_samples() {
+        let (sh, server) = setup();
+        let me = sh.members[0].clone();
+        let mut l = Listener::default();
+        let (mut lat, mut sw, mut c) = (
+            LatencyHist::new(),
+            LatencyHist::new(),
+            RecvCounters::default(),
+        );
+        let mut sr = vec![0u8; 28];
+        sr[0] = 0x80;
+        sr[1] = 200;
+        on_datagram(
+            &sh,
+            &me,
+            Target::Server,
+            server,
+            &sr,
+            1,
+            &mut l,
+            &mut lat,
+            &mut sw,
+            &mut c,
+        );
+        on_datagram(
+            &sh,
+            &me,
+            Target::Server,
+            server,
+            &[1, 2, 3],
+            1,
+            &mut l,
+            &mut lat,
+            &mut sw,
+            &mut c,
+        );
+        let mut nostamp = pkt(1, 0, false, 100, 1, 1, 0);
+        nostamp[12] = b'x';
+        on_datagram(
+            &sh,
+            &me,
+            Target::Server,
+            server,
+            &nostamp,
+            1,
+            &mut l,
+            &mut lat,
+            &mut sw,
+            &mut c,
+        );
+        assert_eq!((c.rtcp, c.foreign, c.packets), (1, 2, 0));
+        assert!(lat.is_empty());
+    }
+
+    #[test]
+    fn loopback_floor_is_small() {
+        let h = loopback_floor(50, std::time::Duration::from_micros(500)).unwrap();
+        assert_eq!(h.len(), 50);
+        assert!(h.quantile(0.5) < 20_000_000, "{:?}", h.summary());
+    }
+}

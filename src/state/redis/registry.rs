@@ -1,0 +1,143 @@
+//! The cluster registry on Redis: node liveness and which nodes serve which channel.
+//!
+//! | key | type | expiry | holds |
+//! |---|---|---|---|
+//! | `P:tg:node:ID` | string `addr,addr,…` (relay address per shard) | liveness TTL (≈ 10 s), renewed | the node is alive |
+//! | `P:tg:{ch}:nodes` | set of node ids | none | nodes with members in `ch` |
+//!
+//! A node that dies stops renewing its key; the next node that reads the channel's set finds the key gone,
+//! removes the id, and cleans up the dead node's members (`evict_node`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{encode, millis, RedisStore, Wire};
+use crate::state::{NodeInfo, Registry, StoreFuture};
+
+impl Registry for RedisStore {
+    fn announce<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let value: Vec<String> = node.relay.iter().map(SocketAddr::to_string).collect();
+            let mut conn = self.conn.clone();
+            let cmd = redis::cmd("SET")
+                .arg(self.keys.node(&node.node))
+                .arg(value.join(","))
+                .arg("PX")
+                .arg(millis(ttl))
+                .to_owned();
+            self.call("SET node", cmd.query_async::<()>(&mut conn))
+                .await
+        })
+    }
+
+    fn withdraw<'a>(&'a self, node: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let cmd = redis::cmd("DEL").arg(self.keys.node(node)).to_owned();
+            self.call("DEL node", cmd.query_async::<()>(&mut conn))
+                .await
+        })
+    }
+
+    fn set_channel_node<'a>(
+        &'a self,
+        channel: &'a str,
+        node: &'a str,
+        present: bool,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let verb = if present { "SADD" } else { "SREM" };
+            let cmd = redis::cmd(verb)
+                .arg(self.keys.channel_nodes(channel))
+                .arg(node)
+                .to_owned();
+            self.call(verb, cmd.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn channel_nodes<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> StoreFuture<'a, (Vec<NodeInfo>, Vec<String>)> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let set = self.keys.channel_nodes(channel);
+            let ids: Vec<String> = self
+                .call(
+                    "SMEMBERS",
+                    redis::cmd("SMEMBERS").arg(&set).query_async(&mut conn),
+                )
+                .await?;
+            if ids.is_empty() {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            let keys: Vec<String> = ids.iter().map(|id| self.keys.node(id)).collect();
+            let values: Vec<Option<String>> = self
+                .call(
+                    "MGET nodes",
+                    redis::cmd("MGET").arg(&keys).query_async(&mut conn),
+                )
+                .await?;
+            let (mut live, mut dead) = (Vec::new(), Vec::new());
+            for (id, value) in ids.into_iter().zip(values) {
+                match value {
+                    Some(v) => {
+                        let relay = v.split(',').filter_map(|a| a.parse().ok()).collect();
+                        live.push(NodeInfo { node: id, relay });
+                    }
+                    None => dead.push(id),
+                }
+            }
+            if !dead.is_empty() {
+                let cmd = redis::cmd("SREM").arg(&set).arg(&dead).to_owned();
+                self.call("SREM dead", cmd.query_async::<()>(&mut conn))
+                    .await?;
+            }
+            Ok((live, dead))
+        })
+    }
+
+    fn evict_node<'a>(&'a self, channel: &'a str, node: &'a str) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let nodes_key = self.keys.member_nodes(channel);
+            let all: Vec<(String, String)> = self
+                .call(
+                    "HGETALL",
+                    redis::cmd("HGETALL").arg(&nodes_key).query_async(&mut conn),
+                )
+                .await?;
+            let gone: Vec<String> = all
+                .into_iter()
+                .filter(|(_, n)| n == node)
+                .map(|(m, _)| m)
+                .collect();
+            if gone.is_empty() {
+                return Ok(gone);
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            pipe.cmd("ZREM")
+                .arg(self.keys.members(channel))
+                .arg(&gone)
+                .ignore();
+            pipe.cmd("HDEL").arg(&nodes_key).arg(&gone).ignore();
+            for m in &gone {
+                pipe.cmd("ZREM")
+                    .arg(self.keys.member_channels(m))
+                    .arg(channel)
+                    .ignore();
+                let event = Wire::Leave {
+                    channel: channel.to_string(),
+                    member: m.clone(),
+                    node: node.to_string(),
+                };
+                pipe.publish(self.keys.events(), encode(&event)?).ignore();
+            }
+            self.call("evict node", pipe.query_async::<()>(&mut conn))
+                .await?;
+            Ok(gone)
+        })
+    }
+}

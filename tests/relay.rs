@@ -1,0 +1,313 @@
+//! Three node processes on one test-owned `redis-server`, members of one channel spread over all three:
+//! a speaker on any node is heard on every other node through the relay (one relay packet per remote node
+//! per media packet), streams stay continuous across speaker changes between nodes, a `kill -9` of one node
+//! is survived, and forged relay packets change nothing.
+
+#[path = "support/client.rs"]
+mod client;
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use client::{http_get, metric, RtpMember, Signal};
+use redis_server::RedisServer;
+use serde_json::Value;
+use talkgroup::relay::RelayKey;
+
+const SECRET: &str = "test-cluster-secret";
+
+struct Node {
+    child: Child,
+    http: SocketAddr,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(redis: &RedisServer, id: &str) -> Node {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_talkgroup"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--media-ip",
+            "127.0.0.1",
+            "--media-port",
+            "0",
+            "--shards",
+            "2",
+        ])
+        .args([
+            "--no-pin",
+            "--store",
+            "redis",
+            "--redis-url",
+            &redis.url(),
+            "--key-prefix",
+            "relay",
+        ])
+        .args(["--node-id", id, "--cluster-secret", SECRET])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn talkgroup");
+    let http = read_http_addr(&mut child);
+    Node { child, http }
+}
+
+fn read_http_addr(child: &mut Child) -> SocketAddr {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("http_addr=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("node did not start")
+        .parse()
+        .expect("http_addr")
+}
+
+async fn floor_any(s: &mut Signal, channel: &str, states: &[&str]) -> Value {
+    let (c, st): (String, Vec<String>) = (
+        channel.into(),
+        states.iter().map(|s| s.to_string()).collect(),
+    );
+    s.expect(&format!("floor {states:?}"), move |v| {
+        v["type"] == "floor"
+            && v["channel"] == c.as_str()
+            && st.iter().any(|x| v["state"] == x.as_str())
+    })
+    .await
+}
+
+/// Presses until granted (the store subscription may still be coming up, or a lease running out).
+async fn take_floor(s: &mut Signal, channel: &str, within: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        s.press(channel).await;
+        let v = floor_any(s, channel, &["granted", "denied"]).await;
+        if v["state"] == "granted" {
+            return v;
+        }
+        assert!(
+            start.elapsed() < within,
+            "not granted within {within:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn relay_sent(node: &Node) -> u64 {
+    metric(
+        &http_get(node.http, "/metrics").await.1,
+        "talkgroup_relay_sent_total",
+    )
+}
+
+#[tokio::test]
+async fn three_nodes_one_channel() {
+    let redis = RedisServer::start();
+    let nodes = vec![
+        spawn_node(&redis, "node-a"),
+        spawn_node(&redis, "node-b"),
+        spawn_node(&redis, "node-c"),
+    ];
+    let mut sigs = Vec::new();
+    let mut members = Vec::new();
+    for (i, name) in ["ann", "ben", "cat"].iter().enumerate() {
+        let mut s = Signal::connect(nodes[i].http).await;
+        members.push(RtpMember::join(&mut s, "ops", name).await);
+        sigs.push(s);
+    }
+    // A second member on node A: a local listener next to the remote ones.
+    let mut s_extra = Signal::connect(nodes[0].http).await;
+    let extra = RtpMember::join(&mut s_extra, "ops", "amy").await;
+
+    // Warm-up: ann talks until ben and cat hear her (store subscriptions up, registry read, targets set).
+    take_floor(&mut sigs[0], "ops", Duration::from_secs(10)).await;
+    let mut heard: Vec<Vec<client::Received>> = vec![vec![]; 4];
+    let start = Instant::now();
+    loop {
+        members[0].send_rtp(&[9, 9]).await;
+        let b = members[1].recv_rtp(1, Duration::from_millis(20)).await;
+        let c = members[2].recv_rtp(1, Duration::from_millis(20)).await;
+        heard[1].extend(b);
+        heard[2].extend(c);
+        if !heard[1].is_empty() && !heard[2].is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "relay never started: ben {} cat {}",
+            heard[1].len(),
+            heard[2].len()
+        );
+    }
+    // Drain what is still in flight, then release.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for (i, m) in members.iter().enumerate().skip(1) {
+        heard[i].extend(m.recv_rtp(10_000, Duration::from_millis(100)).await);
+    }
+    heard[3].extend(extra.recv_rtp(10_000, Duration::from_millis(100)).await);
+    sigs[0].release("ops").await;
+    for s in sigs.iter_mut() {
+        floor_any(s, "ops", &["idle"]).await;
+    }
+
+    // A speaker on each node in turn; every other member hears exactly its packets.
+    for round in 0..2 {
+        for speaker in 0..3 {
+            for s in sigs.iter_mut() {
+                s.settle(Duration::from_millis(50)).await;
+            }
+            take_floor(&mut sigs[speaker], "ops", Duration::from_secs(5)).await;
+            // Let the grant reach the other nodes (pub/sub) before talking: relayed packets of an epoch a
+            // node has not seen yet are dropped by design.
+            for (i, s) in sigs.iter_mut().enumerate() {
+                if i != speaker {
+                    floor_any(s, "ops", &["taken"]).await;
+                }
+            }
+            let before = relay_sent(&nodes[speaker]).await;
+            let payloads: Vec<Vec<u8>> = (0..50u8).map(|i| vec![speaker as u8, round, i]).collect();
+            for p in &payloads {
+                members[speaker].send_rtp(p).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            for (i, m) in members.iter().enumerate() {
+                if i == speaker {
+                    continue;
+                }
+                let got = m.recv_rtp(50, Duration::from_secs(5)).await;
+                assert_eq!(
+                    got.iter().map(|p| p.4.clone()).collect::<Vec<_>>(),
+                    payloads,
+                    "{} on round {round} speaker {speaker}",
+                    m.name
+                );
+                heard[i].extend(got);
+            }
+            if speaker != 0 {
+                let got = extra.recv_rtp(50, Duration::from_secs(5)).await;
+                assert_eq!(got.len(), 50, "amy (node A) hears node {speaker}");
+                heard[3].extend(got);
+            } else {
+                heard[3].extend(extra.recv_rtp(50, Duration::from_secs(5)).await);
+            }
+            let sent = relay_sent(&nodes[speaker]).await - before;
+            assert_eq!(
+                sent, 100,
+                "exactly one relay packet per remote node (2) per media packet (50)"
+            );
+            sigs[speaker].release("ops").await;
+            for s in sigs.iter_mut() {
+                floor_any(s, "ops", &["idle"]).await;
+            }
+        }
+    }
+    // Every listener's stream is continuous across all speaker changes, on every node.
+    for (i, h) in heard.iter().enumerate() {
+        assert!(h.len() >= 100, "listener {i} heard {}", h.len());
+        assert!(h.iter().all(|p| p.0 == h[0].0), "one SSRC per listener");
+        for w in h.windows(2) {
+            assert_eq!(
+                w[1].1,
+                w[0].1.wrapping_add(1),
+                "listener {i}: sequence gap or repeat"
+            );
+            assert!(
+                w[1].2.wrapping_sub(w[0].2) < 1 << 30,
+                "listener {i}: timestamp went back"
+            );
+        }
+        let markers = h.iter().filter(|p| p.3).count();
+        assert!(
+            markers >= 4,
+            "listener {i}: a marker at each new speaker ({markers})"
+        );
+    }
+
+    // Forged relay packets: wrong secret, unregistered sender, old epoch. Nothing reaches ben.
+    let registry = redis::Client::open(redis.url()).unwrap();
+    let mut conn = registry.get_multiplexed_async_connection().await.unwrap();
+    let relay_b: String = redis::cmd("GET")
+        .arg("relay:tg:node:node-b")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let relay_addrs: Vec<SocketAddr> = relay_b.split(',').map(|a| a.parse().unwrap()).collect();
+    let target = relay_addrs[talkgroup::shard::shard_of("ops", relay_addrs.len())];
+    let forger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let rtp = talkgroup::rtp::build_packet(false, 111, 1, 1, 1, b"forged");
+    let mut buf = Vec::new();
+    RelayKey::new(b"wrong secret").encode(&mut buf, "ops", u64::MAX / 4, "ann", "node-a", &rtp);
+    forger.send_to(&buf, target).await.unwrap();
+    RelayKey::new(SECRET.as_bytes()).encode(&mut buf, "ops", u64::MAX / 4, "ann", "node-x", &rtp);
+    forger.send_to(&buf, target).await.unwrap();
+    RelayKey::new(SECRET.as_bytes()).encode(&mut buf, "ops", 1, "ann", "node-a", &rtp);
+    forger.send_to(&buf, target).await.unwrap();
+    assert!(
+        members[1]
+            .recv_rtp(1, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "a forged packet was forwarded"
+    );
+    let (_, body) = http_get(nodes[1].http, "/metrics").await;
+    let dropped = |reason: &str| {
+        metric(
+            &body,
+            &format!("talkgroup_relay_dropped_total{{shard=\"0\",reason=\"{reason}\"}}"),
+        ) + metric(
+            &body,
+            &format!("talkgroup_relay_dropped_total{{shard=\"1\",reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(dropped("bad_tag"), 1, "{body}");
+    assert_eq!(dropped("unknown_node"), 2, "{body}");
+
+    // kill -9 node C while cat holds the floor: the others keep talking, cat leaves presence, the floor frees.
+    take_floor(&mut sigs[2], "ops", Duration::from_secs(5)).await;
+    floor_any(&mut sigs[1], "ops", &["taken"]).await;
+    let mut node_c = nodes.into_iter().collect::<Vec<_>>();
+    let node_c_child = node_c.pop().unwrap();
+    let killed = Instant::now();
+    drop(node_c_child); // SIGKILL
+    let g = take_floor(&mut sigs[1], "ops", Duration::from_secs(5)).await;
+    let freed = killed.elapsed();
+    assert_eq!(g["speaker"], "ben");
+    for i in 0..20u8 {
+        members[1].send_rtp(&[1, 7, i]).await;
+    }
+    let got = members[0].recv_rtp(20, Duration::from_secs(5)).await;
+    assert_eq!(
+        got.len(),
+        20,
+        "ann (node A) still hears ben (node B) after node C died"
+    );
+    let left = sigs[0]
+        .expect_within("presence left cat", Duration::from_secs(16), |v| {
+            v["type"] == "presence" && v["left"] == "cat"
+        })
+        .await;
+    let gone = killed.elapsed();
+    assert_eq!(left["channel"], "ops");
+    assert!(
+        gone < Duration::from_secs(16),
+        "cat left presence after {gone:?}"
+    );
+    println!(
+        "after kill -9 of node C: floor free in {freed:?}, cat gone from presence in {gone:?}"
+    );
+}
