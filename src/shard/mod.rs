@@ -236,10 +236,11 @@ enum Port {
     Relay,
 }
 
-/// Receive → decide → send, one datagram at a time; glommio's `recv_from` first tries a non-blocking
-/// `recvmsg`, so under load this is a syscall per datagram without a trip through the ring. Listeners
-/// always get their packets from the media socket (the address `joined` announced); relay copies leave
-/// from the relay socket, which is what the receiving node accepts.
+/// Receive → decide → send. The loop parks in glommio until a datagram arrives, then drains what else is
+/// queued with one `recvmmsg` and sends the fan-outs of all of them with `sendmmsg` calls covering the
+/// whole batch — under load a handful of system calls per 33 received datagrams instead of two each.
+/// Listeners always get their packets from the media socket (the address `joined` announced); relay
+/// copies leave from the relay socket, which is what the receiving node accepts.
 async fn receive_loop(
     core: Rc<RefCell<ShardCore>>,
     media: Rc<glommio::net::UdpSocket>,
@@ -251,11 +252,16 @@ async fn receive_loop(
         (Port::Relay, Some(r)) => r.clone(),
         _ => media.clone(),
     };
-    let mut buf = vec![0u8; 2048];
+    let recv_fd = socket.as_raw_fd();
+    let mut first = vec![0u8; udp::RECV_BUF];
+    let mut receiver = udp::Receiver::default();
     let mut batch = Batch::default();
+    // For each batch entry, which received datagram carries its payload; and that payload's range.
+    let mut segment: Vec<u32> = Vec::new();
+    let mut ranges: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     let mut sender = udp::Sender::default();
     loop {
-        let (len, src) = match socket.recv_from(&mut buf).await {
+        let (len, src) = match socket.recv_from(&mut first).await {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, "recv_from failed");
@@ -263,41 +269,66 @@ async fn receive_loop(
             }
         };
         batch.clear();
+        segment.clear();
+        ranges.clear();
         let now = Instant::now();
-        let verdict = match port {
-            Port::Media => core
-                .borrow_mut()
-                .handle_datagram(src, &buf[..len], now, &mut batch),
-            Port::Relay => {
-                core.borrow_mut()
-                    .handle_relay_datagram(src, &buf[..len], now, &mut batch)
-            }
-        };
-        let Verdict::Forward(payload) = verdict else {
-            continue;
-        };
-        if port == Port::Media {
-            if let Some(fd) = relay_fd {
-                let c = core.borrow();
-                let out = c.relay_out();
-                if !out.dests.is_empty() {
-                    let sent = sender.send_same(fd, &out.data, &out.dests);
-                    drop(c);
-                    core.borrow_mut().count_relayed(sent.sent);
+        // Datagram 0 is `first`; datagram k + 1 is the receiver's k-th.
+        let queued = receiver.drain(recv_fd);
+        for d in 0..=queued {
+            let (data, src) = if d == 0 {
+                (&first[..len], Some(src))
+            } else {
+                receiver.datagram(d - 1)
+            };
+            let Some(src) = src else { continue };
+            let verdict = match port {
+                Port::Media => core
+                    .borrow_mut()
+                    .handle_datagram(src, data, now, &mut batch),
+                Port::Relay => core
+                    .borrow_mut()
+                    .handle_relay_datagram(src, data, now, &mut batch),
+            };
+            let Verdict::Forward(payload) = verdict else {
+                continue;
+            };
+            segment.resize(batch.len(), ranges.len() as u32);
+            ranges.push((d, payload));
+            if port == Port::Media {
+                if let Some(fd) = relay_fd {
+                    let c = core.borrow();
+                    let out = c.relay_out();
+                    if !out.dests.is_empty() {
+                        let sent = sender.send_same(fd, &out.data, &out.dests);
+                        drop(c);
+                        core.borrow_mut().count_relayed(sent.sent);
+                    }
                 }
             }
         }
         if batch.is_empty() {
             continue;
         }
-        let sent = sender.send_fanout(media_fd, &batch, &buf[payload.clone()]);
+        let payloads: Vec<&[u8]> = ranges
+            .iter()
+            .map(|(d, r)| {
+                if *d == 0 {
+                    &first[r.clone()]
+                } else {
+                    &receiver.datagram(d - 1).0[r.clone()]
+                }
+            })
+            .collect();
+        let sent = sender.send_fanouts(media_fd, &batch, &segment, &payloads);
         let mut slow = 0;
         if sent.would_block > 0 {
             // The socket buffer is full: wait for room with glommio for the rest of this batch.
-            let first = batch.len() - sent.would_block;
-            for i in first..batch.len() {
-                let mut datagram = batch.headers[i].to_vec();
-                datagram.extend_from_slice(&buf[payload.clone()]);
+            let first_unsent = batch.len() - sent.would_block;
+            let mut datagram = Vec::new();
+            for i in first_unsent..batch.len() {
+                datagram.clear();
+                datagram.extend_from_slice(&batch.headers[i]);
+                datagram.extend_from_slice(payloads[segment[i] as usize]);
                 let dest = raw_to_std(&batch.dests[i]);
                 if media.send_to(&datagram, dest).await.is_ok() {
                     slow += 1;
