@@ -256,9 +256,17 @@ impl Channel {
     }
 
     /// Sender reports for every latched listener stream that has carried media (RFC 3550 §6.4.1).
-    pub fn sender_reports(&self, now: Instant, ntp: u64, out: &mut Vec<([u8; SR_LEN], RawAddr)>) {
+    /// Only streams that carried media within `recent` get one: an idle stream has nothing to report
+    /// (RFC 3550 §6.4: SR from active senders).
+    pub fn sender_reports(
+        &self,
+        now: Instant,
+        recent: Duration,
+        ntp: u64,
+        out: &mut Vec<([u8; SR_LEN], RawAddr)>,
+    ) {
         for m in &self.members {
-            if m.latched(now) && m.out.has_sent() {
+            if m.latched(now) && m.out.sent_within(now, recent) {
                 let mut sr = [0u8; SR_LEN];
                 crate::rtp::write_sender_report(
                     &mut sr,

@@ -58,6 +58,8 @@ pub struct ShardConfig {
     pub t1: Duration,
     /// Interval of the server's sender reports on each listener stream.
     pub sr_interval: Duration,
+    /// How often the shard loop calls [`ShardCore::handle_tick`].
+    pub tick: Duration,
 }
 
 impl Default for ShardConfig {
@@ -65,6 +67,7 @@ impl Default for ShardConfig {
         ShardConfig {
             t1: Duration::from_secs(4),
             sr_interval: Duration::from_secs(5),
+            tick: Duration::from_millis(50),
         }
     }
 }
@@ -79,7 +82,7 @@ pub struct ShardCore {
     /// Source address → the memberships it carries (a dispatcher may use one address in several channels).
     by_addr: HashMap<SocketAddr, Vec<(usize, MemberKey)>>,
     stats: ShardStats,
-    next_sr: Instant,
+    tick_count: usize,
     relay: Option<RelayState>,
     relay_out: RelayOut,
 }
@@ -110,7 +113,7 @@ impl ShardCore {
         index: usize,
         config: ShardConfig,
         relay: Option<RelayState>,
-        now: Instant,
+        _now: Instant,
     ) -> Self {
         ShardCore {
             relay,
@@ -125,8 +128,12 @@ impl ShardCore {
                 shard: index,
                 ..Default::default()
             },
-            next_sr: now + config.sr_interval,
+            tick_count: 0,
         }
+    }
+
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
     }
 
     pub fn index(&self) -> usize {
@@ -440,20 +447,24 @@ impl ShardCore {
         events: &mut Vec<Event>,
         reports: &mut Vec<([u8; SR_LEN], RawAddr)>,
     ) {
-        let send_reports = now >= self.next_sr;
-        if send_reports {
-            self.next_sr = now + self.config.sr_interval;
-        }
+        // Sender reports are spread over the interval: each tick covers the channels whose slot falls in
+        // this slice of it, so 50,000 streams do not burst out at once every 5 s.
+        let slices = (self.config.sr_interval.as_millis() / self.config.tick.as_millis().max(1))
+            .max(1) as usize;
+        let slice = self.tick_count % slices;
+        self.tick_count = self.tick_count.wrapping_add(1);
         let ntp = rtp::ntp_from_unix(unix);
-        for ch in self.channels.iter_mut().flatten() {
+        let recent = self.config.sr_interval * 2;
+        for (slot, ch) in self.channels.iter_mut().enumerate() {
+            let Some(ch) = ch else { continue };
             if let Some(epoch) = ch.poll_silence(now, self.config.t1) {
                 events.push(Event::Silence {
                     channel: ch.name.clone(),
                     epoch,
                 });
             }
-            if send_reports {
-                ch.sender_reports(now, ntp, reports);
+            if slot % slices == slice {
+                ch.sender_reports(now, recent, ntp, reports);
             }
         }
     }

@@ -26,8 +26,6 @@ use crate::forward::Batch;
 pub const DROP_REASONS: usize = 9;
 /// Capacity of the command channel into a shard.
 pub const COMMAND_QUEUE: usize = 8192;
-/// How often the shard checks T1 and sends sender reports.
-const TICK: Duration = Duration::from_millis(50);
 
 /// Commands from the control thread.
 #[derive(Debug)]
@@ -365,11 +363,12 @@ async fn tick_loop(
     events: flume::Sender<Event>,
 ) {
     let fd = socket.as_raw_fd();
+    let tick = core.borrow().config().tick;
     let mut sender = udp::Sender::default();
     let mut out_events = Vec::new();
     let mut reports = Vec::new();
     loop {
-        glommio::timer::sleep(TICK).await;
+        glommio::timer::sleep(tick).await;
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
