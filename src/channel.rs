@@ -282,14 +282,22 @@ impl Channel {
         None
     }
 
-    /// Sender reports for every latched plain-RTP listener stream that has carried media (RFC 3550
-    /// §6.4.1). WebRTC legs get theirs from str0m.
-    pub fn sender_reports(&self, now: Instant, ntp: u64, out: &mut Vec<([u8; SR_LEN], RawAddr)>) {
+    /// Sender reports for every latched listener stream that has carried media (RFC 3550 §6.4.1).
+    /// Only streams that carried media within `recent` get one: an idle stream has nothing to report
+    /// (RFC 3550 §6.4: SR from active senders).
+    pub fn sender_reports(
+        &self,
+        now: Instant,
+        recent: Duration,
+        ntp: u64,
+        out: &mut Vec<([u8; SR_LEN], RawAddr)>,
+    ) {
         for m in &self.members {
+            // WebRTC legs get their sender reports from str0m.
             let Leg::Rtp { dest, .. } = m.leg else {
                 continue;
             };
-            if m.latched(now) && m.out.has_sent() {
+            if m.latched(now) && m.out.sent_within(now, recent) {
                 let mut sr = [0u8; SR_LEN];
                 crate::rtp::write_sender_report(
                     &mut sr,

@@ -11,7 +11,7 @@
 //!
 //! Nothing here reads a clock: `now` is passed in.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::rtp::{self, RtpView, HEADER_LEN};
 
@@ -233,6 +233,12 @@ impl OutStream {
     /// True once anything was sent on this stream (sender reports only make sense then).
     pub fn has_sent(&self) -> bool {
         self.last_sent.is_some()
+    }
+
+    /// True when a packet went out on this stream within `window` before `now`.
+    pub fn sent_within(&self, now: Instant, window: Duration) -> bool {
+        self.last_sent
+            .is_some_and(|t| now.saturating_duration_since(t) < window)
     }
 
     /// The RTP timestamp that corresponds to `now` on this stream (for sender reports).

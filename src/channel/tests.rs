@@ -188,7 +188,19 @@ fn sender_reports_for_streams_that_carried_media() {
     ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut Batch::default())
         .unwrap();
     let mut out = vec![];
-    ch.sender_reports(now, 1 << 32, &mut out);
+    ch.sender_reports(now, Duration::from_secs(10), 1 << 32, &mut out);
+    assert_eq!(out.len(), 2);
+    let mut idle = vec![];
+    ch.sender_reports(
+        now + Duration::from_secs(11),
+        Duration::from_secs(10),
+        1 << 32,
+        &mut idle,
+    );
+    assert!(
+        idle.is_empty(),
+        "no report for a stream idle for two intervals"
+    );
     assert_eq!(out.len(), 2);
     let sr = &out[0].0;
     assert_eq!(sr[1], 200);

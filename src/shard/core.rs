@@ -70,6 +70,8 @@ pub struct ShardConfig {
     pub sr_interval: Duration,
     /// WebRTC members are refused when `None` (the shard then has no certificate).
     pub webrtc: Option<WebRtcConfig>,
+    /// How often the shard loop calls [`ShardCore::handle_tick`].
+    pub tick: Duration,
 }
 
 impl Default for ShardConfig {
@@ -78,6 +80,7 @@ impl Default for ShardConfig {
             t1: Duration::from_secs(4),
             sr_interval: Duration::from_secs(5),
             webrtc: None,
+            tick: Duration::from_millis(50),
         }
     }
 }
@@ -92,7 +95,6 @@ pub struct ShardCore {
     /// Source address → the memberships it carries (a dispatcher may use one address in several channels).
     by_addr: HashMap<SocketAddr, Vec<(usize, MemberKey)>>,
     stats: ShardStats,
-    next_sr: Instant,
     peers: Peers,
     /// Datagrams the WebRTC peers produced, waiting for the socket.
     transmits: Vec<Transmit>,
@@ -103,6 +105,7 @@ pub struct ShardCore {
     listener_events: Vec<PeerEvent>,
     due: Vec<PeerId>,
     spill: Batch,
+    tick_count: usize,
     relay: Option<RelayState>,
     relay_out: RelayOut,
 }
@@ -133,9 +136,8 @@ impl ShardCore {
         index: usize,
         config: ShardConfig,
         relay: Option<RelayState>,
-        now: Instant,
+        _now: Instant,
     ) -> Self {
-        let next_sr = now + config.sr_interval;
         ShardCore {
             relay,
             relay_out: RelayOut::default(),
@@ -149,7 +151,6 @@ impl ShardCore {
                 shard: index,
                 ..Default::default()
             },
-            next_sr,
             peers: Peers::default(),
             transmits: Vec::new(),
             events: Vec::new(),
@@ -157,7 +158,12 @@ impl ShardCore {
             listener_events: Vec::new(),
             due: Vec::new(),
             spill: Batch::default(),
+            tick_count: 0,
         }
+    }
+
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
     }
 
     pub fn index(&self) -> usize {
@@ -501,20 +507,24 @@ impl ShardCore {
         events: &mut Vec<Event>,
         reports: &mut Vec<([u8; SR_LEN], RawAddr)>,
     ) {
-        let send_reports = now >= self.next_sr;
-        if send_reports {
-            self.next_sr = now + self.config.sr_interval;
-        }
+        // Sender reports are spread over the interval: each tick covers the channels whose slot falls in
+        // this slice of it, so 50,000 streams do not burst out at once every 5 s.
+        let slices = (self.config.sr_interval.as_millis() / self.config.tick.as_millis().max(1))
+            .max(1) as usize;
+        let slice = self.tick_count % slices;
+        self.tick_count = self.tick_count.wrapping_add(1);
         let ntp = rtp::ntp_from_unix(unix);
-        for ch in self.channels.iter_mut().flatten() {
+        let recent = self.config.sr_interval * 2;
+        for (slot, ch) in self.channels.iter_mut().enumerate() {
+            let Some(ch) = ch else { continue };
             if let Some(epoch) = ch.poll_silence(now, self.config.t1) {
                 events.push(Event::Silence {
                     channel: ch.name.clone(),
                     epoch,
                 });
             }
-            if send_reports {
-                ch.sender_reports(now, ntp, reports);
+            if slot % slices == slice {
+                ch.sender_reports(now, recent, ntp, reports);
             }
         }
     }

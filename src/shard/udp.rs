@@ -89,6 +89,24 @@ impl Sender {
         })
     }
 
+    /// Sends the fan-outs of several received datagrams in one go: entry `i` of `batch` carries the
+    /// payload `payloads[segment[i]]`.
+    pub fn send_fanouts(
+        &mut self,
+        fd: RawFd,
+        batch: &Batch,
+        segment: &[u32],
+        payloads: &[&[u8]],
+    ) -> Sent {
+        self.send_with(fd, batch.len(), |i| {
+            (
+                &batch.headers[i][..HEADER_LEN],
+                payloads[segment[i] as usize],
+                &batch.dests[i],
+            )
+        })
+    }
+
     fn send_with<'a>(
         &mut self,
         fd: RawFd,
@@ -163,6 +181,108 @@ impl Sender {
             start = end;
         }
         result
+    }
+}
+
+/// Datagrams drained per `recvmmsg` once the socket is readable.
+pub const RECV_BATCH: usize = 32;
+/// Receive buffer per datagram: larger than [`crate::rtp::MAX_DATAGRAM`], so an oversized datagram shows.
+pub const RECV_BUF: usize = 2048;
+
+/// Reusable `recvmmsg` buffers: up to [`RECV_BATCH`] datagrams per system call.
+pub struct Receiver {
+    bufs: Vec<[u8; RECV_BUF]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iov: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        // SAFETY: sockaddr_storage and mmsghdr are plain data; zero is valid.
+        let zero_addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        Receiver {
+            bufs: vec![[0u8; RECV_BUF]; RECV_BATCH],
+            addrs: vec![zero_addr; RECV_BATCH],
+            iov: Vec::with_capacity(RECV_BATCH),
+            msgs: Vec::with_capacity(RECV_BATCH),
+        }
+    }
+}
+
+impl Receiver {
+    /// Receives what is queued, without waiting: the number of datagrams now in the buffers (0 when
+    /// none is queued or on an error).
+    pub fn drain(&mut self, fd: RawFd) -> usize {
+        self.iov.clear();
+        self.msgs.clear();
+        for i in 0..RECV_BATCH {
+            self.iov.push(libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr() as *mut _,
+                iov_len: RECV_BUF,
+            });
+        }
+        for i in 0..RECV_BATCH {
+            // SAFETY: mmsghdr is plain data; zero is valid.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = &mut self.addrs[i] as *mut _ as *mut libc::c_void;
+            m.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = &mut self.iov[i];
+            m.msg_hdr.msg_iovlen = 1;
+            self.msgs.push(m);
+        }
+        // SAFETY: every pointer in `msgs` points into `bufs`, `addrs` or `iov`, alive and unmoved during the
+        // call.
+        let rc = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.msgs.as_mut_ptr(),
+                RECV_BATCH as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc < 0 {
+            0
+        } else {
+            rc as usize
+        }
+    }
+
+    /// Datagram `i` of the last [`Receiver::drain`] and its source.
+    pub fn datagram(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        let m = &self.msgs[i];
+        let len = (m.msg_len as usize).min(RECV_BUF);
+        // A datagram longer than the buffer is truncated; report it as longer than any accepted one.
+        let len = if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            RECV_BUF
+        } else {
+            len
+        };
+        (&self.bufs[i][..len], sockaddr_to_std(&self.addrs[i]))
+    }
+}
+
+fn sockaddr_to_std(sa: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(sa.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let a: &libc::sockaddr_in = unsafe { &*(sa as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::from((
+                u32::from_be(a.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let a: &libc::sockaddr_in6 = unsafe { &*(sa as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::from((
+                a.sin6_addr.s6_addr,
+                u16::from_be(a.sin6_port),
+            )))
+        }
+        _ => None,
     }
 }
 

@@ -134,6 +134,9 @@ impl ShardCore {
         mut batch: Option<&mut Batch>,
     ) -> Verdict {
         let mut verdict = Verdict::Peer;
+        // The shard loop may already hold other datagrams' fan-outs in `batch` (one `recvmmsg` drain):
+        // this call owns only the entries from `base` on.
+        let base = batch.as_ref().map_or(0, |b| b.len());
         for event in events.drain(..) {
             let Some(slot) = self.peers.get_mut(id) else {
                 break;
@@ -147,16 +150,14 @@ impl ShardCore {
                 }
                 PeerEvent::Closed(reason) => self.peer_closed(channel, key, reason),
                 PeerEvent::Media(pkt) => match batch.take() {
-                    Some(b) if b.is_empty() => {
+                    Some(b) if b.len() == base => {
+                        // A refused packet adds no entries (the channel checks before fanning out).
                         match self.peer_media(id, &pkt, now, b) {
-                            Ok(()) if !b.is_empty() => {
+                            Ok(()) if b.len() > base => {
                                 verdict = Verdict::ForwardShared(pkt.payload.clone())
                             }
                             Ok(()) => {}
-                            Err(d) => {
-                                b.clear();
-                                verdict = dropped_unless_forwarded(verdict, d);
-                            }
+                            Err(d) => verdict = dropped_unless_forwarded(verdict, d),
                         }
                         batch = Some(b);
                     }
