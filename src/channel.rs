@@ -215,6 +215,15 @@ impl Channel {
         now: Instant,
         batch: &mut Batch,
     ) -> Result<(), ForwardDrop> {
+        if epoch > self.epoch && self.speaker.is_none() {
+            // The relay can beat pub/sub: the speaker's node forwards from the moment its grant is
+            // acknowledged, while our control thread hears of the grant a little later. An authenticated
+            // packet from a registered node at a newer epoch is that grant: adopt it, so the first words of
+            // the burst are not lost. (Never over a local speaker: the control thread settles that case.)
+            self.epoch = epoch;
+            self.remote = true;
+            self.ingress.reset();
+        }
         if !self.remote || epoch != self.epoch {
             return Err(ForwardDrop::StaleEpoch);
         }

@@ -36,6 +36,11 @@ pub struct Args {
     /// Shards of the spawned server.
     #[arg(long)]
     pub shards: Option<u32>,
+    /// Nodes to spawn (with --spawn-server): N > 1 starts a redis-server and N talkgroup nodes sharing it,
+    /// spreads each channel's members round robin over them, and measures CPU per relayed packet
+    /// against a 1-node reference run of the same load.
+    #[arg(long)]
+    pub nodes: Option<u32>,
     /// Media base port of the spawned server [default: a free range].
     #[arg(long)]
     pub media_port: Option<u16>,
@@ -142,6 +147,12 @@ pub struct Config {
     pub server_bin: Option<PathBuf>,
     pub server_args: Vec<String>,
     pub shards: u32,
+    pub nodes: u32,
+    /// Spawn Redis and the node(s) with `--store redis` (true with nodes > 1, and for the 1-node
+    /// reference run of a multi-node benchmark).
+    pub cluster: bool,
+    /// Speakers only on node 0 in an extra phase (the relay's send and receive sides apart).
+    pub split_phase: bool,
     pub media_port: Option<u16>,
     pub server_pid: Option<i32>,
     pub channels: u32,
@@ -304,6 +315,25 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
     if args.ceiling && args.find_knee {
         return Err("--ceiling and --find-knee are separate runs; pick one".into());
     }
+    let nodes = args.nodes.or(sc.nodes).unwrap_or(1).max(1);
+    if nodes > 1 && !args.spawn_server {
+        return Err(
+            "--nodes > 1 needs --spawn-server (the harness starts Redis and the nodes)".into(),
+        );
+    }
+    if nodes > 1 && (args.ceiling || args.find_knee) {
+        return Err("--nodes > 1 is its own benchmark: not with --ceiling or --find-knee".into());
+    }
+    if nodes > 16 {
+        return Err("--nodes is capped at 16".into());
+    }
+    // Relay targets are refreshed every second and a press may be denied `unavailable` until the store
+    // subscription is up: give the cluster a few seconds before measuring.
+    let warmup = if nodes > 1 {
+        warmup.max(Duration::from_secs(5))
+    } else {
+        warmup
+    };
     let out = args
         .out
         .clone()
@@ -320,6 +350,9 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
             .map(|s| s.split_whitespace().map(String::from).collect())
             .unwrap_or_default(),
         shards: args.shards.or(sc.shards).unwrap_or(1).max(1),
+        nodes,
+        cluster: nodes > 1,
+        split_phase: nodes > 1,
         media_port: args.media_port,
         server_pid: args.server_pid,
         channels,
@@ -392,6 +425,10 @@ mod tests {
         assert!(resolve(&args(&["--ceiling", "--find-knee"])).is_err());
         assert!(resolve(&args(&["--keepalive", "10s"])).is_err());
         assert!(resolve(&args(&["--scenario", "no-such-scenario"])).is_err());
+        assert!(resolve(&args(&["--nodes", "3"]))
+            .unwrap_err()
+            .contains("--spawn-server"));
+        assert!(resolve(&args(&["--nodes", "3", "--spawn-server", "--ceiling"])).is_err());
     }
 
     #[test]
@@ -402,5 +439,23 @@ mod tests {
         assert_eq!(c.members_per_ws, 100);
         assert!(c.out.ends_with("target/loadtest"));
         assert_eq!(c.knee_p99_us, 5000.0);
+        assert_eq!((c.nodes, c.cluster), (1, false));
+    }
+
+    #[test]
+    fn three_nodes_scenario() {
+        let c = resolve(&args(&["--scenario", "three-nodes", "--spawn-server"])).unwrap();
+        assert_eq!((c.nodes, c.cluster, c.split_phase), (3, true, true));
+        assert_eq!((c.channels, c.members), (300, 6));
+        assert!(c.warmup_s >= 5.0);
+        let c = resolve(&args(&[
+            "--scenario",
+            "three-nodes",
+            "--spawn-server",
+            "--nodes",
+            "1",
+        ]))
+        .unwrap();
+        assert!(!c.cluster);
     }
 }

@@ -31,7 +31,29 @@ pub struct PhaseCtl {
     pub active: u32,
     /// Floor through the talkgroup server (`false`: granted locally, for the raw forwarder).
     pub server: bool,
+    /// Speakers only among the members on this node (`u32::MAX`: anyone).
+    pub speakers_node: u32,
     pub shutdown: bool,
+}
+
+/// Anyone may speak.
+pub const ANY_NODE: u32 = u32::MAX;
+
+/// The next speaker's slot from two uniform draws `r1`, `r2` in [0, 1): anyone but `prev`, restricted to
+/// the slots on `node` of `nodes` (round robin, see `cluster::node_of`) unless `node` is [`ANY_NODE`].
+pub fn pick_slot(r1: f64, r2: f64, members: u32, prev: Option<u16>, nodes: u32, node: u32) -> u16 {
+    let (first, step) = if node == ANY_NODE || nodes <= 1 || node >= members {
+        (0, 1)
+    } else {
+        (node, nodes)
+    };
+    let count = (members - first).div_ceil(step);
+    let pick = |r: f64| ((r * count as f64) as u32).min(count - 1);
+    let mut k = pick(r1);
+    if Some((first + k * step) as u16) == prev && count > 1 {
+        k = (k + 1 + pick(r2).min(count - 2)) % count;
+    }
+    (first + k * step) as u16
 }
 
 /// Floor statistics of one phase.
@@ -96,6 +118,7 @@ impl FloorStats {
 pub struct CtrlCtx {
     pub model: TalkModel,
     pub members: u32,
+    pub nodes: u32,
     /// Longest burst allowed (T2 minus a margin), seconds.
     pub max_burst: f64,
     pub packet_interval: Duration,
@@ -201,11 +224,14 @@ pub async fn run_channel(ch: u32, ctx: Arc<CtrlCtx>, mut events: UnboundedReceiv
         let mut switch_next = false;
         while *phase_rx.borrow() == ph {
             // Next speaker: anyone but the previous one.
-            let mut slot = rng.random_range(0..ctx.members) as u16;
-            if Some(slot) == prev && ctx.members > 1 {
-                slot =
-                    ((slot as u32 + 1 + rng.random_range(0..ctx.members - 1)) % ctx.members) as u16;
-            }
+            let slot = pick_slot(
+                rng.random(),
+                rng.random(),
+                ctx.members,
+                prev,
+                ctx.nodes,
+                ph.speakers_node,
+            );
             ctx.busy.fetch_add(1, Ordering::AcqRel);
             shared.speaker_slot.store(slot as u32, Ordering::Release);
             while events.try_recv().is_ok() {} // stale events of an earlier press
@@ -424,6 +450,26 @@ async fn release(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speaker_slots() {
+        // Anyone: the draw maps uniformly, the previous speaker is skipped.
+        assert_eq!(pick_slot(0.0, 0.0, 6, None, 3, ANY_NODE), 0);
+        assert_eq!(pick_slot(0.99, 0.0, 6, None, 3, ANY_NODE), 5);
+        assert_eq!(pick_slot(0.0, 0.0, 6, Some(0), 1, ANY_NODE), 1);
+        assert_eq!(pick_slot(0.0, 0.99, 6, Some(0), 1, ANY_NODE), 5);
+        // Node 0 of 3 with 6 members: slots 0 and 3 only.
+        for i in 0..100 {
+            let r = i as f64 / 100.0;
+            let s = pick_slot(r, 1.0 - r, 6, None, 3, 0);
+            assert!(s == 0 || s == 3, "{s}");
+            assert_eq!(pick_slot(r, 1.0 - r, 6, Some(3), 3, 0), 0);
+            let s = pick_slot(r, r, 7, Some(2), 3, 2);
+            assert_eq!(s, 5);
+        }
+        // A single slot on the node: it speaks again.
+        assert_eq!(pick_slot(0.5, 0.5, 4, Some(1), 3, 1), 1);
+    }
 
     #[test]
     fn floor_records_are_tallied() {

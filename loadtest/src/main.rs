@@ -5,11 +5,13 @@
 
 mod ceiling;
 mod cli;
+mod cluster;
 mod controller;
 mod metrics;
 mod model;
 mod procfs;
 mod receiver;
+mod relaycost;
 mod report;
 mod run;
 mod scenario;
@@ -55,13 +57,51 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let report = match rt.block_on(run::run(&cfg)) {
+    // Several nodes: first the same load on a 1-node cluster (same Redis store), the local reference.
+    let cpus = sys::affinity_of(0).unwrap_or_default();
+    let reference = if cfg.nodes > 1 {
+        let mut c = cfg.clone();
+        c.name = format!("{}-1node", cfg.name);
+        c.nodes = 1;
+        c.split_phase = false;
+        eprintln!("== reference: the same load on 1 node ==");
+        let r = match rt.block_on(run::run(&c)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("loadtest: reference run: {e}");
+                std::process::exit(1);
+            }
+        };
+        print!("{}", r.table());
+        if let Err(e) = r.write(&c.out) {
+            eprintln!("loadtest: writing the report: {e}");
+        }
+        // A run pins the harness away from its server's shard core: undo that before the next one.
+        if !cpus.is_empty() {
+            run::pin_own_threads(&cpus, None);
+        }
+        eprintln!("== {} nodes ==", cfg.nodes);
+        Some(r)
+    } else {
+        None
+    };
+    let mut report = match rt.block_on(run::run(&cfg)) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("loadtest: {e}");
             std::process::exit(1);
         }
     };
+    if let Some(r) = &reference {
+        report.relay_cost = relaycost::from_reports(r, &report, false);
+        report.relay_cost_shards = relaycost::from_reports(r, &report, true);
+        if report.relay_cost.is_none() {
+            report.warnings.push(
+                "relay cost unavailable (no CPU figures or nothing forwarded in the reference)"
+                    .into(),
+            );
+        }
+    }
     print!("{}", report.table());
     match report.write(&cfg.out) {
         Ok((json, svg)) => println!("reports: {} {}", json.display(), svg.display()),

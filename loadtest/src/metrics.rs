@@ -15,6 +15,9 @@ pub struct Samples(pub BTreeMap<String, f64>);
 pub const PACKETS_IN: &str = "talkgroup_packets_in_total";
 pub const PACKETS_FORWARDED: &str = "talkgroup_packets_forwarded_total";
 pub const PACKETS_DROPPED: &str = "talkgroup_packets_dropped_total";
+pub const RELAY_SENT: &str = "talkgroup_relay_sent_total";
+pub const RELAY_IN: &str = "talkgroup_relay_in_total";
+pub const RELAY_DROPPED: &str = "talkgroup_relay_dropped_total";
 
 impl Samples {
     /// Parse Prometheus text exposition: comments skipped, an optional timestamp after the value ignored,
@@ -49,6 +52,26 @@ impl Samples {
         Samples(m)
     }
 
+    /// The same samples with `key="value"` added first to every series' labels (several nodes' samples
+    /// in one set stay apart).
+    pub fn with_label(&self, key: &str, value: &str) -> Samples {
+        Samples(
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    let name = metric_name(k);
+                    let l = labels(k);
+                    let rest = l
+                        .strip_prefix('{')
+                        .and_then(|l| l.strip_suffix('}'))
+                        .unwrap_or(l);
+                    let sep = if rest.is_empty() { "" } else { "," };
+                    (format!("{name}{{{key}=\"{value}\"{sep}{rest}}}"), *v)
+                })
+                .collect(),
+        )
+    }
+
     /// Sum of every series of metric `name`; `None` when there is none.
     pub fn sum(&self, name: &str) -> Option<f64> {
         let mut found = false;
@@ -70,6 +93,28 @@ impl Samples {
             .map(|(k, v)| (labels(k).to_string(), *v))
             .collect()
     }
+}
+
+/// Increase of metric `name` from `a` to `b` summed by the value of label `key` (non-zero ones only).
+pub fn delta_by_label(a: &Samples, b: &Samples, name: &str, key: &str) -> BTreeMap<String, f64> {
+    let value_of = |labels: &str| -> String {
+        let pat = format!("{key}=\"");
+        labels
+            .find(&pat)
+            .map(|i| &labels[i + pat.len()..])
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut m = BTreeMap::new();
+    for (l, v) in b.series(name) {
+        *m.entry(value_of(&l)).or_insert(0.0) += v;
+    }
+    for (l, v) in a.series(name) {
+        *m.entry(value_of(&l)).or_insert(0.0) -= v;
+    }
+    m.retain(|_, v| *v != 0.0);
+    m
 }
 
 fn metric_name(series: &str) -> &str {
@@ -174,5 +219,29 @@ process_thing NaN\n";
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
         assert_eq!(parse_http_response(chunked).unwrap(), (200, "abcde".into()));
         assert!(parse_http_response(b"garbage").is_err());
+    }
+
+    #[test]
+    fn node_labels_keep_nodes_apart() {
+        let a = Samples::parse("talkgroup_relay_in_total{shard=\"0\"} 5\nup 1\n");
+        let mut all = a.with_label("node", "0");
+        all.0.extend(a.with_label("node", "1").0);
+        assert_eq!(all.sum("talkgroup_relay_in_total"), Some(10.0));
+        assert_eq!(all.sum("up"), Some(2.0));
+        assert!(all
+            .0
+            .contains_key("talkgroup_relay_in_total{node=\"1\",shard=\"0\"}"));
+        assert!(all.0.contains_key("up{node=\"0\"}"));
+    }
+
+    #[test]
+    fn deltas_by_label() {
+        let a = Samples::parse("x{shard=\"0\",reason=\"stale\"} 1\nx{shard=\"1\",reason=\"stale\"} 2\nx{shard=\"0\",reason=\"mac\"} 4\n");
+        let b = Samples::parse("x{shard=\"0\",reason=\"stale\"} 5\nx{shard=\"1\",reason=\"stale\"} 2\nx{shard=\"0\",reason=\"mac\"} 4\n");
+        let d = delta_by_label(&a, &b, "x", "reason");
+        assert_eq!(
+            d.into_iter().collect::<Vec<_>>(),
+            [("stale".to_string(), 4.0)]
+        );
     }
 }

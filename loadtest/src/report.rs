@@ -26,6 +26,10 @@ pub struct Report {
     pub summary: Summary,
     pub ceiling: Option<Ceiling>,
     pub knee: Option<Knee>,
+    /// `--nodes N`: CPU per relayed packet against a local forward (see `relaycost.rs`).
+    pub relay_cost: Option<crate::relaycost::RelayCost>,
+    /// The same from the shard threads' CPU alone.
+    pub relay_cost_shards: Option<crate::relaycost::RelayCost>,
     pub series: Vec<SeriesPoint>,
     pub curves: Curves,
     pub warnings: Vec<String>,
@@ -43,6 +47,8 @@ pub struct ServerInfo {
     /// CPUs of the server threads that did the work in the warm-up (single-CPU affinity).
     pub pinned_cpus: Vec<usize>,
     pub crashed: Option<String>,
+    /// `--nodes N`: every node's HTTP address and PID (the fields above are node 0's).
+    pub nodes: Vec<(String, Option<i32>)>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -98,6 +104,41 @@ pub struct ServerPhase {
     pub metrics_pps_out: Option<f64>,
 }
 
+/// One node over one phase: schedstat CPU, its idle CPU over the same time, and its `/metrics` deltas.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodePhase {
+    pub node: u32,
+    pub pid: Option<i32>,
+    pub cpu_ns: f64,
+    /// The node's CPU with everyone joined and silent, scaled to the phase's length.
+    pub idle_ns: f64,
+    /// The same for the node's shard threads alone (the packet path, without signaling and Redis).
+    pub shard_cpu_ns: f64,
+    pub shard_idle_ns: f64,
+    pub packets_in: f64,
+    pub forwarded: f64,
+    pub relay_sent: f64,
+    pub relay_in: f64,
+    pub relay_dropped: f64,
+    pub relay_dropped_by_reason: BTreeMap<String, f64>,
+}
+
+impl NodePhase {
+    /// CPU the traffic cost: run time less idle.
+    pub fn busy_ns(&self) -> f64 {
+        (self.cpu_ns - self.idle_ns).max(0.0)
+    }
+
+    /// This node with its shard threads' CPU as its CPU.
+    pub fn shards_only(&self) -> NodePhase {
+        NodePhase {
+            cpu_ns: self.shard_cpu_ns,
+            idle_ns: self.shard_idle_ns,
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ThreadDelta {
     pub tid: i32,
@@ -140,6 +181,8 @@ pub struct PhaseResult {
     pub pps_in: f64,
     pub pps_out: f64,
     pub server: Option<ServerPhase>,
+    /// Per node (`--nodes N`; one entry for a single server): CPU and counters over the phase.
+    pub nodes: Vec<NodePhase>,
     pub raw: Option<RawPhase>,
     /// Harness process CPU (% of one core), the sender's pre-deadline spin excluded.
     pub harness_cpu_pct: Option<f64>,
@@ -378,6 +421,71 @@ impl Report {
                     let _ = writeln!(s, "knee: {}", k.note);
                 }
             }
+        }
+        if self.phases.iter().any(|p| p.nodes.len() > 1) {
+            let _ = writeln!(
+                s,
+                "per node: {:<12} {:>4} {:>9} {:>8} {:>9} {:>10} {:>9} {:>8}",
+                "phase", "node", "cpu ms", "idle ms", "in", "forwarded", "relay out", "relay in"
+            );
+            for p in self
+                .phases
+                .iter()
+                .filter(|p| p.nodes.len() > 1 && p.measured)
+            {
+                for n in &p.nodes {
+                    let _ = writeln!(
+                        s,
+                        "          {:<12} {:>4} {:>9.0} {:>8.0} {:>9.0} {:>10.0} {:>9.0} {:>8.0}{}",
+                        truncate(&p.name, 12),
+                        n.node,
+                        n.cpu_ns / 1e6,
+                        n.idle_ns / 1e6,
+                        n.packets_in,
+                        n.forwarded,
+                        n.relay_sent,
+                        n.relay_in,
+                        if n.relay_dropped > 0.0 {
+                            format!(
+                                "  relay dropped {:.0} {:?}",
+                                n.relay_dropped, n.relay_dropped_by_reason
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
+            }
+        }
+        for (what, r) in [
+            ("process", &self.relay_cost),
+            ("shard threads", &self.relay_cost_shards),
+        ] {
+            let Some(r) = r else { continue };
+            let _ = writeln!(s, "relay cost, {what} CPU:");
+            let _ = writeln!(
+                s,
+                "relay cost: local forward (1-node reference) {:.0} ns per forwarded packet, {:.0} ns per datagram in or out (fan-out {:.1})",
+                r.local_ns_per_fwd, r.local_ns_per_datagram, r.local_fanout
+            );
+            let _ = writeln!(
+                s,
+                "relay cost: per relay datagram sent at the speaker's node +{} ns; received + fanned out at a receiving node {} ns \
+                 (fan-out {}; a local packet with that fan-out: {} ns; beyond its fan-out: +{} ns)",
+                fmt_opt(r.send_ns_per_relay, 0),
+                fmt_opt(r.recv_ns_per_relay, 0),
+                fmt_opt(r.recv_fanout, 1),
+                fmt_opt(r.recv_local_equiv_ns, 0),
+                fmt_opt(r.recv_extra_ns_per_relay, 0),
+            );
+            let _ = writeln!(
+                s,
+                "relay cost: all nodes talking: {} ns per delivered packet (vs {:.0} on one node), {} relay datagrams/s, +{} ns per relay datagram (send + receive)",
+                fmt_opt(r.all_ns_per_fwd, 0),
+                r.local_ns_per_fwd,
+                fmt_opt(r.all_relay_pps, 0),
+                fmt_opt(r.all_extra_ns_per_relay, 0),
+            );
         }
         for w in &self.warnings {
             let _ = writeln!(s, "warning: {w}");

@@ -7,7 +7,7 @@
 
 use crate::ceiling::RawForwarder;
 use crate::cli::Config;
-use crate::controller::{run_channel, CtrlCtx, FloorRecord, FloorStats, PhaseCtl};
+use crate::controller::{run_channel, CtrlCtx, FloorRecord, FloorStats, PhaseCtl, ANY_NODE};
 use crate::metrics::{self, Samples};
 use crate::model::{ChannelShared, Member, Target, TargetCell};
 use crate::procfs::{self, ThreadCpu};
@@ -39,6 +39,8 @@ struct Plan {
     active: u32,
     duration: Duration,
     measured: bool,
+    /// Speakers only on this node ([`ANY_NODE`]: anyone).
+    speakers_node: u32,
 }
 
 fn plan(cfg: &Config) -> Vec<Plan> {
@@ -55,6 +57,7 @@ fn plan(cfg: &Config) -> Vec<Plan> {
             active: if cfg.find_knee { step_channels(1) } else { all },
             duration: cfg.warmup(),
             measured: false,
+            speakers_node: ANY_NODE,
         });
     }
     if cfg.ceiling {
@@ -67,6 +70,7 @@ fn plan(cfg: &Config) -> Vec<Plan> {
                     active: all,
                     duration: cfg.duration(),
                     measured: true,
+                    speakers_node: ANY_NODE,
                 });
             }
         }
@@ -80,6 +84,7 @@ fn plan(cfg: &Config) -> Vec<Plan> {
                 active,
                 duration: cfg.duration(),
                 measured: true,
+                speakers_node: ANY_NODE,
             });
         }
     } else {
@@ -90,10 +95,27 @@ fn plan(cfg: &Config) -> Vec<Plan> {
             active: all,
             duration: cfg.duration(),
             measured: true,
+            speakers_node: ANY_NODE,
         });
+        if cfg.split_phase {
+            // The same load with speakers on node 0 only: node 0 sends relay datagrams, the others only
+            // receive them, which tells the two sides' costs apart.
+            v.push(Plan {
+                name: SPLIT_PHASE.into(),
+                kind: "relay-split",
+                server: true,
+                active: all,
+                duration: cfg.duration(),
+                measured: true,
+                speakers_node: 0,
+            });
+        }
     }
     v
 }
+
+/// The phase of a multi-node run with speakers on node 0 only.
+pub const SPLIT_PHASE: &str = "from-node0";
 
 /// Counters read at a phase boundary.
 struct Snapshot {
@@ -107,25 +129,62 @@ struct Snapshot {
     proc_cpu: Option<u64>,
     own_cpu: Option<u64>,
     raw: Option<(u64, u64, u64, Option<u64>)>,
+    /// Per node: its `/metrics`, schedstat CPU (Σ threads) and that of its shard threads alone.
+    nodes: Vec<(Option<Samples>, u64, u64)>,
     cpus: BTreeMap<usize, (u64, u64)>,
     udp: BTreeMap<String, u64>,
 }
 
-async fn snapshot(server: &Server, raw: Option<&RawForwarder>, sc: &SenderCounters) -> Snapshot {
-    let metrics = match metrics::http_get(server.http, "/metrics", Duration::from_secs(3)).await {
-        Ok((200, body)) => Some(Samples::parse(&body)),
-        _ => None,
+/// Σ run time of a process's threads (`shards`: only the shard threads, named `shard-…`).
+fn cpu_sum(t: &BTreeMap<i32, ThreadCpu>, shards: bool) -> u64 {
+    t.values()
+        .filter(|x| !shards || x.name.starts_with("shard"))
+        .map(|x| x.run_ns)
+        .sum()
+}
+
+async fn snapshot(servers: &[Server], raw: Option<&RawForwarder>, sc: &SenderCounters) -> Snapshot {
+    let mut nodes = Vec::with_capacity(servers.len());
+    let mut threads = BTreeMap::new();
+    for s in servers {
+        let m = match metrics::http_get(s.http, "/metrics", Duration::from_secs(3)).await {
+            Ok((200, body)) => Some(Samples::parse(&body)),
+            _ => None,
+        };
+        let t = s.pid.map(procfs::threads_cpu).unwrap_or_default();
+        nodes.push((m, cpu_sum(&t, false), cpu_sum(&t, true)));
+        // Thread ids are unique across processes: the union is every node's threads.
+        threads.extend(t);
+    }
+    // One node: its samples as they are; several: every series labelled with its node, so sums by
+    // metric name cover the cluster.
+    let metrics = if nodes.len() == 1 {
+        nodes[0].0.clone()
+    } else {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (m, _, _))| m.as_ref().map(|m| m.with_label("node", &i.to_string())))
+            .try_fold(Samples::default(), |mut acc, m| {
+                acc.0.extend(m?.0);
+                Some(acc)
+            })
     };
+    let proc_cpu = servers
+        .iter()
+        .map(|s| s.pid.and_then(procfs::process_cpu_ns))
+        .sum::<Option<u64>>();
     let me = std::process::id() as i32;
     Snapshot {
+        nodes,
         t_ns: mono_ns(),
         media: sc.media.load(Ordering::Acquire),
         expected: sc.expected.load(Ordering::Acquire),
         send_errors: sc.errors.load(Ordering::Acquire),
         spin_ns: sc.spin_ns.load(Ordering::Acquire),
         metrics,
-        threads: server.pid.map(procfs::threads_cpu).unwrap_or_default(),
-        proc_cpu: server.pid.and_then(procfs::process_cpu_ns),
+        threads,
+        proc_cpu,
         own_cpu: procfs::process_cpu_ns(me),
         raw: raw.map(|r| {
             (
@@ -207,13 +266,45 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     report.harness.nofile_limit = nofile;
 
     // The server.
-    let mut server = if cfg.spawn_server {
+    // Redis (when there is one) outlives the nodes: declared first, dropped last.
+    let mut _redis = None;
+    let mut servers = if cfg.spawn_server && cfg.cluster {
+        let bin = crate::server::find_binary(cfg.server_bin.as_deref())?;
+        eprintln!(
+            "starting redis-server and {} node(s) of {} (shards {} each, --store redis)",
+            cfg.nodes,
+            bin.display(),
+            cfg.shards
+        );
+        let (r, nodes) =
+            crate::cluster::spawn(bin, cfg.nodes, cfg.shards, &cfg.server_args, &cfg.out).await?;
+        _redis = Some(r);
+        nodes
+    } else if cfg.spawn_server {
         let bin = crate::server::find_binary(cfg.server_bin.as_deref())?;
         eprintln!("starting {} (shards {})", bin.display(), cfg.shards);
-        Server::spawn(bin, cfg.shards, cfg.media_port, &cfg.server_args, &cfg.out).await?
+        vec![
+            Server::spawn(
+                bin,
+                cfg.shards,
+                cfg.media_port,
+                &cfg.server_args,
+                &cfg.out,
+                "server.log",
+            )
+            .await?,
+        ]
     } else {
-        Server::attach(cfg.server, cfg.server_pid).await?
+        vec![Server::attach(cfg.server, cfg.server_pid).await?]
     };
+    let server_http = servers[0].http;
+    let pids: Vec<Option<i32>> = servers.iter().map(|s| s.pid).collect();
+    let rss = |pids: &[Option<i32>]| -> Option<u64> {
+        pids.iter()
+            .map(|p| p.and_then(procfs::rss_bytes))
+            .sum::<Option<u64>>()
+    };
+    let server = &servers[0];
     report.server = ServerInfo {
         http: server.http.to_string(),
         pid: server.pid,
@@ -221,6 +312,14 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         bin: server.bin.as_ref().map(|p| p.display().to_string()),
         log: server.log.as_ref().map(|p| p.display().to_string()),
         media_port: server.media_port,
+        nodes: if servers.len() > 1 {
+            servers
+                .iter()
+                .map(|s| (s.http.to_string(), s.pid))
+                .collect()
+        } else {
+            Vec::new()
+        },
         ..Default::default()
     };
     if server.pid.is_none() {
@@ -228,7 +327,11 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
             .warnings
             .push("server PID unknown (pass --server-pid): no CPU or RSS figures".into());
     }
-    let ws_url = format!("ws://{}/ws", server.http);
+    let ws_urls: Vec<String> = servers
+        .iter()
+        .map(|s| format!("ws://{}/ws", s.http))
+        .collect();
+    let ws_url = ws_urls.join(", ");
 
     // The harness's own floor, before any load.
     let floor = receiver::loopback_floor(500, Duration::from_millis(1))
@@ -249,7 +352,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     report.harness.loopback_addresses = socks.loopback_addresses();
     report.harness.ws_connections = n_conns;
     report.harness.recv_threads = cfg.recv_threads;
-    report.setup.rss_before_bytes = server.pid.and_then(procfs::rss_bytes);
+    report.setup.rss_before_bytes = rss(&pids);
 
     // Controllers' inboxes first: connections route floor events into them.
     let channels: Arc<Vec<ChannelShared>> =
@@ -264,7 +367,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     let (notes_tx, mut notes_rx) = mpsc::unbounded_channel();
     let prefix = format!("lt{:x}", (mono_ns() ^ std::process::id() as u64) & 0xffff);
     let conn_ctx = Arc::new(ConnCtx {
-        url: ws_url.clone(),
+        urls: ws_urls,
         prefix,
         presence: cfg.presence,
         channels: channels.clone(),
@@ -338,7 +441,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
             }
             ConnNote::Lost(e) | ConnNote::ServerError(e) => failures.push(e),
         }
-        if let Some(st) = server.exited() {
+        if let Some(st) = any_exited(&mut servers) {
             return Err(format!("the server died while members joined: {st}"));
         }
         if n_conns > 20 && (n_conns - pending).is_multiple_of(n_conns / 10) && pending > 0 {
@@ -365,7 +468,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
                 channel: (m / cfg.members as usize) as u32,
                 slot: (m % cfg.members as usize) as u16,
                 addr: socks.addrs[m],
-                server_addr: j.as_ref().map(|j| j.server_addr).unwrap_or(server.http),
+                server_addr: j.as_ref().map(|j| j.server_addr).unwrap_or(server_http),
                 ssrc: j.as_ref().map(|j| j.ssrc).unwrap_or(0),
                 payload_type: j.as_ref().map(|j| j.payload_type).unwrap_or(111),
             }
@@ -447,21 +550,37 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     let relatch_wait = Duration::from_millis(300) + Duration::from_micros(8 * n_members as u64);
     let _ = send_tx.send(SendCmd::Relatch);
     tokio::time::sleep(relatch_wait + Duration::from_millis(200)).await;
-    report.setup.rss_after_join_bytes = server.pid.and_then(procfs::rss_bytes);
-    let idle_cpu_per_s = match server.pid {
-        Some(pid) => {
-            let cpu = |t: &BTreeMap<i32, ThreadCpu>| t.values().map(|x| x.run_ns).sum::<u64>();
-            let a = procfs::threads_cpu(pid);
-            let t0 = mono_ns();
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let b = procfs::threads_cpu(pid);
-            let secs = (mono_ns() - t0) as f64 / 1e9;
-            let per_s = cpu(&b).saturating_sub(cpu(&a)) as f64 / secs;
-            report.setup.server_idle_cpu_pct = Some(per_s / 1e7);
-            Some(per_s)
-        }
-        None => None,
+    report.setup.rss_after_join_bytes = rss(&pids);
+    // Idle CPU per node (ns per s), everyone joined and silent.
+    // (whole process, shard threads)
+    let node_idle: Vec<Option<(f64, f64)>> = {
+        let cpu = |pid: Option<i32>| {
+            pid.map(|p| {
+                let t = procfs::threads_cpu(p);
+                (cpu_sum(&t, false), cpu_sum(&t, true))
+            })
+        };
+        let a: Vec<Option<(u64, u64)>> = pids.iter().map(|p| cpu(*p)).collect();
+        let t0 = mono_ns();
+        tokio::time::sleep(Duration::from_secs(if cfg.cluster { 2 } else { 1 })).await;
+        let b: Vec<Option<(u64, u64)>> = pids.iter().map(|p| cpu(*p)).collect();
+        let secs = (mono_ns() - t0) as f64 / 1e9;
+        a.iter()
+            .zip(&b)
+            .map(|(a, b)| {
+                let (a, b) = ((*a)?, (*b)?);
+                Some((
+                    b.0.saturating_sub(a.0) as f64 / secs,
+                    b.1.saturating_sub(a.1) as f64 / secs,
+                ))
+            })
+            .collect()
     };
+    let idle_cpu_per_s = node_idle
+        .iter()
+        .map(|x| x.map(|x| x.0))
+        .sum::<Option<f64>>();
+    report.setup.server_idle_cpu_pct = idle_cpu_per_s.map(|x| x / 1e7);
     if let (Some(a), Some(b)) = (
         report.setup.rss_before_bytes,
         report.setup.rss_after_join_bytes,
@@ -475,6 +594,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         running: false,
         active: 0,
         server: true,
+        speakers_node: ANY_NODE,
         shutdown: false,
     });
     let max_burst = (timers.t2_ms as f64 / 1000.0 - 1.5).max(0.5);
@@ -483,6 +603,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     let ctx = Arc::new(CtrlCtx {
         model: cfg.talk,
         members: cfg.members,
+        nodes: servers.len() as u32,
         max_burst,
         packet_interval: Duration::from_nanos(1_000_000_000 / cfg.rate as u64),
         seed: cfg.seed,
@@ -539,13 +660,14 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
             tokio::time::sleep(relatch_wait).await;
         }
         cur_target = target;
-        let s0 = snapshot(&server, raw.as_ref(), &sender_counters).await;
+        let s0 = snapshot(&servers, raw.as_ref(), &sender_counters).await;
         recv_shared.phase.store(recv_phase(i), Ordering::Release);
         let ctl = PhaseCtl {
             id: i as u32,
             running: true,
             active: p.active,
             server: p.server,
+            speakers_node: p.speakers_node,
             shutdown: false,
         };
         let _ = phase_tx.send(ctl);
@@ -583,7 +705,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
                     _ => {}
                 }
             }
-            if let Some(st) = server.exited() {
+            if let Some(st) = any_exited(&mut servers) {
                 crashed = Some(st);
                 break;
             }
@@ -637,7 +759,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let s1 = snapshot(&server, raw.as_ref(), &sender_counters).await;
+        let s1 = snapshot(&servers, raw.as_ref(), &sender_counters).await;
         recv_shared
             .phase
             .store(recv_phase(i) + 1, Ordering::Release);
@@ -660,7 +782,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
 
         // After the warm-up we know which server threads do the work: pin the harness away from them.
         if i == 0 && shard_cpus.is_empty() {
-            shard_cpus = busy_pinned_cpus(&s0.threads, &s1.threads, server.pid);
+            shard_cpus = busy_pinned_cpus(&s0.threads, &s1.threads, pids[0]);
             report.server.pinned_cpus = shard_cpus.clone();
             if cfg.pin && !shard_cpus.is_empty() {
                 let free: Vec<usize> = crate::sys::affinity_of(0)
@@ -696,6 +818,8 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
             &harness_cpus,
             &shard_cpus,
             idle_cpu_per_s,
+            &node_idle,
+            &pids,
             &mut report.warnings,
         );
         if p.kind == "knee-step" {
@@ -722,6 +846,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         running: false,
         active: 0,
         server: true,
+        speakers_node: ANY_NODE,
         shutdown: true,
     });
     let _ = send_tx.send(SendCmd::Shutdown);
@@ -740,15 +865,15 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         let _ = tokio::time::timeout(Duration::from_millis(500), h).await;
     }
     if crashed.is_none() {
-        if let Some(st) = server.exited() {
+        if let Some(st) = any_exited(&mut servers) {
             crashed = Some(st);
         }
     }
-    report.setup.rss_end_bytes = server.pid.and_then(procfs::rss_bytes);
+    report.setup.rss_end_bytes = rss(&pids);
     report.setup.ws_frames_in = conn_ctx.frames.snapshot();
     drop(raw);
 
-    finish(cfg, &mut report, done, crashed.clone(), &server);
+    finish(cfg, &mut report, done, crashed.clone());
     if lost_conns > 0 {
         report.warnings.push(format!(
             "{lost_conns} WebSocket connection(s) were lost during the run"
@@ -756,17 +881,30 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     }
     report.warnings.extend(server_errors);
     if let Some(c) = &crashed {
-        if let Some(log) = &server.log {
-            report.warnings.push(format!(
-                "server log tail ({}):\n{}",
-                log.display(),
-                crate::server::tail(log, 15)
-            ));
+        for s in &mut servers {
+            if let (Some(log), Some(_)) = (s.log.clone(), s.exited()) {
+                report.warnings.push(format!(
+                    "server log tail ({}):\n{}",
+                    log.display(),
+                    crate::server::tail(&log, 15)
+                ));
+            }
         }
         report.server.crashed = Some(c.clone());
     }
-    server.stop();
+    for s in &mut servers {
+        s.stop();
+    }
     Ok(report)
+}
+
+/// `Some(description)` once any node is gone.
+fn any_exited(servers: &mut [Server]) -> Option<String> {
+    let n = servers.len();
+    servers.iter_mut().enumerate().find_map(|(i, s)| {
+        s.exited()
+            .map(|st| if n > 1 { format!("node {i}: {st}") } else { st })
+    })
 }
 
 /// CPUs of the server threads that did at least a quarter of the busiest thread's work over the
@@ -817,7 +955,7 @@ fn pin_thread(tid: i32, cpus: &[usize]) {
 }
 
 /// Pin every thread of this process but `except` (the raw forwarder, which sits on the server's core).
-fn pin_own_threads(cpus: &[usize], except: Option<i32>) {
+pub fn pin_own_threads(cpus: &[usize], except: Option<i32>) {
     let me = std::process::id() as i32;
     for tid in procfs::threads_cpu(me).keys() {
         if Some(*tid) != except {
@@ -845,6 +983,8 @@ fn phase_result(
     harness_cpus: &[usize],
     shard_cpus: &[usize],
     idle_cpu_per_s: Option<f64>,
+    node_idle: &[Option<(f64, f64)>],
+    pids: &[Option<i32>],
     warnings: &mut Vec<String>,
 ) -> PhaseResult {
     let secs = (s1.t_ns - s0.t_ns) as f64 / 1e9;
@@ -937,6 +1077,7 @@ fn phase_result(
         }
         sp.rss_bytes = None;
         r.server = Some(sp);
+        r.nodes = node_phases(s0, s1, secs, node_idle, pids);
     } else if let (Some(a), Some(b)) = (s0.raw, s1.raw) {
         let fwd = b.1 - a.1;
         let cpu = match (a.3, b.3) {
@@ -1028,6 +1169,46 @@ fn phase_result(
     r
 }
 
+/// Per-node CPU and counters over a phase.
+fn node_phases(
+    s0: &Snapshot,
+    s1: &Snapshot,
+    secs: f64,
+    idle: &[Option<(f64, f64)>],
+    pids: &[Option<i32>],
+) -> Vec<NodePhase> {
+    s0.nodes
+        .iter()
+        .zip(&s1.nodes)
+        .enumerate()
+        .map(|(i, ((m0, c0, h0), (m1, c1, h1)))| {
+            let d = |name: &str| match (m0, m1) {
+                (Some(a), Some(b)) => b.sum(name).unwrap_or(0.0) - a.sum(name).unwrap_or(0.0),
+                _ => 0.0,
+            };
+            NodePhase {
+                node: i as u32,
+                pid: pids.get(i).copied().flatten(),
+                cpu_ns: c1.saturating_sub(*c0) as f64,
+                idle_ns: idle.get(i).copied().flatten().map_or(0.0, |x| x.0) * secs,
+                shard_cpu_ns: h1.saturating_sub(*h0) as f64,
+                shard_idle_ns: idle.get(i).copied().flatten().map_or(0.0, |x| x.1) * secs,
+                packets_in: d(metrics::PACKETS_IN),
+                forwarded: d(metrics::PACKETS_FORWARDED),
+                relay_sent: d(metrics::RELAY_SENT),
+                relay_in: d(metrics::RELAY_IN),
+                relay_dropped: d(metrics::RELAY_DROPPED),
+                relay_dropped_by_reason: match (m0, m1) {
+                    (Some(a), Some(b)) => {
+                        metrics::delta_by_label(a, b, metrics::RELAY_DROPPED, "reason")
+                    }
+                    _ => BTreeMap::new(),
+                },
+            }
+        })
+        .collect()
+}
+
 fn push_once(w: &mut Vec<String>, s: &str) {
     if !w.iter().any(|x| x == s) {
         w.push(s.to_string());
@@ -1035,13 +1216,7 @@ fn push_once(w: &mut Vec<String>, s: &str) {
 }
 
 /// Summary, ceiling, knee, curves and verdict.
-fn finish(
-    cfg: &Config,
-    report: &mut Report,
-    done: Vec<Done>,
-    crashed: Option<String>,
-    _server: &Server,
-) {
+fn finish(cfg: &Config, report: &mut Report, done: Vec<Done>, crashed: Option<String>) {
     // Knee first: it decides which steps the summary covers.
     if cfg.find_knee {
         let steps: Vec<KneeStep> = done

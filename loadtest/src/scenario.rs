@@ -24,6 +24,8 @@ pub struct Scenario {
     pub payload: Option<String>,
     pub members_per_ws: Option<u32>,
     pub shards: Option<u32>,
+    /// Nodes sharing one Redis (`--nodes`).
+    pub nodes: Option<u32>,
     pub presence: Option<bool>,
     /// Loss threshold (%) above which the run fails, like `--fail-on-loss`.
     pub fail_on_loss: Option<f64>,

@@ -82,6 +82,7 @@ impl Server {
         media_port: Option<u16>,
         extra: &[String],
         out_dir: &Path,
+        log_name: &str,
     ) -> Result<Server, String> {
         let port = free_tcp_port()?;
         let media = match media_port {
@@ -89,7 +90,7 @@ impl Server {
             None => free_udp_range(shards as u16)?,
         };
         let http: SocketAddr = ([127, 0, 0, 1], port).into();
-        let log = out_dir.join("server.log");
+        let log = out_dir.join(log_name);
         let logf = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&bin);

@@ -162,7 +162,8 @@ pub fn parse_floor(v: &Value) -> Option<FloorEv> {
 
 /// Everything a connection task needs.
 pub struct ConnCtx {
-    pub url: String,
+    /// One WebSocket URL per node; slot `s` of every channel joins node `s % urls.len()`.
+    pub urls: Vec<String>,
     pub prefix: String,
     pub presence: bool,
     pub channels: Arc<Vec<ChannelShared>>,
@@ -359,13 +360,16 @@ pub async fn run_conn(
 }
 
 async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>, Timers), String> {
+    // A connection carries one slot of several channels, so all its members are on one node.
+    let slot = specs.first().map(|s| s.slot).unwrap_or(0);
+    let url = &ctx.urls[crate::cluster::node_of(slot as u32, ctx.urls.len() as u32) as usize];
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(&ctx.url, Some(ws_config()), true),
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
     )
     .await
-    .map_err(|_| format!("connect {}: timed out", ctx.url))?
-    .map_err(|e| format!("connect {}: {e}", ctx.url))?;
+    .map_err(|_| format!("connect {url}: timed out"))?
+    .map_err(|e| format!("connect {url}: {e}"))?;
     let hello = tokio::time::timeout(Duration::from_secs(5), next_json(&mut ws))
         .await
         .map_err(|_| "no hello frame within 5 s".to_string())??;

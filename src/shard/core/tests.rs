@@ -271,20 +271,32 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
         [0, 1, 1, 1, 1],
         "malformed, bad_tag, unknown_node, stale_epoch, unknown_channel"
     );
+    // A relayed packet of a newer epoch (its grant not yet seen here) is adopted when nobody local speaks.
+    key.encode(&mut buf, "ops", 30, "zed", "other", &rtp);
+    assert!(matches!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Forward(_)
+    ));
+    assert_eq!(s.channel("ops").map(|c| c.epoch()), Some(30));
+    batch.clear();
     // A local grant ends the remote one: relayed packets of the old epoch stop.
     s.handle_command(
         Command::Speaker {
             channel: "ops".into(),
             change: SpeakerChange::Granted {
                 speaker: Some(1),
-                epoch: 21,
+                epoch: 31,
             },
         },
         now,
     );
-    key.encode(&mut buf, "ops", 20, "zed", "other", &rtp);
-    assert_eq!(
-        s.handle_relay_datagram(peer, &buf, now, &mut batch),
-        Verdict::Dropped(Drop::NotRtp)
-    );
+    for epoch in [30, 32] {
+        // The old remote epoch, and a newer one while a local member speaks: both dropped.
+        key.encode(&mut buf, "ops", epoch, "zed", "other", &rtp);
+        assert_eq!(
+            s.handle_relay_datagram(peer, &buf, now, &mut batch),
+            Verdict::Dropped(Drop::NotRtp)
+        );
+    }
+    assert!(batch.is_empty());
 }
