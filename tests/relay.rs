@@ -7,6 +7,8 @@
 mod client;
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/webrtc_client.rs"]
+mod webrtc_client;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -115,9 +117,9 @@ async fn relay_sent(node: &Node) -> u64 {
     )
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_one_channel() {
-    let redis = RedisServer::start();
+    let mut redis = RedisServer::start();
     let nodes = vec![
         spawn_node(&redis, "node-a"),
         spawn_node(&redis, "node-b"),
@@ -133,6 +135,9 @@ async fn three_nodes_one_channel() {
     // A second member on node A: a local listener next to the remote ones.
     let mut s_extra = Signal::connect(nodes[0].http).await;
     let extra = RtpMember::join(&mut s_extra, "ops", "amy").await;
+    // And a WebRTC member on node B: relayed audio reaches WebRTC listeners too.
+    let mut s_wes = Signal::connect(nodes[1].http).await;
+    let mut wes = webrtc_client::WebRtcMember::join(&mut s_wes, "ops", "wes").await;
 
     // Warm-up: ann talks until ben and cat hear her (store subscriptions up, registry read, targets set).
     take_floor(&mut sigs[0], "ops", Duration::from_secs(10)).await;
@@ -171,6 +176,7 @@ async fn three_nodes_one_channel() {
             for s in sigs.iter_mut() {
                 s.settle(Duration::from_millis(50)).await;
             }
+            wes.clear();
             take_floor(&mut sigs[speaker], "ops", Duration::from_secs(5)).await;
             // Let the grant reach the other nodes (pub/sub) before talking: relayed packets of an epoch a
             // node has not seen yet are dropped by design.
@@ -205,6 +211,12 @@ async fn three_nodes_one_channel() {
             } else {
                 heard[3].extend(extra.recv_rtp(50, Duration::from_secs(5)).await);
             }
+            let got = wes.recv_rtp(50, Duration::from_secs(5)).await;
+            let got: Vec<Vec<u8>> = got.iter().map(|p| p.payload.to_vec()).collect();
+            assert_eq!(
+                got, payloads,
+                "wes (WebRTC, node B) on round {round} speaker {speaker}"
+            );
             let sent = relay_sent(&nodes[speaker]).await - before;
             assert_eq!(
                 sent, 100,
@@ -279,6 +291,60 @@ async fn three_nodes_one_channel() {
     let delta = |reason: &str| dropped_at(&body, reason) - dropped_at(&before, reason);
     assert_eq!(delta("bad_tag"), 1, "{body}");
     assert_eq!(delta("unknown_node"), 2, "{body}");
+
+    // Redis dies while ann talks: audio already flowing keeps crossing nodes (the relay needs no Redis per
+    // packet) until the fail-safe lease revokes her; when Redis returns (empty), everything recovers.
+    for s in sigs.iter_mut() {
+        s.settle(Duration::from_millis(50)).await;
+    }
+    take_floor(&mut sigs[0], "ops", Duration::from_secs(5)).await;
+    floor_any(&mut sigs[1], "ops", &["taken"]).await;
+    floor_any(&mut sigs[2], "ops", &["taken"]).await;
+    redis.kill();
+    for i in 0..20u8 {
+        members[0].send_rtp(&[0, 0xee, i]).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    for m in &members[1..] {
+        let got = m.recv_rtp(20, Duration::from_secs(2)).await;
+        assert_eq!(
+            got.len(),
+            20,
+            "{} stopped hearing ann when Redis died",
+            m.name
+        );
+    }
+    let r = floor_any(&mut sigs[0], "ops", &["revoked"]).await;
+    assert_eq!(r["reason"], "lease_lost");
+    redis.restart();
+    let back = Instant::now();
+    take_floor(&mut sigs[1], "ops", Duration::from_secs(20)).await;
+    let start = Instant::now();
+    let mut heard_again = [false, false];
+    while heard_again != [true, true] {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "relay did not recover after Redis came back: {heard_again:?}"
+        );
+        members[1].send_rtp(&[1, 0xee]).await;
+        for (k, i) in [0usize, 2].iter().enumerate() {
+            if !members[*i]
+                .recv_rtp(1, Duration::from_millis(20))
+                .await
+                .is_empty()
+            {
+                heard_again[k] = true;
+            }
+        }
+    }
+    println!(
+        "Redis restarted: ben granted and heard on both other nodes {:?} after the restart",
+        back.elapsed()
+    );
+    sigs[1].release("ops").await;
+    for s in sigs.iter_mut() {
+        floor_any(s, "ops", &["idle"]).await;
+    }
 
     // kill -9 node C while cat holds the floor: the others keep talking, cat leaves presence, the floor frees.
     take_floor(&mut sigs[2], "ops", Duration::from_secs(5)).await;

@@ -1157,6 +1157,12 @@ impl Hub {
                 }
                 self.store_up = true;
                 self.resync();
+                // Redis may have come back empty: say again which channels this node serves, and that it
+                // is alive, rather than wait for the next announce.
+                self.register_channels();
+                self.next_announce = Instant::now();
+                // Likewise for the sessions (a refresh re-adds a missing member).
+                self.refresh_sessions();
             }
             StoreEvent::Down => {
                 if self.store_up {
@@ -1214,6 +1220,20 @@ impl Hub {
         }
     }
 
+    /// Records in the registry every channel this node serves (idempotent; relay on only).
+    fn register_channels(&self) {
+        if self.config.relay_addrs.is_none() {
+            return;
+        }
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        let (registry, node) = (self.registry.clone(), self.config.node.clone());
+        tokio::spawn(async move {
+            for channel in channels {
+                let _ = registry.set_channel_node(&channel, &node, true).await;
+            }
+        });
+    }
+
     /// Renews this node's liveness and re-reads every channel's nodes (relay on only).
     fn tick_relay(&mut self, now: Instant) {
         let Some(relay) = self.config.relay_addrs.clone() else {
@@ -1221,6 +1241,7 @@ impl Hub {
         };
         if now >= self.next_announce {
             self.next_announce = now + ANNOUNCE_EVERY;
+            self.register_channels();
             let (registry, info) = (
                 self.registry.clone(),
                 NodeInfo {
