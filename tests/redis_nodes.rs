@@ -9,7 +9,7 @@ mod redis_server;
 
 use std::time::{Duration, Instant};
 
-use client::{RtpMember, Signal};
+use client::{floor_any, read_http_addr, RtpMember, Signal};
 use redis_server::RedisServer;
 use serde_json::Value;
 use talkgroup::config::{ServeArgs, StoreKind};
@@ -26,20 +26,6 @@ fn node_args(redis: &RedisServer, name: &str) -> ServeArgs {
 
 fn node(redis: &RedisServer, name: &str) -> Server {
     Server::start(node_args(redis, name)).expect("node starts")
-}
-
-/// Waits for the next floor frame on `channel` whose state is one of `states`.
-async fn floor_any(s: &mut Signal, channel: &str, states: &[&str]) -> Value {
-    let (c, st): (String, Vec<String>) = (
-        channel.into(),
-        states.iter().map(|s| s.to_string()).collect(),
-    );
-    s.expect(&format!("floor {states:?}"), move |v| {
-        v["type"] == "floor"
-            && v["channel"] == c.as_str()
-            && st.iter().any(|x| v["state"] == x.as_str())
-    })
-    .await
 }
 
 /// Until the store subscription is up, presses are denied `unavailable`: press until granted or busy.
@@ -342,23 +328,4 @@ async fn a_stale_event_changes_nothing() {
     let rows: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(rows[0]["speaker"], "zed");
     assert_eq!(rows[0]["epoch"].as_u64(), Some(newer));
-}
-
-/// Reads the child's log until it says where it serves HTTP.
-fn read_http_addr(child: &mut std::process::Child) -> std::net::SocketAddr {
-    use std::io::{BufRead, BufReader};
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("http_addr=").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("child did not start");
-    addr.parse().expect("http_addr in the log")
 }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use client::{http_get, metric, RtpMember, Signal};
+use client::{floor_any, http_get, metric, read_http_addr, RtpMember, Signal};
 use redis_server::RedisServer;
 use serde_json::Value;
 use talkgroup::relay::RelayKey;
@@ -61,36 +61,6 @@ fn spawn_node(redis: &RedisServer, id: &str) -> Node {
         .expect("spawn talkgroup");
     let http = read_http_addr(&mut child);
     Node { child, http }
-}
-
-fn read_http_addr(child: &mut Child) -> SocketAddr {
-    use std::io::{BufRead, BufReader};
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("http_addr=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("node did not start")
-        .parse()
-        .expect("http_addr")
-}
-
-async fn floor_any(s: &mut Signal, channel: &str, states: &[&str]) -> Value {
-    let (c, st): (String, Vec<String>) = (
-        channel.into(),
-        states.iter().map(|s| s.to_string()).collect(),
-    );
-    s.expect(&format!("floor {states:?}"), move |v| {
-        v["type"] == "floor"
-            && v["channel"] == c.as_str()
-            && st.iter().any(|x| v["state"] == x.as_str())
-    })
-    .await
 }
 
 /// Presses until granted (the store subscription may still be coming up, or a lease running out).

@@ -301,3 +301,35 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// The next floor frame on `channel` whose state is one of `states`.
+pub async fn floor_any(s: &mut Signal, channel: &str, states: &[&str]) -> Value {
+    let (c, st): (String, Vec<String>) = (
+        channel.into(),
+        states.iter().map(|s| s.to_string()).collect(),
+    );
+    s.expect(&format!("floor {states:?}"), move |v| {
+        v["type"] == "floor"
+            && v["channel"] == c.as_str()
+            && st.iter().any(|x| v["state"] == x.as_str())
+    })
+    .await
+}
+
+/// Reads a child server's log until it says where it serves HTTP (bounded: 20 s).
+pub fn read_http_addr(child: &mut std::process::Child) -> SocketAddr {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("http_addr=").nth(1) {
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("node did not start")
+        .parse()
+        .expect("http_addr")
+}
