@@ -42,6 +42,8 @@ const NODE_TTL: Duration = Duration::from_secs(10);
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
 /// How often the relay targets of each channel are re-read (off the packet path).
 const RELAY_REFRESH: Duration = Duration::from_secs(1);
+/// Attempts per member of a session heartbeat (250 ms apart).
+const REFRESH_RETRIES: usize = 12;
 /// Bound on the session-store calls a join waits for before answering `joined`.
 const SESSION_WAIT: Duration = Duration::from_millis(500);
 
@@ -1157,12 +1159,10 @@ impl Hub {
                 }
                 self.store_up = true;
                 self.resync();
-                // Redis may have come back empty: say again which channels this node serves, and that it
-                // is alive, rather than wait for the next announce.
-                self.register_channels();
-                self.next_announce = Instant::now();
-                // Likewise for the sessions (a refresh re-adds a missing member).
-                self.refresh_sessions();
+                // Redis may have come back empty: say again that this node is alive, then which channels
+                // it serves (in that order: a registered node without liveness counts as dead), then its
+                // members' sessions (a refresh re-adds a missing member).
+                self.reregister();
             }
             StoreEvent::Down => {
                 if self.store_up {
@@ -1220,16 +1220,52 @@ impl Hub {
         }
     }
 
-    /// Records in the registry every channel this node serves (idempotent; relay on only).
-    fn register_channels(&self) {
-        if self.config.relay_addrs.is_none() {
-            return;
-        }
+    /// After a store reconnect: liveness, then channel registrations, then sessions, each retried while
+    /// the command connection comes back.
+    fn reregister(&mut self) {
+        let relay = self.config.relay_addrs.clone();
         let channels: Vec<String> = self.channels.keys().cloned().collect();
-        let (registry, node) = (self.registry.clone(), self.config.node.clone());
+        let members: Vec<(String, String)> = self
+            .channels
+            .iter()
+            .flat_map(|(c, ch)| {
+                ch.members
+                    .iter()
+                    .filter(|(_, m)| m.ready)
+                    .map(move |(n, _)| (c.clone(), n.clone()))
+            })
+            .collect();
+        let (registry, sessions, node) = (
+            self.registry.clone(),
+            self.sessions.clone(),
+            self.config.node.clone(),
+        );
+        self.next_announce = Instant::now() + ANNOUNCE_EVERY;
         tokio::spawn(async move {
-            for channel in channels {
-                let _ = registry.set_channel_node(&channel, &node, true).await;
+            async fn retry<F: std::future::Future<Output = Result<(), StateError>>>(
+                mut f: impl FnMut() -> F,
+            ) {
+                for attempt in 0..REFRESH_RETRIES {
+                    if f().await.is_ok() {
+                        return;
+                    }
+                    if attempt + 1 < REFRESH_RETRIES {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            }
+            if let Some(relay) = relay {
+                let info = NodeInfo {
+                    node: node.clone(),
+                    relay,
+                };
+                retry(|| registry.announce(&info, NODE_TTL)).await;
+                for channel in &channels {
+                    retry(|| registry.set_channel_node(channel, &node, true)).await;
+                }
+            }
+            for (channel, member) in &members {
+                retry(|| sessions.refresh(channel, member, &node)).await;
             }
         });
     }
@@ -1241,7 +1277,9 @@ impl Hub {
         };
         if now >= self.next_announce {
             self.next_announce = now + ANNOUNCE_EVERY;
-            self.register_channels();
+            // Liveness first, then the channels: a node registered in a channel without a liveness key
+            // counts as dead for the others, so a registration must never land before the announce.
+            let channels: Vec<String> = self.channels.keys().cloned().collect();
             let (registry, info) = (
                 self.registry.clone(),
                 NodeInfo {
@@ -1252,6 +1290,10 @@ impl Hub {
             tokio::spawn(async move {
                 if let Err(e) = registry.announce(&info, NODE_TTL).await {
                     debug!(error = %e, "node announce failed");
+                    return;
+                }
+                for channel in channels {
+                    let _ = registry.set_channel_node(&channel, &info.node, true).await;
                 }
             });
         }
@@ -1303,7 +1345,16 @@ impl Hub {
         let (sessions, node) = (self.sessions.clone(), self.config.node.clone());
         tokio::spawn(async move {
             for (channel, member) in members {
-                let _ = sessions.refresh(&channel, &member, &node).await;
+                // Right after a reconnect the command connection may still be in its backoff while the
+                // subscription is already up: retry briefly rather than wait for the next heartbeat.
+                for attempt in 0..REFRESH_RETRIES {
+                    if sessions.refresh(&channel, &member, &node).await.is_ok() {
+                        break;
+                    }
+                    if attempt + 1 < REFRESH_RETRIES {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
             }
         });
     }
