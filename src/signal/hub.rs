@@ -1220,13 +1220,9 @@ impl Hub {
         }
     }
 
-    /// After a store reconnect: liveness, then channel registrations, then sessions, each retried while
-    /// the command connection comes back.
-    fn reregister(&mut self) {
-        let relay = self.config.relay_addrs.clone();
-        let channels: Vec<String> = self.channels.keys().cloned().collect();
-        let members: Vec<(String, String)> = self
-            .channels
+    /// (channel, member) of every joined local member.
+    fn local_members(&self) -> Vec<(String, String)> {
+        self.channels
             .iter()
             .flat_map(|(c, ch)| {
                 ch.members
@@ -1234,7 +1230,15 @@ impl Hub {
                     .filter(|(_, m)| m.ready)
                     .map(move |(n, _)| (c.clone(), n.clone()))
             })
-            .collect();
+            .collect()
+    }
+
+    /// After a store reconnect: liveness, then channel registrations, then sessions, each retried while
+    /// the command connection comes back.
+    fn reregister(&mut self) {
+        let relay = self.config.relay_addrs.clone();
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        let members = self.local_members();
         let (registry, sessions, node) = (
             self.registry.clone(),
             self.sessions.clone(),
@@ -1242,30 +1246,19 @@ impl Hub {
         );
         self.next_announce = Instant::now() + ANNOUNCE_EVERY;
         tokio::spawn(async move {
-            async fn retry<F: std::future::Future<Output = Result<(), StateError>>>(
-                mut f: impl FnMut() -> F,
-            ) {
-                for attempt in 0..REFRESH_RETRIES {
-                    if f().await.is_ok() {
-                        return;
-                    }
-                    if attempt + 1 < REFRESH_RETRIES {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
-            }
             if let Some(relay) = relay {
                 let info = NodeInfo {
                     node: node.clone(),
                     relay,
                 };
-                retry(|| registry.announce(&info, NODE_TTL)).await;
-                for channel in &channels {
-                    retry(|| registry.set_channel_node(channel, &node, true)).await;
+                // Never a registration without liveness: the others would take this node for dead.
+                let alive = retry(|| registry.announce(&info, NODE_TTL)).await;
+                for channel in channels.iter().filter(|_| alive) {
+                    let _ = retry(|| registry.set_channel_node(channel, &node, true)).await;
                 }
             }
             for (channel, member) in &members {
-                retry(|| sessions.refresh(channel, member, &node)).await;
+                let _ = retry(|| sessions.refresh(channel, member, &node)).await;
             }
         });
     }
@@ -1332,29 +1325,13 @@ impl Hub {
 
     /// Heartbeats for every local member, so the session store's idle TTL only removes the dead.
     fn refresh_sessions(&self) {
-        let members: Vec<(String, String)> = self
-            .channels
-            .iter()
-            .flat_map(|(c, ch)| {
-                ch.members
-                    .iter()
-                    .filter(|(_, m)| m.ready)
-                    .map(move |(n, _)| (c.clone(), n.clone()))
-            })
-            .collect();
+        let members = self.local_members();
         let (sessions, node) = (self.sessions.clone(), self.config.node.clone());
         tokio::spawn(async move {
-            for (channel, member) in members {
+            for (channel, member) in &members {
                 // Right after a reconnect the command connection may still be in its backoff while the
                 // subscription is already up: retry briefly rather than wait for the next heartbeat.
-                for attempt in 0..REFRESH_RETRIES {
-                    if sessions.refresh(&channel, &member, &node).await.is_ok() {
-                        break;
-                    }
-                    if attempt + 1 < REFRESH_RETRIES {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                }
+                let _ = retry(|| sessions.refresh(channel, member, &node)).await;
             }
         });
     }
@@ -1457,6 +1434,21 @@ fn webrtc_offer(join: &Join) -> Result<crate::peer::offer::Offer, SignalError> {
         SignalError::bad_request("transport 'webrtc' needs \"sdp\" with an SDP offer")
     })?;
     crate::peer::offer::parse_offer(sdp).map_err(|e| SignalError::bad_request(e.to_string()))
+}
+
+/// Runs a store call until it succeeds, at most [`REFRESH_RETRIES`] times 250 ms apart; whether it did.
+async fn retry<F: std::future::Future<Output = Result<(), StateError>>>(
+    mut call: impl FnMut() -> F,
+) -> bool {
+    for attempt in 0..REFRESH_RETRIES {
+        if call().await.is_ok() {
+            return true;
+        }
+        if attempt + 1 < REFRESH_RETRIES {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    false
 }
 
 /// The next store event, or never when the store publishes nothing (the embedded one).
