@@ -325,37 +325,8 @@ async fn shutdown_tells_members_idle_and_left() {
 
 #[test]
 fn the_binary_exits_zero_on_sigterm() {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_talkgroup"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--media-ip",
-            "127.0.0.1",
-            "--media-port",
-            "0",
-            "--shards",
-            "1",
-            "--no-pin",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn talkgroup");
-    // Wait until it serves (it logs "talkgroup serving"), reading stderr on a thread so the wait is bounded.
-    use std::io::{BufRead, BufReader};
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("talkgroup serving") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
-        let _ = child.kill();
-        panic!("server did not start within 20 s: {:?}", child.try_wait());
-    }
+    let (mut guard, _) = client::spawn_server(&["--shards", "1"]);
+    let child = &mut guard.0;
     // SAFETY: sending a signal to our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let start = std::time::Instant::now();

@@ -9,7 +9,7 @@ mod redis_server;
 
 use std::time::{Duration, Instant};
 
-use client::{floor_any, read_http_addr, RtpMember, Signal};
+use client::{floor_any, RtpMember, Signal};
 use redis_server::RedisServer;
 use serde_json::Value;
 use talkgroup::config::{ServeArgs, StoreKind};
@@ -210,34 +210,19 @@ async fn redis_outage_denies_presses_revokes_by_lease_and_recovers() {
 async fn a_killed_nodes_floor_frees_within_the_lease() {
     let redis = RedisServer::start();
     let nb = node(&redis, "node-b");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_talkgroup"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--media-ip",
-            "127.0.0.1",
-            "--media-port",
-            "0",
-            "--shards",
-            "1",
-        ])
-        .args([
-            "--no-pin",
-            "--store",
-            "redis",
-            "--redis-url",
-            &redis.url(),
-            "--key-prefix",
-            "test",
-            "--node-id",
-            "node-a",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn talkgroup");
-    let http = read_http_addr(&mut child);
-    let mut child = client::ChildGuard(child);
+    let url = redis.url();
+    let (mut child, http) = client::spawn_server(&[
+        "--shards",
+        "1",
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--key-prefix",
+        "test",
+        "--node-id",
+        "node-a",
+    ]);
     let mut sa = Signal::connect(http).await;
     let mut sb = Signal::connect(nb.http_addr).await;
     let _a = RtpMember::join(&mut sa, "k", "alice").await;

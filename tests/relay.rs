@@ -11,10 +11,9 @@ mod redis_server;
 mod webrtc_client;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use client::{floor_any, http_get, metric, read_http_addr, RtpMember, Signal};
+use client::{floor_any, http_get, metric, spawn_server, ChildGuard, RtpMember, Signal};
 use redis_server::RedisServer;
 use serde_json::Value;
 use talkgroup::relay::RelayKey;
@@ -22,45 +21,30 @@ use talkgroup::relay::RelayKey;
 const SECRET: &str = "test-cluster-secret";
 
 struct Node {
-    child: Child,
+    _child: ChildGuard,
     http: SocketAddr,
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn_node(redis: &RedisServer, id: &str) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_talkgroup"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--media-ip",
-            "127.0.0.1",
-            "--media-port",
-            "0",
-            "--shards",
-            "2",
-        ])
-        .args([
-            "--no-pin",
-            "--store",
-            "redis",
-            "--redis-url",
-            &redis.url(),
-            "--key-prefix",
-            "relay",
-        ])
-        .args(["--node-id", id, "--cluster-secret", SECRET])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn talkgroup");
-    let http = read_http_addr(&mut child);
-    Node { child, http }
+    let url = redis.url();
+    let (child, http) = spawn_server(&[
+        "--shards",
+        "2",
+        "--store",
+        "redis",
+        "--redis-url",
+        &url,
+        "--key-prefix",
+        "relay",
+        "--node-id",
+        id,
+        "--cluster-secret",
+        SECRET,
+    ]);
+    Node {
+        _child: child,
+        http,
+    }
 }
 
 /// Presses until granted (the store subscription may still be coming up, or a lease running out).

@@ -333,3 +333,25 @@ pub fn read_http_addr(child: &mut std::process::Child) -> SocketAddr {
         .parse()
         .expect("http_addr")
 }
+
+/// Starts the `talkgroup` binary on 127.0.0.1 with free ports (`serve … --no-pin` plus `extra`) and waits
+/// until it serves; the guard kills it when dropped.
+pub fn spawn_server(extra: &[&str]) -> (ChildGuard, SocketAddr) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_talkgroup"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--media-ip",
+            "127.0.0.1",
+            "--media-port",
+            "0",
+            "--no-pin",
+        ])
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn talkgroup");
+    let http = read_http_addr(&mut child);
+    (ChildGuard(child), http)
+}
