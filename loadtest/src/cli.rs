@@ -53,7 +53,8 @@ pub struct Args {
     /// Members per channel (one speaker at a time, the rest listen).
     #[arg(long)]
     pub members: Option<u32>,
-    /// Media transport: only `rtp` for now.
+    /// Media transport: `rtp` (plain RTP), `webrtc` (every member a str0m WebRTC client: ICE, DTLS,
+    /// SRTP) or `mixed` (odd slots of every channel WebRTC, even slots plain RTP).
     #[arg(long)]
     pub transport: Option<String>,
     /// Measured time (each phase, in --ceiling and --find-knee runs), e.g. 15s, 2m.
@@ -242,9 +243,10 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         .clone()
         .or(sc.transport.clone())
         .unwrap_or_else(|| "rtp".into());
-    if transport != "rtp" {
+    if !matches!(transport.as_str(), "rtp" | "webrtc" | "mixed") {
         return Err(format!(
-            "--transport {transport}: only `rtp` (plain RTP, protocol v1) is implemented; WebRTC load comes later"
+            "--transport {transport}: expected `rtp` (plain RTP), `webrtc` (every member a WebRTC peer) or \
+             `mixed` (odd slots of every channel WebRTC, even slots plain RTP)"
         ));
     }
     let channels = args.channels.or(sc.channels).unwrap_or(20);
@@ -415,9 +417,13 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_supported() {
-        assert!(resolve(&args(&["--transport", "webrtc"]))
+        assert!(resolve(&args(&["--transport", "sip"]))
             .unwrap_err()
-            .contains("only `rtp`"));
+            .contains("expected `rtp`"));
+        assert_eq!(
+            resolve(&args(&["--transport", "mixed"])).unwrap().transport,
+            "mixed"
+        );
         assert!(resolve(&args(&["--server", "10.1.2.3:8080"]))
             .unwrap_err()
             .contains("loopback"));

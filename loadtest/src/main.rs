@@ -24,6 +24,7 @@ mod stamp;
 mod stats;
 mod svg;
 mod sys;
+mod webrtc;
 
 use clap::Parser;
 

@@ -16,6 +16,8 @@ pub struct Member {
     /// The SSRC of the stream this member receives (`joined.rtp.ssrc`).
     pub ssrc: u32,
     pub payload_type: u8,
+    /// A WebRTC member (str0m client in the WebRTC engine) rather than a plain-RTP one.
+    pub webrtc: bool,
 }
 
 /// Per-channel state touched from several threads.

@@ -8,7 +8,7 @@
 use crate::model::{ChannelShared, Member, Target, TargetCell};
 use crate::seq::{SeqEvent, SeqTotals, SeqTracker};
 use crate::sockets::{pktinfo_dst, CmsgBuf, Endpoints};
-use crate::stamp::{parse_datagram, Datagram, Stamp};
+use crate::stamp::{parse_datagram, Datagram, RtpHeader, Stamp};
 use crate::stats::LatencyHist;
 use crate::sys::mono_ns;
 use serde::{Deserialize, Serialize};
@@ -105,7 +105,137 @@ struct Listener {
 const BATCH: usize = 16;
 const BUF: usize = 2048;
 
-/// Receive on the endpoint sockets `socks` (indices into `eps.socks`) until `stop`.
+/// One receiving thread's accounting: its listeners' stream state, the current interval's samples, and
+/// the phase bookkeeping (an interval report about once a second, a final one when the phase changes).
+/// The plain-RTP receiver threads and the WebRTC engine each own one.
+pub struct Tally {
+    shared: Arc<RecvShared>,
+    out: Sender<RecvReport>,
+    /// Indexed by member (entries of other threads' members stay unused: simpler than a map).
+    listeners: Vec<Listener>,
+    phase: u32,
+    latency: LatencyHist,
+    switch: LatencyHist,
+    c: RecvCounters,
+    last_report: u64,
+    unique_reported: u64,
+}
+
+impl Tally {
+    pub fn new(shared: Arc<RecvShared>, out: Sender<RecvReport>) -> Tally {
+        Tally {
+            listeners: vec![Listener::default(); shared.members.len()],
+            phase: shared.phase.load(Ordering::Acquire),
+            shared,
+            out,
+            latency: LatencyHist::new(),
+            switch: LatencyHist::new(),
+            c: RecvCounters::default(),
+            last_report: mono_ns(),
+            unique_reported: 0,
+        }
+    }
+
+    /// Close a finished phase *before* touching new datagrams (the coordinator flips the phase after the
+    /// old one drained and before the new one's first packet is sent). Returns `true` when told to stop.
+    pub fn poll_phase(&mut self) -> bool {
+        let p = self.shared.phase.load(Ordering::Acquire);
+        let stop = self.shared.stop.load(Ordering::Acquire);
+        if p != self.phase || stop {
+            self.flush(true);
+            self.phase = p;
+        }
+        stop
+    }
+
+    /// Ship an interval report when the last one is a second old; publish progress.
+    pub fn tick(&mut self) {
+        self.shared
+            .delivered
+            .fetch_add(self.c.unique - self.unique_reported, Ordering::Relaxed);
+        self.unique_reported = self.c.unique;
+        if mono_ns() - self.last_report > 1_000_000_000 {
+            self.flush(false);
+        }
+    }
+
+    fn flush(&mut self, last: bool) {
+        self.shared
+            .delivered
+            .fetch_add(self.c.unique - self.unique_reported, Ordering::Relaxed);
+        self.unique_reported = 0;
+        let mut seq = SeqTotals::default();
+        if last {
+            for l in self.listeners.iter_mut() {
+                seq.add(&l.seq.totals());
+                *l = Listener::default();
+            }
+        }
+        let _ = self.out.send(RecvReport {
+            phase: self.phase,
+            last,
+            latency: std::mem::take(&mut self.latency),
+            switch: std::mem::take(&mut self.switch),
+            counters: std::mem::take(&mut self.c),
+            seq,
+        });
+        self.last_report = mono_ns();
+    }
+
+    /// A datagram received by member `m` at `now` (plain RTP, RTCP or anything else).
+    pub fn datagram(&mut self, m: usize, src: SocketAddr, buf: &[u8], now: u64) {
+        let target = self.shared.target.get();
+        on_datagram(
+            &self.shared,
+            &self.shared.members[m],
+            target,
+            src,
+            buf,
+            now,
+            &mut self.listeners[m],
+            &mut self.latency,
+            &mut self.switch,
+            &mut self.c,
+        );
+    }
+
+    /// An RTP packet that reached member `m` from the server, already authenticated and decrypted (a
+    /// WebRTC leg): `len` is what it weighed on the wire.
+    pub fn server_rtp(
+        &mut self,
+        m: usize,
+        header: RtpHeader,
+        payload: &[u8],
+        len: usize,
+        now: u64,
+    ) {
+        if self.shared.target.get() != Target::Server {
+            self.c.stray += 1;
+            return;
+        }
+        on_rtp(
+            &self.shared,
+            &self.shared.members[m],
+            true,
+            header,
+            payload,
+            len,
+            now,
+            &mut self.listeners[m],
+            &mut self.latency,
+            &mut self.switch,
+            &mut self.c,
+        );
+    }
+
+    /// A datagram that was not ours at all.
+    pub fn foreign(&mut self) {
+        self.c.foreign += 1;
+    }
+}
+
+/// Receive on the endpoint sockets `socks` (indices into `eps.socks`) until `stop`. Sockets of WebRTC
+/// members are the WebRTC engine's, not ours.
 pub fn run(
     thread: usize,
     socks: std::ops::Range<usize>,
@@ -124,6 +254,9 @@ pub fn run(
         return;
     }
     for k in socks {
+        if !eps.shared && shared.members.get(k).is_some_and(|m| m.webrtc) {
+            continue;
+        }
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: k as u64,
@@ -131,8 +264,6 @@ pub fn run(
         // SAFETY: ep and the socket are open descriptors; ev is valid for the call.
         unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, eps.socks[k].as_raw_fd(), &mut ev) };
     }
-    // Indexed by member (entries of other threads' members stay unused: simpler than a map).
-    let mut listeners = vec![Listener::default(); eps.addrs.len()];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut bufs = vec![[0u8; BUF]; BATCH];
     // SAFETY: all-zero sockaddr_in / iovec / mmsghdr are valid initial values; pointers are set below.
@@ -140,59 +271,14 @@ pub fn run(
     let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
     let mut cbufs: Vec<CmsgBuf> = (0..BATCH).map(|_| CmsgBuf([0; 64])).collect();
-
-    let mut phase = shared.phase.load(Ordering::Acquire);
-    let mut latency = LatencyHist::new();
-    let mut switch = LatencyHist::new();
-    let mut c = RecvCounters::default();
-    let mut last_report = mono_ns();
-
-    let flush = |phase: u32,
-                 last: bool,
-                 latency: &mut LatencyHist,
-                 switch: &mut LatencyHist,
-                 c: &mut RecvCounters,
-                 listeners: &mut [Listener]| {
-        let mut seq = SeqTotals::default();
-        if last {
-            for l in listeners.iter_mut() {
-                seq.add(&l.seq.totals());
-                *l = Listener::default();
-            }
-        }
-        let _ = out.send(RecvReport {
-            phase,
-            last,
-            latency: std::mem::take(latency),
-            switch: std::mem::take(switch),
-            counters: std::mem::take(c),
-            seq,
-        });
-    };
+    let mut tally = Tally::new(shared, out);
 
     loop {
         // SAFETY: events has room for events.len() entries.
         let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 5) };
-        // Close a finished phase *before* touching the new datagrams: the coordinator flips the phase
-        // after the old one drained and before the new one's first packet is sent.
-        let p = shared.phase.load(Ordering::Acquire);
-        let stop = shared.stop.load(Ordering::Acquire);
-        if p != phase || stop {
-            flush(
-                phase,
-                true,
-                &mut latency,
-                &mut switch,
-                &mut c,
-                &mut listeners,
-            );
-            phase = p;
-            last_report = mono_ns();
-            if stop {
-                break;
-            }
+        if tally.poll_phase() {
+            break;
         }
-        let unique_before = c.unique;
         for ev in events.iter().take(n.max(0) as usize) {
             let k = ev.u64 as usize;
             for i in 0..BATCH {
@@ -223,7 +309,6 @@ pub fn run(
                 continue;
             }
             let now = mono_ns();
-            let target = shared.target.get();
             for i in 0..got as usize {
                 let len = msgs[i].msg_len as usize;
                 let src = sockaddr_to(&names[i]);
@@ -233,44 +318,19 @@ pub fn run(
                 } else {
                     None
                 };
-                let Some(m) = eps.member_of(k, dst) else {
-                    c.foreign += 1;
-                    continue;
-                };
-                on_datagram(
-                    &shared,
-                    &shared.members[m],
-                    target,
-                    src,
-                    &bufs[i][..len.min(BUF)],
-                    now,
-                    &mut listeners[m],
-                    &mut latency,
-                    &mut switch,
-                    &mut c,
-                );
+                match eps.member_of(k, dst) {
+                    Some(m) => tally.datagram(m, src, &bufs[i][..len.min(BUF)], now),
+                    None => tally.foreign(),
+                }
             }
         }
-        shared
-            .delivered
-            .fetch_add(c.unique - unique_before, Ordering::Relaxed);
-        if mono_ns() - last_report > 1_000_000_000 {
-            flush(
-                phase,
-                false,
-                &mut latency,
-                &mut switch,
-                &mut c,
-                &mut listeners,
-            );
-            last_report = mono_ns();
-        }
+        tally.tick();
     }
     // SAFETY: ep is our epoll descriptor.
     unsafe { libc::close(ep) };
 }
 
-fn sockaddr_to(sa: &libc::sockaddr_in) -> SocketAddr {
+pub fn sockaddr_to(sa: &libc::sockaddr_in) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(
         Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
         u16::from_be(sa.sin_port),
@@ -310,13 +370,43 @@ fn on_datagram(
         c.stray += 1;
         return;
     }
+    on_rtp(
+        shared,
+        me,
+        target == Target::Server,
+        header,
+        payload,
+        buf.len(),
+        now,
+        l,
+        latency,
+        switch,
+        c,
+    );
+}
+
+/// Account one RTP packet of `len` bytes on the wire, from the current target (`server`: talkgroup,
+/// whose streams are also checked against protocol v1).
+#[allow(clippy::too_many_arguments)]
+fn on_rtp(
+    shared: &RecvShared,
+    me: &Member,
+    server: bool,
+    header: RtpHeader,
+    payload: &[u8],
+    len: usize,
+    now: u64,
+    l: &mut Listener,
+    latency: &mut LatencyHist,
+    switch: &mut LatencyHist,
+    c: &mut RecvCounters,
+) {
     let Some(st) = Stamp::parse(payload) else {
         c.foreign += 1;
         return;
     };
-    let server = target == Target::Server;
     c.packets += 1;
-    c.bytes += buf.len() as u64;
+    c.bytes += len as u64;
     let ev = l.seq.on_packet(header.seq);
     if ev == SeqEvent::Duplicate {
         return;
@@ -411,7 +501,6 @@ pub fn loopback_floor(n: u32, interval: std::time::Duration) -> std::io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stamp::RtpHeader;
 
     fn setup() -> (Arc<RecvShared>, SocketAddr) {
         let server: SocketAddr = "127.0.0.1:40000".parse().unwrap();
@@ -423,6 +512,7 @@ mod tests {
                 server_addr: server,
                 ssrc: 100 + s as u32,
                 payload_type: 111,
+                webrtc: false,
             })
             .collect();
         let shared = Arc::new(RecvShared {

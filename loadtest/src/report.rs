@@ -63,6 +63,12 @@ pub struct HarnessInfo {
     pub ws_connections: usize,
     pub recv_threads: usize,
     pub nofile_limit: u64,
+    /// Members on WebRTC (str0m clients in the harness's WebRTC engine thread).
+    #[serde(default)]
+    pub webrtc_members: usize,
+    /// Datagrams the WebRTC clients could not use (neither STUN, DTLS nor SRTP of a live peer).
+    #[serde(default)]
+    pub webrtc_rejected: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,6 +84,9 @@ pub struct SetupInfo {
     pub server_idle_cpu_pct: Option<f64>,
     /// WebSocket frames received after joining, by type (`floor/<state>` for floor events).
     pub ws_frames_in: BTreeMap<String, u64>,
+    /// From the first join to the last WebRTC member connected (ICE + DTLS), s.
+    #[serde(default)]
+    pub webrtc_connect_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

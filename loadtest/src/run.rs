@@ -339,14 +339,60 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     report.harness.loopback_floor = floor.summary();
 
     // Sockets.
-    let socks = Endpoints::bind(n_members, cfg.per_ip, fd_budget, cfg.sockets)
-        .map_err(|e| format!("binding UDP sockets for {n_members} members: {e}"))?;
+    let socks = Arc::new(
+        Endpoints::bind(n_members, cfg.per_ip, fd_budget, cfg.sockets)
+            .map_err(|e| format!("binding UDP sockets for {n_members} members: {e}"))?,
+    );
     if socks.shared {
         eprintln!(
             "{n_members} members over {} shared sockets (RLIMIT_NOFILE {nofile}): addresses 127.0.x.y:port via IP_PKTINFO",
             socks.socks.len()
         );
     }
+    // WebRTC members: client peers and their offers, and the engine that drives them from the first
+    // answer on (the server admits a limited number of handshakes at once, so they must progress while
+    // the others are still joining).
+    let webrtc_of: Vec<bool> = (0..n_members)
+        .map(|m| crate::webrtc::is_webrtc(&cfg.transport, (m % cfg.members as usize) as u16))
+        .collect();
+    let n_webrtc = webrtc_of.iter().filter(|w| **w).count();
+    if n_webrtc > 0 && socks.shared {
+        return Err(format!(
+            "{n_webrtc} WebRTC members need a socket each, but RLIMIT_NOFILE ({nofile}) only leaves \
+             shared sockets: raise `ulimit -n` or use fewer members"
+        ));
+    }
+    let mut offers: Vec<Option<String>> = vec![None; n_members];
+    let engine_counters = Arc::new(crate::webrtc::EngineCounters::default());
+    let mut engine_tx = None;
+    let mut engine_handle = None;
+    if n_webrtc > 0 {
+        let t = Instant::now();
+        let ids: Vec<(u32, std::net::SocketAddr)> = (0..n_members)
+            .filter(|&m| webrtc_of[m])
+            .map(|m| (m as u32, socks.addrs[m]))
+            .collect();
+        let (peers, sdps) = crate::webrtc::prepare(&ids)?;
+        for ((m, _), sdp) in ids.iter().zip(sdps) {
+            offers[*m as usize] = Some(sdp);
+        }
+        eprintln!(
+            "{n_webrtc} WebRTC members ({}): offers built in {:.1} s",
+            cfg.transport,
+            t.elapsed().as_secs_f64()
+        );
+        let (tx, rx) = smpsc::channel();
+        let ec = engine_counters.clone();
+        let eps = socks.clone();
+        engine_handle = Some(
+            std::thread::Builder::new()
+                .name("lt-webrtc".into())
+                .spawn(move || crate::webrtc::run(peers, eps, rx, ec))
+                .map_err(|e| e.to_string())?,
+        );
+        engine_tx = Some(tx);
+    }
+    report.harness.webrtc_members = n_webrtc;
     report.harness.sockets = socks.socks.len();
     report.harness.shared_sockets = socks.shared;
     report.harness.loopback_addresses = socks.loopback_addresses();
@@ -375,6 +421,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         notes: notes_tx,
         join_limit: Arc::new(Semaphore::new(32)),
         frames: Default::default(),
+        webrtc: engine_tx.clone(),
     });
 
     // Join: connection k carries slot `slot` of channels chunk*per_ws .. (one member per channel).
@@ -401,6 +448,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
                         slot: slot as u16,
                         member,
                         rtp_addr: socks.addrs[member as usize],
+                        offer: offers[member as usize].take(),
                     }
                 })
                 .collect();
@@ -471,6 +519,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
                 server_addr: j.as_ref().map(|j| j.server_addr).unwrap_or(server_http),
                 ssrc: j.as_ref().map(|j| j.ssrc).unwrap_or(0),
                 payload_type: j.as_ref().map(|j| j.payload_type).unwrap_or(111),
+                webrtc: webrtc_of[m],
             }
         })
         .collect();
@@ -478,14 +527,42 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         return Err("some members got no `joined` answer".into());
     }
     eprintln!("joined in {join_s:.1} s; T2 = {} ms", timers.t2_ms);
+    if n_webrtc > 0 {
+        let t = Instant::now();
+        let limit = crate::webrtc::connect_timeout(n_webrtc);
+        loop {
+            let up = engine_counters.connected.load(Ordering::Acquire) as usize;
+            let failed = engine_counters.failed.load(Ordering::Acquire) as usize;
+            if up == n_webrtc {
+                break;
+            }
+            if failed > 0 || t.elapsed() > limit {
+                return Err(format!(
+                    "{up} of {n_webrtc} WebRTC members connected (ICE + DTLS) after {:.0} s, {failed} failed",
+                    t.elapsed().as_secs_f64()
+                ));
+            }
+            if let Some(st) = any_exited(&mut servers) {
+                return Err(format!(
+                    "the server died while WebRTC members connected: {st}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        report.setup.webrtc_connect_s = Some(join_s + t.elapsed().as_secs_f64());
+        eprintln!(
+            "{n_webrtc} WebRTC members connected {:.1} s after the last join",
+            t.elapsed().as_secs_f64()
+        );
+    }
     let members = Arc::new(members);
-    let socks = Arc::new(socks);
 
     // Threads: sender, receivers.
     let sender_counters = Arc::new(SenderCounters::default());
     let (send_tx, send_rx) = smpsc::channel();
     let sender_handle = {
         let (m, s, c) = (members.clone(), socks.clone(), sender_counters.clone());
+        let engine = engine_tx.clone();
         let scfg = SenderConfig {
             rate: cfg.rate,
             payload: cfg.payload.clone(),
@@ -495,7 +572,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         };
         std::thread::Builder::new()
             .name("lt-sender".into())
-            .spawn(move || sender::run(scfg, m, s, send_rx, c))
+            .spawn(move || sender::run(scfg, m, s, send_rx, c, engine))
             .map_err(|e| e.to_string())?
     };
     // Raw forwarder address must be known to the receivers: it is created before them when needed.
@@ -543,7 +620,25 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
                 .map_err(|e| e.to_string())?,
         );
     }
-    let n_recv = recv_handles.len();
+    let mut n_recv = recv_handles.len();
+    if let Some(tx) = &engine_tx {
+        let _ = tx.send(crate::webrtc::EngineCmd::Begin(Box::new(
+            crate::webrtc::Begin {
+                cfg: SenderConfig {
+                    rate: cfg.rate,
+                    payload: cfg.payload.clone(),
+                    keepalive: Duration::from_secs_f64(cfg.keepalive_s),
+                    seed: cfg.seed,
+                    spin_ns: cfg.spin_us * 1000,
+                },
+                members: members.clone(),
+                shared: recv_shared.clone(),
+                reports: rep_tx.clone(),
+                counters: sender_counters.clone(),
+            },
+        )));
+        n_recv += 1;
+    }
     drop(rep_tx);
 
     // Latch every member, then see what the joins cost the server.
@@ -855,6 +950,11 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     for h in recv_handles {
         let _ = h.join();
     }
+    drop(engine_tx);
+    if let Some(h) = engine_handle {
+        let _ = h.join();
+    }
+    report.harness.webrtc_rejected = engine_counters.rejected.load(Ordering::Relaxed);
     for c in &all_conn_tx {
         let _ = c.send(ConnCmd::Close);
     }

@@ -11,6 +11,7 @@ use crate::sockets::Endpoints;
 use crate::stamp::{rtcp_keepalive, RtpHeader, Stamp, RTP_HEADER_LEN};
 use crate::stats::LatencyHist;
 use crate::sys::mono_ns;
+use crate::webrtc::EngineCmd;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
@@ -79,8 +80,9 @@ struct Active {
 }
 
 /// Per-member RTP state: a speaker's own stream continues across its spurts, as a real client's would.
+/// `seq` is extended (str0m wants the 64-bit counter; the wire carries its low 16 bits).
 struct Uplink {
-    seq: u16,
+    seq: u64,
     ts: u32,
     ssrc: u32,
 }
@@ -94,34 +96,162 @@ pub struct SenderConfig {
     pub spin_ns: u64,
 }
 
-/// Run the sender loop on the calling thread until `Shutdown`.
+/// One packet that is due, already written (RTP header + stamp + padding) into the caller's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Due {
+    pub member: usize,
+    pub len: usize,
+    /// Listeners that should receive it.
+    pub listeners: u32,
+    /// When it was scheduled (the stamp), mono ns.
+    pub due: u64,
+    pub header: RtpHeader,
+    /// `header.seq` extended to 64 bits.
+    pub ext_seq: u64,
+}
+
+/// The talk schedule: which member of each channel is sending, and a deadline heap of their next
+/// packets. Shared by the plain-RTP sender and the WebRTC engine, so both send the same streams.
+pub struct Schedule {
+    interval: u64,
+    ts_step: u32,
+    payload: PayloadModel,
+    rng: SmallRng,
+    uplinks: Vec<Uplink>,
+    active: Vec<Option<Active>>,
+    gen: u32,
+    heap: BinaryHeap<Reverse<(u64, u32, u32)>>,
+}
+
+impl Schedule {
+    pub fn new(cfg: &SenderConfig, members: &[Member], salt: u64) -> Schedule {
+        let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5e4d ^ salt);
+        let uplinks = (0..members.len())
+            .map(|_| Uplink {
+                seq: u64::from(rng.random::<u16>()),
+                ts: rng.random(),
+                ssrc: rng.random(),
+            })
+            .collect();
+        let n_channels = members.last().map(|m| m.channel as usize + 1).unwrap_or(0);
+        Schedule {
+            interval: 1_000_000_000 / cfg.rate.max(1) as u64,
+            ts_step: 48_000 / cfg.rate.max(1),
+            payload: cfg.payload.clone(),
+            rng,
+            uplinks,
+            active: (0..n_channels).map(|_| None).collect(),
+            gen: 0,
+            heap: BinaryHeap::new(),
+        }
+    }
+
+    /// `member` starts spurt `spurt` on `channel` now.
+    pub fn start(&mut self, channel: u32, member: u32, spurt: u32, listeners: u32) {
+        if let Some(slot) = self.active.get_mut(channel as usize) {
+            self.gen = self.gen.wrapping_add(1);
+            *slot = Some(Active {
+                member,
+                spurt,
+                pkt: 0,
+                listeners,
+                gen: self.gen,
+            });
+            self.heap.push(Reverse((mono_ns(), channel, self.gen)));
+        }
+    }
+
+    pub fn stop(&mut self, channel: u32) {
+        if let Some(slot) = self.active.get_mut(channel as usize) {
+            *slot = None;
+        }
+    }
+
+    /// The next deadline, mono ns.
+    pub fn next_due(&self) -> Option<u64> {
+        self.heap.peek().map(|Reverse((d, _, _))| *d)
+    }
+
+    /// The SSRC member `m` sends with.
+    pub fn ssrc(&self, m: usize) -> u32 {
+        self.uplinks[m].ssrc
+    }
+
+    /// Pops the next packet due at or before `now` and writes it into `buf`.
+    pub fn pop_due(&mut self, now: u64, buf: &mut [u8], members: &[Member]) -> Option<Due> {
+        while let Some(&Reverse((due, ch, g))) = self.heap.peek() {
+            if due > now {
+                return None;
+            }
+            self.heap.pop();
+            let Some(a) = self.active.get_mut(ch as usize).and_then(|s| s.as_mut()) else {
+                continue;
+            };
+            if a.gen != g {
+                continue; // a stale deadline of a stopped spurt
+            }
+            let m = a.member as usize;
+            let up = &mut self.uplinks[m];
+            let size = self
+                .payload
+                .size(a.pkt as u64 + ch as u64, self.rng.random());
+            let header = RtpHeader {
+                marker: a.pkt == 0,
+                payload_type: crate::stamp::PT_OPUS,
+                seq: up.seq as u16,
+                timestamp: up.ts,
+                ssrc: up.ssrc,
+            };
+            header.write(buf);
+            Stamp {
+                channel: ch,
+                speaker: members[m].slot,
+                spurt: a.spurt,
+                seq: a.pkt,
+                sched_ns: due,
+            }
+            .write(&mut buf[RTP_HEADER_LEN..]);
+            let out = Due {
+                member: m,
+                len: RTP_HEADER_LEN + size,
+                listeners: a.listeners,
+                due,
+                header,
+                ext_seq: up.seq,
+            };
+            up.seq += 1;
+            up.ts = up.ts.wrapping_add(self.ts_step);
+            a.pkt += 1;
+            self.heap.push(Reverse((due + self.interval, ch, g)));
+            return Some(out);
+        }
+        None
+    }
+}
+
+/// Run the sender loop on the calling thread until `Shutdown`. Commands about WebRTC members go on to
+/// the WebRTC engine (`webrtc`), which sends their media itself.
 pub fn run(
     cfg: SenderConfig,
     members: Arc<Vec<Member>>,
     socks: Arc<Endpoints>,
     cmds: Receiver<SendCmd>,
     counters: Arc<SenderCounters>,
+    webrtc: Option<Sender<EngineCmd>>,
 ) {
     crate::sys::tight_timer_slack();
-    let interval = 1_000_000_000 / cfg.rate.max(1) as u64;
-    let ts_step = 48_000 / cfg.rate.max(1);
-    let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5e4d);
-    let mut uplinks: Vec<Uplink> = (0..members.len())
-        .map(|_| Uplink {
-            seq: rng.random(),
-            ts: rng.random(),
-            ssrc: rng.random(),
-        })
-        .collect();
-    let n_channels = members.last().map(|m| m.channel as usize + 1).unwrap_or(0);
-    let mut active: Vec<Option<Active>> = (0..n_channels).map(|_| None).collect();
-    let mut gen = 0u32;
-    let mut heap: BinaryHeap<Reverse<(u64, u32, u32)>> = BinaryHeap::new();
+    let mut sched = Schedule::new(&cfg, &members, 0);
     let mut target = Target::Server;
     let mut lag = LatencyHist::new();
     let mut buf = [0u8; 1500];
+    let to_engine = |c: SendCmd| {
+        if let Some(w) = &webrtc {
+            let _ = w.send(EngineCmd::Send(c));
+        }
+    };
 
-    // Keep-alives spread evenly over the period: one member every `ka_step` ns.
+    // Keep-alives spread evenly over the period: one member every `ka_step` ns. WebRTC members need none
+    // (their ICE consent checks keep them alive).
     let ka_step = (cfg.keepalive.as_nanos() as u64 / members.len().max(1) as u64).max(1);
     let mut ka_due = mono_ns() + ka_step;
     let mut ka_cursor = 0usize;
@@ -132,8 +262,11 @@ pub fn run(
             Target::Raw(a) => a,
         }
     };
-    let send_keepalive = |m: usize, target: Target, uplinks: &[Uplink]| {
-        let pkt = rtcp_keepalive(uplinks[m].ssrc);
+    let send_keepalive = |m: usize, target: Target, sched: &Schedule| {
+        if members[m].webrtc {
+            return;
+        }
+        let pkt = rtcp_keepalive(sched.ssrc(m));
         match socks.send_from(m, &pkt, dest_of(m, target)) {
             Ok(_) => counters.keepalives.fetch_add(1, Ordering::Relaxed),
             Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
@@ -143,11 +276,7 @@ pub fn run(
     loop {
         // Wait for the next deadline or a command.
         let now = mono_ns();
-        let next = heap
-            .peek()
-            .map(|Reverse((d, _, _))| *d)
-            .unwrap_or(u64::MAX)
-            .min(ka_due);
+        let next = sched.next_due().unwrap_or(u64::MAX).min(ka_due);
         let wait = next.saturating_sub(now).min(5_000_000);
         let cmd = if wait <= cfg.spin_ns {
             // Timer wake-ups overshoot by 50–150 µs on a VM: sleep to just short of the deadline, then
@@ -183,98 +312,82 @@ pub fn run(
                     spurt,
                     listeners,
                 } => {
-                    if let Some(slot) = active.get_mut(channel as usize) {
-                        gen = gen.wrapping_add(1);
-                        *slot = Some(Active {
+                    if members.get(member as usize).is_some_and(|m| m.webrtc) {
+                        sched.stop(channel);
+                        to_engine(SendCmd::Start {
+                            channel,
                             member,
                             spurt,
-                            pkt: 0,
                             listeners,
-                            gen,
                         });
-                        heap.push(Reverse((mono_ns(), channel, gen)));
+                    } else {
+                        to_engine(SendCmd::Stop { channel });
+                        sched.start(channel, member, spurt, listeners);
                     }
                 }
                 SendCmd::Stop { channel } => {
-                    if let Some(slot) = active.get_mut(channel as usize) {
-                        *slot = None;
-                    }
+                    sched.stop(channel);
+                    to_engine(SendCmd::Stop { channel });
                 }
-                SendCmd::Target(t) => target = t,
+                SendCmd::Target(t) => {
+                    target = t;
+                    to_engine(SendCmd::Target(t));
+                }
                 SendCmd::Relatch => {
                     // Paced (256 per ms): a burst of thousands would overflow the server's receive
                     // buffer and leave members unlatched until their next periodic keep-alive.
                     for m in 0..members.len() {
-                        send_keepalive(m, target, &uplinks);
+                        send_keepalive(m, target, &sched);
                         if m % 256 == 255 {
                             std::thread::sleep(Duration::from_millis(1));
                         }
                     }
                 }
                 SendCmd::TakeLag(tx) => {
-                    let _ = tx.send(std::mem::take(&mut lag));
+                    let mut all = std::mem::take(&mut lag);
+                    if let Some(w) = &webrtc {
+                        let (etx, erx) = std::sync::mpsc::channel();
+                        if w.send(EngineCmd::Send(SendCmd::TakeLag(etx))).is_ok() {
+                            if let Ok(h) = erx.recv_timeout(Duration::from_millis(500)) {
+                                all.merge(&h);
+                            }
+                        }
+                    }
+                    let _ = tx.send(all);
                 }
-                SendCmd::Shutdown => return,
+                SendCmd::Shutdown => {
+                    to_engine(SendCmd::Shutdown);
+                    return;
+                }
             }
             continue;
         }
 
         let now = mono_ns();
         while ka_due <= now && !members.is_empty() {
-            send_keepalive(ka_cursor, target, &uplinks);
+            send_keepalive(ka_cursor, target, &sched);
             ka_cursor = (ka_cursor + 1) % members.len();
             ka_due += ka_step;
         }
-        while let Some(&Reverse((due, ch, g))) = heap.peek() {
-            if due > now {
-                break;
-            }
-            heap.pop();
-            let Some(a) = active.get_mut(ch as usize).and_then(|s| s.as_mut()) else {
-                continue;
-            };
-            if a.gen != g {
-                continue; // a stale deadline of a stopped spurt
-            }
-            let m = a.member as usize;
-            let up = &mut uplinks[m];
-            let size = cfg.payload.size(a.pkt as u64 + ch as u64, rng.random());
-            RtpHeader {
-                marker: a.pkt == 0,
-                payload_type: crate::stamp::PT_OPUS,
-                seq: up.seq,
-                timestamp: up.ts,
-                ssrc: up.ssrc,
-            }
-            .write(&mut buf);
-            Stamp {
-                channel: ch,
-                speaker: members[m].slot,
-                spurt: a.spurt,
-                seq: a.pkt,
-                sched_ns: due,
-            }
-            .write(&mut buf[RTP_HEADER_LEN..]);
-            let len = RTP_HEADER_LEN + size;
+        while let Some(d) = sched.pop_due(now, &mut buf, &members) {
             let sent_at = mono_ns();
-            match socks.send_from(m, &buf[..len], dest_of(m, target)) {
-                Ok(_) => {
-                    counters.media.fetch_add(1, Ordering::Relaxed);
-                    counters
-                        .expected
-                        .fetch_add(a.listeners as u64, Ordering::Relaxed);
-                    counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
-                }
+            match socks.send_from(d.member, &buf[..d.len], dest_of(d.member, target)) {
+                Ok(_) => counters.count_media(d.len, d.listeners),
                 Err(_) => {
                     counters.errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            lag.record(sent_at.saturating_sub(due).max(1));
-            up.seq = up.seq.wrapping_add(1);
-            up.ts = up.ts.wrapping_add(ts_step);
-            a.pkt += 1;
-            heap.push(Reverse((due + interval, ch, g)));
+            lag.record(sent_at.saturating_sub(d.due).max(1));
         }
+    }
+}
+
+impl SenderCounters {
+    /// One media packet of `len` bytes sent to `listeners` listeners.
+    pub fn count_media(&self, len: usize, listeners: u32) {
+        self.media.fetch_add(1, Ordering::Relaxed);
+        self.expected.fetch_add(listeners as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(len as u64, Ordering::Relaxed);
     }
 }
 
@@ -303,6 +416,7 @@ mod tests {
                 server_addr: server,
                 ssrc: 1,
                 payload_type: 111,
+                webrtc: false,
             })
             .collect();
         let counters = Arc::new(SenderCounters::default());
@@ -321,6 +435,7 @@ mod tests {
                 Arc::new(socks),
                 rx,
                 c2,
+                None,
             )
         });
         tx.send(SendCmd::Start {

@@ -24,6 +24,8 @@ pub struct JoinSpec {
     pub slot: u16,
     pub member: u32,
     pub rtp_addr: SocketAddr,
+    /// A WebRTC member's SDP offer (`None`: plain RTP at `rtp_addr`).
+    pub offer: Option<String>,
 }
 
 /// What the server answered to a join (`joined.rtp`).
@@ -100,9 +102,17 @@ pub fn join_frame(prefix: &str, spec: &JoinSpec, presence: bool, id: usize) -> S
         "id": id,
         "channel": channel_name(prefix, spec.channel),
         "member": member_name(spec.slot),
-        "transport": "rtp",
-        "rtp_addr": spec.rtp_addr.to_string(),
     });
+    match &spec.offer {
+        Some(sdp) => {
+            v["transport"] = json!("webrtc");
+            v["sdp"] = json!(sdp);
+        }
+        None => {
+            v["transport"] = json!("rtp");
+            v["rtp_addr"] = json!(spec.rtp_addr.to_string());
+        }
+    }
     if !presence {
         v["presence"] = json!(false);
     }
@@ -173,6 +183,8 @@ pub struct ConnCtx {
     pub join_limit: Arc<tokio::sync::Semaphore>,
     /// Frames received after joining, by kind: what the signaling costs.
     pub frames: FrameCounts,
+    /// The WebRTC engine, which takes the SDP answers.
+    pub webrtc: Option<std::sync::mpsc::Sender<crate::webrtc::EngineCmd>>,
 }
 
 /// Counts of received frames by kind (atomics: the connection tasks share nothing else).
@@ -403,11 +415,46 @@ async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>,
     }
     let mut joined: Vec<Option<JoinedRtp>> = vec![None; specs.len()];
     let mut left = specs.len();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // WebRTC joins wait for the shard's handshake slots: more time, and `unavailable` is retried.
+    let webrtc = specs.iter().filter(|s| s.offer.is_some()).count() as u64;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(20) + Duration::from_millis(200 * webrtc);
+    let mut retries: Vec<(tokio::time::Instant, usize)> = Vec::new();
     while left > 0 {
-        let v = tokio::time::timeout_at(deadline, next_json(&mut ws))
-            .await
-            .map_err(|_| format!("{left} of {} joins unanswered after 20 s", specs.len()))??;
+        let now = tokio::time::Instant::now();
+        let mut k = 0;
+        while k < retries.len() {
+            if retries[k].0 <= now {
+                let (_, i) = retries.swap_remove(k);
+                ws.send(Message::text(join_frame(
+                    &ctx.prefix,
+                    &specs[i],
+                    ctx.presence,
+                    i,
+                )))
+                .await
+                .map_err(|e| format!("send join: {e}"))?;
+            } else {
+                k += 1;
+            }
+        }
+        let wake = retries
+            .iter()
+            .map(|r| r.0)
+            .min()
+            .unwrap_or(deadline)
+            .min(deadline);
+        let v = match tokio::time::timeout_at(wake, next_json(&mut ws)).await {
+            Ok(v) => v?,
+            Err(_) if wake < deadline => continue,
+            Err(_) => {
+                return Err(format!(
+                    "{left} of {} joins unanswered after {:.0} s",
+                    specs.len(),
+                    (deadline - now).as_secs_f64()
+                ))
+            }
+        };
         match v.get("type").and_then(Value::as_str) {
             Some("joined") => {
                 let Some(&i) = v
@@ -417,18 +464,44 @@ async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>,
                 else {
                     return Err(format!("joined for a channel not asked for: {v}"));
                 };
-                let (server_addr, ssrc, payload_type) = parse_joined_rtp(&v)?;
+                let j = match v.get("sdp").and_then(Value::as_str) {
+                    Some(sdp) => {
+                        let a = crate::webrtc::parse_answer(sdp)?;
+                        if let Some(engine) = &ctx.webrtc {
+                            let _ = engine.send(crate::webrtc::EngineCmd::Answer {
+                                member: specs[i].member,
+                                sdp: sdp.to_string(),
+                            });
+                        }
+                        (a.server_addr, a.ssrc, a.payload_type)
+                    }
+                    None => parse_joined_rtp(&v)?,
+                };
                 if joined[i].is_none() {
                     left -= 1;
                 }
                 joined[i] = Some(JoinedRtp {
                     member: specs[i].member,
-                    server_addr,
-                    ssrc,
-                    payload_type,
+                    server_addr: j.0,
+                    ssrc: j.1,
+                    payload_type: j.2,
                 });
             }
-            Some("error") => return Err(format!("join refused: {v}")),
+            Some("error") => {
+                // The shard has too many DTLS handshakes in progress: ask again shortly.
+                let id = v.get("id").and_then(Value::as_u64).map(|i| i as usize);
+                match id {
+                    Some(i)
+                        if i < specs.len()
+                            && specs[i].offer.is_some()
+                            && v.get("code").and_then(Value::as_str) == Some("unavailable") =>
+                    {
+                        let backoff = Duration::from_millis(50 + (i as u64 * 37) % 200);
+                        retries.push((tokio::time::Instant::now() + backoff, i));
+                    }
+                    _ => return Err(format!("join refused: {v}")),
+                }
+            }
             _ => {}
         }
     }
@@ -446,6 +519,7 @@ mod tests {
             slot: 3,
             member: 31,
             rtp_addr: "127.0.0.2:5000".parse().unwrap(),
+            offer: None,
         };
         let v: Value = serde_json::from_str(&join_frame("lt", &spec, false, 4)).unwrap();
         assert_eq!(v["type"], "join");
@@ -461,6 +535,14 @@ mod tests {
         assert_eq!(p, json!({"type":"ptt","channel":"lt-c7","action":"press"}));
         let r: Value = serde_json::from_str(&ptt_frame("lt", 7, false)).unwrap();
         assert_eq!(r["action"], "release");
+        let w = JoinSpec {
+            offer: Some("v=0\r\n".into()),
+            ..spec
+        };
+        let v: Value = serde_json::from_str(&join_frame("lt", &w, true, 5)).unwrap();
+        assert_eq!(v["transport"], "webrtc");
+        assert_eq!(v["sdp"], "v=0\r\n");
+        assert!(v.get("rtp_addr").is_none());
     }
 
     #[test]
