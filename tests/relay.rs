@@ -334,3 +334,38 @@ async fn three_nodes_one_channel() {
         floor_any(s, "ops", &["idle"]).await;
     }
 }
+
+/// A node that dies while Redis is down leaves nothing in the store to evict once Redis comes back empty:
+/// the surviving node still tells its clients that node's members left, from its own view of who was on
+/// which node (`src/signal/remote.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_dies_during_a_redis_outage_leaves_presence() {
+    let mut redis = RedisServer::start();
+    let a = spawn_node(&redis, "node-a");
+    let b = spawn_node(&redis, "node-b");
+    let mut sa = Signal::connect(a.http).await;
+    let _ann = RtpMember::join(&mut sa, "ops", "ann").await;
+    let mut sb = Signal::connect(b.http).await;
+    let _ben = RtpMember::join(&mut sb, "ops", "ben").await;
+    sa.expect_within("presence joined ben", Duration::from_secs(10), |v| {
+        v["type"] == "presence" && v["joined"] == "ben"
+    })
+    .await;
+    // Node A re-reads the channel's nodes every second: let it see node B live.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.kill();
+    drop(b); // SIGKILL while Redis is down: node B never re-registers
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    let back = Instant::now();
+    let left = sa
+        .expect_within("presence left ben", Duration::from_secs(30), |v| {
+            v["type"] == "presence" && v["left"] == "ben"
+        })
+        .await;
+    assert_eq!(left["channel"], "ops");
+    println!(
+        "node B died during a Redis outage: ben left node A's presence {:?} after Redis came back",
+        back.elapsed()
+    );
+}

@@ -23,6 +23,7 @@ use crate::state::{
 use super::protocol::{
     self, ErrorCode, FloorMessage, Frame, Join, Message, PttAction, Request, RtpInfo, SignalError,
 };
+use super::remote::RemotePresence;
 
 /// Identifies one WebSocket connection.
 pub type ConnId = u64;
@@ -212,6 +213,9 @@ pub struct Hub {
     registry: Arc<dyn Registry>,
     /// Relay addresses of the live nodes seen in the registry; the shards accept relay only from these.
     known_nodes: HashMap<String, Vec<SocketAddr>>,
+    /// Remote members of our channels by node, to tell clients when a node is gone even if the store
+    /// no longer knows its members (see `remote.rs`).
+    remote: RemotePresence,
     relay_peers: Vec<SocketAddr>,
     next_announce: Instant,
     next_relay_refresh: Instant,
@@ -246,6 +250,7 @@ impl Hub {
             next_refresh: now + REFRESH_EVERY,
             registry,
             known_nodes: HashMap::new(),
+            remote: RemotePresence::default(),
             relay_peers: Vec::new(),
             next_announce: now,
             next_relay_refresh: now,
@@ -834,6 +839,7 @@ impl Hub {
             .is_some_and(|ch| ch.members.is_empty() && ch.floor.is_quiet())
         {
             self.channels.remove(channel);
+            self.remote.forget_channel(channel);
             self.ticking.remove(channel);
             if self.config.relay_addrs.is_some() {
                 let (registry, channel, node) = (
@@ -1138,6 +1144,11 @@ impl Hub {
                 if node == self.config.node || !self.channels.contains_key(&channel) {
                     return;
                 }
+                if joined {
+                    self.remote.joined(&channel, &member, &node);
+                } else if !self.remote.left(&channel, &member) {
+                    return; // already told when its node was found gone
+                }
                 let msg = if joined {
                     Message::Presence {
                         channel: channel.clone(),
@@ -1158,6 +1169,7 @@ impl Hub {
                     info!("floor store subscription up: resynchronising");
                 }
                 self.store_up = true;
+                self.remote.store_back(now);
                 self.resync();
                 // Redis may have come back empty: say again that this node is alive, then which channels
                 // it serves (in that order: a registered node without liveness counts as dead), then its
@@ -1176,6 +1188,33 @@ impl Hub {
     /// The registry's view of a channel: relay to every other live node once, accept relay from every live
     /// node, and clean up after the dead ones.
     fn on_nodes(&mut self, channel: &str, live: Vec<NodeInfo>, dead: Vec<String>) {
+        let now = Instant::now();
+        let live_ids: Vec<&str> = live.iter().map(|n| n.node.as_str()).collect();
+        let dead_ids: Vec<&str> = dead.iter().map(String::as_str).collect();
+        let gone = self.remote.nodes(channel, &live_ids, &dead_ids, now);
+        let mut gone_nodes: Vec<String> = Vec::new();
+        for (member, node) in gone {
+            warn!(
+                node,
+                channel, member, "member's node is gone: telling its channel"
+            );
+            let msg = Message::Presence {
+                channel: channel.to_string(),
+                joined: None,
+                left: Some(member.clone()),
+            };
+            self.broadcast_presence(channel, &member, &msg);
+            if !dead.contains(&node) && !gone_nodes.contains(&node) {
+                gone_nodes.push(node);
+            }
+        }
+        for node in gone_nodes {
+            // Whatever the store still holds of it goes too (its liveness key expired long ago).
+            let (registry, channel) = (self.registry.clone(), channel.to_string());
+            tokio::spawn(async move {
+                let _ = registry.evict_node(&channel, &node).await;
+            });
+        }
         for node in &dead {
             warn!(node, channel, "node is gone: removing its members");
             self.known_nodes.remove(node);

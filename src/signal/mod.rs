@@ -3,4 +3,5 @@
 pub mod http;
 pub mod hub;
 pub mod protocol;
+pub mod remote;
 pub mod ws;
