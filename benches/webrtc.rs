@@ -66,6 +66,33 @@ fn connected_peer(config: &WebRtcConfig, n: u16) -> (WebRtcPeer, Rtc) {
     panic!("peer {n} did not connect");
 }
 
+/// The next header of one speaker's stream: 20 ms Opus frames.
+fn next_header(seq: &mut u16, ts: &mut u32) -> OutHeader {
+    let h = OutHeader {
+        seq: *seq,
+        timestamp: *ts,
+        marker: false,
+    };
+    *seq = seq.wrapping_add(1);
+    *ts = ts.wrapping_add(960);
+    h
+}
+
+/// What the shard does per forwarded packet for each WebRTC listener: write, then drive str0m so it sends.
+fn write_all(
+    peers: &mut [(WebRtcPeer, Rtc)],
+    h: OutHeader,
+    payload: &Arc<[u8]>,
+    now: Instant,
+    out: &mut Vec<talkgroup::peer::webrtc::Transmit>,
+    events: &mut Vec<PeerEvent>,
+) {
+    for (peer, _) in peers.iter_mut() {
+        peer.write(h, payload.clone(), now, Some(-30));
+        peer.handle_timeout(now, out, events);
+    }
+}
+
 fn egress(c: &mut Criterion) {
     let config = WebRtcConfig::generate(SERVER.parse().unwrap()).unwrap();
     let payload: Arc<[u8]> = Arc::from(vec![0xfcu8; 60]);
@@ -84,17 +111,8 @@ fn egress(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     let now = Instant::now();
-                    let h = OutHeader {
-                        seq,
-                        timestamp: ts,
-                        marker: false,
-                    };
-                    seq = seq.wrapping_add(1);
-                    ts = ts.wrapping_add(960);
-                    for (peer, _) in peers.iter_mut() {
-                        peer.write(h, payload.clone(), now, Some(-30));
-                        peer.handle_timeout(now, &mut out, &mut events);
-                    }
+                    let h = next_header(&mut seq, &mut ts);
+                    write_all(&mut peers, h, &payload, now, &mut out, &mut events);
                     let n = out.len();
                     out.clear();
                     events.clear();
@@ -132,17 +150,8 @@ fn egress_paced(c: &mut Criterion) {
                     for _ in 0..iters {
                         std::thread::sleep(Duration::from_millis(20));
                         let start = Instant::now();
-                        let h = OutHeader {
-                            seq,
-                            timestamp: ts,
-                            marker: false,
-                        };
-                        seq = seq.wrapping_add(1);
-                        ts = ts.wrapping_add(960);
-                        for (peer, _) in peers.iter_mut() {
-                            peer.write(h, payload.clone(), start, Some(-30));
-                            peer.handle_timeout(start, &mut out, &mut events);
-                        }
+                        let h = next_header(&mut seq, &mut ts);
+                        write_all(&mut peers, h, &payload, start, &mut out, &mut events);
                         assert!(out.len() >= listeners, "an SRTP packet per listener");
                         out.clear();
                         events.clear();
@@ -221,17 +230,8 @@ fn egress_virtual(c: &mut Criterion) {
                         pump(peer, client, i as u16, now, &mut out, &mut events);
                     }
                     let start = Instant::now();
-                    let h = OutHeader {
-                        seq,
-                        timestamp: ts,
-                        marker: false,
-                    };
-                    seq = seq.wrapping_add(1);
-                    ts = ts.wrapping_add(960);
-                    for (peer, _) in peers.iter_mut() {
-                        peer.write(h, payload.clone(), now, Some(-30));
-                        peer.handle_timeout(now, &mut out, &mut events);
-                    }
+                    let h = next_header(&mut seq, &mut ts);
+                    write_all(&mut peers, h, &payload, now, &mut out, &mut events);
                     spent += start.elapsed();
                     assert!(out.len() >= listeners, "an SRTP packet per listener");
                     out.clear();
