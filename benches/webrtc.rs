@@ -78,6 +78,11 @@ fn next_header(seq: &mut u16, ts: &mut u32) -> OutHeader {
     h
 }
 
+/// `n` connected pairs.
+fn connected_peers(config: &WebRtcConfig, n: usize) -> Vec<(WebRtcPeer, Rtc)> {
+    (0..n).map(|i| connected_peer(config, i as u16)).collect()
+}
+
 /// What the shard does per forwarded packet for each WebRTC listener: write, then drive str0m so it sends.
 fn write_all(
     peers: &mut [(WebRtcPeer, Rtc)],
@@ -98,9 +103,7 @@ fn egress(c: &mut Criterion) {
     let payload: Arc<[u8]> = Arc::from(vec![0xfcu8; 60]);
     let mut group = c.benchmark_group("webrtc_egress");
     for listeners in [1usize, 10, 50] {
-        let mut peers: Vec<(WebRtcPeer, Rtc)> = (0..listeners)
-            .map(|i| connected_peer(&config, i as u16))
-            .collect();
+        let mut peers: Vec<(WebRtcPeer, Rtc)> = connected_peers(&config, listeners);
         let (mut out, mut events) = (Vec::with_capacity(listeners), Vec::new());
         let mut seq = 1u16;
         let mut ts = 0u32;
@@ -114,6 +117,7 @@ fn egress(c: &mut Criterion) {
                     let h = next_header(&mut seq, &mut ts);
                     write_all(&mut peers, h, &payload, now, &mut out, &mut events);
                     let n = out.len();
+                    assert!(n >= listeners, "an SRTP packet per listener");
                     out.clear();
                     events.clear();
                     n
@@ -134,9 +138,7 @@ fn egress_paced(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(4));
     group.warm_up_time(Duration::from_millis(500));
     for listeners in [50usize, 200] {
-        let mut peers: Vec<(WebRtcPeer, Rtc)> = (0..listeners)
-            .map(|i| connected_peer(&config, i as u16))
-            .collect();
+        let mut peers: Vec<(WebRtcPeer, Rtc)> = connected_peers(&config, listeners);
         let (mut out, mut events) = (Vec::with_capacity(listeners), Vec::new());
         let mut seq = 1u16;
         let mut ts = 0u32;
@@ -210,9 +212,7 @@ fn egress_virtual(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(3));
     let listeners = 50usize;
-    let mut peers: Vec<(WebRtcPeer, Rtc)> = (0..listeners)
-        .map(|i| connected_peer(&config, i as u16))
-        .collect();
+    let mut peers: Vec<(WebRtcPeer, Rtc)> = connected_peers(&config, listeners);
     let (mut out, mut events) = (Vec::with_capacity(listeners), Vec::new());
     let mut seq = 1u16;
     let mut ts = 0u32;
