@@ -5,6 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+
+/// Loopback and private ranges: the default of `--rtp-allow`.
+pub const DEFAULT_RTP_ALLOW: &str =
+    "127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,::1/128,fc00::/7";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,9 +82,10 @@ pub struct ServeArgs {
     /// This node's id (default: hostname-pid).
     #[arg(long, env = "TALKGROUP_NODE_ID")]
     pub node_id: Option<String>,
-    /// Networks allowed to join as plain RTP (comma-separated CIDRs).
-    #[arg(long, default_value = crate::signal::hub::DEFAULT_RTP_ALLOW, env = "TALKGROUP_RTP_ALLOW")]
-    pub rtp_allow: String,
+    /// Networks allowed to join as plain RTP (comma-separated CIDRs; a bare address is one host).
+    #[arg(long, default_value = DEFAULT_RTP_ALLOW, env = "TALKGROUP_RTP_ALLOW",
+          value_delimiter = ',', value_parser = parse_network)]
+    pub rtp_allow: Vec<IpNet>,
     /// First UDP relay port (node-to-node audio); shard i listens on BASE+i. Default: media port + 1000
     /// (0 with a media port of 0). Only with `--store redis` and a cluster secret.
     #[arg(long, env = "TALKGROUP_RELAY_PORT")]
@@ -140,4 +146,41 @@ pub fn primary_ip() -> IpAddr {
         Ok(s.local_addr()?.ip())
     };
     probe().unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+/// One network of `--rtp-allow`: `ip/bits`, or a bare address for that one host.
+pub fn parse_network(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    text.parse::<IpNet>()
+        .map_err(|_| format!("'{text}' is not an IP network (expected ip/bits, e.g. 10.0.0.0/8)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rtp_allow_takes_networks_and_bare_addresses() {
+        let args = ServeArgs::parse_from(["serve"]);
+        let allowed = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            args.rtp_allow.iter().any(|n| n.contains(&ip))
+        };
+        assert!(allowed("127.0.0.1"));
+        assert!(allowed("192.168.3.4"));
+        assert!(allowed("::1"));
+        assert!(!allowed("8.8.8.8"));
+        assert_eq!(
+            parse_network("10.1.2.3").unwrap(),
+            "10.1.2.3/32".parse::<IpNet>().unwrap()
+        );
+        assert!(parse_network("10.0.0.0/x").is_err());
+        let args =
+            ServeArgs::try_parse_from(["serve", "--rtp-allow", "10.0.0.0/8,1.2.3.4"]).unwrap();
+        assert_eq!(args.rtp_allow.len(), 2);
+        assert!(ServeArgs::try_parse_from(["serve", "--rtp-allow", "bogus"]).is_err());
+    }
 }

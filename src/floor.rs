@@ -5,7 +5,8 @@
 //! ([`Output::Acquire`]) and waits for the store's answer, then asks the channel's shard to forward the new
 //! speaker ([`Output::Apply`]) and sends `granted` only once the shard has acknowledged — so the first word
 //! is never clipped. Timers (T1 silence is detected by the shard, T2 maximum talk time, T3 pre-emption
-//! grace, lease renewal) are checked on [`Input::Tick`].
+//! grace, lease renewal) are run by [`Floor::handle_timeout`] at the instant [`Floor::poll_timeout`] names,
+//! so an idle floor costs nothing and a busy one is woken only when something is due.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -179,6 +180,7 @@ pub enum Input {
         speaker: Option<String>,
         epoch: u64,
     },
+    /// Run the timers due at `now` (same as [`Floor::handle_timeout`]).
     Tick,
 }
 
@@ -320,6 +322,35 @@ impl Floor {
     /// The next output to act on.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.out.pop_front()
+    }
+
+    /// When the machine next needs [`Floor::handle_timeout`]: the earliest of T2, the end of a T3 grace,
+    /// the next lease renewal and the instant the holder must be revoked because its lease is about to
+    /// run out. `None` while nobody local holds the floor: nothing is then due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let State::Held(h) = &self.state else {
+            return None;
+        };
+        let mut at = h.t2_at;
+        if let Some(preempt) = h.preempt_at {
+            at = at.min(preempt);
+        }
+        if let Some(lease) = self.config.lease {
+            // `on_tick` revokes once `now + margin >= renewed_at + ttl`.
+            let revoke = (h.renewed_at + lease.ttl)
+                .checked_sub(lease.margin)
+                .unwrap_or(h.renewed_at);
+            at = at.min(revoke);
+            if !h.renew_in_flight {
+                at = at.min(h.renew_at);
+            }
+        }
+        Some(at)
+    }
+
+    /// Runs whatever timer is due at `now` (see [`Floor::poll_timeout`]).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.on_tick(now);
     }
 
     /// Feeds one input at `now`.

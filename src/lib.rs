@@ -21,8 +21,10 @@
 
 pub mod channel;
 pub mod config;
+pub mod control;
 pub mod floor;
 pub mod forward;
+pub mod ids;
 pub mod metrics;
 pub mod peer;
 pub mod relay;

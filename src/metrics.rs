@@ -1,16 +1,41 @@
 //! Prometheus text exposition of the shards' and the control thread's counters.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use crate::shard::core::{drop_reason_names, relay_drop_names};
 use crate::shard::ShardStats;
-use crate::signal::hub::HubCounters;
+
+/// Counters of the control plane (connections, floors, errors), filled by [`crate::control::HubCore`].
+#[derive(Debug, Clone, Default)]
+pub struct ControlCounters {
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Channels with members on this node.
+    pub channels: u64,
+    /// Memberships on this node.
+    pub members: u64,
+    /// Floor grants.
+    pub floor_grants: u64,
+    /// Floor denials by reason.
+    pub floor_denials: BTreeMap<&'static str, u64>,
+    /// Floor revocations by reason.
+    pub floor_revokes: BTreeMap<&'static str, u64>,
+    /// Error replies by code.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Floor store calls that failed.
+    pub store_errors: u64,
+    /// Clients disconnected for not reading.
+    pub slow_clients: u64,
+    /// Commands a full shard queue refused.
+    pub shard_queue_full: u64,
+}
 
 /// A per-shard metric: name, help text, how to read it.
 type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
 
 /// Renders all metrics (text format 0.0.4).
-pub fn render(hub: &HubCounters, shards: &[ShardStats]) -> String {
+pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
     let per_shard: [ShardMetric; 13] = [
         (

@@ -1,4 +1,4 @@
-//! Wiring: start the shards, the control thread (hub + HTTP), and stop them cleanly.
+//! Wiring: start the shards, the control thread (the control core's runner + HTTP), and stop them cleanly.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -12,13 +12,14 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::config::{self, ServeArgs, StoreKind};
+use crate::control::runner::{HubMsg, Runner, Stores as RunnerStores};
+use crate::control::{HubConfig, HubCore};
 use crate::floor::{FloorConfig, Lease};
 use crate::peer::webrtc::WebRtcConfig;
 use crate::relay::RelayKey;
 use crate::shard::core::RelayState;
 use crate::shard::{self, core::ShardConfig, ShardHandle};
 use crate::signal::http::{self, AppState};
-use crate::signal::hub::{self, Hub, HubConfig, HubMsg};
 use crate::state::memory::{MemoryFloorStore, MemoryRegistry, MemorySessionStore};
 use crate::state::redis::{RedisConfig, RedisStore};
 use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
@@ -36,6 +37,10 @@ pub enum ServerError {
     #[error("cannot start: {0}")]
     Start(String),
 }
+
+/// How long the control core waits for a store call before treating it as failed (the Redis backend
+/// answers `unavailable` after its own 250 ms response timeout first; this bounds a call that hangs).
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The floor lease on a shared store (design: TTL 3 s, renewed every 1 s, holder revoked 250 ms before
 /// the lease would run out).
@@ -114,7 +119,7 @@ impl Server {
         let cpus = allowed_cpus();
         let n = args.shards.unwrap_or(cpus.len().max(1)).max(1);
         let (t1, t2, t3) = args.timers();
-        let rtp_allow = hub::parse_networks(&args.rtp_allow).map_err(ServerError::Config)?;
+        let rtp_allow = args.rtp_allow.clone();
         let node = args.node_id();
         let (lock_ttl, lease) = match args.store {
             // No lease to renew: the lock lives past T2 and is always released by the floor.
@@ -211,8 +216,12 @@ impl Server {
             floor,
             lock_ttl,
             announce_ip,
+            media_ports: media_addrs.iter().map(SocketAddr::port).collect(),
             rtp_allow,
             relay_addrs,
+            shared: args.store == StoreKind::Redis,
+            store_timeout: STORE_TIMEOUT,
+            seed: rand::random(),
         };
 
         let listener =
@@ -240,7 +249,6 @@ impl Server {
             args.key_prefix.clone(),
             hub_config.node.clone(),
         );
-        let me = hub_tx.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let control = std::thread::Builder::new()
             .name("control".into())
@@ -263,15 +271,15 @@ impl Server {
                             return;
                         }
                     };
-                    let events = stores.events;
-                    let hub = Hub::new(
-                        hub_config,
+                    let core = HubCore::new(hub_config, std::time::Instant::now());
+                    let runner = Runner::new(
+                        core,
+                        RunnerStores {
+                            floors: stores.floors,
+                            sessions: stores.sessions,
+                            registry: stores.registry,
+                        },
                         handles,
-                        stores.floors,
-                        stores.sessions,
-                        stores.registry,
-                        me,
-                        events.is_some(),
                     );
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
@@ -280,7 +288,7 @@ impl Server {
                             return;
                         }
                     };
-                    let hub_task = tokio::spawn(hub.run(hub_rx, event_rx, events));
+                    let hub_task = tokio::spawn(runner.run(hub_rx, event_rx, stores.events));
                     let app = http::router(state);
                     tokio::spawn(async move {
                         if let Err(e) = axum::serve(

@@ -120,11 +120,17 @@ fn scan(text: &str) -> Result<Scan, OfferError> {
     })
 }
 
+/// A browser-like audio offer (`direction`: `sendrecv`, `recvonly`, …) for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_offer(direction: &str) -> String {
+    tests::OFFER.replace("DIR", direction)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n\
+    pub(super) const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\n\
         a=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\n\
         m=audio 9 UDP/TLS/RTP/SAVPF 111 0\r\nc=IN IP4 0.0.0.0\r\na=rtcp:9 IN IP4 0.0.0.0\r\n\
         a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuvwx\r\na=setup:actpass\r\na=mid:0\r\n\

@@ -11,8 +11,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::{mpsc, oneshot};
 
-use super::hub::HubMsg;
 use super::protocol::{Limits, Message, Timers, MAX_FRAME};
+use crate::control::runner::HubMsg;
 use crate::floor::FloorConfig;
 use crate::metrics;
 use crate::shard::{Command, ShardHandle};

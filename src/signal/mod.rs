@@ -1,7 +1,6 @@
-//! Signaling: HTTP routes, WebSocket connections, and the hub that owns membership and floors.
+//! Signaling: the protocol's JSON messages, HTTP routes and WebSocket connections. What the messages do
+//! is decided by the control plane ([`crate::control`]).
 
 pub mod http;
-pub mod hub;
 pub mod protocol;
-pub mod remote;
 pub mod ws;

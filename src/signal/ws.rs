@@ -9,8 +9,9 @@ use axum::extract::ws::{Message as WsMessage, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::hub::{ConnId, HubMsg, OUTBOUND_QUEUE};
 use super::protocol::{self, Message, SignalError, MAX_FRAME};
+use crate::control::runner::{HubMsg, OUTBOUND_QUEUE};
+use crate::ids::ConnId;
 
 const PING_EVERY: Duration = Duration::from_secs(15);
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);

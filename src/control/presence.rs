@@ -1,4 +1,7 @@
-//! Who this node believes is in its channels on other nodes, and which of those nodes have gone.
+//! Presence: `presence` frames to a channel's members when someone joins or leaves, here or on another
+//! node, and this node's own view of which remote member is on which node.
+//!
+//! [`RemotePresence`]: who this node believes is in its channels on other nodes, and which of those nodes have gone.
 //!
 //! Presence of remote members normally follows the store's `join`/`leave` events, and a dead node's members
 //! are removed from the store (which publishes their `leave`) once its liveness key has expired. That needs
@@ -12,6 +15,53 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use super::HubCore;
+use crate::ids::ConnId;
+use crate::signal::protocol::Message;
+
+impl HubCore {
+    /// Sends `msg` to every member of `channel` that wants presence, except `except`.
+    pub(super) fn broadcast_presence(&mut self, channel: &str, except: &str, msg: &Message) {
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let text = msg.to_json();
+        let to: Vec<ConnId> = ch
+            .members
+            .iter()
+            .filter(|(n, m)| *n != except && m.ready && m.presence)
+            .map(|(_, m)| m.conn)
+            .collect();
+        for conn in to {
+            self.send_text(conn, text.clone());
+        }
+    }
+
+    /// A member joined or left a channel on another node (a store event).
+    pub(super) fn on_remote_presence(
+        &mut self,
+        channel: &str,
+        member: &str,
+        node: &str,
+        joined: bool,
+    ) {
+        if node == self.config.node || !self.channels.contains_key(channel) {
+            return;
+        }
+        if joined {
+            self.remote.joined(channel, member, node);
+        } else if !self.remote.left(channel, member) {
+            return; // already told when its node was found gone
+        }
+        let msg = Message::Presence {
+            channel: channel.to_string(),
+            joined: joined.then(|| member.to_string()),
+            left: (!joined).then(|| member.to_string()),
+        };
+        self.broadcast_presence(channel, member, &msg);
+    }
+}
+
 /// A node not seen live for this long while the store is up is gone: longer than the liveness TTL (10 s)
 /// plus the announce period, so a live node that is re-registering is never taken for dead.
 pub const GONE_AFTER: Duration = Duration::from_secs(12);
@@ -20,6 +70,7 @@ pub const GONE_AFTER: Duration = Duration::from_secs(12);
 /// store still knew the member) is not told twice.
 const EVICTED_MEMORY: Duration = Duration::from_secs(60);
 
+/// Remote members of this node's channels, by node, and when each node was last seen live.
 #[derive(Debug, Default)]
 pub struct RemotePresence {
     /// channel → member → node.

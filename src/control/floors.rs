@@ -1,0 +1,416 @@
+//! Where a press becomes a grant. A `ptt` request is fed to the channel's [`Floor`](crate::floor::Floor);
+//! its outputs become store calls (acquire, renew, release), a speaker change for the channel's shard,
+//! and `floor` frames. The store's answers, the shard's acknowledgement and other nodes' published floor
+//! events come back as floor inputs. Each floor says when it next needs waking; nothing ticks.
+
+use std::cmp::Reverse;
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use super::calls::{Answered, CallId, Purpose, StoreCall, StoreReply};
+use super::HubCore;
+use crate::channel::SpeakerChange;
+use crate::floor::{
+    DenyReason, FloorEvent, Input as FloorInput, Output as FloorOutput, Renewal, To,
+};
+use crate::ids::ConnId;
+use crate::shard::Command;
+use crate::signal::protocol::{FloorMessage, Message, Ptt, PttAction, SignalError};
+use crate::state::{AcquireRequest, Acquired, StoreEvent};
+
+impl HubCore {
+    pub(super) fn on_ptt(
+        &mut self,
+        conn: ConnId,
+        ptt: Ptt,
+        now: Instant,
+    ) -> Result<(), SignalError> {
+        let member = self.member_of(conn, &ptt.channel)?;
+        let Some(ch) = self.channels.get(&ptt.channel) else {
+            return Ok(());
+        };
+        let input = match ptt.action {
+            PttAction::Press if !self.store_up => {
+                let event = FloorEvent::Denied {
+                    speaker: None,
+                    reason: DenyReason::Unavailable,
+                };
+                self.notify(&ptt.channel, To::Member(member), event);
+                return Ok(());
+            }
+            PttAction::Press if ch.members[&member].listen_only => {
+                let event = FloorEvent::Denied {
+                    speaker: ch.floor.speaker().map(str::to_string),
+                    reason: DenyReason::ListenOnly,
+                };
+                self.notify(&ptt.channel, To::Member(member), event);
+                return Ok(());
+            }
+            PttAction::Press => FloorInput::Request {
+                priority: ch.members[&member].priority,
+                member,
+                queue: ptt.queue,
+            },
+            PttAction::Release => FloorInput::Release { member },
+        };
+        self.floor_input(&ptt.channel, input, now);
+        Ok(())
+    }
+
+    /// Feeds one input to a channel's floor and acts on what it asks for.
+    pub(super) fn floor_input(&mut self, channel: &str, input: FloorInput, now: Instant) {
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        ch.floor.handle(input, now);
+        self.drive(channel, now);
+    }
+
+    /// Drains the floor's outputs: store calls, speaker changes for the shard, events for the members
+    /// they are for; then queues the floor's next deadline.
+    fn drive(&mut self, channel: &str, now: Instant) {
+        loop {
+            let Some(ch) = self.channels.get_mut(channel) else {
+                return;
+            };
+            let Some(out) = ch.floor.poll_output() else {
+                let next = ch.floor.poll_timeout();
+                if next != ch.timer {
+                    ch.timer = next;
+                    if let Some(at) = next {
+                        self.floor_timers.push(Reverse((at, channel.to_string())));
+                    }
+                }
+                return;
+            };
+            match out {
+                FloorOutput::Acquire { member, priority } => {
+                    let req = AcquireRequest {
+                        channel: channel.to_string(),
+                        member: member.clone(),
+                        priority,
+                        ttl: self.config.lock_ttl,
+                    };
+                    let purpose = Purpose::Acquire {
+                        channel: channel.to_string(),
+                        member,
+                    };
+                    self.call(StoreCall::Acquire(req), purpose, now);
+                }
+                FloorOutput::Release { epoch } => {
+                    let call = StoreCall::Release {
+                        channel: channel.to_string(),
+                        epoch,
+                    };
+                    let purpose = Purpose::Release {
+                        channel: channel.to_string(),
+                        epoch,
+                    };
+                    self.call(call, purpose, now);
+                }
+                FloorOutput::Renew { epoch } => {
+                    let call = StoreCall::Renew {
+                        channel: channel.to_string(),
+                        epoch,
+                        ttl: self.config.lock_ttl,
+                    };
+                    let purpose = Purpose::Renew {
+                        channel: channel.to_string(),
+                        epoch,
+                        sent_at: now,
+                    };
+                    self.call(call, purpose, now);
+                }
+                FloorOutput::Apply { speaker, epoch } => {
+                    let change = match speaker {
+                        Some(name) => SpeakerChange::Granted {
+                            speaker: ch.members.get(&name).map(|m| m.key),
+                            epoch,
+                        },
+                        None => SpeakerChange::Idle { epoch },
+                    };
+                    let command = Command::Speaker {
+                        channel: channel.to_string(),
+                        change,
+                    };
+                    let shard = ch.shard;
+                    self.shard_command(shard, command);
+                }
+                FloorOutput::Notify { to, event } => self.notify(channel, to, event),
+            }
+        }
+    }
+
+    /// Sends a floor event to the members it is for (only those whose join is complete).
+    pub(super) fn notify(&mut self, channel: &str, to: To, event: FloorEvent) {
+        match &event {
+            FloorEvent::Granted { .. } => self.counters.floor_grants += 1,
+            FloorEvent::Denied { reason, .. } => {
+                *self
+                    .counters
+                    .floor_denials
+                    .entry(reason.as_str())
+                    .or_default() += 1
+            }
+            FloorEvent::Revoked { reason, .. } => {
+                *self
+                    .counters
+                    .floor_revokes
+                    .entry(reason.as_str())
+                    .or_default() += 1
+            }
+            _ => {}
+        }
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let text = Message::Floor(FloorMessage::from_event(channel, &event)).to_json();
+        let conns: Vec<ConnId> = ch
+            .members
+            .iter()
+            .filter(|(name, m)| {
+                m.ready
+                    && match &to {
+                        To::Member(x) => *name == x,
+                        To::AllExcept(x) => *name != x,
+                        To::All => true,
+                    }
+            })
+            .map(|(_, m)| m.conn)
+            .collect();
+        for conn in conns {
+            self.send_text(conn, text.clone());
+        }
+    }
+
+    /// Wakes the floors whose deadline has come.
+    pub(super) fn run_floor_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.floor_timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, channel))) = self.floor_timers.pop() else {
+                break;
+            };
+            let Some(ch) = self.channels.get_mut(&channel) else {
+                continue;
+            };
+            if ch.timer != Some(at) {
+                continue; // rescheduled since: a stale entry
+            }
+            ch.timer = None;
+            ch.floor.handle_timeout(now);
+            self.drive(&channel, now);
+            self.forget_if_empty(&channel, now);
+        }
+    }
+
+    /// A store call's answer.
+    pub(super) fn on_store_reply(&mut self, id: CallId, reply: StoreReply, now: Instant) {
+        match self.calls.answer(id, reply, now) {
+            Answered::Pending(purpose, reply) => self.on_answer(purpose, reply, now),
+            Answered::Late(Purpose::Acquire { channel, .. }, StoreReply::Acquired(Ok(got))) => {
+                // The press was already denied when this grant came back: nobody uses the lock, so give
+                // it back now rather than let it block the channel until the lease runs out.
+                if let Acquired::Granted { epoch } = got {
+                    warn!(channel, epoch, "late grant: releasing it");
+                    self.call(StoreCall::Release { channel, epoch }, Purpose::None, now);
+                }
+            }
+            Answered::Late(..) | Answered::WillRetry | Answered::Unknown => {}
+        }
+    }
+
+    /// What an answer means for the purpose it was asked for.
+    fn on_answer(&mut self, purpose: Purpose, reply: StoreReply, now: Instant) {
+        match (purpose, reply) {
+            (Purpose::Acquire { channel, member }, StoreReply::Acquired(result)) => {
+                let input = match result {
+                    Ok(Acquired::Granted { epoch }) => FloorInput::StoreGranted { member, epoch },
+                    Ok(Acquired::Busy(holder)) => FloorInput::StoreDenied {
+                        member,
+                        holder: Some((holder.member, holder.epoch)),
+                        reason: DenyReason::Busy,
+                    },
+                    Err(e) => {
+                        warn!(channel, error = %e, "floor store failed: denying (fail safe)");
+                        self.counters.store_errors += 1;
+                        FloorInput::StoreDenied {
+                            member,
+                            holder: None,
+                            reason: DenyReason::Unavailable,
+                        }
+                    }
+                };
+                self.floor_input(&channel, input, now);
+                self.forget_if_empty(&channel, now);
+            }
+            (
+                Purpose::Renew {
+                    channel,
+                    epoch,
+                    sent_at,
+                },
+                StoreReply::Flag(result),
+            ) => {
+                let outcome = match result {
+                    Ok(true) => Renewal::Renewed,
+                    Ok(false) => Renewal::Lost,
+                    Err(_) => Renewal::Failed,
+                };
+                let input = FloorInput::Renewed {
+                    epoch,
+                    sent_at,
+                    outcome,
+                };
+                self.floor_input(&channel, input, now);
+                self.forget_if_empty(&channel, now);
+            }
+            (Purpose::Release { channel, epoch }, _) => {
+                // Released, or failed to: then the lease runs out on its own.
+                self.floor_input(&channel, FloorInput::StoreReleased { epoch }, now);
+                self.forget_if_empty(&channel, now);
+            }
+            (Purpose::Resync { channel }, StoreReply::Holder(result)) => {
+                self.on_holder(&channel, result, now)
+            }
+            (
+                Purpose::Join {
+                    channel,
+                    member,
+                    key,
+                },
+                StoreReply::Members(result),
+            ) => self.member_ready(&channel, &member, key, result.unwrap_or_default()),
+            (
+                Purpose::Announce {
+                    then_register,
+                    retries,
+                },
+                StoreReply::Done(Ok(())),
+            ) => self.register_channels(then_register, retries, now),
+            (Purpose::Nodes { channel }, StoreReply::Nodes(Ok((live, dead)))) => {
+                self.on_nodes(&channel, live, dead, now)
+            }
+            _ => {}
+        }
+    }
+
+    /// A call that got no answer by its deadline: the same as a failure.
+    pub(super) fn on_call_failed(&mut self, purpose: Purpose, now: Instant) {
+        let failed = || crate::state::StateError::Unavailable("no answer in time".into());
+        let reply = match &purpose {
+            Purpose::Acquire { .. } => StoreReply::Acquired(Err(failed())),
+            Purpose::Renew { .. } | Purpose::Release { .. } => StoreReply::Flag(Err(failed())),
+            // `joined` goes out without the remote names.
+            Purpose::Join { .. } => StoreReply::Members(Err(failed())),
+            _ => return,
+        };
+        self.on_answer(purpose, reply, now);
+    }
+
+    /// The floor as the store has it, read on resync.
+    fn on_holder(
+        &mut self,
+        channel: &str,
+        result: Result<Option<crate::state::Holder>, crate::state::StateError>,
+        now: Instant,
+    ) {
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let input = match result {
+            Ok(Some(h)) if h.node != self.config.node => FloorInput::Remote {
+                speaker: Some(h.member),
+                epoch: h.epoch,
+            },
+            // The remote holder's lease ran out (an expiring key publishes nothing).
+            Ok(None) => match ch.floor.remote() {
+                Some((_, epoch)) => FloorInput::Remote {
+                    speaker: None,
+                    epoch,
+                },
+                None => return,
+            },
+            _ => return,
+        };
+        self.floor_input(channel, input, now);
+        self.forget_if_empty(channel, now);
+    }
+
+    /// Re-reads every local channel's floor from the store.
+    pub(super) fn resync(&mut self, now: Instant) {
+        let channels: Vec<String> = self.channels.keys().cloned().collect();
+        for channel in channels {
+            let call = StoreCall::Holder {
+                channel: channel.clone(),
+            };
+            self.call(call, Purpose::Resync { channel }, now);
+        }
+    }
+
+    /// Changes published by the store. Our own grants come back too and are ignored: the floor already
+    /// knows them.
+    pub(super) fn on_store_event(&mut self, event: StoreEvent, now: Instant) {
+        match event {
+            StoreEvent::Floor {
+                channel,
+                holder,
+                epoch,
+            } => {
+                if holder.as_ref().is_some_and(|h| h.node == self.config.node) {
+                    return;
+                }
+                let input = FloorInput::Remote {
+                    speaker: holder.map(|h| h.member),
+                    epoch,
+                };
+                self.floor_input(&channel, input, now);
+            }
+            StoreEvent::Presence {
+                channel,
+                member,
+                node,
+                joined,
+            } => self.on_remote_presence(&channel, &member, &node, joined),
+            StoreEvent::Resync => {
+                if !self.store_up {
+                    info!("floor store subscription up: resynchronising");
+                }
+                self.store_up = true;
+                self.remote.store_back(now);
+                self.resync(now);
+                // Redis may have come back empty: say again that this node is alive, then which channels
+                // it serves, and refresh its members' sessions (a refresh re-adds a missing member).
+                self.reregister(now);
+            }
+            StoreEvent::Down => {
+                if self.store_up {
+                    warn!("floor store subscription down: denying presses until it is back");
+                }
+                self.store_up = false;
+            }
+        }
+    }
+
+    /// At shutdown: a floor held by a local member is given back and announced idle.
+    pub(super) fn release_local_floor(&mut self, channel: &str, now: Instant) {
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let Some(speaker) = ch.floor.speaker() else {
+            return;
+        };
+        if !ch.members.contains_key(speaker) {
+            return;
+        }
+        let epoch = ch.floor.epoch();
+        let call = StoreCall::Release {
+            channel: channel.to_string(),
+            epoch,
+        };
+        self.call(call, Purpose::None, now);
+        self.notify(channel, To::All, FloorEvent::Idle { epoch });
+    }
+}

@@ -1,0 +1,420 @@
+//! Membership: a `join` is checked, handed to the channel's shard, recorded in the session store, and
+//! answered `joined`; a member leaves by request, by disconnecting, or when its WebRTC peer closes.
+//!
+//! The order matters: the shard must have the member (and, for WebRTC, its ICE username registered)
+//! before `joined` leaves, or the first packet could beat the registration; the session store is asked
+//! who else is in the channel on other nodes, bounded by [`SESSION_WAIT`](super::SESSION_WAIT).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand::Rng;
+use serde_json::Value;
+use tracing::{debug, info};
+
+use super::calls::{Purpose, StoreCall};
+use super::{ChannelCtl, HubCore, MemberCtl, SESSION_WAIT};
+use crate::floor::{Floor, Input as FloorInput};
+use crate::ids::{ConnId, MemberKey};
+use crate::peer::offer::{parse_offer, Offer};
+use crate::shard::{self, Command, Event, PeerRefused};
+use crate::signal::protocol::{self, ErrorCode, Join, Message, RtpInfo, SignalError};
+
+/// How a joining member's media will flow.
+enum JoinLeg {
+    Rtp(SocketAddr),
+    WebRtc(Offer),
+}
+
+impl HubCore {
+    pub(super) fn on_join(
+        &mut self,
+        conn: ConnId,
+        join: Join,
+        id: Option<Value>,
+        now: Instant,
+    ) -> Result<(), SignalError> {
+        protocol::validate_name("channel", &join.channel)?;
+        protocol::validate_name("member", &join.member)?;
+        let leg = match join.transport.as_str() {
+            "rtp" => JoinLeg::Rtp(self.rtp_addr(&join)?),
+            "webrtc" => JoinLeg::WebRtc(webrtc_offer(&join)?),
+            other => {
+                return Err(SignalError::bad_request(format!(
+                    "unknown transport '{other}' (rtp or webrtc)"
+                )))
+            }
+        };
+        let Some(c) = self.conns.get(&conn) else {
+            return Ok(()); // the connection is gone
+        };
+        if c.joined.iter().any(|(ch, _)| *ch == join.channel) {
+            return Err(SignalError::new(
+                ErrorCode::AlreadyJoined,
+                format!("this connection already joined channel '{}'", join.channel),
+            ));
+        }
+        if self
+            .channels
+            .get(&join.channel)
+            .is_some_and(|ch| ch.members.contains_key(&join.member))
+        {
+            return Err(SignalError::new(
+                ErrorCode::AlreadyJoined,
+                format!(
+                    "member '{}' is already joined to channel '{}'",
+                    join.member, join.channel
+                ),
+            ));
+        }
+        if !self.channels.contains_key(&join.channel) {
+            self.channel_opened(&join.channel, now);
+        }
+        let shards = self.config.media_ports.len();
+        let floor_config = self.config.floor;
+        let key = self.next_key;
+        self.next_key += 1;
+        let ssrc = self.rng.random::<u32>().max(1);
+        let (channel, name) = (join.channel.clone(), join.member.clone());
+        let (command, listen_only) = match leg {
+            JoinLeg::Rtp(addr) => (
+                Command::AddMember {
+                    channel,
+                    key,
+                    name,
+                    addr,
+                    ssrc,
+                },
+                false,
+            ),
+            JoinLeg::WebRtc(offer) => (
+                Command::AddPeer {
+                    channel,
+                    key,
+                    name,
+                    offer: Box::new(offer.sdp),
+                },
+                offer.listen_only,
+            ),
+        };
+        let ch = self
+            .channels
+            .entry(join.channel.clone())
+            .or_insert_with(|| ChannelCtl {
+                shard: shard::shard_of(&join.channel, shards),
+                relay_targets: Vec::new(),
+                members: BTreeMap::new(),
+                floor: Floor::new(floor_config),
+                timer: None,
+            });
+        ch.members.insert(
+            join.member.clone(),
+            MemberCtl {
+                conn,
+                key,
+                priority: join.priority,
+                presence: join.presence,
+                ready: false,
+                ssrc,
+                join_id: id,
+                listen_only,
+                answer: None,
+            },
+        );
+        let shard = ch.shard;
+        self.shard_command(shard, command);
+        self.pending
+            .insert(key, (join.channel.clone(), join.member.clone()));
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.joined.insert((join.channel, join.member));
+        }
+        Ok(())
+    }
+
+    fn rtp_addr(&self, join: &Join) -> Result<SocketAddr, SignalError> {
+        let text = join.rtp_addr.as_deref().ok_or_else(|| {
+            SignalError::bad_request("transport 'rtp' needs \"rtp_addr\":\"ip:port\"")
+        })?;
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            SignalError::bad_request(format!("rtp_addr '{text}' is not an ip:port address"))
+        })?;
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            return Err(SignalError::bad_request(format!(
+                "rtp_addr '{text}' is not a usable address"
+            )));
+        }
+        if !self
+            .config
+            .rtp_allow
+            .iter()
+            .any(|net| net.contains(&addr.ip()))
+        {
+            return Err(SignalError::new(
+                ErrorCode::Unauthorized,
+                format!("rtp_addr '{text}' is outside the networks allowed by --rtp-allow"),
+            ));
+        }
+        Ok(addr)
+    }
+
+    pub(super) fn on_shard_event(&mut self, event: Event, now: Instant) {
+        match event {
+            Event::MemberAdded { key } => {
+                if let Some((channel, member)) = self.pending.remove(&key) {
+                    self.session_join(channel, member, key, now);
+                }
+            }
+            Event::PeerAnswered { key, answer } => self.on_peer_answered(key, answer, now),
+            Event::PeerClosed {
+                channel,
+                key,
+                reason,
+            } => self.on_peer_closed(&channel, key, reason, now),
+            Event::Applied {
+                channel,
+                epoch,
+                applied,
+            } => {
+                if applied {
+                    self.floor_input(&channel, FloorInput::ShardApplied { epoch }, now);
+                }
+            }
+            Event::Silence { channel, epoch } => {
+                self.floor_input(&channel, FloorInput::MediaSilence { epoch }, now);
+            }
+        }
+    }
+
+    /// A command the shard's full queue refused. A join is undone and answered `unavailable`; a lost
+    /// speaker change is never acknowledged, so never announced (the requester is not told `granted`
+    /// for a shard that does not forward it).
+    pub(super) fn on_shard_full(&mut self, shard: usize, command: Command, now: Instant) {
+        self.counters.shard_queue_full += 1;
+        match command {
+            Command::AddMember { key, .. } | Command::AddPeer { key, .. } => {
+                let refused = SignalError::new(
+                    ErrorCode::Unavailable,
+                    "media shard is overloaded; try again",
+                );
+                self.refuse_join(key, refused, now);
+            }
+            Command::Speaker { channel, .. } => {
+                tracing::warn!(
+                    shard,
+                    channel,
+                    "shard command queue full: speaker change lost"
+                );
+            }
+            _ => tracing::warn!(shard, "shard command queue full: command lost"),
+        }
+    }
+
+    /// The shard built a WebRTC member's peer: `joined` carries the answer. If it could not (str0m refused
+    /// the offer), the membership is undone and the join answered with an error.
+    fn on_peer_answered(
+        &mut self,
+        key: MemberKey,
+        answer: Result<String, PeerRefused>,
+        now: Instant,
+    ) {
+        let refused = match answer {
+            Ok(sdp) => {
+                let Some((channel, member)) = self.pending.remove(&key) else {
+                    return;
+                };
+                if let Some(m) = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|ch| ch.members.get_mut(&member))
+                {
+                    m.answer = Some(sdp);
+                }
+                return self.session_join(channel, member, key, now);
+            }
+            Err(PeerRefused::Offer(message)) => SignalError::bad_request(message),
+            Err(PeerRefused::Busy) => SignalError::new(
+                ErrorCode::Unavailable,
+                "too many WebRTC connections are being set up on this server; try again",
+            ),
+        };
+        self.refuse_join(key, refused, now);
+    }
+
+    /// Undoes a join the shard did not take, and answers it with `refused`.
+    fn refuse_join(&mut self, key: MemberKey, refused: SignalError, now: Instant) {
+        let Some((channel, member)) = self.pending.remove(&key) else {
+            return;
+        };
+        let Some(m) = self
+            .channels
+            .get(&channel)
+            .and_then(|ch| ch.members.get(&member))
+        else {
+            return;
+        };
+        let (conn, id) = (m.conn, m.join_id.clone());
+        self.leave(conn, &channel, &member, now);
+        self.send_error(conn, &refused, id);
+    }
+
+    /// A WebRTC peer went away (ICE timeout, DTLS close): the normal leave path, so a holder's floor is
+    /// released, and the client is told `left`.
+    fn on_peer_closed(&mut self, channel: &str, key: MemberKey, reason: &str, now: Instant) {
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let Some((member, m)) = ch.members.iter().find(|(_, m)| m.key == key) else {
+            return;
+        };
+        let (member, conn) = (member.clone(), m.conn);
+        info!(channel, member, reason, "WebRTC peer closed: leaving");
+        self.leave(conn, channel, &member, now);
+        self.send(
+            conn,
+            &Message::Left {
+                channel: channel.to_string(),
+                id: None,
+            },
+        );
+    }
+
+    /// Records the member in the session store and lists who is in the channel on every node; `joined`
+    /// follows the answer (or the deadline: a store that does not answer costs the remote names only).
+    fn session_join(&mut self, channel: String, member: String, key: MemberKey, now: Instant) {
+        let call = StoreCall::Join {
+            channel: channel.clone(),
+            member: member.clone(),
+            node: self.config.node.clone(),
+        };
+        let purpose = Purpose::Join {
+            channel,
+            member,
+            key,
+        };
+        self.calls.start(call, purpose, now, SESSION_WAIT);
+    }
+
+    /// The member is in: `joined` to it, `presence` to the others.
+    pub(super) fn member_ready(
+        &mut self,
+        channel: &str,
+        member: &str,
+        key: MemberKey,
+        elsewhere: Vec<String>,
+    ) {
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let Some(m) = ch.members.get_mut(member) else {
+            return;
+        };
+        if m.key != key {
+            return;
+        }
+        m.ready = true;
+        let (conn, ssrc, id) = (m.conn, m.ssrc, m.join_id.take());
+        // A WebRTC member's SDP answer; plain-RTP members get the `rtp` block instead.
+        let sdp = m.answer.take();
+        let mut others: Vec<String> = ch
+            .members
+            .iter()
+            .filter(|(n, m)| *n != member && m.ready)
+            .map(|(n, _)| n.clone())
+            .collect();
+        // Members on other nodes, as the session store lists them.
+        for name in elsewhere {
+            if name != member && !ch.members.contains_key(&name) {
+                others.push(name);
+            }
+        }
+        others.sort();
+        others.dedup();
+        let server_addr =
+            SocketAddr::new(self.config.announce_ip, self.config.media_ports[ch.shard]);
+        let joined = Message::Joined {
+            channel: channel.to_string(),
+            member: member.to_string(),
+            members: others,
+            speaker: ch.floor.speaker().map(str::to_string),
+            epoch: ch.floor.epoch(),
+            rtp: sdp.is_none().then(|| RtpInfo {
+                server_addr: server_addr.to_string(),
+                ssrc,
+                payload_type: shard::core::OPUS_PT,
+            }),
+            sdp,
+            id,
+        };
+        debug!(channel, member, conn, "joined");
+        self.send(conn, &joined);
+        let presence = Message::Presence {
+            channel: channel.to_string(),
+            joined: Some(member.to_string()),
+            left: None,
+        };
+        self.broadcast_presence(channel, member, &presence);
+    }
+
+    /// Removes a membership: the floor learns the member left, the shard drops it, others see presence.
+    pub(super) fn leave(&mut self, conn: ConnId, channel: &str, member: &str, now: Instant) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.joined.remove(&(channel.to_string(), member.to_string()));
+        }
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let Some(m) = ch.members.remove(member) else {
+            return;
+        };
+        self.pending.remove(&m.key);
+        let shard = ch.shard;
+        self.shard_command(
+            shard,
+            Command::RemoveMember {
+                channel: channel.to_string(),
+                key: m.key,
+            },
+        );
+        let input = FloorInput::Leave {
+            member: member.to_string(),
+        };
+        self.floor_input(channel, input, now);
+        if m.ready {
+            let presence = Message::Presence {
+                channel: channel.to_string(),
+                joined: None,
+                left: Some(member.to_string()),
+            };
+            self.broadcast_presence(channel, member, &presence);
+            let call = StoreCall::Leave {
+                channel: channel.to_string(),
+                member: member.to_string(),
+                node: self.config.node.clone(),
+            };
+            self.call(call, Purpose::None, now);
+        }
+        self.forget_if_empty(channel, now);
+    }
+
+    /// A channel with no member and a quiet floor is forgotten (and this node stops serving it).
+    pub(super) fn forget_if_empty(&mut self, channel: &str, now: Instant) {
+        if self
+            .channels
+            .get(channel)
+            .is_some_and(|ch| ch.members.is_empty() && ch.floor.is_quiet())
+        {
+            self.channels.remove(channel);
+            self.remote.forget_channel(channel);
+            self.channel_closed(channel, now);
+        }
+    }
+}
+
+/// The checked SDP offer of a WebRTC join (before anything is built for it).
+fn webrtc_offer(join: &Join) -> Result<Offer, SignalError> {
+    let sdp = join.sdp.as_deref().ok_or_else(|| {
+        SignalError::bad_request("transport 'webrtc' needs \"sdp\" with an SDP offer")
+    })?;
+    parse_offer(sdp).map_err(|e| SignalError::bad_request(e.to_string()))
+}

@@ -1,0 +1,470 @@
+//! The control plane as a sans-IO state machine, in the shape of quinn-proto's `Endpoint` and str0m's
+//! `Rtc`: [`HubCore`] owns every connection, channel membership and floor of this node, is fed
+//! [`Input`]s with the time, and answers with [`Output`]s — frames for clients, store calls, shard
+//! commands — and the next instant it must be woken ([`HubCore::poll_timeout`]). It never reads a clock,
+//! awaits a store or touches a socket: [`runner`] does that, and tests drive the core in virtual time.
+//!
+//! Where things happen, by file:
+//! - [`calls`]: store calls as values, their deadlines, retries and late answers;
+//! - `members.rs`: a `join` becomes a shard member and then `joined`; leaving and disconnecting;
+//! - `floors.rs`: a press becomes a store acquisition, then a shard speaker change, then `granted`
+//!   (the floor machine itself is [`crate::floor`]); store replies and published floor events;
+//! - `cluster.rs`: node liveness, which nodes serve a channel, relay targets, re-registration;
+//! - `presence.rs`: `presence` frames, and remote members whose node has gone;
+//! - [`runner`]: the tokio task that moves bytes and time in and out of the core.
+
+pub mod calls;
+mod cluster;
+mod conns;
+mod floors;
+mod members;
+mod presence;
+pub mod runner;
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::Value;
+
+use crate::floor::{Floor, FloorConfig};
+use crate::ids::{ConnId, MemberKey};
+use crate::metrics::ControlCounters;
+use crate::shard::{Command, Event};
+use crate::signal::protocol::{Frame, SignalError};
+use crate::state::StoreEvent;
+
+use self::calls::{CallId, Calls, StoreCall, StoreReply};
+use self::presence::RemotePresence;
+
+/// Pub/sub is at-most-once and an expiring key publishes nothing: re-read the floors this often.
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// Session heartbeat: well inside the store's idle TTL (1 h).
+const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Liveness of this node in the registry, and how often it is renewed (design: ≈ 10 s TTL).
+const NODE_TTL: Duration = Duration::from_secs(10);
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
+/// How often the relay targets of each channel are re-read (off the packet path).
+const RELAY_REFRESH: Duration = Duration::from_secs(1);
+/// Attempts of a re-registration call (liveness, channels, sessions) after the store came back, 250 ms
+/// apart: the command connection may still be in its reconnect backoff while the subscription is up.
+const REREGISTER_RETRIES: u32 = 11;
+/// Bound on the session-store calls a join waits for before answering `joined`: a store that does not
+/// answer costs the remote names only.
+const SESSION_WAIT: Duration = Duration::from_millis(500);
+
+/// Node settings the core needs.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// This node's id in the store.
+    pub node: String,
+    /// Timers of every channel's floor.
+    pub floor: FloorConfig,
+    /// TTL of a floor lock in the store (the lease; for the embedded store, a safety net only).
+    pub lock_ttl: Duration,
+    /// Address put in `joined.rtp.server_addr`.
+    pub announce_ip: IpAddr,
+    /// The UDP media port of each shard (index = shard).
+    pub media_ports: Vec<u16>,
+    /// Source networks allowed to join as plain RTP.
+    pub rtp_allow: Vec<IpNet>,
+    /// This node's relay address per shard, announced to the other nodes; `None`: relay off.
+    pub relay_addrs: Option<Vec<SocketAddr>>,
+    /// Whether floors are shared with other nodes (a store with pub/sub): presses are denied until the
+    /// subscription is up, and floors are re-read periodically.
+    pub shared: bool,
+    /// How long the core waits for a store call before treating it as failed.
+    pub store_timeout: Duration,
+    /// Seed of the core's randomness (SSRCs), so tests are repeatable.
+    pub seed: u64,
+}
+
+/// Inputs of the core.
+#[derive(Debug)]
+pub enum Input {
+    /// A WebSocket connection opened (its `hello` is already sent).
+    Connect {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A text frame, parsed (or the error naming what was wrong with it, and its `id` when readable).
+    Frame {
+        /// The connection.
+        conn: ConnId,
+        /// The parsed request.
+        frame: Result<Frame, (Option<Value>, SignalError)>,
+    },
+    /// A frame over the size limit: answered `too_large`, then the connection is closed.
+    TooLarge {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The connection closed.
+    Disconnect {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The client does not read its frames (its outbound queue is full): it is disconnected.
+    Unwritable {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// An event from a shard.
+    Shard(Event),
+    /// A shard's command queue was full: the command handed back, not delivered.
+    ShardFull {
+        /// The shard.
+        shard: usize,
+        /// The command that was not delivered.
+        command: Command,
+    },
+    /// The answer to a store call.
+    Store {
+        /// The call's id, as in [`Output::Store`].
+        id: CallId,
+        /// What the store answered.
+        reply: StoreReply,
+    },
+    /// A change published by the store (other nodes' grants and releases, presence, resync/down).
+    StoreEvent(StoreEvent),
+    /// Stop: floors given back and announced idle, members told `left`, shards stopped.
+    Shutdown,
+}
+
+/// Outputs of the core, drained with [`HubCore::poll_output`].
+#[derive(Debug)]
+pub enum Output {
+    /// A text frame for a client.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The JSON text.
+        text: String,
+    },
+    /// Close the connection once the frames queued before this are written.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Perform a store call and feed its answer back as [`Input::Store`] (the core expires it at
+    /// `deadline` on its own if no answer comes).
+    Store {
+        /// Echoed in the answer.
+        id: CallId,
+        /// What to do.
+        call: StoreCall,
+        /// When the core stops waiting.
+        deadline: Instant,
+    },
+    /// A command for a shard; a full queue is reported back with [`Input::ShardFull`].
+    Shard {
+        /// The shard index.
+        shard: usize,
+        /// The command.
+        command: Command,
+    },
+}
+
+/// One row of `/api/channels`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChannelInfo {
+    /// The channel's name.
+    pub channel: String,
+    /// Members on this node.
+    pub members: usize,
+    /// Who is forwarded now, if anyone.
+    pub speaker: Option<String>,
+    /// The channel's fencing epoch.
+    pub epoch: u64,
+    /// The shard that owns the channel.
+    pub shard: usize,
+}
+
+/// One WebSocket connection.
+struct Conn {
+    /// (channel, member) pairs joined over this connection.
+    joined: HashSet<(String, String)>,
+}
+
+/// One membership of a channel on this node.
+struct MemberCtl {
+    conn: ConnId,
+    key: MemberKey,
+    priority: u8,
+    presence: bool,
+    /// The shard has the member and the session store has been asked; until then it gets no channel
+    /// events.
+    ready: bool,
+    ssrc: u32,
+    join_id: Option<Value>,
+    /// A WebRTC member that offered `recvonly`: its presses are denied `listen_only`.
+    listen_only: bool,
+    /// The shard's SDP answer, held until `joined` is sent.
+    answer: Option<String>,
+}
+
+/// One channel with members on this node.
+struct ChannelCtl {
+    shard: usize,
+    /// Relay targets last sent to the shard.
+    relay_targets: Vec<SocketAddr>,
+    members: BTreeMap<String, MemberCtl>,
+    floor: Floor,
+    /// The floor's deadline as queued in [`HubCore::floor_timers`].
+    timer: Option<Instant>,
+}
+
+/// When the periodic work is next due.
+struct Periodic {
+    resync: Instant,
+    refresh: Instant,
+    announce: Instant,
+    relay_refresh: Instant,
+}
+
+/// The control plane of one node, without I/O.
+pub struct HubCore {
+    config: HubConfig,
+    conns: HashMap<ConnId, Conn>,
+    channels: HashMap<String, ChannelCtl>,
+    /// Member key → (channel, member) while the shard has not yet acknowledged the join.
+    pending: HashMap<MemberKey, (String, String)>,
+    next_key: MemberKey,
+    counters: ControlCounters,
+    /// False while the store's subscription is down: presses are denied `unavailable` (fail safe), since
+    /// grants made elsewhere would go unseen.
+    store_up: bool,
+    calls: Calls,
+    /// (deadline, channel) of floors that need waking; lazily cleaned against `ChannelCtl::timer`.
+    floor_timers: BinaryHeap<Reverse<(Instant, String)>>,
+    periodic: Periodic,
+    /// Relay addresses of the live nodes seen in the registry; the shards accept relay only from these.
+    known_nodes: HashMap<String, Vec<SocketAddr>>,
+    /// Remote members of our channels by node (see `presence.rs`).
+    remote: RemotePresence,
+    relay_peers: Vec<SocketAddr>,
+    rng: StdRng,
+    out: VecDeque<Output>,
+}
+
+impl HubCore {
+    /// A core with no connections, started at `now`.
+    pub fn new(config: HubConfig, now: Instant) -> Self {
+        HubCore {
+            store_up: !config.shared,
+            rng: StdRng::seed_from_u64(config.seed),
+            config,
+            conns: HashMap::new(),
+            channels: HashMap::new(),
+            pending: HashMap::new(),
+            next_key: 1,
+            counters: ControlCounters::default(),
+            calls: Calls::default(),
+            floor_timers: BinaryHeap::new(),
+            periodic: Periodic {
+                resync: now + RESYNC_EVERY,
+                refresh: now + REFRESH_EVERY,
+                announce: now,
+                relay_refresh: now,
+            },
+            known_nodes: HashMap::new(),
+            remote: RemotePresence::default(),
+            relay_peers: Vec::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Feeds one input at `now`.
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::Connect { conn } => {
+                self.conns.insert(
+                    conn,
+                    Conn {
+                        joined: HashSet::new(),
+                    },
+                );
+            }
+            Input::Frame { conn, frame } => self.on_frame(conn, frame, now),
+            Input::TooLarge { conn } => self.on_too_large(conn, now),
+            Input::Disconnect { conn } => self.disconnect(conn, now),
+            Input::Unwritable { conn } => self.on_unwritable(conn, now),
+            Input::Shard(event) => self.on_shard_event(event, now),
+            Input::ShardFull { shard, command } => self.on_shard_full(shard, command, now),
+            Input::Store { id, reply } => self.on_store_reply(id, reply, now),
+            Input::StoreEvent(event) => self.on_store_event(event, now),
+            Input::Shutdown => self.shutdown(now),
+        }
+    }
+
+    /// The next output to act on.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(out) = self.out.pop_front() {
+            return Some(out);
+        }
+        // Store calls are queued in `calls` (a retry may start one from a timer): move them out last.
+        let ready: Vec<_> = self.calls.take_ready().collect();
+        for (id, call, deadline) in ready {
+            self.out.push_back(Output::Store { id, call, deadline });
+        }
+        self.out.pop_front()
+    }
+
+    /// The next instant [`HubCore::handle_timeout`] must be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let p = &self.periodic;
+        let mut at = p.refresh;
+        if self.config.shared {
+            at = at.min(p.resync);
+        }
+        if self.config.relay_addrs.is_some() {
+            at = at.min(p.announce).min(p.relay_refresh);
+        }
+        if let Some(Reverse((t, _))) = self.floor_timers.peek() {
+            at = at.min(*t);
+        }
+        if let Some(t) = self.calls.poll_timeout() {
+            at = at.min(t);
+        }
+        Some(at)
+    }
+
+    /// Runs whatever is due at `now`: floor timers, expired store calls and retries, periodic work.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for purpose in self.calls.handle_timeout(now, self.config.store_timeout) {
+            self.on_call_failed(purpose, now);
+        }
+        self.run_floor_timers(now);
+        if self.config.shared && now >= self.periodic.resync {
+            self.periodic.resync = now + RESYNC_EVERY;
+            if self.store_up {
+                self.resync(now);
+            }
+        }
+        if now >= self.periodic.refresh {
+            self.periodic.refresh = now + REFRESH_EVERY;
+            self.refresh_sessions(now, 0);
+        }
+        self.tick_relay(now);
+    }
+
+    /// Every channel with members here, sorted by name.
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        let mut rows: Vec<ChannelInfo> = self
+            .channels
+            .iter()
+            .map(|(name, ch)| ChannelInfo {
+                channel: name.clone(),
+                members: ch.members.len(),
+                speaker: ch.floor.speaker().map(str::to_string),
+                epoch: ch.floor.epoch(),
+                shard: ch.shard,
+            })
+            .collect();
+        rows.sort_by(|a, b| a.channel.cmp(&b.channel));
+        rows
+    }
+
+    /// The control plane's counters for `/metrics`.
+    pub fn counters(&self) -> ControlCounters {
+        let mut c = self.counters.clone();
+        c.connections = self.conns.len() as u64;
+        c.channels = self.channels.len() as u64;
+        c.members = self
+            .channels
+            .values()
+            .map(|ch| ch.members.len() as u64)
+            .sum();
+        c
+    }
+
+    /// Store calls still waiting for an answer (the runner waits for them at shutdown).
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.in_flight()
+    }
+
+    /// Starts a store call bounded by the configured store timeout.
+    fn call(&mut self, call: StoreCall, purpose: calls::Purpose, now: Instant) {
+        let timeout = self.config.store_timeout;
+        self.calls.start(call, purpose, now, timeout);
+    }
+
+    fn shard_command(&mut self, shard: usize, command: Command) {
+        self.out.push_back(Output::Shard { shard, command });
+    }
+
+    /// (channel, member) of every joined local member.
+    fn local_members(&self) -> Vec<(String, String)> {
+        self.channels
+            .iter()
+            .flat_map(|(c, ch)| {
+                ch.members
+                    .iter()
+                    .filter(|(_, m)| m.ready)
+                    .map(move |(n, _)| (c.clone(), n.clone()))
+            })
+            .collect()
+    }
+
+    /// Heartbeats for every local member, so the session store's idle TTL only removes the dead.
+    fn refresh_sessions(&mut self, now: Instant, retries: u32) {
+        let node = self.config.node.clone();
+        let timeout = self.config.store_timeout;
+        for (channel, member) in self.local_members() {
+            let call = StoreCall::Refresh {
+                channel,
+                member,
+                node: node.clone(),
+            };
+            self.calls
+                .start_with_retries(call, calls::Purpose::None, now, timeout, retries);
+        }
+    }
+
+    /// Clean stop: floors are given back and announced idle, every member is told `left`, the shards stop.
+    fn shutdown(&mut self, now: Instant) {
+        tracing::info!("shutting down: releasing floors and closing connections");
+        self.withdraw(now);
+        let names: Vec<String> = self.channels.keys().cloned().collect();
+        for name in names {
+            self.release_local_floor(&name, now);
+            let Some(ch) = self.channels.get(&name) else {
+                continue;
+            };
+            let members: Vec<(String, ConnId)> = ch
+                .members
+                .iter()
+                .map(|(n, m)| (n.clone(), m.conn))
+                .collect();
+            for (member, conn) in members {
+                self.send(
+                    conn,
+                    &crate::signal::protocol::Message::Left {
+                        channel: name.clone(),
+                        id: None,
+                    },
+                );
+                let call = StoreCall::Leave {
+                    channel: name.clone(),
+                    member,
+                    node: self.config.node.clone(),
+                };
+                self.call(call, calls::Purpose::None, now);
+            }
+        }
+        let conns: Vec<ConnId> = self.conns.drain().map(|(c, _)| c).collect();
+        for conn in conns {
+            self.out.push_back(Output::Close { conn });
+        }
+        for shard in 0..self.config.media_ports.len() {
+            self.shard_command(shard, Command::Shutdown);
+        }
+    }
+}

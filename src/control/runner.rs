@@ -1,0 +1,296 @@
+//! The thin tokio runner of [`HubCore`]: the only control-plane code that touches sockets, stores and the
+//! clock. It feeds the core what arrives (WebSocket frames, shard events, store answers and published
+//! events, timer expiries) with `Instant::now()`, and performs what the core asks: frames into each
+//! connection's bounded queue, store calls as tasks of their own (so one slow Redis reply delays nobody),
+//! and commands into the shards' bounded queues with `try_send`. What cannot be done (a client's queue is
+//! full, a shard's queue is full) goes back into the core as an input, so the decision stays there.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+use super::calls::{CallId, StoreCall, StoreReply};
+use super::{ChannelInfo, HubCore, Input, Output};
+use crate::ids::ConnId;
+use crate::metrics::ControlCounters;
+use crate::shard::{Event, ShardHandle};
+use crate::signal::protocol::{Frame, SignalError};
+use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
+
+/// Frames queued for one client before it counts as not reading (protocol v1: disconnected rather than
+/// buffered without bound).
+pub const OUTBOUND_QUEUE: usize = 1024;
+
+/// How long after its deadline a store call may still answer: the core has already treated it as failed,
+/// but a late grant must be seen to be given back.
+const LATE_ANSWER: Duration = Duration::from_secs(5);
+/// Longest wait for store calls at shutdown (floor releases, session leaves).
+const SHUTDOWN_WAIT: Duration = Duration::from_millis(1500);
+
+/// Messages to the runner from the WebSocket tasks and HTTP routes.
+pub enum HubMsg {
+    /// A connection opened: where to queue its frames, and the handle whose drop closes it.
+    Connect {
+        /// The connection.
+        conn: ConnId,
+        /// Its outbound queue.
+        tx: mpsc::Sender<String>,
+        /// Dropped to close the connection (after the queued frames).
+        close: oneshot::Sender<()>,
+    },
+    /// A text frame, parsed.
+    Frame {
+        /// The connection.
+        conn: ConnId,
+        /// The request, or what was wrong with it.
+        frame: Result<Frame, (Option<serde_json::Value>, SignalError)>,
+    },
+    /// A frame over the size limit.
+    TooLarge {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The connection closed.
+    Disconnect {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// `/api/channels`.
+    Channels {
+        /// Where the rows go.
+        reply: oneshot::Sender<Vec<ChannelInfo>>,
+    },
+    /// `/metrics`.
+    Counters {
+        /// Where the counters go.
+        reply: oneshot::Sender<ControlCounters>,
+    },
+    /// Stop the node cleanly; `done` fires when it has.
+    Shutdown {
+        /// Fired once floors are released and members told.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// The stores the runner performs calls on.
+#[derive(Clone)]
+pub struct Stores {
+    /// Floor locks.
+    pub floors: Arc<dyn FloorStore>,
+    /// Membership and presence.
+    pub sessions: Arc<dyn SessionStore>,
+    /// Node liveness and channel registrations.
+    pub registry: Arc<dyn Registry>,
+}
+
+struct ConnHandle {
+    tx: mpsc::Sender<String>,
+    /// Dropped to close the connection.
+    _close: oneshot::Sender<()>,
+}
+
+/// The runner's I/O handles.
+pub struct Runner {
+    core: HubCore,
+    stores: Stores,
+    shards: Vec<ShardHandle>,
+    conns: HashMap<ConnId, ConnHandle>,
+    replies_tx: mpsc::UnboundedSender<(CallId, StoreReply)>,
+    replies: mpsc::UnboundedReceiver<(CallId, StoreReply)>,
+}
+
+impl Runner {
+    /// A runner for `core`, performing store calls on `stores` and commands on `shards`.
+    pub fn new(core: HubCore, stores: Stores, shards: Vec<ShardHandle>) -> Self {
+        let (replies_tx, replies) = mpsc::unbounded_channel();
+        Runner {
+            core,
+            stores,
+            shards,
+            conns: HashMap::new(),
+            replies_tx,
+            replies,
+        }
+    }
+
+    /// Runs until [`HubMsg::Shutdown`] (or until every sender of `inbox` is gone).
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<HubMsg>,
+        shard_events: flume::Receiver<Event>,
+        mut store_events: Option<mpsc::Receiver<StoreEvent>>,
+    ) {
+        let mut stopping: Option<(Instant, oneshot::Sender<()>)> = None;
+        loop {
+            self.perform_outputs();
+            if let Some((until, _)) = &stopping {
+                if self.core.calls_in_flight() == 0 || Instant::now() >= *until {
+                    if let Some((_, done)) = stopping.take() {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            }
+            let wake = self.core.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                msg = inbox.recv() => match msg {
+                    Some(HubMsg::Shutdown { done }) => {
+                        self.core.handle(Input::Shutdown, Instant::now());
+                        stopping = Some((Instant::now() + SHUTDOWN_WAIT, done));
+                    }
+                    Some(msg) => self.on_msg(msg),
+                    None => return,
+                },
+                Ok(event) = shard_events.recv_async() => {
+                    self.core.handle(Input::Shard(event), Instant::now());
+                }
+                Some(event) = recv_store_event(&mut store_events) => {
+                    self.core.handle(Input::StoreEvent(event), Instant::now());
+                }
+                Some((id, reply)) = self.replies.recv() => {
+                    self.core.handle(Input::Store { id, reply }, Instant::now());
+                }
+                _ = sleep_until(wake) => self.core.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    fn on_msg(&mut self, msg: HubMsg) {
+        let now = Instant::now();
+        match msg {
+            HubMsg::Connect { conn, tx, close } => {
+                self.conns.insert(conn, ConnHandle { tx, _close: close });
+                self.core.handle(Input::Connect { conn }, now);
+            }
+            HubMsg::Frame { conn, frame } => self.core.handle(Input::Frame { conn, frame }, now),
+            HubMsg::TooLarge { conn } => self.core.handle(Input::TooLarge { conn }, now),
+            HubMsg::Disconnect { conn } => self.core.handle(Input::Disconnect { conn }, now),
+            HubMsg::Channels { reply } => {
+                let _ = reply.send(self.core.channels());
+            }
+            HubMsg::Counters { reply } => {
+                let _ = reply.send(self.core.counters());
+            }
+            HubMsg::Shutdown { .. } => {}
+        }
+    }
+
+    /// Performs everything the core asked for; what fails goes back in as an input.
+    fn perform_outputs(&mut self) {
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Send { conn, text } => {
+                    let Some(c) = self.conns.get(&conn) else {
+                        continue;
+                    };
+                    if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(text) {
+                        self.core.handle(Input::Unwritable { conn }, Instant::now());
+                    }
+                }
+                Output::Close { conn } => {
+                    self.conns.remove(&conn);
+                }
+                Output::Store { id, call, deadline } => self.spawn_call(id, call, deadline),
+                Output::Shard { shard, command } => {
+                    let Some(handle) = self.shards.get(shard) else {
+                        continue;
+                    };
+                    if let Err(flume::TrySendError::Full(command)) =
+                        handle.commands.try_send(command)
+                    {
+                        self.core
+                            .handle(Input::ShardFull { shard, command }, Instant::now());
+                    }
+                }
+            }
+        }
+    }
+
+    /// A store call as a task of its own; its answer comes back through `replies`.
+    fn spawn_call(&self, id: CallId, call: StoreCall, deadline: Instant) {
+        let stores = self.stores.clone();
+        let tx = self.replies_tx.clone();
+        let limit = tokio::time::Instant::from_std(deadline + LATE_ANSWER);
+        tokio::spawn(async move {
+            let what = call.name();
+            match tokio::time::timeout_at(limit, perform(&stores, call)).await {
+                Ok(reply) => {
+                    let _ = tx.send((id, reply));
+                }
+                Err(_) => debug!(call = what, "store call abandoned"),
+            }
+        });
+    }
+}
+
+/// Performs one store call.
+pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
+    match call {
+        StoreCall::Acquire(req) => StoreReply::Acquired(stores.floors.acquire(req).await),
+        StoreCall::Renew {
+            channel,
+            epoch,
+            ttl,
+        } => StoreReply::Flag(stores.floors.renew(&channel, epoch, ttl).await),
+        StoreCall::Release { channel, epoch } => {
+            StoreReply::Flag(stores.floors.release(&channel, epoch).await)
+        }
+        StoreCall::Holder { channel } => StoreReply::Holder(stores.floors.holder(&channel).await),
+        StoreCall::Join {
+            channel,
+            member,
+            node,
+        } => {
+            let _ = stores.sessions.join(&channel, &member, &node).await;
+            StoreReply::Members(stores.sessions.members(&channel).await)
+        }
+        StoreCall::Leave {
+            channel,
+            member,
+            node,
+        } => StoreReply::Done(stores.sessions.leave(&channel, &member, &node).await),
+        StoreCall::Refresh {
+            channel,
+            member,
+            node,
+        } => StoreReply::Done(stores.sessions.refresh(&channel, &member, &node).await),
+        StoreCall::Announce { info, ttl } => {
+            StoreReply::Done(stores.registry.announce(&info, ttl).await)
+        }
+        StoreCall::Withdraw { node } => StoreReply::Done(stores.registry.withdraw(&node).await),
+        StoreCall::SetChannelNode {
+            channel,
+            node,
+            present,
+        } => StoreReply::Done(
+            stores
+                .registry
+                .set_channel_node(&channel, &node, present)
+                .await,
+        ),
+        StoreCall::ChannelNodes { channel } => {
+            StoreReply::Nodes(stores.registry.channel_nodes(&channel).await)
+        }
+        StoreCall::EvictNode { channel, node } => {
+            StoreReply::Evicted(stores.registry.evict_node(&channel, &node).await)
+        }
+    }
+}
+
+/// The next store event, or never when the store publishes nothing (the embedded one).
+async fn recv_store_event(rx: &mut Option<mpsc::Receiver<StoreEvent>>) -> Option<StoreEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
