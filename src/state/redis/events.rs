@@ -1,0 +1,233 @@
+//! Pub/sub: what the scripts and the session store publish, and the subscriber task that turns it into
+//! [`StoreEvent`]s (with `Resync` after every (re)connection and `Down` when the link drops).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{PubSubSink, PubSubStream};
+use redis::{Client, RedisResult};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::state::{Holder, StoreEvent};
+
+/// Events a subscriber may queue before its task stops reading; Redis then buffers, and past its pub/sub
+/// output limit drops the connection, which the task reports as `Down` and repairs with `Resync`.
+pub(super) const EVENT_QUEUE: usize = 1024;
+/// Reconnection backoff of the subscriber, doubled per failure.
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A quiet subscription is pinged this often, so a connection that died without a reset is noticed.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// How long a ping or a (re)connection may take; longer than a command's timeout, because a busy but
+/// healthy Redis must not make the subscription flap.
+pub(super) const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pub/sub message, as the scripts and [`SessionStore`] publish it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(super) enum Wire {
+    Grant {
+        channel: String,
+        epoch: String,
+        member: String,
+        node: String,
+        priority: u8,
+    },
+    Idle {
+        channel: String,
+        epoch: String,
+    },
+    Join {
+        channel: String,
+        member: String,
+        node: String,
+    },
+    Leave {
+        channel: String,
+        member: String,
+        node: String,
+    },
+}
+
+/// Turns a published message into an event; `None` (and a warning) for anything it does not understand.
+fn decode(payload: &[u8]) -> Option<StoreEvent> {
+    let wire: Wire = match serde_json::from_slice(payload) {
+        Ok(wire) => wire,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable store event");
+            return None;
+        }
+    };
+    let epoch = |s: &str| match s.parse::<u64>() {
+        Ok(e) => Some(e),
+        Err(_) => {
+            tracing::warn!(epoch = s, "ignoring a store event with a bad epoch");
+            None
+        }
+    };
+    Some(match wire {
+        Wire::Grant {
+            channel,
+            epoch: e,
+            member,
+            node,
+            priority,
+        } => {
+            let epoch = epoch(&e)?;
+            let holder = Holder {
+                member,
+                node,
+                epoch,
+                priority,
+            };
+            StoreEvent::Floor {
+                channel,
+                holder: Some(holder),
+                epoch,
+            }
+        }
+        Wire::Idle { channel, epoch: e } => StoreEvent::Floor {
+            channel,
+            holder: None,
+            epoch: epoch(&e)?,
+        },
+        Wire::Join {
+            channel,
+            member,
+            node,
+        } => StoreEvent::Presence {
+            channel,
+            member,
+            node,
+            joined: true,
+        },
+        Wire::Leave {
+            channel,
+            member,
+            node,
+        } => StoreEvent::Presence {
+            channel,
+            member,
+            node,
+            joined: false,
+        },
+    })
+}
+
+/// The subscriber: connect, `Resync`, forward messages, `Down` when the link drops, back off, again.
+pub(super) async fn run_subscriber(
+    client: Client,
+    events_channel: String,
+    tx: mpsc::Sender<StoreEvent>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let opened = tokio::select! {
+            _ = tx.closed() => return,
+            opened = tokio::time::timeout(LINK_TIMEOUT, open_subscription(&client, &events_channel)) => opened,
+        };
+        match opened {
+            Ok(Ok((sink, stream))) => {
+                backoff = BACKOFF_MIN;
+                if tx.send(StoreEvent::Resync).await.is_err() {
+                    return;
+                }
+                if !forward(sink, stream, &tx).await {
+                    return;
+                }
+                tracing::warn!("redis subscription lost; reconnecting");
+                if tx.send(StoreEvent::Down).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "redis subscription: connect failed"),
+            Err(_) => tracing::debug!("redis subscription: connect timed out"),
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A dedicated connection subscribed to the events channel (`subscribe` returns once Redis confirmed it).
+async fn open_subscription(
+    client: &Client,
+    channel: &str,
+) -> RedisResult<(PubSubSink, PubSubStream)> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub.split())
+}
+
+/// Forwards messages until the link drops (`true`) or the receiver is gone (`false`).
+async fn forward(
+    mut sink: PubSubSink,
+    mut stream: PubSubStream,
+    tx: &mpsc::Sender<StoreEvent>,
+) -> bool {
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return false,
+            msg = stream.next() => match msg {
+                None => return true,
+                Some(msg) => {
+                    if let Some(event) = decode(msg.get_payload_bytes()) {
+                        if tx.send(event).await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+            },
+            _ = ping.tick() => {
+                let pong = tokio::time::timeout(LINK_TIMEOUT, sink.ping::<redis::Value>()).await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_what_the_scripts_publish() {
+        let grant = br#"{"kind":"grant","channel":"c","epoch":"1700000000000001","member":"m","node":"n","priority":3}"#;
+        let holder = Holder {
+            member: "m".into(),
+            node: "n".into(),
+            epoch: 1_700_000_000_000_001,
+            priority: 3,
+        };
+        assert_eq!(
+            decode(grant),
+            Some(StoreEvent::Floor {
+                channel: "c".into(),
+                holder: Some(holder),
+                epoch: 1_700_000_000_000_001
+            })
+        );
+        let idle = br#"{"kind":"idle","channel":"c","epoch":"7"}"#;
+        assert_eq!(
+            decode(idle),
+            Some(StoreEvent::Floor {
+                channel: "c".into(),
+                holder: None,
+                epoch: 7
+            })
+        );
+        assert_eq!(decode(b"not json"), None);
+        assert_eq!(
+            decode(br#"{"kind":"idle","channel":"c","epoch":"x"}"#),
+            None
+        );
+    }
+}

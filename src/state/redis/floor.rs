@@ -1,0 +1,161 @@
+//! The floor lock on Redis: one Lua script per operation, so no node ever reads a lock and writes it in
+//! two steps.
+
+use std::time::Duration;
+
+use super::{millis, parse_epoch, RedisStore};
+use crate::state::{AcquireRequest, Acquired, FloorStore, Holder, StateError, StoreFuture};
+
+/// Takes the floor if free. The epoch is `max(last + 1, TIME in µs)`: `last + 1` orders grants on a running
+/// Redis, the clock keeps epochs going up when Redis restarts empty (an `INCR` counter would restart at 1
+/// and every shard would ignore the new grants as stale). `%d` prints the epoch exactly (a Lua number
+/// printed plainly keeps 14 digits); 2^53 bounds it, beyond which the double would round.
+pub(super) const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local h = redis.call('HMGET', KEYS[1], 'epoch', 'member', 'node', 'priority')
+  return {'busy', h[1], h[2], h[3], h[4]}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local e = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now)
+if e >= 9007199254740992 then return redis.error_reply('epoch beyond 2^53') end
+local es = string.format('%d', e)
+redis.call('HSET', KEYS[1], 'epoch', es, 'member', ARGV[2], 'node', ARGV[3], 'priority', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[2], es)
+redis.call('PUBLISH', ARGV[6], cjson.encode({kind = 'grant', channel = ARGV[1], epoch = es,
+  member = ARGV[2], node = ARGV[3], priority = tonumber(ARGV[4])}))
+return {'granted', es}
+";
+
+/// Extends the lease only while the lock is held at the caller's epoch (the epoch is the token).
+pub(super) const RENEW: &str = r"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Frees the lock only at the caller's epoch and announces `idle` with that epoch, which shards compare
+/// with the epoch they cached.
+pub(super) const RELEASE: &str = r"
+if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[3], cjson.encode({kind = 'idle', channel = ARGV[2], epoch = ARGV[1]}))
+  return 1
+end
+return 0
+";
+
+impl FloorStore for RedisStore {
+    fn acquire(&self, req: AcquireRequest) -> StoreFuture<'_, Acquired> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut invocation = self.acquire.prepare_invoke();
+            invocation
+                .key(self.keys.floor(&req.channel))
+                .key(self.keys.epoch(&req.channel))
+                .arg(&req.channel)
+                .arg(&req.member)
+                .arg(&self.node)
+                .arg(req.priority)
+                .arg(millis(req.ttl).max(1))
+                .arg(self.keys.events());
+            let reply: Vec<Option<String>> = self
+                .call("acquire", invocation.invoke_async(&mut conn))
+                .await?;
+            match reply.as_slice() {
+                [Some(tag), Some(epoch)] if tag == "granted" => Ok(Acquired::Granted {
+                    epoch: parse_epoch(epoch)?,
+                }),
+                [Some(tag), epoch, member, node, priority] if tag == "busy" => {
+                    holder_from(epoch, member, node, priority)?
+                        .map(Acquired::Busy)
+                        .ok_or_else(|| {
+                            StateError::Protocol("acquire: busy lock without fields".into())
+                        })
+                }
+                _ => Err(StateError::Protocol(format!(
+                    "acquire: unexpected reply {reply:?}"
+                ))),
+            }
+        })
+    }
+
+    fn renew<'a>(&'a self, channel: &'a str, epoch: u64, ttl: Duration) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut invocation = self.renew.prepare_invoke();
+            invocation
+                .key(self.keys.floor(channel))
+                .arg(epoch)
+                .arg(millis(ttl).max(1));
+            let matched: i64 = self
+                .call("renew", invocation.invoke_async(&mut conn))
+                .await?;
+            Ok(matched == 1)
+        })
+    }
+
+    fn release<'a>(&'a self, channel: &'a str, epoch: u64) -> StoreFuture<'a, bool> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let mut invocation = self.release.prepare_invoke();
+            invocation
+                .key(self.keys.floor(channel))
+                .arg(epoch)
+                .arg(channel)
+                .arg(self.keys.events());
+            let matched: i64 = self
+                .call("release", invocation.invoke_async(&mut conn))
+                .await?;
+            Ok(matched == 1)
+        })
+    }
+
+    fn holder<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Option<Holder>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let fields: Vec<Option<String>> = self
+                .call(
+                    "holder",
+                    redis::cmd("HMGET")
+                        .arg(self.keys.floor(channel))
+                        .arg(&["epoch", "member", "node", "priority"])
+                        .query_async(&mut conn),
+                )
+                .await?;
+            match fields.as_slice() {
+                [epoch, member, node, priority] => holder_from(epoch, member, node, priority),
+                _ => Err(StateError::Protocol(format!(
+                    "holder: unexpected reply {fields:?}"
+                ))),
+            }
+        })
+    }
+}
+
+/// A holder from the lock's fields: `None` when the lock is absent (all fields missing), an error when only
+/// some are there (a foreign writer).
+fn holder_from(
+    epoch: &Option<String>,
+    member: &Option<String>,
+    node: &Option<String>,
+    priority: &Option<String>,
+) -> Result<Option<Holder>, StateError> {
+    match (epoch, member, node, priority) {
+        (None, None, None, None) => Ok(None),
+        (Some(epoch), Some(member), Some(node), Some(priority)) => Ok(Some(Holder {
+            member: member.clone(),
+            node: node.clone(),
+            epoch: parse_epoch(epoch)?,
+            priority: priority
+                .parse()
+                .map_err(|_| StateError::Protocol(format!("priority {priority:?} is not a u8")))?,
+        })),
+        _ => Err(StateError::Protocol(
+            "floor lock with missing fields".into(),
+        )),
+    }
+}

@@ -1,0 +1,286 @@
+//! The Redis backend: many nodes share one Redis. Same contract as [`super::memory`]; the rules that make it
+//! safe across nodes live in Redis itself, as one Lua script per floor operation, so no node ever reads a
+//! lock and writes it in two steps.
+//!
+//! # Keys
+//!
+//! `P` is [`RedisConfig::prefix`]. It stays outside the hash tag; the channel goes inside `{}` so that all
+//! of a channel's keys hash to one Redis Cluster slot (a script may only touch keys of one slot).
+//!
+//! | key | type | expiry | holds |
+//! |---|---|---|---|
+//! | `P:tg:{ch}:floor` | hash `epoch member node priority` | the lease (`PEXPIRE`) | the floor lock; absent = free |
+//! | `P:tg:{ch}:epoch` | string | none | the last epoch granted on `ch`, so the next one is greater |
+//! | `P:tg:{ch}:members` | sorted set: member → expiry (Unix ms) | session TTL | who is in `ch`, expiring one by one |
+//! | `P:tg:{ch}:member_nodes` | hash: member → node | session TTL | the node serving each member (for presence) |
+//! | `P:tg:member:{name}:channels` | sorted set: channel → expiry (Unix ms) | session TTL | where a name is joined |
+//!
+//! A member is `(channel, name)`: a name is unique only within a channel, so the reverse index is keyed by
+//! name and lists every channel where that name is joined. Scores are expiry times, so one member that
+//! stops refreshing drops out alone, while the key's own TTL (refreshed by every join or refresh) frees a
+//! channel nobody touches any more. `member_nodes` may keep a name whose score has expired; the sorted set
+//! is the truth.
+//!
+//! # Events
+//!
+//! Every change is published as one JSON object on the single pub/sub channel `P:tg:events`:
+//! `{"kind":"grant","channel":..,"epoch":"..","member":..,"node":..,"priority":n}`,
+//! `{"kind":"idle","channel":..,"epoch":".."}`, and `{"kind":"join"|"leave","channel":..,"member":..,
+//! "node":..}`. Epochs travel as decimal strings because Lua numbers print with 14 digits and an epoch has
+//! 16. One channel for everything keeps the subscriber to one `SUBSCRIBE`; on Redis Cluster, sharded pub/sub
+//! would need one channel per talkgroup (`P:tg:{ch}:events`) instead.
+//!
+//! # Failure
+//!
+//! Commands go through the crate's [`ConnectionManager`], which reconnects by itself. Every call is bounded
+//! by [`RedisConfig::response_timeout`]; an error or a timeout is [`StateError::Unavailable`], and the floor
+//! denies the press. A grant whose reply times out may still have happened: its `grant` event names this
+//! node, so the caller can release it by epoch (otherwise the lease runs out).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisResult, Script};
+use tokio::sync::mpsc;
+
+mod events;
+mod floor;
+mod registry;
+mod sessions;
+
+use self::events::{Wire, BACKOFF_MAX, BACKOFF_MIN, EVENT_QUEUE, LINK_TIMEOUT};
+use super::{StateError, StoreEvent};
+
+/// Where and how to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// Namespace of every key, so several deployments can share one Redis.
+    pub prefix: String,
+    /// This node's name, recorded in the locks it takes.
+    pub node: String,
+    /// Bound on every call; past it the call is `Unavailable`.
+    pub response_timeout: Duration,
+    /// A member not refreshed for this long drops out of its channel.
+    pub session_ttl: Duration,
+}
+
+impl RedisConfig {
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
+    pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
+
+    /// A configuration with the default timeouts.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>, node: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            prefix: prefix.into(),
+            node: node.into(),
+            response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
+            session_ttl: Self::DEFAULT_SESSION_TTL,
+        }
+    }
+}
+
+/// The key layout of the module doc, in one place.
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn channel(&self, channel: &str, what: &str) -> String {
+        format!("{}:tg:{{{channel}}}:{what}", self.prefix)
+    }
+
+    fn floor(&self, channel: &str) -> String {
+        self.channel(channel, "floor")
+    }
+
+    fn epoch(&self, channel: &str) -> String {
+        self.channel(channel, "epoch")
+    }
+
+    fn members(&self, channel: &str) -> String {
+        self.channel(channel, "members")
+    }
+
+    fn member_nodes(&self, channel: &str) -> String {
+        self.channel(channel, "member_nodes")
+    }
+
+    fn member_channels(&self, member: &str) -> String {
+        format!("{}:tg:member:{{{member}}}:channels", self.prefix)
+    }
+
+    fn node(&self, node: &str) -> String {
+        format!("{}:tg:node:{node}", self.prefix)
+    }
+
+    fn channel_nodes(&self, channel: &str) -> String {
+        self.channel(channel, "nodes")
+    }
+
+    fn events(&self) -> String {
+        format!("{}:tg:events", self.prefix)
+    }
+}
+
+/// Both stores on one Redis. Cheap to share behind an `Arc`; commands are multiplexed on one connection.
+pub struct RedisStore {
+    client: Client,
+    conn: ConnectionManager,
+    /// The runtime `connect` ran on, where subscriber tasks are spawned.
+    runtime: tokio::runtime::Handle,
+    keys: Keys,
+    node: String,
+    response_timeout: Duration,
+    session_ttl: Duration,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+}
+
+impl RedisStore {
+    /// Connects (bounded by 2 s) and fails if Redis cannot be reached now, so a wrong URL shows
+    /// at start-up. Later outages are repaired in the background.
+    pub async fn connect(config: RedisConfig) -> Result<RedisStore, StateError> {
+        let client = Client::open(config.url.as_str())
+            .map_err(|e| StateError::Unavailable(format!("bad redis url {:?}: {e}", config.url)))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_min_delay(BACKOFF_MIN)
+            .set_max_delay(BACKOFF_MAX)
+            .set_connection_timeout(Some(LINK_TIMEOUT))
+            .set_response_timeout(Some(config.response_timeout));
+        let conn = match tokio::time::timeout(
+            LINK_TIMEOUT,
+            ConnectionManager::new_with_config(client.clone(), manager_config),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                return Err(StateError::Unavailable(format!(
+                    "connect to {}: {e}",
+                    config.url
+                )))
+            }
+            Err(_) => {
+                return Err(StateError::Unavailable(format!(
+                    "connect to {}: no answer within {LINK_TIMEOUT:?}",
+                    config.url
+                )))
+            }
+        };
+        Ok(RedisStore {
+            client,
+            conn,
+            runtime: tokio::runtime::Handle::current(),
+            keys: Keys {
+                prefix: config.prefix,
+            },
+            node: config.node,
+            response_timeout: config.response_timeout,
+            session_ttl: config.session_ttl,
+            acquire: Script::new(floor::ACQUIRE),
+            renew: Script::new(floor::RENEW),
+            release: Script::new(floor::RELEASE),
+        })
+    }
+
+    /// Starts a subscriber task with its own connection and returns its events: floor grants and releases
+    /// (this node's too, the caller filters), presence, `Resync` after every (re)connection and `Down` when
+    /// the connection drops. The receiver starts in the down state: deny presses until the first `Resync`.
+    /// The task reconnects by itself with backoff and ends when the receiver is dropped.
+    pub fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        self.runtime.spawn(events::run_subscriber(
+            self.client.clone(),
+            self.keys.events(),
+            tx,
+        ));
+        rx
+    }
+
+    /// A warning when Redis may evict keys that have a TTL (`volatile-*`, `allkeys-*`): an evicted lease is a
+    /// floor granted twice. `None` when the policy is `noeviction` or when `CONFIG` is disabled (managed
+    /// Redis often renames it), since then nothing can be checked.
+    pub async fn check_maxmemory_policy(&self) -> Result<Option<String>, StateError> {
+        let mut conn = self.conn.clone();
+        let reply = tokio::time::timeout(
+            self.response_timeout,
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("maxmemory-policy")
+                .query_async::<HashMap<String, String>>(&mut conn),
+        )
+        .await;
+        let policy = match reply {
+            Ok(Ok(mut config)) => config.remove("maxmemory-policy"),
+            Ok(Err(e)) if e.is_io_error() => return Err(unavailable("CONFIG GET", e)),
+            Ok(Err(_)) => None,
+            Err(_) => return Err(self.timed_out("CONFIG GET")),
+        };
+        Ok(policy.filter(|p| p != "noeviction").map(|p| {
+            format!(
+                "redis maxmemory-policy is {p:?}: it may evict floor leases under memory pressure; \
+                 set `maxmemory-policy noeviction`"
+            )
+        }))
+    }
+
+    /// Runs one round trip under the response timeout; every failure is `Unavailable`.
+    async fn call<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, StateError> {
+        match tokio::time::timeout(self.response_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(what, e)),
+            Err(_) => Err(self.timed_out(what)),
+        }
+    }
+
+    fn timed_out(&self, what: &str) -> StateError {
+        StateError::Unavailable(format!(
+            "{what}: no answer within {:?}",
+            self.response_timeout
+        ))
+    }
+}
+
+fn unavailable(what: &str, e: redis::RedisError) -> StateError {
+    StateError::Unavailable(format!("{what}: {e}"))
+}
+
+/// Whole milliseconds, saturating (Redis takes expiry times as signed 64-bit).
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn encode(event: &Wire) -> Result<String, StateError> {
+    serde_json::to_string(event).map_err(|e| StateError::Protocol(format!("encode event: {e}")))
+}
+
+fn parse_epoch(s: &str) -> Result<u64, StateError> {
+    s.parse()
+        .map_err(|_| StateError::Protocol(format!("epoch {s:?} is not a number")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_put_the_channel_in_the_hash_tag() {
+        let keys = Keys { prefix: "p".into() };
+        assert_eq!(keys.floor("ops"), "p:tg:{ops}:floor");
+        assert_eq!(keys.epoch("ops"), "p:tg:{ops}:epoch");
+        assert_eq!(keys.members("ops"), "p:tg:{ops}:members");
+        assert_eq!(keys.member_nodes("ops"), "p:tg:{ops}:member_nodes");
+        assert_eq!(keys.member_channels("ann"), "p:tg:member:{ann}:channels");
+        assert_eq!(keys.events(), "p:tg:events");
+    }
+}
