@@ -2,15 +2,19 @@
 //! store, so `talkgroup serve` needs nothing else.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
+use crate::auth::Limits;
+
 /// Loopback and private ranges: the default of `--rtp-allow`.
 pub const DEFAULT_RTP_ALLOW: &str =
     "127.0.0.0/8,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,::1/128,fc00::/7";
 
+/// The command line.
 #[derive(Debug, Parser)]
 #[command(
     name = "talkgroup",
@@ -18,14 +22,128 @@ pub const DEFAULT_RTP_ALLOW: &str =
     about = "Thread-per-core push-to-talk SFU"
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: CommandLine,
 }
 
+/// The subcommands.
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum CommandLine {
     /// Run the server.
     Serve(ServeArgs),
+    /// Mint a member token from the configured key (as LiveKit's `lk token create`).
+    Token(TokenArgs),
+}
+
+/// `talkgroup token`: what the token allows, and the key to sign it with.
+#[derive(Debug, Clone, Parser)]
+pub struct TokenArgs {
+    /// The member name (`sub`).
+    #[arg(long)]
+    pub sub: String,
+    /// A channel the token grants, or a prefix ending in `*` (repeat for several).
+    #[arg(long = "channel")]
+    pub channels: Vec<String>,
+    /// Grant the right to talk (without it the member only listens).
+    #[arg(long)]
+    pub talk: bool,
+    /// Do not grant listening.
+    #[arg(long)]
+    pub no_listen: bool,
+    /// Grant emergency presses.
+    #[arg(long)]
+    pub emergency: bool,
+    /// Grant the admin routes (`/api/*`, `/metrics`).
+    #[arg(long)]
+    pub admin: bool,
+    /// Highest floor priority the member may take.
+    #[arg(long, default_value_t = 0)]
+    pub max_priority: u8,
+    /// How long the token is valid (e.g. `30m`, `1h`, `7d`).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Sign with this key of the keys file (default: the only key that can sign).
+    #[arg(long)]
+    pub kid: Option<String>,
+    /// The HS256 shared secret (as for `serve`).
+    #[arg(long, env = "TALKGROUP_AUTH_KEY", hide_env_values = true)]
+    pub auth_key: Option<String>,
+    /// The keys file (as for `serve`).
+    #[arg(long, env = "TALKGROUP_AUTH_KEYS_FILE")]
+    pub auth_keys_file: Option<PathBuf>,
+}
+
+/// A duration such as `250ms`, `30s`, `15m`, `1h` or `7d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("'{text}' is not a duration: {e}"))
+}
+
+/// What one client may ask of the server (protocol v1.1 limits); defaults an operator would keep.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// WebSocket connections from one client IP address at once.
+    #[arg(long, default_value_t = 256, env = "TALKGROUP_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: usize,
+    /// Memberships one connection may hold.
+    #[arg(
+        long,
+        default_value_t = 256,
+        env = "TALKGROUP_MAX_MEMBERSHIPS_PER_CONNECTION"
+    )]
+    pub max_memberships_per_connection: usize,
+    /// Frames per second one connection may send (plus --max-frames-per-membership for each membership).
+    #[arg(long, default_value_t = 50, env = "TALKGROUP_MAX_FRAMES_PER_SECOND")]
+    pub max_frames_per_second: u32,
+    /// Extra frames per second per membership of a connection.
+    #[arg(
+        long,
+        default_value_t = 10,
+        env = "TALKGROUP_MAX_FRAMES_PER_MEMBERSHIP"
+    )]
+    pub max_frames_per_membership: u32,
+    /// Presses per second one member may make.
+    #[arg(long, default_value_t = 5, env = "TALKGROUP_MAX_PRESSES_PER_SECOND")]
+    pub max_presses_per_second: u32,
+    /// Bytes queued to a client that does not read before it is disconnected.
+    #[arg(long, default_value_t = 1 << 20, env = "TALKGROUP_MAX_QUEUED_BYTES")]
+    pub max_queued_bytes: usize,
+    /// How long one frame may take to write to a client before its connection is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "TALKGROUP_SEND_TIMEOUT")]
+    pub send_timeout: Duration,
+    /// WebRTC joins waiting for ICE/DTLS at once, per connection.
+    #[arg(
+        long,
+        default_value_t = 16,
+        env = "TALKGROUP_MAX_WEBRTC_PENDING_PER_CONNECTION"
+    )]
+    pub max_webrtc_pending_per_connection: usize,
+    /// WebRTC joins waiting for ICE/DTLS at once, per client IP address.
+    #[arg(
+        long,
+        default_value_t = 64,
+        env = "TALKGROUP_MAX_WEBRTC_PENDING_PER_IP"
+    )]
+    pub max_webrtc_pending_per_ip: usize,
+}
+
+impl LimitArgs {
+    /// The limits as the control plane takes them.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            connections_per_ip: self.max_connections_per_ip,
+            memberships_per_connection: self.max_memberships_per_connection,
+            frames_per_second: self.max_frames_per_second,
+            frames_per_membership: self.max_frames_per_membership,
+            presses_per_second: self.max_presses_per_second,
+            queued_bytes: self.max_queued_bytes,
+            send_timeout: self.send_timeout,
+            webrtc_pending_per_connection: self.max_webrtc_pending_per_connection,
+            webrtc_pending_per_ip: self.max_webrtc_pending_per_ip,
+        }
+    }
 }
 
 /// Which floor/session store to use.
@@ -96,6 +214,29 @@ pub struct ServeArgs {
     /// Do not pin shards to CPUs.
     #[arg(long)]
     pub no_pin: bool,
+    /// Check signed member tokens with this HS256 shared secret (any `kid`). Without a key the server
+    /// runs open: anyone may join any channel under any name (development only).
+    #[arg(long, env = "TALKGROUP_AUTH_KEY", hide_env_values = true)]
+    pub auth_key: Option<String>,
+    /// Check signed member tokens with the keys of this TOML file, by `kid` (HS256 secrets, EdDSA /
+    /// ES256 / RS256 public keys), for rotation.
+    #[arg(long, env = "TALKGROUP_AUTH_KEYS_FILE")]
+    pub auth_keys_file: Option<PathBuf>,
+    /// Serve `/api/*` and `/metrics` on this address only, without a token (restrict it by network);
+    /// the public address then serves neither.
+    #[arg(long, env = "TALKGROUP_ADMIN_HTTP")]
+    pub admin_http: Option<SocketAddr>,
+    /// Origins allowed to open the WebSocket when tokens are on (comma-separated, e.g.
+    /// `https://ptt.example.com`); default: the page's own host.
+    #[arg(long, env = "TALKGROUP_ALLOWED_ORIGIN", value_delimiter = ',')]
+    pub allowed_origin: Vec<String>,
+    /// Accept a plain-RTP `rtp_addr` whose IP is not the client's own (a gateway whose media leaves
+    /// another host).
+    #[arg(long, env = "TALKGROUP_RTP_ANY_IP")]
+    pub rtp_any_ip: bool,
+    /// Per-client limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 impl ServeArgs {
@@ -133,6 +274,10 @@ impl ServeArgs {
         a.media_port = 0;
         a.shards = Some(2);
         a.no_pin = true;
+        // Tests and benchmarks press and release as fast as the server answers; the press and frame
+        // limits (a human's pace) are tested on their own.
+        a.limits.max_presses_per_second = 100_000;
+        a.limits.max_frames_per_second = 100_000;
         a
     }
 }

@@ -19,6 +19,7 @@
 //! A packet's walk: socket → [`rtp::classify`] → peer by source address → floor check (cached speaker and
 //! epoch) → [`forward::OutStream::rewrite`] per listener → [`forward::Batch`] → `sendmmsg`.
 
+pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod control;

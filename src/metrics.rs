@@ -29,6 +29,10 @@ pub struct ControlCounters {
     pub slow_clients: u64,
     /// Commands a full shard queue refused.
     pub shard_queue_full: u64,
+    /// Requests refused or clients dropped by a limit, by limit.
+    pub limited: BTreeMap<&'static str, u64>,
+    /// Joins refused for their token, by reason.
+    pub auth_failures: BTreeMap<&'static str, u64>,
 }
 
 /// A per-shard metric: name, help text, how to read it.
@@ -176,6 +180,16 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
             &hub.floor_revokes,
         ),
         ("signal_errors_total", "Error replies, by code", &hub.errors),
+        (
+            "limited_total",
+            "Requests refused or clients dropped by a limit, by limit",
+            &hub.limited,
+        ),
+        (
+            "auth_failures_total",
+            "Joins refused for their token, by reason",
+            &hub.auth_failures,
+        ),
     ];
     for (name, help, map) in labelled {
         let _ = writeln!(
@@ -183,10 +197,10 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
             "# HELP talkgroup_{name} {help}\n# TYPE talkgroup_{name} counter"
         );
         for (label, v) in map.iter() {
-            let key = if name == "signal_errors_total" {
-                "code"
-            } else {
-                "reason"
+            let key = match name {
+                "signal_errors_total" => "code",
+                "limited_total" => "limit",
+                _ => "reason",
             };
             let _ = writeln!(out, "talkgroup_{name}{{{key}=\"{label}\"}} {v}");
         }

@@ -87,6 +87,18 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
     }
 }
 
+/// Serves HTTP on `listener` until the process stops (client addresses go to the routes).
+async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router) {
+    let listener = listener.tap_io(|tcp| {
+        // Signaling frames are small and latency-bound: no Nagle.
+        let _ = tcp.set_nodelay(true);
+    });
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, service).await {
+        warn!(error = %e, "HTTP server stopped");
+    }
+}
+
 /// A running node.
 pub struct Server {
     pub http_addr: SocketAddr,
@@ -115,6 +127,17 @@ impl Server {
     pub fn start(args: ServeArgs) -> Result<Server, ServerError> {
         if let Some(msg) = shard::udp::check_memlock() {
             warn!("{msg}");
+        }
+        let keys =
+            crate::auth::keys::load(args.auth_key.as_deref(), args.auth_keys_file.as_deref())
+                .map_err(|e| ServerError::Config(e.to_string()))?;
+        let auth = keys.map(|k| k.verifier);
+        match &auth {
+            Some(v) => info!(keys = ?v, "member tokens are checked"),
+            None => warn!(
+                "no --auth-key or --auth-keys-file: the server runs OPEN (anyone may join any \
+                 channel under any name); development only"
+            ),
         }
         let cpus = allowed_cpus();
         let n = args.shards.unwrap_or(cpus.len().max(1)).max(1);
@@ -222,6 +245,9 @@ impl Server {
             shared: args.store == StoreKind::Redis,
             store_timeout: STORE_TIMEOUT,
             seed: rand::random(),
+            auth: auth.clone(),
+            limits: args.limits.limits(),
+            rtp_any_ip: args.rtp_any_ip,
         };
 
         let listener =
@@ -237,11 +263,27 @@ impl Server {
             .local_addr()
             .map_err(|e| ServerError::Start(e.to_string()))?;
         let (hub_tx, hub_rx) = mpsc::channel(65_536);
+        let admin_listener = match args.admin_http {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(|source| ServerError::Bind {
+                    what: "admin HTTP",
+                    addr,
+                    source,
+                })?;
+                l.set_nonblocking(true)
+                    .map_err(|e| ServerError::Start(e.to_string()))?;
+                Some(l)
+            }
+            None => None,
+        };
         let state = AppState {
             hub: hub_tx.clone(),
             shards: handles.clone(),
             floor,
             next_conn: Arc::new(AtomicU64::new(1)),
+            auth,
+            allowed_origins: Arc::new(args.allowed_origin.clone()),
+            limits: args.limits.limits(),
         };
         let store_kind = args.store;
         let redis = RedisConfig::new(
@@ -289,20 +331,19 @@ impl Server {
                         }
                     };
                     let hub_task = tokio::spawn(runner.run(hub_rx, event_rx, stores.events));
-                    let app = http::router(state);
-                    tokio::spawn(async move {
-                        if let Err(e) = axum::serve(
-                            listener.tap_io(|tcp| {
-                                // Signaling frames are small and latency-bound: no Nagle.
-                                let _ = tcp.set_nodelay(true);
-                            }),
-                            app,
-                        )
-                        .await
-                        {
-                            warn!(error = %e, "HTTP server stopped");
+                    if let Some(admin) = admin_listener {
+                        match tokio::net::TcpListener::from_std(admin) {
+                            Ok(l) => {
+                                tokio::spawn(serve_http(l, http::admin_router(state.clone())));
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e.to_string()));
+                                return;
+                            }
                         }
-                    });
+                    }
+                    let app = http::router(state, args.admin_http.is_some());
+                    tokio::spawn(serve_http(listener, app));
                     let _ = ready_tx.send(Ok(()));
                     let _ = hub_task.await;
                 });

@@ -1,12 +1,15 @@
 //! Connections: frames in, frames out, errors that name what was wrong, and disconnecting a client —
 //! whether it closed, sent a frame over the limit, or stopped reading.
 
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use super::{HubCore, Output};
+use super::{Conn, HubCore, Output};
+use crate::auth::TokenBucket;
 use crate::ids::ConnId;
 use crate::signal::protocol::{self, ErrorCode, Frame, Message, Request, SignalError};
 
@@ -28,12 +31,75 @@ impl HubCore {
         self.send(conn, &Message::error(e, id));
     }
 
+    /// A new connection; refused (`rate_limited`, then closed) past the per-address limit.
+    pub(super) fn on_connect(&mut self, conn: ConnId, ip: IpAddr, now: Instant) {
+        let limits = &self.config.limits;
+        let open = self.ips.entry(ip).or_default();
+        let burst = 2.0 * f64::from(limits.frames_per_second);
+        self.conns.insert(
+            conn,
+            Conn {
+                ip,
+                joined: HashSet::new(),
+                frames: TokenBucket::new(burst, now),
+                webrtc_pending: 0,
+            },
+        );
+        open.conns += 1;
+        if open.conns > limits.connections_per_ip {
+            let e = SignalError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many connections from {ip} (limit {} per address); closing",
+                    limits.connections_per_ip
+                ),
+            );
+            self.limit_hit("connections_per_ip");
+            self.send_error(conn, &e, None);
+            self.disconnect(conn, now);
+        }
+    }
+
+    /// Counts a limit that bit.
+    pub(super) fn limit_hit(&mut self, limit: &'static str) {
+        *self.counters.limited.entry(limit).or_default() += 1;
+    }
+
+    /// Takes one frame from the connection's budget: `frames_per_second`, plus `frames_per_membership`
+    /// for each membership it holds, with a burst of two seconds' worth.
+    fn frame_allowed(&mut self, conn: ConnId, now: Instant) -> bool {
+        let limits = &self.config.limits;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let rate = f64::from(limits.frames_per_second)
+            + f64::from(limits.frames_per_membership) * c.joined.len() as f64;
+        c.frames.take(rate, 2.0 * rate, now)
+    }
+
     pub(super) fn on_frame(
         &mut self,
         conn: ConnId,
         frame: Result<Frame, (Option<Value>, SignalError)>,
         now: Instant,
     ) {
+        if !self.frame_allowed(conn, now) {
+            if self.conns.contains_key(&conn) {
+                let id = frame
+                    .as_ref()
+                    .map_or_else(|(id, _)| id.clone(), |f| f.id.clone());
+                let e = SignalError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "too many frames: at most {}/s, plus {}/s per membership; this one was dropped",
+                        self.config.limits.frames_per_second, self.config.limits.frames_per_membership
+                    ),
+                );
+                self.limit_hit("frames_per_second");
+                self.send_error(conn, &e, id);
+            }
+            return;
+        }
         match frame {
             Ok(Frame { id, request }) => {
                 if let Err(e) = self.on_request(conn, request, id.clone(), now) {
@@ -112,11 +178,22 @@ impl HubCore {
 
     /// Every membership of the connection leaves; the runner closes the socket after what is queued.
     pub(super) fn disconnect(&mut self, conn: ConnId, now: Instant) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        // Leave first, while the connection still counts its pending WebRTC joins.
+        let joined: Vec<(String, String)> = c.joined.iter().cloned().collect();
+        for (channel, member) in joined {
+            self.leave(conn, &channel, &member, now);
+        }
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
-        for (channel, member) in c.joined {
-            self.leave(conn, &channel, &member, now);
+        if let Some(n) = self.ips.get_mut(&c.ip) {
+            n.conns = n.conns.saturating_sub(1);
+            if n.conns == 0 {
+                self.ips.remove(&c.ip);
+            }
         }
         self.out.push_back(Output::Close { conn });
         debug!(conn, "disconnected");

@@ -27,9 +27,22 @@ impl HubCore {
         now: Instant,
     ) -> Result<(), SignalError> {
         let member = self.member_of(conn, &ptt.channel)?;
-        let Some(ch) = self.channels.get(&ptt.channel) else {
+        let presses = f64::from(self.config.limits.presses_per_second);
+        let Some(ch) = self.channels.get_mut(&ptt.channel) else {
             return Ok(());
         };
+        let Some(m) = ch.members.get_mut(&member) else {
+            return Ok(());
+        };
+        if ptt.action == PttAction::Press && !m.presses.take(presses, 2.0 * presses, now) {
+            self.limit_hit("presses_per_second");
+            let event = FloorEvent::Denied {
+                speaker: None,
+                reason: DenyReason::RateLimited,
+            };
+            self.notify(&ptt.channel, To::Member(member), event);
+            return Ok(());
+        }
         let input = match ptt.action {
             PttAction::Press if !self.store_up => {
                 let event = FloorEvent::Denied {
@@ -39,7 +52,8 @@ impl HubCore {
                 self.notify(&ptt.channel, To::Member(member), event);
                 return Ok(());
             }
-            PttAction::Press if ch.members[&member].listen_only => {
+            // A recvonly WebRTC offer, or a token without the `talk` right.
+            PttAction::Press if m.listen_only || !m.rights.talk => {
                 let event = FloorEvent::Denied {
                     speaker: ch.floor.speaker().map(str::to_string),
                     reason: DenyReason::ListenOnly,
@@ -48,7 +62,7 @@ impl HubCore {
                 return Ok(());
             }
             PttAction::Press => FloorInput::Request {
-                priority: ch.members[&member].priority,
+                priority: m.priority,
                 member,
                 queue: ptt.queue,
             },

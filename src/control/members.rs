@@ -15,6 +15,7 @@ use tracing::{debug, info};
 
 use super::calls::{Purpose, StoreCall};
 use super::{ChannelCtl, HubCore, MemberCtl, SESSION_WAIT};
+use crate::auth::{Rights, TokenError};
 use crate::floor::{Floor, Input as FloorInput};
 use crate::ids::{ConnId, MemberKey};
 use crate::peer::offer::{parse_offer, Offer};
@@ -35,11 +36,30 @@ impl HubCore {
         id: Option<Value>,
         now: Instant,
     ) -> Result<(), SignalError> {
+        let Some(c) = self.conns.get(&conn) else {
+            return Ok(()); // the connection is gone
+        };
+        let (peer_ip, memberships) = (c.ip, c.joined.len());
         protocol::validate_name("channel", &join.channel)?;
-        protocol::validate_name("member", &join.member)?;
+        let (member, rights) = self.authorize(&join, now)?;
+        protocol::validate_name("member", &member)?;
+        let limits = &self.config.limits;
+        if memberships >= limits.memberships_per_connection {
+            let max = limits.memberships_per_connection;
+            self.limit_hit("memberships_per_connection");
+            return Err(SignalError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "this connection already holds {max} memberships (the limit per connection)"
+                ),
+            ));
+        }
         let leg = match join.transport.as_str() {
-            "rtp" => JoinLeg::Rtp(self.rtp_addr(&join)?),
-            "webrtc" => JoinLeg::WebRtc(webrtc_offer(&join)?),
+            "rtp" => JoinLeg::Rtp(self.rtp_addr(&join, conn, peer_ip)?),
+            "webrtc" => {
+                self.check_webrtc_pending(conn, peer_ip)?;
+                JoinLeg::WebRtc(webrtc_offer(&join)?)
+            }
             other => {
                 return Err(SignalError::bad_request(format!(
                     "unknown transport '{other}' (rtp or webrtc)"
@@ -47,7 +67,7 @@ impl HubCore {
             }
         };
         let Some(c) = self.conns.get(&conn) else {
-            return Ok(()); // the connection is gone
+            return Ok(());
         };
         if c.joined.iter().any(|(ch, _)| *ch == join.channel) {
             return Err(SignalError::new(
@@ -58,13 +78,13 @@ impl HubCore {
         if self
             .channels
             .get(&join.channel)
-            .is_some_and(|ch| ch.members.contains_key(&join.member))
+            .is_some_and(|ch| ch.members.contains_key(&member))
         {
             return Err(SignalError::new(
                 ErrorCode::AlreadyJoined,
                 format!(
                     "member '{}' is already joined to channel '{}'",
-                    join.member, join.channel
+                    member, join.channel
                 ),
             ));
         }
@@ -76,7 +96,20 @@ impl HubCore {
         let key = self.next_key;
         self.next_key += 1;
         let ssrc = self.rng.random::<u32>().max(1);
-        let (channel, name) = (join.channel.clone(), join.member.clone());
+        let priority = join.priority.min(rights.max_priority);
+        let press_burst = 2.0 * f64::from(self.config.limits.presses_per_second);
+        let webrtc_pending = matches!(leg, JoinLeg::WebRtc(_));
+        let rtp_addr = match &leg {
+            JoinLeg::Rtp(addr) => Some(*addr),
+            JoinLeg::WebRtc(_) => None,
+        };
+        if let Some(addr) = rtp_addr {
+            self.media_addrs.entry(addr).or_insert((conn, 0)).1 += 1;
+        }
+        if webrtc_pending {
+            self.count_webrtc_pending(conn, 1);
+        }
+        let (channel, name) = (join.channel.clone(), member.clone());
         let (command, listen_only) = match leg {
             JoinLeg::Rtp(addr) => (
                 Command::AddMember {
@@ -109,30 +142,119 @@ impl HubCore {
                 timer: None,
             });
         ch.members.insert(
-            join.member.clone(),
+            member.clone(),
             MemberCtl {
                 conn,
                 key,
-                priority: join.priority,
+                priority,
                 presence: join.presence,
                 ready: false,
                 ssrc,
                 join_id: id,
                 listen_only,
                 answer: None,
+                rights,
+                presses: crate::auth::TokenBucket::new(press_burst, now),
+                webrtc_pending,
+                rtp_addr,
             },
         );
         let shard = ch.shard;
         self.shard_command(shard, command);
         self.pending
-            .insert(key, (join.channel.clone(), join.member.clone()));
+            .insert(key, (join.channel.clone(), member.clone()));
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.joined.insert((join.channel, join.member));
+            c.joined.insert((join.channel, member));
         }
         Ok(())
     }
 
-    fn rtp_addr(&self, join: &Join) -> Result<SocketAddr, SignalError> {
+    /// The join's member name and rights: from its token when the server checks tokens (the name then
+    /// comes from `sub`), the name given and every right when the server runs open.
+    fn authorize(&mut self, join: &Join, now: Instant) -> Result<(String, Rights), SignalError> {
+        let Some(verifier) = self.config.auth.clone() else {
+            let member = join.member.clone().ok_or_else(|| {
+                SignalError::bad_request("invalid 'join' message: missing field `member`")
+            })?;
+            return Ok((member, Rights::open()));
+        };
+        let checked = join
+            .token
+            .as_deref()
+            .ok_or(TokenError::Missing)
+            .and_then(|token| verifier.verify(token, self.unix_secs(now)))
+            .and_then(|claims| {
+                if let Some(member) = join.member.as_ref().filter(|m| **m != claims.sub) {
+                    return Err(TokenError::WrongMember {
+                        member: member.clone(),
+                        sub: claims.sub,
+                    });
+                }
+                if !claims.tg.allows(&join.channel) {
+                    return Err(TokenError::WrongChannel(join.channel.clone()));
+                }
+                Ok(claims)
+            });
+        match checked {
+            Ok(claims) => Ok((claims.sub, claims.tg)),
+            Err(e) => {
+                *self.counters.auth_failures.entry(e.reason()).or_default() += 1;
+                Err(SignalError::new(ErrorCode::Unauthorized, e.to_string()))
+            }
+        }
+    }
+
+    /// WebRTC joins still in ICE/DTLS set-up are bounded per connection and per client address, so one
+    /// client's never-connecting offers cannot fill the shard's handshake slots.
+    fn check_webrtc_pending(
+        &mut self,
+        conn: ConnId,
+        ip: std::net::IpAddr,
+    ) -> Result<(), SignalError> {
+        let per_conn = self.conns.get(&conn).map_or(0, |c| c.webrtc_pending);
+        let per_ip = self.ips.get(&ip).map_or(0, |n| n.webrtc_pending);
+        let limits = &self.config.limits;
+        let (limit, name, max) = if per_conn >= limits.webrtc_pending_per_connection {
+            (
+                "webrtc_pending_per_connection",
+                "this connection",
+                limits.webrtc_pending_per_connection,
+            )
+        } else if per_ip >= limits.webrtc_pending_per_ip {
+            (
+                "webrtc_pending_per_ip",
+                "this address",
+                limits.webrtc_pending_per_ip,
+            )
+        } else {
+            return Ok(());
+        };
+        self.limit_hit(limit);
+        Err(SignalError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "{name} already has {max} WebRTC joins waiting for ICE/DTLS (the limit); try again"
+            ),
+        ))
+    }
+
+    /// Adds `delta` to the WebRTC joins pending on `conn` and on its client address.
+    fn count_webrtc_pending(&mut self, conn: ConnId, delta: isize) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return; // disconnected: its address's count went with it
+        };
+        c.webrtc_pending = c.webrtc_pending.saturating_add_signed(delta);
+        if let Some(n) = self.ips.get_mut(&c.ip) {
+            n.webrtc_pending = n.webrtc_pending.saturating_add_signed(delta);
+        }
+    }
+
+    fn rtp_addr(
+        &self,
+        join: &Join,
+        conn: ConnId,
+        peer_ip: std::net::IpAddr,
+    ) -> Result<SocketAddr, SignalError> {
         let text = join.rtp_addr.as_deref().ok_or_else(|| {
             SignalError::bad_request("transport 'rtp' needs \"rtp_addr\":\"ip:port\"")
         })?;
@@ -155,6 +277,27 @@ impl HubCore {
                 format!("rtp_addr '{text}' is outside the networks allowed by --rtp-allow"),
             ));
         }
+        // Media belongs to whoever signals for it: the address must be the client's own (loopback counts
+        // as one host), unless the operator allows any (gateways whose media leaves another host).
+        let same_host = addr.ip() == peer_ip || (addr.ip().is_loopback() && peer_ip.is_loopback());
+        if !same_host && !self.config.rtp_any_ip {
+            return Err(SignalError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "rtp_addr '{text}' is not this client's address ({peer_ip}); see --rtp-any-ip"
+                ),
+            ));
+        }
+        if self
+            .media_addrs
+            .get(&addr)
+            .is_some_and(|(owner, _)| *owner != conn)
+        {
+            return Err(SignalError::new(
+                ErrorCode::Unauthorized,
+                format!("rtp_addr '{text}' is in use by another connection"),
+            ));
+        }
         Ok(addr)
     }
 
@@ -166,6 +309,17 @@ impl HubCore {
                 }
             }
             Event::PeerAnswered { key, answer } => self.on_peer_answered(key, answer, now),
+            Event::PeerConnected { channel, key } => {
+                let member = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|ch| ch.members.values_mut().find(|m| m.key == key));
+                if let Some(m) = member.filter(|m| m.webrtc_pending) {
+                    m.webrtc_pending = false;
+                    let conn = m.conn;
+                    self.count_webrtc_pending(conn, -1);
+                }
+            }
             Event::PeerClosed {
                 channel,
                 key,
@@ -313,7 +467,7 @@ impl HubCore {
             return;
         }
         m.ready = true;
-        let (conn, ssrc, id) = (m.conn, m.ssrc, m.join_id.take());
+        let (conn, ssrc, id, priority) = (m.conn, m.ssrc, m.join_id.take(), m.priority);
         // A WebRTC member's SDP answer; plain-RTP members get the `rtp` block instead.
         let sdp = m.answer.take();
         let mut others: Vec<String> = ch
@@ -338,6 +492,7 @@ impl HubCore {
             members: others,
             speaker: ch.floor.speaker().map(str::to_string),
             epoch: ch.floor.epoch(),
+            priority,
             rtp: sdp.is_none().then(|| RtpInfo {
                 server_addr: server_addr.to_string(),
                 ssrc,
@@ -367,8 +522,19 @@ impl HubCore {
         let Some(m) = ch.members.remove(member) else {
             return;
         };
-        self.pending.remove(&m.key);
         let shard = ch.shard;
+        self.pending.remove(&m.key);
+        if m.webrtc_pending {
+            self.count_webrtc_pending(m.conn, -1);
+        }
+        if let Some(addr) = m.rtp_addr {
+            if let Some((_, n)) = self.media_addrs.get_mut(&addr) {
+                *n -= 1;
+                if *n == 0 {
+                    self.media_addrs.remove(&addr);
+                }
+            }
+        }
         self.shard_command(
             shard,
             Command::RemoveMember {

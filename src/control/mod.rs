@@ -34,6 +34,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::Value;
 
+use crate::auth::{Limits, Rights, TokenBucket, Verifier};
 use crate::floor::{Floor, FloorConfig};
 use crate::ids::{ConnId, MemberKey};
 use crate::metrics::ControlCounters;
@@ -84,6 +85,13 @@ pub struct HubConfig {
     pub store_timeout: Duration,
     /// Seed of the core's randomness (SSRCs), so tests are repeatable.
     pub seed: u64,
+    /// The keys member tokens are checked with; `None`: the server runs open (development only).
+    pub auth: Option<Verifier>,
+    /// What one client may ask of the server.
+    pub limits: Limits,
+    /// Accept a plain-RTP `rtp_addr` whose IP is not the client's own (gateways whose media leaves
+    /// another host). Off by default: media belongs to whoever signals for it.
+    pub rtp_any_ip: bool,
 }
 
 /// Inputs of the core.
@@ -93,6 +101,8 @@ pub enum Input {
     Connect {
         /// The connection.
         conn: ConnId,
+        /// The client's IP address (connection limits, plain-RTP address checks).
+        ip: IpAddr,
     },
     /// A text frame, parsed (or the error naming what was wrong with it, and its `id` when readable).
     Frame {
@@ -189,8 +199,20 @@ pub struct ChannelInfo {
 
 /// One WebSocket connection.
 struct Conn {
+    ip: IpAddr,
     /// (channel, member) pairs joined over this connection.
     joined: HashSet<(String, String)>,
+    /// Frames per second (the rate grows with the memberships).
+    frames: TokenBucket,
+    /// WebRTC joins of this connection still in ICE/DTLS set-up.
+    webrtc_pending: usize,
+}
+
+/// What is open from one client address.
+#[derive(Default)]
+struct AddressUse {
+    conns: usize,
+    webrtc_pending: usize,
 }
 
 /// One membership of a channel on this node.
@@ -208,6 +230,14 @@ struct MemberCtl {
     listen_only: bool,
     /// The shard's SDP answer, held until `joined` is sent.
     answer: Option<String>,
+    /// What the member may do (from its token; everything on a server that runs open).
+    rights: Rights,
+    /// Presses per second.
+    presses: TokenBucket,
+    /// A WebRTC member whose ICE and DTLS are not done yet (counted against the pending limits).
+    webrtc_pending: bool,
+    /// A plain-RTP member's media address (owned by its connection while any membership uses it).
+    rtp_addr: Option<SocketAddr>,
 }
 
 /// One channel with members on this node.
@@ -250,6 +280,12 @@ pub struct HubCore {
     /// Remote members of our channels by node (see `presence.rs`).
     remote: RemotePresence,
     relay_peers: Vec<SocketAddr>,
+    /// Open connections and pending WebRTC joins per client IP.
+    ips: HashMap<IpAddr, AddressUse>,
+    /// Plain-RTP media addresses: the connection that owns each, and how many memberships use it.
+    media_addrs: HashMap<SocketAddr, (ConnId, usize)>,
+    /// The wall clock at an instant of the core's clock: tokens' `exp`/`nbf` are Unix times.
+    wall: (Instant, Duration),
     rng: StdRng,
     out: VecDeque<Output>,
 }
@@ -277,21 +313,34 @@ impl HubCore {
             known_nodes: HashMap::new(),
             remote: RemotePresence::default(),
             relay_peers: Vec::new(),
+            ips: HashMap::new(),
+            media_addrs: HashMap::new(),
+            wall: (now, Duration::ZERO),
             out: VecDeque::new(),
         }
+    }
+
+    /// Tells the core the wall-clock time (since the Unix epoch) at `now`. The runner calls it at start
+    /// and now and then; tests set it once.
+    pub fn set_wall_clock(&mut self, now: Instant, unix: Duration) {
+        self.wall = (now, unix);
+    }
+
+    /// Unix seconds at `now`.
+    fn unix_secs(&self, now: Instant) -> u64 {
+        let (at, unix) = self.wall;
+        let t = if now >= at {
+            unix + (now - at)
+        } else {
+            unix.saturating_sub(at - now)
+        };
+        t.as_secs()
     }
 
     /// Feeds one input at `now`.
     pub fn handle(&mut self, input: Input, now: Instant) {
         match input {
-            Input::Connect { conn } => {
-                self.conns.insert(
-                    conn,
-                    Conn {
-                        joined: HashSet::new(),
-                    },
-                );
-            }
+            Input::Connect { conn, ip } => self.on_connect(conn, ip, now),
             Input::Frame { conn, frame } => self.on_frame(conn, frame, now),
             Input::TooLarge { conn } => self.on_too_large(conn, now),
             Input::Disconnect { conn } => self.disconnect(conn, now),

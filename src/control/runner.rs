@@ -18,11 +18,8 @@ use crate::ids::ConnId;
 use crate::metrics::ControlCounters;
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
+use crate::signal::ws::Outbound;
 use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
-
-/// Frames queued for one client before it counts as not reading (protocol v1: disconnected rather than
-/// buffered without bound).
-pub const OUTBOUND_QUEUE: usize = 1024;
 
 /// How long after its deadline a store call may still answer: the core has already treated it as failed,
 /// but a late grant must be seen to be given back.
@@ -36,8 +33,10 @@ pub enum HubMsg {
     Connect {
         /// The connection.
         conn: ConnId,
+        /// The client's IP address.
+        ip: std::net::IpAddr,
         /// Its outbound queue.
-        tx: mpsc::Sender<String>,
+        out: Outbound,
         /// Dropped to close the connection (after the queued frames).
         close: oneshot::Sender<()>,
     },
@@ -87,7 +86,7 @@ pub struct Stores {
 }
 
 struct ConnHandle {
-    tx: mpsc::Sender<String>,
+    out: Outbound,
     /// Dropped to close the connection.
     _close: oneshot::Sender<()>,
 }
@@ -98,15 +97,19 @@ pub struct Runner {
     stores: Stores,
     shards: Vec<ShardHandle>,
     conns: HashMap<ConnId, ConnHandle>,
+    /// Bytes a client's queue may hold before it counts as not reading.
+    queued_bytes: usize,
     replies_tx: mpsc::UnboundedSender<(CallId, StoreReply)>,
     replies: mpsc::UnboundedReceiver<(CallId, StoreReply)>,
 }
 
 impl Runner {
     /// A runner for `core`, performing store calls on `stores` and commands on `shards`.
-    pub fn new(core: HubCore, stores: Stores, shards: Vec<ShardHandle>) -> Self {
+    pub fn new(mut core: HubCore, stores: Stores, shards: Vec<ShardHandle>) -> Self {
         let (replies_tx, replies) = mpsc::unbounded_channel();
+        set_wall_clock(&mut core);
         Runner {
+            queued_bytes: core.config.limits.queued_bytes,
             core,
             stores,
             shards,
@@ -153,7 +156,10 @@ impl Runner {
                 Some((id, reply)) = self.replies.recv() => {
                     self.core.handle(Input::Store { id, reply }, Instant::now());
                 }
-                _ = sleep_until(wake) => self.core.handle_timeout(Instant::now()),
+                _ = sleep_until(wake) => {
+                    set_wall_clock(&mut self.core);
+                    self.core.handle_timeout(Instant::now());
+                }
             }
         }
     }
@@ -161,9 +167,14 @@ impl Runner {
     fn on_msg(&mut self, msg: HubMsg) {
         let now = Instant::now();
         match msg {
-            HubMsg::Connect { conn, tx, close } => {
-                self.conns.insert(conn, ConnHandle { tx, _close: close });
-                self.core.handle(Input::Connect { conn }, now);
+            HubMsg::Connect {
+                conn,
+                ip,
+                out,
+                close,
+            } => {
+                self.conns.insert(conn, ConnHandle { out, _close: close });
+                self.core.handle(Input::Connect { conn, ip }, now);
             }
             HubMsg::Frame { conn, frame } => self.core.handle(Input::Frame { conn, frame }, now),
             HubMsg::TooLarge { conn } => self.core.handle(Input::TooLarge { conn }, now),
@@ -186,7 +197,7 @@ impl Runner {
                     let Some(c) = self.conns.get(&conn) else {
                         continue;
                     };
-                    if let Err(mpsc::error::TrySendError::Full(_)) = c.tx.try_send(text) {
+                    if !c.out.try_send(text, self.queued_bytes) {
                         self.core.handle(Input::Unwritable { conn }, Instant::now());
                     }
                 }
@@ -224,6 +235,14 @@ impl Runner {
             }
         });
     }
+}
+
+/// Tells the core the wall-clock time (tokens carry Unix times).
+fn set_wall_clock(core: &mut HubCore) {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    core.set_wall_clock(Instant::now(), unix);
 }
 
 /// Performs one store call.

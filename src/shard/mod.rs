@@ -91,6 +91,11 @@ pub enum Event {
         key: MemberKey,
         answer: Result<String, PeerRefused>,
     },
+    /// A WebRTC peer completed ICE and DTLS: media flows (its handshake no longer counts as pending).
+    PeerConnected {
+        channel: String,
+        key: MemberKey,
+    },
     /// A WebRTC peer is gone (ICE timeout, DTLS close, never connected): run the leave path.
     PeerClosed {
         channel: String,

@@ -1,17 +1,23 @@
 //! HTTP routes: `/ws`, `/healthz`, `/metrics`, `/api/channels`, and the web page at `/`.
+//!
+//! With tokens on, `/api/*` and `/metrics` need `Authorization: Bearer <token>` with the `admin` right —
+//! or they move to a separate `--admin-http` listener (reachable only from the operator's network) and
+//! leave the public one; and a WebSocket upgrade from a browser must come from an allowed origin.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{Limits, Message, Timers, MAX_FRAME};
+use super::protocol::{Limits as WireLimits, Message, Timers, MAX_FRAME};
+use crate::auth::{Limits, Verifier};
 use crate::control::runner::HubMsg;
 use crate::floor::FloorConfig;
 use crate::metrics;
@@ -20,17 +26,46 @@ use crate::shard::{Command, ShardHandle};
 /// What the routes need. Cloned per request (all handles).
 #[derive(Clone)]
 pub struct AppState {
+    /// The control runner's inbox.
     pub hub: mpsc::Sender<HubMsg>,
+    /// The shards (for their counters).
     pub shards: Vec<ShardHandle>,
+    /// Floor timers, announced in `hello`.
     pub floor: FloorConfig,
     /// Connection ids. (A counter on the control thread only; not data-plane state.)
+    #[allow(clippy::disallowed_types)] // control plane only, see clippy.toml
     pub next_conn: Arc<AtomicU64>,
+    /// Token keys; `None`: the server runs open.
+    pub auth: Option<Verifier>,
+    /// Origins allowed to open the WebSocket when tokens are on (empty: the page's own host only).
+    pub allowed_origins: Arc<Vec<String>>,
+    /// Per-client limits (the WebSocket's send timeout and queue).
+    pub limits: Limits,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
+/// The public router: the page, the WebSocket, health — and, unless `admin` is separate, the admin
+/// routes behind the admin token.
+pub fn router(state: AppState, admin_separate: bool) -> Router {
+    let r = Router::new()
         .route("/", get(index))
         .route("/ws", get(ws))
+        .route("/healthz", get(|| async { "ok" }));
+    let r = if admin_separate {
+        r
+    } else {
+        r.route("/metrics", get(metrics_route))
+            .route("/api/channels", get(channels))
+    };
+    r.with_state(state)
+}
+
+/// The `--admin-http` router: metrics and the API without a token (the address is the protection).
+pub fn admin_router(state: AppState) -> Router {
+    let state = AppState {
+        auth: None,
+        ..state
+    };
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_route))
         .route("/api/channels", get(channels))
@@ -41,12 +76,84 @@ async fn index() -> Html<&'static str> {
     Html(include_str!("../../web/index.html"))
 }
 
-async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+/// Unix time now, in seconds (tokens carry Unix times).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A refused request: the status and a message naming why.
+type Refusal = (StatusCode, String);
+
+/// With tokens on, an admin route needs a bearer token with the `admin` right.
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(verifier) = &state.auth else {
+        return Ok(());
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
+    let Some(token) = bearer else {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: this route needs Authorization: Bearer <token with the admin right>"
+                .into(),
+        ));
+    };
+    match verifier.verify(token.trim(), unix_now()) {
+        Ok(claims) if claims.tg.admin => Ok(()),
+        Ok(_) => Err((
+            StatusCode::FORBIDDEN,
+            "unauthorized: the token does not have the admin right".into(),
+        )),
+        Err(e) => Err((StatusCode::UNAUTHORIZED, format!("unauthorized: {e}"))),
+    }
+}
+
+/// With tokens on, a browser's upgrade must come from an allowed origin (a page elsewhere must not use a
+/// visitor's session). Clients that send no `Origin` (not browsers) are let through: they cannot be
+/// tricked into connecting.
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
+    if state.auth.is_none() {
+        return Ok(());
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|h| h.to_str().ok()) else {
+        return Ok(());
+    };
+    let allowed = if state.allowed_origins.is_empty() {
+        // The page's own host: `Origin: http://host:port` against `Host: host:port`.
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        host == Some(origin_host)
+    } else {
+        state.allowed_origins.iter().any(|o| o == origin)
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::FORBIDDEN,
+            format!("origin {origin:?} is not allowed to open a WebSocket here (--allowed-origin)"),
+        ))
+    }
+}
+
+async fn ws(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Err(refused) = check_origin(&state, &headers) {
+        return refused.into_response();
+    }
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     let hello = Message::Hello {
         protocol: 1,
         session: format!("s-{:08x}", rand::random::<u32>()),
-        limits: Limits {
+        limits: WireLimits {
             max_frame: MAX_FRAME,
         },
         timers: Timers {
@@ -55,14 +162,21 @@ async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Respons
             t3_ms: state.floor.t3.as_millis() as u64,
         },
         ice_servers: vec![],
+        auth: if state.auth.is_some() { "jwt" } else { "none" },
     };
+    let limits = state.limits.clone();
     upgrade
-        .max_message_size(1 << 20)
+        // The transport refuses a message over the protocol's limit before it is buffered whole; the
+        // connection answers `too_large` and closes (see `ws.rs`).
+        .max_message_size(MAX_FRAME)
+        .max_frame_size(MAX_FRAME)
         // tungstenite's defaults (128 KiB read buffer, zero-filled per read) cost ≈ 145 KB and CPU per
         // connection; signaling frames are small.
         .read_buffer_size(4096)
         .write_buffer_size(4096)
-        .on_upgrade(move |socket| super::ws::serve(socket, conn, state.hub, hello))
+        .on_upgrade(move |socket| {
+            super::ws::serve(socket, conn, peer.ip(), state.hub, hello, limits)
+        })
 }
 
 async fn ask<T>(
@@ -77,14 +191,20 @@ async fn ask<T>(
         .ok()
 }
 
-async fn channels(State(state): State<AppState>) -> Response {
+async fn channels(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = check_admin(&state, &headers) {
+        return refused.into_response();
+    }
     match ask(&state.hub, |reply| HubMsg::Channels { reply }).await {
         Some(rows) => Json(rows).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response(),
     }
 }
 
-async fn metrics_route(State(state): State<AppState>) -> Response {
+async fn metrics_route(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = check_admin(&state, &headers) {
+        return refused.into_response();
+    }
     let Some(counters) = ask(&state.hub, |reply| HubMsg::Counters { reply }).await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response();
     };

@@ -73,10 +73,17 @@ pub enum Request {
     Ping {},
 }
 
+/// `{"type":"join", …}`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Join {
+    /// The channel to join.
     pub channel: String,
-    pub member: String,
+    /// The member name (v1.1: may be left out when a token gives it as `sub`).
+    #[serde(default)]
+    pub member: Option<String>,
+    /// A signed token (v1.1); required when the server checks tokens.
+    #[serde(default)]
+    pub token: Option<String>,
     #[serde(default = "default_transport")]
     pub transport: String,
     pub rtp_addr: Option<String>,
@@ -95,13 +102,19 @@ fn yes() -> bool {
     true
 }
 
+/// `{"type":"ptt", …}`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Ptt {
+    /// The channel.
     pub channel: String,
+    /// Press or release.
     pub action: PttAction,
     /// Extension: wait in the floor queue when busy instead of being denied.
     #[serde(default)]
     pub queue: bool,
+    /// v1.1: an emergency press (pre-empts any holder; needs the `emergency` right with tokens).
+    #[serde(default)]
+    pub emergency: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -186,6 +199,8 @@ pub enum Message {
         limits: Limits,
         timers: Timers,
         ice_servers: Vec<Value>,
+        /// v1.1: `"jwt"` when joins need a signed token, `"none"` when the server runs open.
+        auth: &'static str,
     },
     Joined {
         channel: String,
@@ -193,6 +208,8 @@ pub enum Message {
         members: Vec<String>,
         speaker: Option<String>,
         epoch: u64,
+        /// v1.1: the effective floor priority (the join's, capped by the token's `max_priority`).
+        priority: u8,
         #[serde(skip_serializing_if = "Option::is_none")]
         rtp: Option<RtpInfo>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -357,13 +374,15 @@ mod tests {
             (j.priority, j.presence, j.transport.as_str()),
             (0, true, "rtp")
         );
+        assert_eq!(j.member.as_deref(), Some("alice"));
         let f = parse(r#"{"type":"ptt","channel":"c","action":"press","id":"x"}"#).unwrap();
         assert_eq!(
             f.request,
             Request::Ptt(Ptt {
                 channel: "c".into(),
                 action: PttAction::Press,
-                queue: false
+                queue: false,
+                emergency: false,
             })
         );
         assert_eq!(

@@ -3,6 +3,7 @@
 //! once with the same rules as the real backends, unless told to fail or hang), and steps a virtual
 //! clock from one deadline of the core to the next. No sleeps, no sockets.
 
+mod auth_tests;
 mod cluster_tests;
 mod floor_tests;
 mod member_tests;
@@ -239,6 +240,9 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         shared,
         store_timeout: Duration::from_secs(1),
         seed: 7,
+        auth: None,
+        limits: crate::auth::Limits::default(),
+        rtp_any_ip: false,
     }
 }
 
@@ -323,7 +327,10 @@ impl TestHub {
     pub fn connect(&mut self) -> ConnId {
         let conn = self.next_conn;
         self.next_conn += 1;
-        self.input(Input::Connect { conn });
+        self.input(Input::Connect {
+            conn,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        });
         conn
     }
 

@@ -146,6 +146,8 @@ impl ShardCore {
                 PeerEvent::Connected => {
                     if let Some(ch) = self.channels[channel].as_mut() {
                         ch.heard(key, now);
+                        let channel = ch.name.clone();
+                        self.events.push(Event::PeerConnected { channel, key });
                     }
                 }
                 PeerEvent::Closed(reason) => self.peer_closed(channel, key, reason),
