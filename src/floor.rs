@@ -210,9 +210,14 @@ pub enum Output {
     Release {
         epoch: u64,
     },
-    /// Tell the shard who to forward: `speaker` of `epoch` (`None`: nobody).
+    /// Tell the shard who to forward: the local member `speaker` of `epoch` (`None`: nobody).
     Apply {
         speaker: Option<String>,
+        epoch: u64,
+    },
+    /// Tell the shard that a member of another node holds `epoch`: forward its relayed media, and no
+    /// local member — even one with the same name.
+    ApplyRemote {
         epoch: u64,
     },
     Notify {
@@ -793,10 +798,7 @@ impl Floor {
                     }
                     _ => {}
                 }
-                self.out.push_back(Output::Apply {
-                    speaker: Some(speaker.clone()),
-                    epoch,
-                });
+                self.out.push_back(Output::ApplyRemote { epoch });
                 self.notify(
                     To::All,
                     FloorEvent::Taken {

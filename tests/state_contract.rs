@@ -221,6 +221,40 @@ async fn sessions_both_ways(b: &Backend) {
     assert!(s.members("nowhere").await.unwrap().is_empty());
 }
 
+/// A name is claimed in a channel across nodes: joined from one node, it is refused to another until it
+/// leaves; the same node may join it again (idempotent), and a refresh never takes it over.
+async fn names_are_unique_across_nodes(b: &Backend) {
+    let s = &b.sessions;
+    assert_eq!(s.join("ops", "alice", NODE).await, Ok(true));
+    assert_eq!(
+        s.join("ops", "alice", "node-b").await,
+        Ok(false),
+        "held by node-a"
+    );
+    assert_eq!(
+        s.join("ops", "alice", NODE).await,
+        Ok(true),
+        "its own node may again"
+    );
+    assert_eq!(
+        s.join("fire", "alice", "node-b").await,
+        Ok(true),
+        "another channel is another name"
+    );
+    s.refresh("ops", "alice", "node-b").await.unwrap();
+    assert_eq!(
+        s.join("ops", "alice", "node-b").await,
+        Ok(false),
+        "a refresh took nothing over"
+    );
+    s.leave("ops", "alice", NODE).await.unwrap();
+    assert_eq!(
+        s.join("ops", "alice", "node-b").await,
+        Ok(true),
+        "free once it left"
+    );
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod memory_backend {
@@ -239,6 +273,7 @@ contract!(
     lease_expiry_frees_the_lock,
     renew_extends_the_lease,
     sessions_both_ways,
+    names_are_unique_across_nodes,
 );
 
 // ---- Redis only ----

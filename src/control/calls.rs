@@ -140,8 +140,9 @@ pub enum StoreReply {
     Flag(Result<bool, StateError>),
     /// [`StoreCall::Holder`].
     Holder(Result<Option<Holder>, StateError>),
-    /// [`StoreCall::Join`]: everyone in the channel.
-    Members(Result<Vec<String>, StateError>),
+    /// [`StoreCall::Join`]: everyone in the channel, or `None` when the name is joined there from
+    /// another node.
+    Joined(Result<Option<Vec<String>>, StateError>),
     /// [`StoreCall::ChannelNodes`]: live nodes and the ids of dead ones.
     Nodes(Result<(Vec<NodeInfo>, Vec<String>), StateError>),
     /// [`StoreCall::EvictNode`]: the members removed.
@@ -157,7 +158,7 @@ impl StoreReply {
             StoreReply::Acquired(r) => r.is_err(),
             StoreReply::Flag(r) => r.is_err(),
             StoreReply::Holder(r) => r.is_err(),
-            StoreReply::Members(r) => r.is_err(),
+            StoreReply::Joined(r) => r.is_err(),
             StoreReply::Nodes(r) => r.is_err(),
             StoreReply::Evicted(r) => r.is_err(),
             StoreReply::Done(r) => r.is_err(),

@@ -151,6 +151,18 @@ impl HubCore {
                     let shard = ch.shard;
                     self.shard_command(shard, command);
                 }
+                FloorOutput::ApplyRemote { epoch } => {
+                    let change = SpeakerChange::Granted {
+                        speaker: None,
+                        epoch,
+                    };
+                    let command = Command::Speaker {
+                        channel: channel.to_string(),
+                        change,
+                    };
+                    let shard = ch.shard;
+                    self.shard_command(shard, command);
+                }
                 FloorOutput::Notify { to, event } => self.notify(channel, to, event),
             }
         }
@@ -295,8 +307,14 @@ impl HubCore {
                     member,
                     key,
                 },
-                StoreReply::Members(result),
-            ) => self.member_ready(&channel, &member, key, result.unwrap_or_default()),
+                StoreReply::Joined(result),
+            ) => match result {
+                Ok(Some(members)) => self.member_ready(&channel, &member, key, members),
+                Ok(None) => self.name_taken(&channel, &member, key, now),
+                // The store could not say: join anyway (without the remote names) rather than refuse
+                // everyone while Redis is away.
+                Err(_) => self.member_ready(&channel, &member, key, Vec::new()),
+            },
             (
                 Purpose::Announce {
                     then_register,
@@ -318,7 +336,7 @@ impl HubCore {
             Purpose::Acquire { .. } => StoreReply::Acquired(Err(failed())),
             Purpose::Renew { .. } | Purpose::Release { .. } => StoreReply::Flag(Err(failed())),
             // `joined` goes out without the remote names.
-            Purpose::Join { .. } => StoreReply::Members(Err(failed())),
+            Purpose::Join { .. } => StoreReply::Joined(Err(failed())),
             _ => return,
         };
         self.on_answer(purpose, reply, now);

@@ -449,6 +449,25 @@ impl HubCore {
         self.calls.start(call, purpose, now, SESSION_WAIT);
     }
 
+    /// The session store refused the name: it is joined to the channel from another node.
+    pub(super) fn name_taken(&mut self, channel: &str, member: &str, key: MemberKey, now: Instant) {
+        let Some(m) = self
+            .channels
+            .get(channel)
+            .and_then(|ch| ch.members.get(member))
+            .filter(|m| m.key == key)
+        else {
+            return;
+        };
+        let (conn, id) = (m.conn, m.join_id.clone());
+        self.leave(conn, channel, member, now);
+        let e = SignalError::new(
+            ErrorCode::AlreadyJoined,
+            format!("member '{member}' is already joined to channel '{channel}' on another node"),
+        );
+        self.send_error(conn, &e, id);
+    }
+
     /// The member is in: `joined` to it, `presence` to the others.
     pub(super) fn member_ready(
         &mut self,

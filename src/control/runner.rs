@@ -263,8 +263,12 @@ pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
             member,
             node,
         } => {
-            let _ = stores.sessions.join(&channel, &member, &node).await;
-            StoreReply::Members(stores.sessions.members(&channel).await)
+            let reply = match stores.sessions.join(&channel, &member, &node).await {
+                Ok(false) => Ok(None),
+                // A failed join still lists who is there (the member joins without its claim).
+                Ok(true) | Err(_) => stores.sessions.members(&channel).await.map(Some),
+            };
+            StoreReply::Joined(reply)
         }
         StoreCall::Leave {
             channel,

@@ -45,6 +45,8 @@ impl Harness {
                         self.floor.handle(Input::ShardApplied { epoch }, self.now);
                     }
                 }
+                // Another node's member: no local member is forwarded (its media comes by relay).
+                Output::ApplyRemote { epoch } => self.forwarded = Some((None, epoch)),
                 other if !self.auto_store => self.pending.push(other),
                 Output::Acquire { member, .. } => {
                     assert!(self.store_holder.is_none(), "store asked for a held lock");
@@ -527,6 +529,11 @@ fn remote_grant_revokes_a_stale_local_holder() {
         }
     )));
     assert_eq!(h.floor.speaker(), Some("zed"));
+    assert_eq!(
+        h.forwarded,
+        Some((None, 500)),
+        "a remote grant never makes a local member the speaker"
+    );
     // A press while another node holds asks the store (the holder's node may be dead); the store says busy.
     h.auto_store = false;
     h.press("b", 0);

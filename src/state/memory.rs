@@ -116,7 +116,8 @@ impl FloorStore for MemoryFloorStore {
 
 #[derive(Default)]
 struct Sessions {
-    by_channel: HashMap<String, HashSet<String>>,
+    /// channel → member → node.
+    by_channel: HashMap<String, HashMap<String, String>>,
     by_member: HashMap<String, HashSet<String>>,
 }
 
@@ -138,18 +139,19 @@ impl SessionStore for MemorySessionStore {
         &'a self,
         channel: &'a str,
         member: &'a str,
-        _node: &'a str,
-    ) -> StoreFuture<'a, ()> {
+        node: &'a str,
+    ) -> StoreFuture<'a, bool> {
         let mut s = self.lock();
-        s.by_channel
-            .entry(channel.to_string())
-            .or_default()
-            .insert(member.to_string());
+        let members = s.by_channel.entry(channel.to_string()).or_default();
+        if members.get(member).is_some_and(|n| n != node) {
+            return Box::pin(std::future::ready(Ok(false)));
+        }
+        members.insert(member.to_string(), node.to_string());
         s.by_member
             .entry(member.to_string())
             .or_default()
             .insert(channel.to_string());
-        Box::pin(std::future::ready(Ok(())))
+        Box::pin(std::future::ready(Ok(true)))
     }
 
     fn leave<'a>(
@@ -188,7 +190,7 @@ impl SessionStore for MemorySessionStore {
         let mut v: Vec<String> = s
             .by_channel
             .get(channel)
-            .map(|m| m.iter().cloned().collect())
+            .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
         v.sort();
         Box::pin(std::future::ready(Ok(v)))

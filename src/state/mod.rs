@@ -95,7 +95,14 @@ pub trait FloorStore: Send + Sync + 'static {
 /// Membership both ways (member → channels, channel → members) and presence across nodes.
 pub trait SessionStore: Send + Sync + 'static {
     /// Records `member` of `node` in `channel`, with an idle TTL refreshed by [`SessionStore::refresh`].
-    fn join<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    /// `false`: the name is joined to the channel from another node (a name is unique in a channel
+    /// across all nodes), and nothing is recorded.
+    fn join<'a>(
+        &'a self,
+        channel: &'a str,
+        member: &'a str,
+        node: &'a str,
+    ) -> StoreFuture<'a, bool>;
     fn leave<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str)
         -> StoreFuture<'a, ()>;
     /// Heartbeat: the member is still there.

@@ -101,9 +101,13 @@ impl ModelStore {
                 member,
                 node,
             } => {
+                let key = (channel.clone(), member.clone());
+                if self.member_node.get(&key).is_some_and(|n| n != node) {
+                    return StoreReply::Joined(Ok(None));
+                }
                 self.add_member(channel, member, node);
                 let m = self.members[channel].iter().cloned().collect();
-                StoreReply::Members(Ok(m))
+                StoreReply::Joined(Ok(Some(m)))
             }
             StoreCall::Refresh {
                 channel,
@@ -451,7 +455,7 @@ pub fn failure(call: &StoreCall) -> StoreReply {
         StoreCall::Acquire(_) => StoreReply::Acquired(Err(e)),
         StoreCall::Renew { .. } | StoreCall::Release { .. } => StoreReply::Flag(Err(e)),
         StoreCall::Holder { .. } => StoreReply::Holder(Err(e)),
-        StoreCall::Join { .. } => StoreReply::Members(Err(e)),
+        StoreCall::Join { .. } => StoreReply::Joined(Err(e)),
         StoreCall::ChannelNodes { .. } => StoreReply::Nodes(Err(e)),
         StoreCall::EvictNode { .. } => StoreReply::Evicted(Err(e)),
         _ => StoreReply::Done(Err(e)),

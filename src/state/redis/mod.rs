@@ -140,6 +140,7 @@ pub struct RedisStore {
     acquire: Script,
     renew: Script,
     release: Script,
+    claim: Script,
 }
 
 impl RedisStore {
@@ -186,6 +187,7 @@ impl RedisStore {
             acquire: Script::new(floor::ACQUIRE),
             renew: Script::new(floor::RENEW),
             release: Script::new(floor::RELEASE),
+            claim: Script::new(sessions::CLAIM),
         })
     }
 

@@ -7,52 +7,76 @@ use super::events::Wire;
 use super::{encode, millis, RedisStore};
 use crate::state::{wall_clock_us, SessionStore, StateError, StoreFuture};
 
+/// Claims `member` in a channel for a node, with an expiry: refused (0) while the name is joined there
+/// from another node — a name is unique in a channel across all nodes (protocol v1.1). Only the channel's
+/// keys (one Cluster slot); the member's reverse index is written after it.
+/// KEYS: members (zset name → expiry ms), member_nodes (hash name → node).
+/// ARGV: member, node, now ms, expiry ms, ttl ms, events channel, event JSON ('' publishes nothing).
+pub(super) const CLAIM: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  local owner = redis.call('HGET', KEYS[2], ARGV[1])
+  if owner and owner ~= ARGV[2] then return 0 end
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+return 1
+";
+
 impl RedisStore {
-    /// Join and refresh: (re)writes both directions with a new expiry and drops expired entries on the way.
-    /// A refresh re-adds a member that is missing, so a Redis restarted empty fills up again within one
-    /// heartbeat. Keys of two slots: fine on one Redis (`MULTI`); on Cluster this would be two transactions.
+    /// Join and refresh: claims the name in the channel (see [`CLAIM`]) with a new expiry, dropping
+    /// expired entries on the way, then records the channel in the member's reverse index. A refresh
+    /// re-adds a member that is missing, so a Redis restarted empty fills up again within one heartbeat;
+    /// it never takes a name another node holds. `false`: the name is held by another node.
     async fn upsert(
         &self,
         channel: &str,
         member: &str,
         node: &str,
         publish: bool,
-    ) -> Result<(), StateError> {
+    ) -> Result<bool, StateError> {
         let now_ms = millis(Duration::from_micros(wall_clock_us()));
         let ttl_ms = millis(self.session_ttl).max(1);
         let expiry = now_ms.saturating_add(ttl_ms);
-        let members = self.keys.members(channel);
-        let nodes = self.keys.member_nodes(channel);
+        let event = if publish {
+            encode(&Wire::Join {
+                channel: channel.into(),
+                member: member.into(),
+                node: node.into(),
+            })?
+        } else {
+            String::new()
+        };
+        let what = if publish { "join" } else { "refresh" };
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .key(self.keys.members(channel))
+            .key(self.keys.member_nodes(channel))
+            .arg(member)
+            .arg(node)
+            .arg(now_ms)
+            .arg(expiry)
+            .arg(ttl_ms)
+            .arg(self.keys.events())
+            .arg(event);
+        let claimed: i64 = self.call(what, invocation.invoke_async(&mut conn)).await?;
+        if claimed != 1 {
+            return Ok(false);
+        }
         let channels = self.keys.member_channels(member);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .zrembyscore(&members, "-inf", now_ms)
-            .ignore()
-            .zadd(&members, member, expiry)
-            .ignore()
-            .hset(&nodes, member, node)
-            .ignore()
-            .pexpire(&members, ttl_ms)
-            .ignore()
-            .pexpire(&nodes, ttl_ms)
-            .ignore()
-            .zrembyscore(&channels, "-inf", now_ms)
+        pipe.zrembyscore(&channels, "-inf", now_ms)
             .ignore()
             .zadd(&channels, channel, expiry)
             .ignore()
             .pexpire(&channels, ttl_ms)
             .ignore();
-        if publish {
-            let event = Wire::Join {
-                channel: channel.into(),
-                member: member.into(),
-                node: node.into(),
-            };
-            pipe.publish(self.keys.events(), encode(&event)?).ignore();
-        }
-        let mut conn = self.conn.clone();
-        let what = if publish { "join" } else { "refresh" };
-        self.call(what, pipe.query_async::<()>(&mut conn)).await
+        self.call(what, pipe.query_async::<()>(&mut conn)).await?;
+        Ok(true)
     }
 
     /// The live entries of a sorted set whose scores are expiry times, sorted by name.
@@ -75,7 +99,12 @@ impl RedisStore {
 }
 
 impl SessionStore for RedisStore {
-    fn join<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str) -> StoreFuture<'a, ()> {
+    fn join<'a>(
+        &'a self,
+        channel: &'a str,
+        member: &'a str,
+        node: &'a str,
+    ) -> StoreFuture<'a, bool> {
         Box::pin(self.upsert(channel, member, node, true))
     }
 
@@ -113,7 +142,7 @@ impl SessionStore for RedisStore {
         member: &'a str,
         node: &'a str,
     ) -> StoreFuture<'a, ()> {
-        Box::pin(self.upsert(channel, member, node, false))
+        Box::pin(async move { self.upsert(channel, member, node, false).await.map(|_| ()) })
     }
 
     fn members<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Vec<String>> {
