@@ -256,13 +256,26 @@ fn rand_ssrc(name: &str) -> u32 {
 
 /// A tiny HTTP/1.1 GET (no client crate needed for three routes).
 pub async fn http_get(http: SocketAddr, path: &str) -> (u16, String) {
+    http_get_with(http, path, &[]).await
+}
+
+/// `http_get` with extra request headers (e.g. `("Authorization", "Bearer …")`).
+pub async fn http_get_with(
+    http: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(STEP, TcpStream::connect(http))
         .await
         .expect("timeout")
         .expect("connect");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
     )
     .await
     .expect("write");
