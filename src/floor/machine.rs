@@ -1,402 +1,20 @@
-//! The floor of one channel: who may speak, as a sans-IO state machine after 3GPP TS 24.380 (MCPTT floor
-//! control), in the shape of str0m's `Rtc`: feed an [`Input`] with the time, then drain [`Output`]s.
-//!
-//! The machine never decides an epoch or talks to a store itself. It asks for the lock
-//! ([`Output::Acquire`]) and waits for the store's answer, then asks the channel's shard to forward the new
-//! speaker ([`Output::Apply`]) and sends `granted` only once the shard has acknowledged — so the first word
-//! is never clipped. Timers (T1 silence is detected by the shard, T2 maximum talk time, T3 pre-emption
-//! grace, lease renewal) are run by [`Floor::handle_timeout`] at the instant [`Floor::poll_timeout`] names,
-//! so an idle floor costs nothing and a busy one is woken only when something is due.
+//! The floor machine's transitions: what each input does in each state. The types and the public
+//! surface are in `mod.rs`; this file is the MCPTT floor logic itself (TS 24.380 §6.3: granted, taken,
+//! denied, queued, idle, revoked; priority pre-emption with T3 grace; T2; lease).
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Timer settings, per protocol v1 (`hello.timers`).
-#[derive(Debug, Clone, Copy)]
-pub struct FloorConfig {
-    /// T1: release after this long without media from the holder (detected by the shard).
-    pub t1: Duration,
-    /// T2: maximum talk time.
-    pub t2: Duration,
-    /// T3: how long a pre-empted holder stays forwarded.
-    pub t3: Duration,
-    /// Lease of the store's lock, renewed while held; `None` for the embedded store, whose lock cannot be
-    /// lost.
-    pub lease: Option<Lease>,
-}
-
-/// Lease timing for a store whose lock expires (Redis).
-#[derive(Debug, Clone, Copy)]
-pub struct Lease {
-    pub ttl: Duration,
-    pub renew_every: Duration,
-    /// The holder is revoked this long before the lease would run out, so it stops before anyone else can
-    /// be granted.
-    pub margin: Duration,
-}
-
-impl Default for FloorConfig {
-    fn default() -> Self {
-        FloorConfig {
-            t1: Duration::from_secs(4),
-            t2: Duration::from_secs(30),
-            t3: Duration::ZERO,
-            lease: None,
-        }
-    }
-}
-
-/// Why a press was denied (protocol v1 `denied.reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DenyReason {
-    Busy,
-    Unavailable,
-    NotJoined,
-    ListenOnly,
-    RateLimited,
-}
-
-impl DenyReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DenyReason::Busy => "busy",
-            DenyReason::Unavailable => "unavailable",
-            DenyReason::NotJoined => "not_joined",
-            DenyReason::ListenOnly => "listen_only",
-            DenyReason::RateLimited => "rate_limited",
-        }
-    }
-}
-
-/// Why a holder lost the floor (protocol v1 `revoked.reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RevokeReason {
-    MaxTalkTime,
-    Preempted,
-    Silence,
-    LeaseLost,
-    Left,
-}
-
-impl RevokeReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RevokeReason::MaxTalkTime => "max_talk_time",
-            RevokeReason::Preempted => "preempted",
-            RevokeReason::Silence => "silence",
-            RevokeReason::LeaseLost => "lease_lost",
-            RevokeReason::Left => "left",
-        }
-    }
-}
-
-/// A floor event for clients (protocol v1 `{"type":"floor", …}`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FloorEvent {
-    Granted {
-        speaker: String,
-        epoch: u64,
-        duration_ms: u64,
-    },
-    Taken {
-        speaker: String,
-        epoch: u64,
-    },
-    Denied {
-        speaker: Option<String>,
-        reason: DenyReason,
-    },
-    Queued {
-        position: usize,
-    },
-    Idle {
-        epoch: u64,
-    },
-    Revoked {
-        speaker: String,
-        epoch: u64,
-        reason: RevokeReason,
-        grace_ms: u64,
-    },
-}
-
-/// Who an event is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum To {
-    Member(String),
-    AllExcept(String),
-    All,
-}
-
-/// Inputs. Store answers carry the member they answer for, so a late answer for an abandoned request is
-/// recognised.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
-    /// A press. `queue`: wait in the queue when busy instead of being denied.
-    Request {
-        member: String,
-        priority: u8,
-        queue: bool,
-    },
-    /// A release: by the holder, a queued member (withdraws) or a pending requester (cancels).
-    Release {
-        member: String,
-    },
-    /// The member left the channel.
-    Leave {
-        member: String,
-    },
-    StoreGranted {
-        member: String,
-        epoch: u64,
-    },
-    /// The store refused: `holder` is who holds it and since which epoch (`Busy`), or the store failed
-    /// (`Unavailable`).
-    StoreDenied {
-        member: String,
-        holder: Option<(String, u64)>,
-        reason: DenyReason,
-    },
-    /// The store has released (or failed to release; the lease then runs out on its own).
-    StoreReleased {
-        epoch: u64,
-    },
-    /// The answer to the renewal sent at `sent_at`.
-    Renewed {
-        epoch: u64,
-        sent_at: Instant,
-        outcome: Renewal,
-    },
-    /// The shard forwards the speaker of `epoch` now.
-    ShardApplied {
-        epoch: u64,
-    },
-    /// The shard saw no media from the holder of `epoch` for T1.
-    MediaSilence {
-        epoch: u64,
-    },
-    /// Another node's member holds the floor at `epoch` (`Some`), or it was released (`None`).
-    Remote {
-        speaker: Option<String>,
-        epoch: u64,
-    },
-    /// Run the timers due at `now` (same as [`Floor::handle_timeout`]).
-    Tick,
-}
-
-/// How a lease renewal went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewal {
-    Renewed,
-    /// The lock is no longer ours (it expired and someone else took it).
-    Lost,
-    /// The store did not answer; the lease runs out at its own time unless a later renewal succeeds.
-    Failed,
-}
-
-/// Outputs, drained with [`Floor::poll_output`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    /// Ask the store for the lock on behalf of `member`.
-    Acquire {
-        member: String,
-        priority: u8,
-    },
-    /// Renew the lease of `epoch`.
-    Renew {
-        epoch: u64,
-    },
-    /// Release the lock of `epoch` in the store.
-    Release {
-        epoch: u64,
-    },
-    /// Tell the shard who to forward: the local member `speaker` of `epoch` (`None`: nobody).
-    Apply {
-        speaker: Option<String>,
-        epoch: u64,
-    },
-    /// Tell the shard that a member of another node holds `epoch`: forward its relayed media, and no
-    /// local member — even one with the same name.
-    ApplyRemote {
-        epoch: u64,
-    },
-    Notify {
-        to: To,
-        event: FloorEvent,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum State {
-    Idle,
-    /// Waiting for the store. `cancelled`: released meanwhile; give the lock back when it comes.
-    Acquiring {
-        member: String,
-        priority: u8,
-        cancelled: bool,
-    },
-    /// Store granted; waiting for the shard to forward.
-    Applying {
-        member: String,
-        priority: u8,
-        epoch: u64,
-    },
-    Held(Held),
-    /// The lock is being given back; then the queue's head is granted, or idle announced.
-    Releasing {
-        epoch: u64,
-    },
-    /// Held by a member of another node.
-    Remote {
-        speaker: String,
-        epoch: u64,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Held {
-    member: String,
-    priority: u8,
-    epoch: u64,
-    t2_at: Instant,
-    /// Pre-empted: forwarded until this instant (T3), then revoked.
-    preempt_at: Option<Instant>,
-    /// Lease bookkeeping: the send time of the last successful renewal, and when to renew next.
-    renewed_at: Instant,
-    renew_at: Instant,
-    renew_in_flight: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Queued {
-    member: String,
-    priority: u8,
-    /// Last position told to the member, to send `queued` only on a change.
-    told: usize,
-}
-
-/// One channel's floor.
-#[derive(Debug)]
-pub struct Floor {
-    config: FloorConfig,
-    state: State,
-    queue: Vec<Queued>,
-    /// The newest epoch this floor has seen (its own grants and remote ones).
-    epoch: u64,
-    out: VecDeque<Output>,
-}
+use super::{
+    DenyReason, Floor, FloorEvent, Held, Output, Queued, Renewal, RevokeReason, State, To,
+};
 
 impl Floor {
-    pub fn new(config: FloorConfig) -> Self {
-        Floor {
-            config,
-            state: State::Idle,
-            queue: Vec::new(),
-            epoch: 0,
-            out: VecDeque::new(),
-        }
-    }
-
-    /// The newest epoch seen.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
-    /// Who is forwarded now (local or remote), if anyone.
-    pub fn speaker(&self) -> Option<&str> {
-        match &self.state {
-            State::Held(h) => Some(&h.member),
-            State::Remote { speaker, .. } => Some(speaker),
-            _ => None,
-        }
-    }
-
-    /// The holder when it is a member of another node, with its epoch.
-    pub fn remote(&self) -> Option<(&str, u64)> {
-        match &self.state {
-            State::Remote { speaker, epoch } => Some((speaker, *epoch)),
-            _ => None,
-        }
-    }
-
-    /// True when nothing is pending, held or queued: the channel needs no ticks.
-    pub fn is_quiet(&self) -> bool {
-        matches!(self.state, State::Idle | State::Remote { .. }) && self.queue.is_empty()
-    }
-
-    /// The next output to act on.
-    pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
-    }
-
-    /// When the machine next needs [`Floor::handle_timeout`]: the earliest of T2, the end of a T3 grace,
-    /// the next lease renewal and the instant the holder must be revoked because its lease is about to
-    /// run out. `None` while nobody local holds the floor: nothing is then due.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let State::Held(h) = &self.state else {
-            return None;
-        };
-        let mut at = h.t2_at;
-        if let Some(preempt) = h.preempt_at {
-            at = at.min(preempt);
-        }
-        if let Some(lease) = self.config.lease {
-            // `on_tick` revokes once `now + margin >= renewed_at + ttl`.
-            let revoke = (h.renewed_at + lease.ttl)
-                .checked_sub(lease.margin)
-                .unwrap_or(h.renewed_at);
-            at = at.min(revoke);
-            if !h.renew_in_flight {
-                at = at.min(h.renew_at);
-            }
-        }
-        Some(at)
-    }
-
-    /// Runs whatever timer is due at `now` (see [`Floor::poll_timeout`]).
-    pub fn handle_timeout(&mut self, now: Instant) {
-        self.on_tick(now);
-    }
-
-    /// Feeds one input at `now`.
-    pub fn handle(&mut self, input: Input, now: Instant) {
-        match input {
-            Input::Request {
-                member,
-                priority,
-                queue,
-            } => self.on_request(member, priority, queue, now),
-            Input::Release { member } => self.on_release(&member, None),
-            Input::Leave { member } => self.on_release(&member, Some(RevokeReason::Left)),
-            Input::StoreGranted { member, epoch } => self.on_store_granted(member, epoch),
-            Input::StoreDenied {
-                member,
-                holder,
-                reason,
-            } => self.on_store_denied(member, holder, reason),
-            Input::StoreReleased { epoch } => self.on_store_released(epoch),
-            Input::Renewed {
-                epoch,
-                sent_at,
-                outcome,
-            } => self.on_renewed(epoch, sent_at, outcome),
-            Input::ShardApplied { epoch } => self.on_applied(epoch, now),
-            Input::MediaSilence { epoch } => {
-                if matches!(&self.state, State::Held(h) if h.epoch == epoch) {
-                    self.revoke(RevokeReason::Silence);
-                }
-            }
-            Input::Remote { speaker, epoch } => self.on_remote(speaker, epoch),
-            Input::Tick => self.on_tick(now),
-        }
-    }
-
-    fn notify(&mut self, to: To, event: FloorEvent) {
+    pub(super) fn notify(&mut self, to: To, event: FloorEvent) {
         self.out.push_back(Output::Notify { to, event });
     }
 
     /// The member that holds or is about to hold the floor, with its priority.
-    fn current(&self) -> Option<(&str, u8)> {
+    pub(super) fn current(&self) -> Option<(&str, u8)> {
         match &self.state {
             State::Acquiring {
                 member,
@@ -412,7 +30,7 @@ impl Floor {
         }
     }
 
-    fn on_request(&mut self, member: String, priority: u8, queue: bool, now: Instant) {
+    pub(super) fn on_request(&mut self, member: String, priority: u8, queue: bool, now: Instant) {
         if let Some((holder, holder_priority)) = self.current() {
             if holder == member {
                 // A repeated press by the holder: say again where it stands.
@@ -472,7 +90,7 @@ impl Floor {
         }
     }
 
-    fn enqueue(&mut self, member: String, priority: u8) {
+    pub(super) fn enqueue(&mut self, member: String, priority: u8) {
         if self.queue.iter().any(|q| q.member == member) {
             return;
         }
@@ -492,7 +110,7 @@ impl Floor {
     }
 
     /// Queue positions are 1-based; a member whose pre-emption is under way is told 0.
-    fn tell_queue_positions(&mut self) {
+    pub(super) fn tell_queue_positions(&mut self) {
         let holder_priority = self.current().map(|(_, p)| p);
         let preempting = matches!(&self.state, State::Held(h) if h.preempt_at.is_some())
             || matches!(self.state, State::Releasing { .. });
@@ -515,7 +133,7 @@ impl Floor {
     }
 
     /// The queue's head outranks the holder: revoke now, or after T3 grace.
-    fn preempt(&mut self, now: Instant) {
+    pub(super) fn preempt(&mut self, now: Instant) {
         let t3 = self.config.t3;
         let State::Held(h) = &mut self.state else {
             // Still acquiring or applying: pre-empt once held (see `on_applied`).
@@ -539,7 +157,7 @@ impl Floor {
         }
     }
 
-    fn granted_event(&self, speaker: String, epoch: u64) -> FloorEvent {
+    pub(super) fn granted_event(&self, speaker: String, epoch: u64) -> FloorEvent {
         FloorEvent::Granted {
             speaker,
             epoch,
@@ -548,7 +166,7 @@ impl Floor {
     }
 
     /// Takes the floor from the holder: it stops being forwarded at once, the lock is given back.
-    fn revoke(&mut self, reason: RevokeReason) {
+    pub(super) fn revoke(&mut self, reason: RevokeReason) {
         let State::Held(h) = std::mem::replace(&mut self.state, State::Idle) else {
             return;
         };
@@ -572,7 +190,7 @@ impl Floor {
         self.out.push_back(Output::Release { epoch: h.epoch });
     }
 
-    fn on_release(&mut self, member: &str, leaving: Option<RevokeReason>) {
+    pub(super) fn on_release(&mut self, member: &str, leaving: Option<RevokeReason>) {
         let before = self.queue.len();
         self.queue.retain(|q| q.member != member);
         let dequeued = self.queue.len() != before;
@@ -614,7 +232,7 @@ impl Floor {
         }
     }
 
-    fn on_store_granted(&mut self, member: String, epoch: u64) {
+    pub(super) fn on_store_granted(&mut self, member: String, epoch: u64) {
         self.epoch = self.epoch.max(epoch);
         match &self.state {
             State::Acquiring {
@@ -642,7 +260,7 @@ impl Floor {
         }
     }
 
-    fn on_store_denied(
+    pub(super) fn on_store_denied(
         &mut self,
         member: String,
         holder: Option<(String, u64)>,
@@ -691,7 +309,7 @@ impl Floor {
         }
     }
 
-    fn on_applied(&mut self, epoch: u64, now: Instant) {
+    pub(super) fn on_applied(&mut self, epoch: u64, now: Instant) {
         let State::Applying {
             member,
             priority,
@@ -733,7 +351,7 @@ impl Floor {
         self.tell_queue_positions();
     }
 
-    fn on_store_released(&mut self, epoch: u64) {
+    pub(super) fn on_store_released(&mut self, epoch: u64) {
         if self.state != (State::Releasing { epoch }) {
             return;
         }
@@ -745,7 +363,7 @@ impl Floor {
         }
     }
 
-    fn grant_next(&mut self) {
+    pub(super) fn grant_next(&mut self) {
         let q = self.queue.remove(0);
         self.state = State::Acquiring {
             member: q.member.clone(),
@@ -759,7 +377,7 @@ impl Floor {
         self.tell_queue_positions();
     }
 
-    fn on_renewed(&mut self, epoch: u64, sent_at: Instant, outcome: Renewal) {
+    pub(super) fn on_renewed(&mut self, epoch: u64, sent_at: Instant, outcome: Renewal) {
         let State::Held(h) = &mut self.state else {
             return;
         };
@@ -775,7 +393,7 @@ impl Floor {
         }
     }
 
-    fn on_remote(&mut self, speaker: Option<String>, epoch: u64) {
+    pub(super) fn on_remote(&mut self, speaker: Option<String>, epoch: u64) {
         match speaker {
             Some(speaker) if epoch > self.epoch => {
                 self.epoch = epoch;
@@ -827,7 +445,7 @@ impl Floor {
         }
     }
 
-    fn on_tick(&mut self, now: Instant) {
+    pub(super) fn on_tick(&mut self, now: Instant) {
         let lease = self.config.lease;
         let State::Held(h) = &mut self.state else {
             return;
@@ -854,6 +472,3 @@ impl Floor {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;
