@@ -33,6 +33,7 @@ fn drain(floor: &mut Floor, store: &MemoryFloorStore, now: Instant) -> usize {
             Output::Apply {
                 speaker: Some(_),
                 epoch,
+                ..
             } => floor.handle(Input::ShardApplied { epoch }, now),
             Output::Release { epoch } => {
                 let _ = futures_util::FutureExt::now_or_never(store.release("c", epoch));

@@ -95,6 +95,7 @@ impl HubCore {
                     if let Some(at) = next {
                         self.floor_timers.push(Reverse((at, channel.to_string())));
                     }
+                    self.prune_floor_timers();
                 }
                 return;
             };
@@ -136,7 +137,7 @@ impl HubCore {
                     };
                     self.call(call, purpose, now);
                 }
-                FloorOutput::Apply { speaker, epoch } => {
+                FloorOutput::Apply { speaker, epoch, .. } => {
                     let change = match speaker {
                         Some(name) => SpeakerChange::Granted {
                             speaker: ch.members.get(&name).map(|m| m.key),
@@ -151,6 +152,7 @@ impl HubCore {
                     let shard = ch.shard;
                     self.shard_command(shard, command);
                 }
+                FloorOutput::Extend { .. } => {}
                 FloorOutput::ApplyRemote { epoch } => {
                     let change = SpeakerChange::Granted {
                         speaker: None,
@@ -207,6 +209,21 @@ impl HubCore {
             .collect();
         for conn in conns {
             self.send_text(conn, text.clone());
+        }
+    }
+
+    /// Drops stale entries from the top of the floor timer heap, so the core's next deadline is a real
+    /// one (a rescheduled floor leaves its old entry behind).
+    fn prune_floor_timers(&mut self) {
+        while let Some(Reverse((at, channel))) = self.floor_timers.peek() {
+            let live = self
+                .channels
+                .get(channel)
+                .is_some_and(|ch| ch.timer == Some(*at));
+            if live {
+                break;
+            }
+            self.floor_timers.pop();
         }
     }
 

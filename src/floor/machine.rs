@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     DenyReason, Floor, FloorEvent, Held, Output, Queued, Renewal, RevokeReason, State, To,
+    APPLY_TIMEOUT,
 };
 
 impl Floor {
@@ -20,6 +21,7 @@ impl Floor {
                 member,
                 priority,
                 cancelled: false,
+                ..
             } => Some((member, *priority)),
             State::Applying {
                 member, priority, ..
@@ -45,12 +47,7 @@ impl Floor {
             if is_remote && !queue {
                 // Our view of another node's holder is a cache: its node may have died and its lease run
                 // out without a word (an expiring key publishes nothing). The store decides.
-                self.state = State::Acquiring {
-                    member: member.clone(),
-                    priority,
-                    cancelled: false,
-                };
-                self.out.push_back(Output::Acquire { member, priority });
+                self.acquire(member, priority, now);
                 return;
             }
             if priority > holder_priority && !is_remote {
@@ -74,19 +71,60 @@ impl Floor {
             return;
         }
         match self.state {
-            State::Idle => {
-                self.state = State::Acquiring {
-                    member: member.clone(),
-                    priority,
-                    cancelled: false,
-                };
-                self.out.push_back(Output::Acquire { member, priority });
-            }
-            // Acquiring-cancelled or Releasing: the floor is about to be free; wait in line.
-            _ => {
+            State::Idle => self.acquire(member, priority, now),
+            // Acquiring-cancelled or Releasing: the floor is about to change hands. A member that asked to
+            // queue waits in line; the others race, and are settled once the change is done.
+            _ if queue => {
                 self.enqueue(member, priority);
                 self.tell_queue_positions();
             }
+            _ => {
+                if !self.racing.iter().any(|r| r.member == member) {
+                    self.racing.push(Queued {
+                        member,
+                        priority,
+                        told: usize::MAX,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Asks the store for the lock on behalf of `member`.
+    fn acquire(&mut self, member: String, priority: u8, now: Instant) {
+        self.state = State::Acquiring {
+            member: member.clone(),
+            priority,
+            cancelled: false,
+            asked_at: now,
+        };
+        self.out.push_back(Output::Acquire { member, priority });
+    }
+
+    /// After the floor changed hands: presses that raced the change are answered. If the floor is free,
+    /// the highest-priority (then the earliest) of them is asked for; every other is denied `busy`,
+    /// naming who holds or is about to hold the floor.
+    pub(super) fn settle_racing(&mut self, now: Instant) {
+        if self.racing.is_empty() {
+            return;
+        }
+        let mut racing = std::mem::take(&mut self.racing);
+        if self.state == State::Idle {
+            let best = (0..racing.len())
+                .max_by_key(|&i| (racing[i].priority, std::cmp::Reverse(i)))
+                .unwrap_or(0);
+            let winner = racing.remove(best);
+            self.acquire(winner.member, winner.priority, now);
+        }
+        let speaker = self.current().map(|(m, _)| m.to_string());
+        for r in racing {
+            self.notify(
+                To::Member(r.member),
+                FloorEvent::Denied {
+                    speaker: speaker.clone(),
+                    reason: DenyReason::Busy,
+                },
+            );
         }
     }
 
@@ -173,6 +211,7 @@ impl Floor {
         self.out.push_back(Output::Apply {
             speaker: None,
             epoch: h.epoch,
+            until: None,
         });
         // With T3 grace the holder was already told; otherwise tell it now.
         if h.preempt_at.is_none() || reason != RevokeReason::Preempted {
@@ -191,6 +230,7 @@ impl Floor {
     }
 
     pub(super) fn on_release(&mut self, member: &str, leaving: Option<RevokeReason>) {
+        self.racing.retain(|r| r.member != member);
         let before = self.queue.len();
         self.queue.retain(|q| q.member != member);
         let dequeued = self.queue.len() != before;
@@ -203,6 +243,7 @@ impl Floor {
                     self.out.push_back(Output::Apply {
                         speaker: None,
                         epoch,
+                        until: None,
                     });
                     self.state = State::Releasing { epoch };
                     self.out.push_back(Output::Release { epoch });
@@ -220,6 +261,7 @@ impl Floor {
                 self.out.push_back(Output::Apply {
                     speaker: None,
                     epoch,
+                    until: None,
                 });
                 self.state = State::Releasing { epoch };
                 self.out.push_back(Output::Release { epoch });
@@ -232,26 +274,32 @@ impl Floor {
         }
     }
 
-    pub(super) fn on_store_granted(&mut self, member: String, epoch: u64) {
+    pub(super) fn on_store_granted(&mut self, member: String, epoch: u64, now: Instant) {
         self.epoch = self.epoch.max(epoch);
         match &self.state {
             State::Acquiring {
                 member: m,
                 priority,
                 cancelled,
+                asked_at,
             } if *m == member => {
                 if *cancelled {
                     self.state = State::Releasing { epoch };
                     self.out.push_back(Output::Release { epoch });
                 } else {
+                    let asked_at = *asked_at;
                     self.state = State::Applying {
                         member: m.clone(),
                         priority: *priority,
                         epoch,
+                        asked_at,
+                        deadline: now + APPLY_TIMEOUT,
                     };
+                    let until = self.config.lease.map(|l| l.end(asked_at));
                     self.out.push_back(Output::Apply {
                         speaker: Some(member),
                         epoch,
+                        until,
                     });
                 }
             }
@@ -265,6 +313,7 @@ impl Floor {
         member: String,
         holder: Option<(String, u64)>,
         reason: DenyReason,
+        now: Instant,
     ) {
         let State::Acquiring {
             member: m,
@@ -287,7 +336,7 @@ impl Floor {
         // so its release is recognised.
         if let Some((speaker, epoch)) = holder {
             if epoch > self.epoch {
-                self.on_remote(Some(speaker), epoch);
+                self.on_remote(Some(speaker), epoch, now);
             } else if epoch == self.epoch && self.remote().is_none() {
                 self.state = State::Remote { speaker, epoch };
             }
@@ -295,7 +344,9 @@ impl Floor {
         // Queued members wait for the remote holder's release (a `Remote` input) or, on a store failure,
         // are denied too: never let a queue wait on a store that does not answer.
         if reason == DenyReason::Unavailable {
-            for q in std::mem::take(&mut self.queue) {
+            let waiting = std::mem::take(&mut self.queue);
+            let racing = std::mem::take(&mut self.racing);
+            for q in waiting.into_iter().chain(racing) {
                 self.notify(
                     To::Member(q.member),
                     FloorEvent::Denied {
@@ -305,8 +356,9 @@ impl Floor {
                 );
             }
         } else if !self.queue.is_empty() && cancelled {
-            self.grant_next();
+            self.grant_next(now);
         }
+        self.settle_racing(now);
     }
 
     pub(super) fn on_applied(&mut self, epoch: u64, now: Instant) {
@@ -314,6 +366,8 @@ impl Floor {
             member,
             priority,
             epoch: e,
+            asked_at,
+            ..
         } = &self.state
         else {
             return;
@@ -321,7 +375,7 @@ impl Floor {
         if *e != epoch {
             return;
         }
-        let (member, priority) = (member.clone(), *priority);
+        let (member, priority, asked_at) = (member.clone(), *priority, *asked_at);
         let renew_every = self
             .config
             .lease
@@ -332,8 +386,10 @@ impl Floor {
             epoch,
             t2_at: now + self.config.t2,
             preempt_at: None,
-            renewed_at: now,
-            renew_at: now + renew_every,
+            // The lease runs from when the lock was asked for, not from now: the store started its TTL
+            // before this acknowledgement came back.
+            renewed_at: asked_at,
+            renew_at: asked_at + renew_every,
             renew_in_flight: false,
         });
         let granted = self.granted_event(member.clone(), epoch);
@@ -351,29 +407,22 @@ impl Floor {
         self.tell_queue_positions();
     }
 
-    pub(super) fn on_store_released(&mut self, epoch: u64) {
+    pub(super) fn on_store_released(&mut self, epoch: u64, now: Instant) {
         if self.state != (State::Releasing { epoch }) {
             return;
         }
         self.state = State::Idle;
-        if self.queue.is_empty() {
+        if !self.queue.is_empty() {
+            self.grant_next(now);
+        } else if self.racing.is_empty() {
             self.notify(To::All, FloorEvent::Idle { epoch });
-        } else {
-            self.grant_next();
         }
+        self.settle_racing(now);
     }
 
-    pub(super) fn grant_next(&mut self) {
+    pub(super) fn grant_next(&mut self, now: Instant) {
         let q = self.queue.remove(0);
-        self.state = State::Acquiring {
-            member: q.member.clone(),
-            priority: q.priority,
-            cancelled: false,
-        };
-        self.out.push_back(Output::Acquire {
-            member: q.member,
-            priority: q.priority,
-        });
+        self.acquire(q.member, q.priority, now);
         self.tell_queue_positions();
     }
 
@@ -386,14 +435,21 @@ impl Floor {
         }
         h.renew_in_flight = false;
         match outcome {
-            Renewal::Renewed => h.renewed_at = h.renewed_at.max(sent_at),
+            Renewal::Renewed => {
+                h.renewed_at = h.renewed_at.max(sent_at);
+                if let Some(lease) = self.config.lease {
+                    let until = lease.end(h.renewed_at);
+                    let epoch = h.epoch;
+                    self.out.push_back(Output::Extend { epoch, until });
+                }
+            }
             // The lock is someone else's already: stop forwarding now.
             Renewal::Lost => self.revoke(RevokeReason::LeaseLost),
             Renewal::Failed => {}
         }
     }
 
-    pub(super) fn on_remote(&mut self, speaker: Option<String>, epoch: u64) {
+    pub(super) fn on_remote(&mut self, speaker: Option<String>, epoch: u64, now: Instant) {
         match speaker {
             Some(speaker) if epoch > self.epoch => {
                 self.epoch = epoch;
@@ -427,6 +483,7 @@ impl Floor {
                 // A store answer still on its way settles an acquisition; otherwise the remote holder is it.
                 if !matches!(self.state, State::Acquiring { .. }) {
                     self.state = State::Remote { speaker, epoch };
+                    self.settle_racing(now);
                 }
             }
             None if matches!(&self.state, State::Remote { epoch: e, .. } if *e == epoch) => {
@@ -434,11 +491,12 @@ impl Floor {
                 self.out.push_back(Output::Apply {
                     speaker: None,
                     epoch,
+                    until: None,
                 });
                 if self.queue.is_empty() {
                     self.notify(To::All, FloorEvent::Idle { epoch });
                 } else {
-                    self.grant_next();
+                    self.grant_next(now);
                 }
             }
             _ => {}
@@ -447,6 +505,35 @@ impl Floor {
 
     pub(super) fn on_tick(&mut self, now: Instant) {
         let lease = self.config.lease;
+        if let State::Applying {
+            member,
+            epoch,
+            deadline,
+            ..
+        } = &self.state
+        {
+            if now >= *deadline {
+                // The shard never acknowledged: the member is told it did not get the floor (nothing was
+                // forwarded), the shard is told again that nobody speaks, and the lock goes back.
+                let (member, epoch) = (member.clone(), *epoch);
+                tracing::warn!(epoch, "the shard did not acknowledge a grant: giving it up");
+                self.notify(
+                    To::Member(member),
+                    FloorEvent::Denied {
+                        speaker: None,
+                        reason: DenyReason::Unavailable,
+                    },
+                );
+                self.out.push_back(Output::Apply {
+                    speaker: None,
+                    epoch,
+                    until: None,
+                });
+                self.state = State::Releasing { epoch };
+                self.out.push_back(Output::Release { epoch });
+            }
+            return;
+        }
         let State::Held(h) = &mut self.state else {
             return;
         };
@@ -459,7 +546,7 @@ impl Floor {
             return;
         }
         if let Some(lease) = lease {
-            if now + lease.margin >= h.renewed_at + lease.ttl {
+            if now >= lease.end(h.renewed_at) {
                 self.revoke(RevokeReason::LeaseLost);
                 return;
             }

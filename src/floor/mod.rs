@@ -35,6 +35,19 @@ pub struct Lease {
     pub margin: Duration,
 }
 
+impl Lease {
+    /// The last instant a holder whose lease was last confirmed at `from` may be forwarded: the TTL less
+    /// the margin (which covers the clock drift between this node and the store), counted from when the
+    /// request was *sent* — the store's TTL started later, so this end is never after the store's.
+    pub fn end(&self, from: Instant) -> Instant {
+        (from + self.ttl).checked_sub(self.margin).unwrap_or(from)
+    }
+}
+
+/// How long a grant waits for the shard's acknowledgement before it is given up (the member is denied
+/// `unavailable` and the lock released): a shard that does not answer must not leave the floor busy.
+pub const APPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Default for FloorConfig {
     fn default() -> Self {
         FloorConfig {
@@ -210,10 +223,18 @@ pub enum Output {
     Release {
         epoch: u64,
     },
-    /// Tell the shard who to forward: the local member `speaker` of `epoch` (`None`: nobody).
+    /// Tell the shard who to forward: the local member `speaker` of `epoch` (`None`: nobody), and for a
+    /// store with leases, no later than `until` — the shard stops forwarding it then on its own, so a
+    /// holder whose lease runs out is fenced even if this machine's revocation is late or lost.
     Apply {
         speaker: Option<String>,
         epoch: u64,
+        until: Option<Instant>,
+    },
+    /// A renewal succeeded: the shard may forward the holder of `epoch` until `until`.
+    Extend {
+        epoch: u64,
+        until: Instant,
     },
     /// Tell the shard that a member of another node holds `epoch`: forward its relayed media, and no
     /// local member — even one with the same name.
@@ -230,16 +251,20 @@ pub enum Output {
 enum State {
     Idle,
     /// Waiting for the store. `cancelled`: released meanwhile; give the lock back when it comes.
+    /// `asked_at`: when the lock was asked for — its lease is counted from then.
     Acquiring {
         member: String,
         priority: u8,
         cancelled: bool,
+        asked_at: Instant,
     },
-    /// Store granted; waiting for the shard to forward.
+    /// Store granted; waiting for the shard to forward, at most until `deadline`.
     Applying {
         member: String,
         priority: u8,
         epoch: u64,
+        asked_at: Instant,
+        deadline: Instant,
     },
     Held(Held),
     /// The lock is being given back; then the queue's head is granted, or idle announced.
@@ -281,6 +306,10 @@ pub struct Floor {
     config: FloorConfig,
     state: State,
     queue: Vec<Queued>,
+    /// Presses (without `queue`) made while the floor was changing hands (being released, or a cancelled
+    /// acquisition finishing): nobody asked to wait, so they are not queued; when the change completes one
+    /// of them is granted (if the floor is then free) and the others are denied `busy`.
+    racing: Vec<Queued>,
     /// The newest epoch this floor has seen (its own grants and remote ones).
     epoch: u64,
     out: VecDeque<Output>,
@@ -292,6 +321,7 @@ impl Floor {
             config,
             state: State::Idle,
             queue: Vec::new(),
+            racing: Vec::new(),
             epoch: 0,
             out: VecDeque::new(),
         }
@@ -321,7 +351,9 @@ impl Floor {
 
     /// True when nothing is pending, held or queued: the channel needs no ticks.
     pub fn is_quiet(&self) -> bool {
-        matches!(self.state, State::Idle | State::Remote { .. }) && self.queue.is_empty()
+        matches!(self.state, State::Idle | State::Remote { .. })
+            && self.queue.is_empty()
+            && self.racing.is_empty()
     }
 
     /// The next output to act on.
@@ -333,19 +365,17 @@ impl Floor {
     /// the next lease renewal and the instant the holder must be revoked because its lease is about to
     /// run out. `None` while nobody local holds the floor: nothing is then due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let State::Held(h) = &self.state else {
-            return None;
+        let h = match &self.state {
+            State::Held(h) => h,
+            State::Applying { deadline, .. } => return Some(*deadline),
+            _ => return None,
         };
         let mut at = h.t2_at;
         if let Some(preempt) = h.preempt_at {
             at = at.min(preempt);
         }
         if let Some(lease) = self.config.lease {
-            // `on_tick` revokes once `now + margin >= renewed_at + ttl`.
-            let revoke = (h.renewed_at + lease.ttl)
-                .checked_sub(lease.margin)
-                .unwrap_or(h.renewed_at);
-            at = at.min(revoke);
+            at = at.min(lease.end(h.renewed_at));
             if !h.renew_in_flight {
                 at = at.min(h.renew_at);
             }
@@ -368,13 +398,13 @@ impl Floor {
             } => self.on_request(member, priority, queue, now),
             Input::Release { member } => self.on_release(&member, None),
             Input::Leave { member } => self.on_release(&member, Some(RevokeReason::Left)),
-            Input::StoreGranted { member, epoch } => self.on_store_granted(member, epoch),
+            Input::StoreGranted { member, epoch } => self.on_store_granted(member, epoch, now),
             Input::StoreDenied {
                 member,
                 holder,
                 reason,
-            } => self.on_store_denied(member, holder, reason),
-            Input::StoreReleased { epoch } => self.on_store_released(epoch),
+            } => self.on_store_denied(member, holder, reason, now),
+            Input::StoreReleased { epoch } => self.on_store_released(epoch, now),
             Input::Renewed {
                 epoch,
                 sent_at,
@@ -386,7 +416,7 @@ impl Floor {
                     self.revoke(RevokeReason::Silence);
                 }
             }
-            Input::Remote { speaker, epoch } => self.on_remote(speaker, epoch),
+            Input::Remote { speaker, epoch } => self.on_remote(speaker, epoch, now),
             Input::Tick => self.on_tick(now),
         }
     }

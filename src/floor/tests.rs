@@ -14,6 +14,10 @@ struct Harness {
     /// When false, store requests are kept in `pending` for the test to answer.
     auto_store: bool,
     pending: Vec<Output>,
+    /// When false, the shard never acknowledges a speaker change.
+    auto_shard: bool,
+    /// The lease deadline last given to the shard (`Apply`'s `until`, then `Extend`).
+    until: Option<Instant>,
 }
 
 impl Harness {
@@ -27,6 +31,8 @@ impl Harness {
             forwarded: None,
             auto_store: true,
             pending: vec![],
+            auto_shard: true,
+            until: None,
         }
     }
 
@@ -39,12 +45,18 @@ impl Harness {
         while let Some(out) = self.floor.poll_output() {
             match out {
                 Output::Notify { to, event } => self.events.push((to, event)),
-                Output::Apply { speaker, epoch } => {
+                Output::Apply {
+                    speaker,
+                    epoch,
+                    until,
+                } => {
                     self.forwarded = Some((speaker.clone(), epoch));
-                    if speaker.is_some() {
+                    self.until = until;
+                    if speaker.is_some() && self.auto_shard {
                         self.floor.handle(Input::ShardApplied { epoch }, self.now);
                     }
                 }
+                Output::Extend { until, .. } => self.until = Some(until),
                 // Another node's member: no local member is forwarded (its media comes by relay).
                 Output::ApplyRemote { epoch } => self.forwarded = Some((None, epoch)),
                 other if !self.auto_store => self.pending.push(other),
@@ -173,7 +185,8 @@ fn granted_waits_for_the_shard() {
         f.poll_output(),
         Some(Output::Apply {
             speaker: Some("a".into()),
-            epoch: 5
+            epoch: 5,
+            until: None
         })
     );
     assert_eq!(
@@ -720,4 +733,159 @@ fn losing_a_race_to_another_node_still_sees_its_release() {
             vec![(To::All, FloorEvent::Idle { epoch: 50 })]
         );
     }
+}
+
+#[test]
+fn presses_racing_a_release_are_settled_not_queued() {
+    let mut h = Harness::new(FloorConfig::default());
+    h.press("b", 0);
+    h.take_events();
+    // b releases; the store's answer is slow, and a, c, d press meanwhile (none asked to queue).
+    h.auto_store = false;
+    h.release("b");
+    for m in ["a", "c", "d"] {
+        h.press(m, 0);
+    }
+    assert!(
+        h.take_events().is_empty(),
+        "nobody is told `queued`: {:?}",
+        h.events
+    );
+    let Some(Output::Release { epoch }) = h.pending.pop() else {
+        panic!("expected the release: {:?}", h.pending);
+    };
+    h.auto_store = true;
+    h.store_holder = None;
+    h.feed(Input::StoreReleased { epoch });
+    let ev = h.take_events();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, (To::Member(m), FloorEvent::Granted { .. }) if m == "a")),
+        "{ev:?}"
+    );
+    for m in ["c", "d"] {
+        assert!(
+            ev.iter().any(|e| matches!(e, (To::Member(x), FloorEvent::Denied { reason: DenyReason::Busy, speaker: Some(s) }) if x == m && s == "a")),
+            "{m} is denied busy: {ev:?}"
+        );
+    }
+    assert!(
+        !ev.iter().any(|e| matches!(e.1, FloorEvent::Idle { .. })),
+        "no idle between b and a"
+    );
+    assert!(h.floor.is_quiet() || h.floor.speaker() == Some("a"));
+}
+
+#[test]
+fn a_higher_priority_racer_wins_and_a_racer_that_lets_go_is_forgotten() {
+    let mut h = Harness::new(FloorConfig::default());
+    h.press("b", 0);
+    h.auto_store = false;
+    h.release("b");
+    h.press("a", 0);
+    h.press("boss", 7);
+    h.press("c", 0);
+    h.release("c");
+    let Some(Output::Release { epoch }) = h.pending.pop() else {
+        panic!();
+    };
+    h.auto_store = true;
+    h.store_holder = None;
+    h.take_events();
+    h.feed(Input::StoreReleased { epoch });
+    let ev = h.take_events();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, (To::Member(m), FloorEvent::Granted { .. }) if m == "boss")),
+        "{ev:?}"
+    );
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, (To::Member(m), FloorEvent::Denied { .. }) if m == "a")));
+    assert!(
+        !ev.iter().any(|e| matches!(&e.0, To::Member(m) if m == "c")),
+        "c let go: told nothing"
+    );
+}
+
+#[test]
+fn a_grant_the_shard_never_acknowledges_is_given_up() {
+    let mut h = Harness::new(FloorConfig::default());
+    h.auto_shard = false;
+    h.press("a", 0);
+    assert!(h.take_events().is_empty());
+    assert_eq!(h.floor.poll_timeout(), Some(h.now + APPLY_TIMEOUT));
+    h.advance(APPLY_TIMEOUT - Duration::from_millis(1));
+    assert!(h.take_events().is_empty());
+    h.advance(Duration::from_millis(1));
+    let ev = h.take_events();
+    assert!(
+        ev.contains(&(
+            to("a"),
+            FloorEvent::Denied {
+                speaker: None,
+                reason: DenyReason::Unavailable
+            }
+        )),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter().any(|e| matches!(e.1, FloorEvent::Idle { .. })),
+        "the floor is free again: {ev:?}"
+    );
+    assert_eq!(
+        h.forwarded.as_ref().map(|f| f.0.clone()),
+        Some(None),
+        "the shard is told nobody speaks"
+    );
+    assert!(h.floor.is_quiet());
+}
+
+#[test]
+fn the_lease_is_counted_from_when_the_grant_was_asked_for() {
+    let lease = Lease {
+        ttl: Duration::from_secs(3),
+        renew_every: Duration::from_secs(1),
+        margin: Duration::from_millis(250),
+    };
+    let mut h = Harness::new(FloorConfig {
+        lease: Some(lease),
+        ..FloorConfig::default()
+    });
+    let asked = h.now;
+    h.auto_store = false;
+    h.press("a", 0);
+    // The store's answer takes 500 ms to come back.
+    h.advance(Duration::from_millis(500));
+    h.pending.clear();
+    h.auto_store = true;
+    h.store_holder = Some(7);
+    h.feed(Input::StoreGranted {
+        member: "a".into(),
+        epoch: 7,
+    });
+    assert_eq!(
+        h.until,
+        Some(asked + Duration::from_millis(2750)),
+        "the shard's deadline"
+    );
+    // Renewals fail from now on: revoked at asked + 2.75 s, not at the acknowledgement + 2.75 s.
+    h.advance(Duration::from_millis(2249));
+    assert!(h
+        .take_events()
+        .iter()
+        .all(|e| !matches!(e.1, FloorEvent::Revoked { .. })));
+    h.advance(Duration::from_millis(1));
+    let ev = h.take_events();
+    assert!(
+        ev.iter().any(|e| matches!(
+            e.1,
+            FloorEvent::Revoked {
+                reason: RevokeReason::LeaseLost,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert_eq!(h.now, asked + Duration::from_millis(2750));
 }
