@@ -1,14 +1,17 @@
-//! The run's results: one serialisable [`Report`] written as JSON, rendered as SVG (`svg.rs`) and
-//! printed as a table. Numbers are in µs for latency, ns for CPU per packet, % for loss.
+//! The run's results as data: one serialisable [`Report`], written as JSON and rendered as an SVG and a
+//! table by `output.rs` (with `svg.rs`, `table.rs`). Numbers are in µs for latency, ns for CPU per packet,
+//! % for loss. Nothing here computes: the figures are made in `run/`, the relay attribution in
+//! `relaycost.rs`.
 
 use crate::controller::FloorCounts;
-use crate::receiver::RecvCounters;
 use crate::seq::SeqTotals;
 use crate::stats::Percentiles;
+use crate::tally::RecvCounters;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+
+/// The phase of a multi-node run with speakers on node 0 only (the relay's send and receive sides apart).
+pub const SPLIT_PHASE: &str = "from-node0";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
@@ -27,9 +30,9 @@ pub struct Report {
     pub ceiling: Option<Ceiling>,
     pub knee: Option<Knee>,
     /// `--nodes N`: CPU per relayed packet against a local forward (see `relaycost.rs`).
-    pub relay_cost: Option<crate::relaycost::RelayCost>,
+    pub relay_cost: Option<RelayCost>,
     /// The same from the shard threads' CPU alone.
-    pub relay_cost_shards: Option<crate::relaycost::RelayCost>,
+    pub relay_cost_shards: Option<RelayCost>,
     pub series: Vec<SeriesPoint>,
     pub curves: Curves,
     pub warnings: Vec<String>,
@@ -294,240 +297,33 @@ pub struct Verdict {
     pub reasons: Vec<String>,
 }
 
-impl Report {
-    /// Write `<dir>/<scenario>.json` and `.svg`; returns their paths.
-    pub fn write(&self, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let json = dir.join(format!("{}.json", self.scenario));
-        let svg = dir.join(format!("{}.svg", self.scenario));
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        std::fs::write(&json, text).map_err(|e| format!("{}: {e}", json.display()))?;
-        std::fs::write(&svg, crate::svg::render(self))
-            .map_err(|e| format!("{}: {e}", svg.display()))?;
-        Ok((json, svg))
-    }
-
-    /// The end-of-run table.
-    pub fn table(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "\n== talkgroup loadtest: {} — {} ==",
-            self.scenario,
-            if self.description.is_empty() {
-                "ad hoc"
-            } else {
-                &self.description
-            }
-        );
-        let _ = writeln!(
-            s,
-            "{:<12} {:>6} {:>5} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8}",
-            "phase", "target", "chan", "in/s", "out/s", "p50µs", "p90µs", "p99µs", "p99.9µs", "maxµs", "loss%",
-            "dup", "reord", "gaps", "grant99", "switch99", "cpu/pkt"
-        );
-        for p in &self.phases {
-            let cpu = p
-                .server
-                .as_ref()
-                .and_then(|x| x.cpu_per_fwd_ns)
-                .or(p.raw.as_ref().and_then(|x| x.cpu_per_fwd_ns));
-            let _ = writeln!(
-                s,
-                "{:<12} {:>6} {:>5} {:>8.0} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.3} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8}",
-                truncate(&p.name, 12),
-                if p.target == "talkgroup" { "tg" } else { "raw" },
-                p.active_channels,
-                p.pps_in,
-                p.pps_out,
-                p.latency.p50_us,
-                p.latency.p90_us,
-                p.latency.p99_us,
-                p.latency.p999_us,
-                p.latency.max_us,
-                p.loss_pct,
-                p.seq.duplicates,
-                p.seq.reordered,
-                p.seq.gap_events,
-                opt_us(p.grant.count, p.grant.p99_us),
-                opt_us(p.switch.count, p.switch.p99_us),
-                cpu.map(|c| format!("{c:.0}ns")).unwrap_or_else(|| "-".into()),
-            );
-        }
-        let m = &self.summary;
-        let _ = writeln!(
-            s,
-            "forwarding latency (measured talkgroup phases): p50 {:.1} µs  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  ({} samples; harness loopback floor p50 {:.1} µs, p99 {:.1})",
-            m.latency.p50_us,
-            m.latency.p90_us,
-            m.latency.p99_us,
-            m.latency.p999_us,
-            m.latency.max_us,
-            m.latency.count,
-            self.harness.loopback_floor.p50_us,
-            self.harness.loopback_floor.p99_us
-        );
-        let _ = writeln!(
-            s,
-            "loss {:.4} % ({} of {} deliveries missing)  duplicates {}  reordered {}  seq gaps {} ({} numbers)  protocol violations {}",
-            m.loss_pct,
-            m.expected_deliveries.saturating_sub(m.delivered),
-            m.expected_deliveries,
-            m.duplicates,
-            m.reordered,
-            m.seq_gap_events,
-            m.seq_lost,
-            m.protocol_violations
-        );
-        let _ = writeln!(
-            s,
-            "press→granted p50 {:.0} µs p99 {:.0} µs ({} grants)   speaker switch p50 {:.0} µs p99 {:.0} µs ({} timed)",
-            m.grant.p50_us, m.grant.p99_us, m.grant.count, m.switch.p50_us, m.switch.p99_us, m.switch.count
-        );
-        let _ = writeln!(
-            s,
-            "packets/s in {:.0}, out {:.0}; server CPU per forwarded packet {} (idle server: {} of a core); RSS per member {}",
-            m.pps_in,
-            m.pps_out,
-            m.server_cpu_per_fwd_ns.map(|c| format!("{c:.0} ns")).unwrap_or_else(|| "n/a".into()),
-            self.setup
-                .server_idle_cpu_pct
-                .map(|c| format!("{c:.1} %"))
-                .unwrap_or_else(|| "n/a".into()),
-            self.setup
-                .rss_per_member_bytes
-                .map(|b| format!("{:.0} B", b))
-                .unwrap_or_else(|| "n/a".into())
-        );
-        if let Some(c) = &self.ceiling {
-            let _ = writeln!(
-                s,
-                "ceiling: raw {} ns/pkt vs talkgroup {} ns/pkt (medians of {} A/B rounds) → ratio {} (shard thread alone: {} ns/pkt, ratio {}; goal ≥ {:.2}{})",
-                fmt_opt(c.median_raw_ns, 0),
-                fmt_opt(c.median_talkgroup_ns, 0),
-                c.rounds.len(),
-                fmt_opt(c.ratio, 3),
-                fmt_opt(c.median_talkgroup_shard_ns, 0),
-                fmt_opt(c.ratio_shard_thread, 3),
-                c.goal,
-                match c.meets_goal {
-                    Some(true) => ", met",
-                    Some(false) => ", NOT met",
-                    None => "",
-                }
-            );
-        }
-        if let Some(k) = &self.knee {
-            match &k.knee {
-                Some(st) => {
-                    let _ = writeln!(
-                        s,
-                        "knee: {} channels, {:.0} pkt/s in, {:.0} out (p99 {:.0} µs, loss {:.3} %) — {}",
-                        st.active_channels, st.pps_in, st.pps_out, st.p99_us, st.loss_pct, k.note
-                    );
-                }
-                None => {
-                    let _ = writeln!(s, "knee: {}", k.note);
-                }
-            }
-        }
-        if self.phases.iter().any(|p| p.nodes.len() > 1) {
-            let _ = writeln!(
-                s,
-                "per node: {:<12} {:>4} {:>9} {:>8} {:>9} {:>10} {:>9} {:>8}",
-                "phase", "node", "cpu ms", "idle ms", "in", "forwarded", "relay out", "relay in"
-            );
-            for p in self
-                .phases
-                .iter()
-                .filter(|p| p.nodes.len() > 1 && p.measured)
-            {
-                for n in &p.nodes {
-                    let _ = writeln!(
-                        s,
-                        "          {:<12} {:>4} {:>9.0} {:>8.0} {:>9.0} {:>10.0} {:>9.0} {:>8.0}{}",
-                        truncate(&p.name, 12),
-                        n.node,
-                        n.cpu_ns / 1e6,
-                        n.idle_ns / 1e6,
-                        n.packets_in,
-                        n.forwarded,
-                        n.relay_sent,
-                        n.relay_in,
-                        if n.relay_dropped > 0.0 {
-                            format!(
-                                "  relay dropped {:.0} {:?}",
-                                n.relay_dropped, n.relay_dropped_by_reason
-                            )
-                        } else {
-                            String::new()
-                        }
-                    );
-                }
-            }
-        }
-        for (what, r) in [
-            ("process", &self.relay_cost),
-            ("shard threads", &self.relay_cost_shards),
-        ] {
-            let Some(r) = r else { continue };
-            let _ = writeln!(s, "relay cost, {what} CPU:");
-            let _ = writeln!(
-                s,
-                "relay cost: local forward (1-node reference) {:.0} ns per forwarded packet, {:.0} ns per datagram in or out (fan-out {:.1})",
-                r.local_ns_per_fwd, r.local_ns_per_datagram, r.local_fanout
-            );
-            let _ = writeln!(
-                s,
-                "relay cost: per relay datagram sent at the speaker's node +{} ns; received + fanned out at a receiving node {} ns \
-                 (fan-out {}; a local packet with that fan-out: {} ns; beyond its fan-out: +{} ns)",
-                fmt_opt(r.send_ns_per_relay, 0),
-                fmt_opt(r.recv_ns_per_relay, 0),
-                fmt_opt(r.recv_fanout, 1),
-                fmt_opt(r.recv_local_equiv_ns, 0),
-                fmt_opt(r.recv_extra_ns_per_relay, 0),
-            );
-            let _ = writeln!(
-                s,
-                "relay cost: all nodes talking: {} ns per delivered packet (vs {:.0} on one node), {} relay datagrams/s, +{} ns per relay datagram (send + receive)",
-                fmt_opt(r.all_ns_per_fwd, 0),
-                r.local_ns_per_fwd,
-                fmt_opt(r.all_relay_pps, 0),
-                fmt_opt(r.all_extra_ns_per_relay, 0),
-            );
-        }
-        for w in &self.warnings {
-            let _ = writeln!(s, "warning: {w}");
-        }
-        let _ = writeln!(
-            s,
-            "verdict: {}{}",
-            if self.verdict.pass { "PASS" } else { "FAIL" },
-            if self.verdict.reasons.is_empty() {
-                String::new()
-            } else {
-                format!(" — {}", self.verdict.reasons.join("; "))
-            }
-        );
-        s
-    }
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    s.chars().take(n).collect()
-}
-
-fn opt_us(count: u64, v: f64) -> String {
-    if count == 0 {
-        "-".into()
-    } else {
-        format!("{v:.0}")
-    }
-}
-
-fn fmt_opt(v: Option<f64>, prec: usize) -> String {
-    v.map(|x| format!("{x:.prec$}"))
-        .unwrap_or_else(|| "n/a".into())
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// CPU per relayed packet against a local forward (`--nodes N`), as attributed by `relaycost.rs`.
+pub struct RelayCost {
+    /// Reference: busy CPU per locally forwarded packet (ns) — "a local forward".
+    pub local_ns_per_fwd: f64,
+    /// Reference: busy CPU per datagram handled, in or out (ns).
+    pub local_ns_per_datagram: f64,
+    /// Reference: listeners per speaker packet.
+    pub local_fanout: f64,
+    /// All nodes talking: busy CPU per packet delivered to a listener, summed over nodes (ns).
+    pub all_ns_per_fwd: Option<f64>,
+    /// All nodes talking: relay datagrams per second (sent, over all nodes).
+    pub all_relay_pps: Option<f64>,
+    /// All nodes talking: CPU beyond the local model per relay datagram, send and receive together (ns).
+    pub all_extra_ns_per_relay: Option<f64>,
+    /// Split: CPU per relay datagram sent, at the speaker's node, beyond its local work (ns).
+    pub send_ns_per_relay: Option<f64>,
+    /// Split: busy CPU at a receiving node per relay datagram received, fan-out included (ns).
+    pub recv_ns_per_relay: Option<f64>,
+    /// Split: listeners per relay datagram at the receiving nodes.
+    pub recv_fanout: Option<f64>,
+    /// Split: the same less the fan-out at the local per-datagram cost (ns): compare with
+    /// `local_ns_per_datagram`, a local speaker's packet received.
+    pub recv_extra_ns_per_relay: Option<f64>,
+    /// Split: what a local speaker packet with the same fan-out costs by the reference (ns).
+    pub recv_local_equiv_ns: Option<f64>,
+    pub method: String,
 }
 
 #[cfg(test)]
@@ -639,31 +435,5 @@ pub(crate) mod tests {
             },
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn json_roundtrip_and_files() {
-        let r = sample_report();
-        let dir = std::env::temp_dir().join(format!("loadtest-report-{}", std::process::id()));
-        let (json, svg) = r.write(&dir).expect("write");
-        let back: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        assert_eq!(back.phases.len(), 2);
-        assert_eq!(back.summary.delivered, 14_990);
-        let ratio = |r: &Report| r.ceiling.as_ref().and_then(|c| c.ratio).unwrap_or(0.0);
-        assert!((ratio(&back) - ratio(&r)).abs() < 1e-12);
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        assert!(v["summary"]["latency"]["p99_us"].as_f64().unwrap() > 0.0);
-        assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn table_mentions_the_key_figures() {
-        let t = sample_report().table();
-        assert!(t.contains("A1") && t.contains("B1"));
-        assert!(t.contains("ratio 0.935"), "{t}");
-        assert!(t.contains("knee: 30 channels"), "{t}");
-        assert!(t.contains("verdict: PASS"));
     }
 }

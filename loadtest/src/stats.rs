@@ -106,6 +106,15 @@ pub struct Percentiles {
     pub max_us: f64,
 }
 
+/// Loss in % of `expected` deliveries.
+pub fn loss_pct(expected: u64, delivered: u64) -> f64 {
+    if expected == 0 {
+        0.0
+    } else {
+        expected.saturating_sub(delivered) as f64 * 100.0 / expected as f64
+    }
+}
+
 /// Median of a list (for the A B A B ceiling rounds); `None` when empty.
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
