@@ -21,6 +21,7 @@ mod report;
 mod run;
 mod scenario;
 mod schedule;
+mod seen;
 mod sender;
 mod seq;
 mod server;

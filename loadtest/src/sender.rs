@@ -45,11 +45,16 @@ pub enum SendCmd {
 /// Counters read by the coordinator at phase boundaries and for progress.
 #[derive(Debug, Default)]
 pub struct SenderCounters {
+    /// Media packets sent.
     pub media: AtomicU64,
-    /// Σ listeners of each media packet sent: what should arrive if nothing is lost.
+    /// Σ listeners of each media packet the harness *tried* to send, sent or not: what should arrive if
+    /// nothing is lost. A failed send is a loss like any other, and fails the run besides.
     pub expected: AtomicU64,
     pub keepalives: AtomicU64,
+    /// Media packets whose send failed.
     pub errors: AtomicU64,
+    /// Keep-alives whose send failed (a member that may not stay latched).
+    pub keepalive_errors: AtomicU64,
     pub bytes: AtomicU64,
     /// CPU time spent spinning (yielding) just before deadlines, ns.
     pub spin_ns: AtomicU64,
@@ -95,7 +100,7 @@ pub fn run(
         let pkt = rtcp_keepalive(sched.ssrc(m));
         match socks.send_from(m, &pkt, dest_of(m, target)) {
             Ok(_) => counters.keepalives.fetch_add(1, Ordering::Relaxed),
-            Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.keepalive_errors.fetch_add(1, Ordering::Relaxed),
         };
     };
 
@@ -199,9 +204,7 @@ pub fn run(
             let sent_at = mono_ns();
             match socks.send_from(d.member, &buf[..d.len], dest_of(d.member, target)) {
                 Ok(_) => counters.count_media(d.len, d.listeners),
-                Err(_) => {
-                    counters.errors.fetch_add(1, Ordering::Relaxed);
-                }
+                Err(_) => counters.count_failed(d.listeners),
             }
             lag.record(sent_at.saturating_sub(d.due).max(1));
         }
@@ -214,6 +217,12 @@ impl SenderCounters {
         self.media.fetch_add(1, Ordering::Relaxed);
         self.expected.fetch_add(listeners as u64, Ordering::Relaxed);
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// One media packet for `listeners` listeners that could not be sent: expected all the same.
+    pub fn count_failed(&self, listeners: u32) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.expected.fetch_add(listeners as u64, Ordering::Relaxed);
     }
 }
 
@@ -299,5 +308,15 @@ mod tests {
         let media = counters.media.load(Ordering::Relaxed);
         assert!(media >= 10);
         assert_eq!(counters.expected.load(Ordering::Relaxed), media);
+    }
+
+    #[test]
+    fn a_failed_send_is_still_expected() {
+        let c = SenderCounters::default();
+        c.count_media(100, 3);
+        c.count_failed(3);
+        assert_eq!(c.media.load(Ordering::Relaxed), 1);
+        assert_eq!(c.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(c.expected.load(Ordering::Relaxed), 6);
     }
 }

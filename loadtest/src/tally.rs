@@ -6,8 +6,15 @@
 //! The receive time is taken by the caller right after the receive syscall; the accounting itself —
 //! stamps, sequence numbers, the protocol v1 checks at a listener — is here, without I/O, so it is tested
 //! on hand-made packets.
+//!
+//! What counts as a **delivery** is strict: a stamped RTP packet from this phase's target, for this
+//! listener's channel, not the listener's own audio, and the first copy of what its speaker sent (by
+//! speaker, spurt and packet number from the stamp — see `seen.rs` — never by the sequence number the
+//! server rewrote). Echoes and misrouted packets are violations, repeats are `duplicates`; neither is a
+//! delivery, so neither can hide a loss.
 
 use crate::model::{ChannelShared, Member, Target, TargetCell};
+use crate::seen::Seen;
 use crate::seq::{SeqEvent, SeqTotals, SeqTracker};
 use crate::stamp::{parse_datagram, Datagram, RtpHeader, Stamp};
 use crate::stats::LatencyHist;
@@ -21,10 +28,12 @@ use std::sync::Arc;
 /// Counters of one interval or phase.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct RecvCounters {
-    /// RTP packets from the current target carrying our stamp, duplicates included.
+    /// RTP packets from the current target carrying our stamp, whatever they turn out to be.
     pub packets: u64,
-    /// … without duplicates: what counts as delivered.
-    pub unique: u64,
+    /// First copies of what a speaker of the listener's channel sent to it: what counts as delivered.
+    pub delivered: u64,
+    /// Copies of a packet the listener already had (same speaker, spurt and packet number).
+    pub duplicates: u64,
     pub bytes: u64,
     /// The server's own RTCP (sender reports).
     pub rtcp: u64,
@@ -32,7 +41,9 @@ pub struct RecvCounters {
     pub foreign: u64,
     /// From an address that is not this phase's target (late packets of the previous phase).
     pub stray: u64,
-    /// Protocol checks (plain-RTP rules of protocol v1), counted on the server's streams only.
+    /// Protocol v1 violations: the listener's own audio, another channel's (checked on every target's
+    /// streams), and on the server's streams the header rules (SSRC and payload type from `joined`,
+    /// marker on a new speaker's first packet, timestamps never going back).
     pub echo: u64,
     pub misrouted: u64,
     pub ssrc_mismatch: u64,
@@ -45,7 +56,8 @@ pub struct RecvCounters {
 impl RecvCounters {
     pub fn add(&mut self, o: &RecvCounters) {
         self.packets += o.packets;
-        self.unique += o.unique;
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
         self.bytes += o.bytes;
         self.rtcp += o.rtcp;
         self.foreign += o.foreign;
@@ -91,15 +103,25 @@ pub struct RecvShared {
     /// Bumped by the coordinator at every phase boundary.
     pub phase: AtomicU32,
     pub stop: AtomicBool,
-    /// Unique samples so far, all phases (for the live progress line; reports carry the exact counts).
+    /// Deliveries so far, all phases (for the live progress line; reports carry the exact counts).
     pub delivered: AtomicU64,
 }
 
+/// One listener's stream state.
 #[derive(Default, Clone)]
 struct Listener {
     seq: SeqTracker,
+    seen: Seen,
     last_spurt: u32,
     last_ts: Option<u32>,
+}
+
+/// The current interval's samples.
+#[derive(Default)]
+struct Books {
+    latency: LatencyHist,
+    switch: LatencyHist,
+    c: RecvCounters,
 }
 
 /// One receiving thread's accounting: its listeners' stream state, the current interval's samples, and
@@ -111,11 +133,10 @@ pub struct Tally {
     /// Indexed by member (entries of other threads' members stay unused: simpler than a map).
     listeners: Vec<Listener>,
     phase: u32,
-    latency: LatencyHist,
-    switch: LatencyHist,
-    c: RecvCounters,
+    books: Books,
     last_report: u64,
-    unique_reported: u64,
+    /// Deliveries of this interval already added to `shared.delivered`.
+    published: u64,
 }
 
 impl Tally {
@@ -125,11 +146,9 @@ impl Tally {
             phase: shared.phase.load(Ordering::Acquire),
             shared,
             out,
-            latency: LatencyHist::new(),
-            switch: LatencyHist::new(),
-            c: RecvCounters::default(),
+            books: Books::default(),
             last_report: mono_ns(),
-            unique_reported: 0,
+            published: 0,
         }
     }
 
@@ -147,20 +166,23 @@ impl Tally {
 
     /// Ship an interval report when the last one is a second old; publish progress.
     pub fn tick(&mut self) {
-        self.shared
-            .delivered
-            .fetch_add(self.c.unique - self.unique_reported, Ordering::Relaxed);
-        self.unique_reported = self.c.unique;
+        self.publish();
         if mono_ns() - self.last_report > 1_000_000_000 {
             self.flush(false);
         }
     }
 
-    fn flush(&mut self, last: bool) {
+    fn publish(&mut self) {
+        let d = self.books.c.delivered;
         self.shared
             .delivered
-            .fetch_add(self.c.unique - self.unique_reported, Ordering::Relaxed);
-        self.unique_reported = 0;
+            .fetch_add(d - self.published, Ordering::Relaxed);
+        self.published = d;
+    }
+
+    fn flush(&mut self, last: bool) {
+        self.publish();
+        self.published = 0;
         let mut seq = SeqTotals::default();
         if last {
             for l in self.listeners.iter_mut() {
@@ -168,12 +190,13 @@ impl Tally {
                 *l = Listener::default();
             }
         }
+        let b = std::mem::take(&mut self.books);
         let _ = self.out.send(RecvReport {
             phase: self.phase,
             last,
-            latency: std::mem::take(&mut self.latency),
-            switch: std::mem::take(&mut self.switch),
-            counters: std::mem::take(&mut self.c),
+            latency: b.latency,
+            switch: b.switch,
+            counters: b.c,
             seq,
         });
         self.last_report = mono_ns();
@@ -181,19 +204,27 @@ impl Tally {
 
     /// A datagram received by member `m` at `now` (plain RTP, RTCP or anything else).
     pub fn datagram(&mut self, m: usize, src: SocketAddr, buf: &[u8], now: u64) {
+        let (header, payload) = match parse_datagram(buf) {
+            Datagram::Rtp { header, payload } => (header, payload),
+            Datagram::Rtcp => {
+                self.books.c.rtcp += 1;
+                return;
+            }
+            Datagram::Other => {
+                self.books.c.foreign += 1;
+                return;
+            }
+        };
         let target = self.shared.target.get();
-        on_datagram(
-            &self.shared,
-            &self.shared.members[m],
-            target,
-            src,
-            buf,
-            now,
-            &mut self.listeners[m],
-            &mut self.latency,
-            &mut self.switch,
-            &mut self.c,
-        );
+        let expected_src = match target {
+            Target::Server => self.shared.members[m].server_addr,
+            Target::Raw(a) => a,
+        };
+        if src != expected_src {
+            self.books.c.stray += 1;
+            return;
+        }
+        self.rtp(m, target == Target::Server, header, payload, buf.len(), now);
     }
 
     /// An RTP packet that reached member `m` from the server, already authenticated and decrypted (a
@@ -207,142 +238,90 @@ impl Tally {
         now: u64,
     ) {
         if self.shared.target.get() != Target::Server {
-            self.c.stray += 1;
+            self.books.c.stray += 1;
             return;
         }
-        on_rtp(
-            &self.shared,
-            &self.shared.members[m],
-            true,
-            header,
-            payload,
-            len,
-            now,
-            &mut self.listeners[m],
-            &mut self.latency,
-            &mut self.switch,
-            &mut self.c,
-        );
+        self.rtp(m, true, header, payload, len, now);
     }
 
     /// A datagram that was not ours at all.
     pub fn foreign(&mut self) {
-        self.c.foreign += 1;
+        self.books.c.foreign += 1;
     }
-}
 
-/// Account one datagram received by member `me` at `now`.
-#[allow(clippy::too_many_arguments)]
-fn on_datagram(
-    shared: &RecvShared,
-    me: &Member,
-    target: Target,
-    src: SocketAddr,
-    buf: &[u8],
-    now: u64,
-    l: &mut Listener,
-    latency: &mut LatencyHist,
-    switch: &mut LatencyHist,
-    c: &mut RecvCounters,
-) {
-    let (header, payload) = match parse_datagram(buf) {
-        Datagram::Rtp { header, payload } => (header, payload),
-        Datagram::Rtcp => {
-            c.rtcp += 1;
-            return;
-        }
-        Datagram::Other => {
+    /// Account one RTP packet of `len` bytes on the wire for member `m`, from the current target
+    /// (`server`: talkgroup, whose headers are also checked against protocol v1).
+    fn rtp(
+        &mut self,
+        m: usize,
+        server: bool,
+        header: RtpHeader,
+        payload: &[u8],
+        len: usize,
+        now: u64,
+    ) {
+        let Tally {
+            shared,
+            listeners,
+            books: b,
+            ..
+        } = self;
+        let (me, l, c) = (&shared.members[m], &mut listeners[m], &mut b.c);
+        let Some(st) = Stamp::parse(payload) else {
             c.foreign += 1;
             return;
-        }
-    };
-    let expected_src = match target {
-        Target::Server => me.server_addr,
-        Target::Raw(a) => a,
-    };
-    if src != expected_src {
-        c.stray += 1;
-        return;
-    }
-    on_rtp(
-        shared,
-        me,
-        target == Target::Server,
-        header,
-        payload,
-        buf.len(),
-        now,
-        l,
-        latency,
-        switch,
-        c,
-    );
-}
-
-/// Account one RTP packet of `len` bytes on the wire, from the current target (`server`: talkgroup,
-/// whose streams are also checked against protocol v1).
-#[allow(clippy::too_many_arguments)]
-fn on_rtp(
-    shared: &RecvShared,
-    me: &Member,
-    server: bool,
-    header: RtpHeader,
-    payload: &[u8],
-    len: usize,
-    now: u64,
-    l: &mut Listener,
-    latency: &mut LatencyHist,
-    switch: &mut LatencyHist,
-    c: &mut RecvCounters,
-) {
-    let Some(st) = Stamp::parse(payload) else {
-        c.foreign += 1;
-        return;
-    };
-    c.packets += 1;
-    c.bytes += len as u64;
-    let ev = l.seq.on_packet(header.seq);
-    if ev == SeqEvent::Duplicate {
-        return;
-    }
-    c.unique += 1;
-    if st.channel != me.channel {
-        c.misrouted += 1;
-    } else if st.speaker == me.slot {
-        c.echo += 1;
-    }
-    if server {
-        if header.ssrc != me.ssrc {
-            c.ssrc_mismatch += 1;
-        }
-        if header.payload_type != me.payload_type {
-            c.pt_mismatch += 1;
-        }
-    }
-    if matches!(
-        ev,
-        SeqEvent::InOrder | SeqEvent::Gap { .. } | SeqEvent::First
-    ) {
-        if let Some(prev) = l.last_ts {
-            if server && (header.timestamp.wrapping_sub(prev) as i32) < 0 {
-                c.ts_backwards += 1;
+        };
+        c.packets += 1;
+        c.bytes += len as u64;
+        // The stream as the listener sees it: sequence accounting and header rules, once per wire packet.
+        let ev = l.seq.on_packet(header.seq);
+        if server && ev != SeqEvent::Duplicate {
+            if header.ssrc != me.ssrc {
+                c.ssrc_mismatch += 1;
+            }
+            if header.payload_type != me.payload_type {
+                c.pt_mismatch += 1;
+            }
+            if matches!(
+                ev,
+                SeqEvent::InOrder | SeqEvent::Gap { .. } | SeqEvent::First
+            ) {
+                if l.last_ts
+                    .is_some_and(|prev| (header.timestamp.wrapping_sub(prev) as i32) < 0)
+                {
+                    c.ts_backwards += 1;
+                }
+                l.last_ts = Some(header.timestamp);
             }
         }
-        l.last_ts = Some(header.timestamp);
-    }
-    latency.record(now.saturating_sub(st.sched_ns));
-    if st.spurt != l.last_spurt {
-        // First packet of a new speaker at this listener.
-        if server && l.last_spurt != 0 && ev == SeqEvent::InOrder && !header.marker {
-            c.marker_missing += 1;
+        // What it carries: only a first copy of a channel-mate's audio is a delivery.
+        if st.channel != me.channel {
+            c.misrouted += 1;
+            return;
         }
-        l.last_spurt = st.spurt;
-        if let Some(ch) = shared.channels.get(st.channel as usize) {
-            if ch.next_spurt.load(Ordering::Acquire) == st.spurt {
-                let from = ch.switch_from_ns.swap(0, Ordering::AcqRel);
-                if from != 0 && now > from {
-                    switch.record(now - from);
-                    c.switches += 1;
+        if st.speaker == me.slot {
+            c.echo += 1;
+            return;
+        }
+        if !l.seen.first_time(st.speaker, st.spurt, st.seq) {
+            c.duplicates += 1;
+            return;
+        }
+        c.delivered += 1;
+        b.latency.record(now.saturating_sub(st.sched_ns));
+        if st.spurt != l.last_spurt {
+            // First packet of a new speaker at this listener.
+            if server && l.last_spurt != 0 && ev == SeqEvent::InOrder && !header.marker {
+                c.marker_missing += 1;
+            }
+            l.last_spurt = st.spurt;
+            if let Some(ch) = shared.channels.get(st.channel as usize) {
+                if ch.next_spurt.load(Ordering::Acquire) == st.spurt {
+                    let from = ch.switch_from_ns.swap(0, Ordering::AcqRel);
+                    if from != 0 && now > from {
+                        b.switch.record(now - from);
+                        c.switches += 1;
+                    }
                 }
             }
         }
@@ -352,15 +331,18 @@ fn on_rtp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc::{channel, Receiver};
 
-    fn setup() -> (Arc<RecvShared>, SocketAddr) {
-        let server: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    const SERVER: &str = "127.0.0.1:40000";
+
+    /// A tally for three members of channel 0, listening to the server.
+    fn tally() -> (Tally, Receiver<RecvReport>) {
         let members = (0..3u16)
             .map(|s| Member {
                 channel: 0,
                 slot: s,
                 addr: "127.0.0.1:1".parse().unwrap(),
-                server_addr: server,
+                server_addr: SERVER.parse().unwrap(),
                 ssrc: 100 + s as u32,
                 payload_type: 111,
                 webrtc: false,
@@ -374,18 +356,12 @@ mod tests {
             stop: AtomicBool::new(false),
             delivered: AtomicU64::new(0),
         });
-        (shared, server)
+        let (tx, rx) = channel();
+        (Tally::new(shared, tx), rx)
     }
 
-    fn pkt(
-        seq: u16,
-        ts: u32,
-        marker: bool,
-        ssrc: u32,
-        speaker: u16,
-        spurt: u32,
-        sched: u64,
-    ) -> Vec<u8> {
+    /// An RTP packet: header (`seq`, `ts`, `marker`, `ssrc`) and stamp (`st`).
+    fn pkt(seq: u16, ts: u32, marker: bool, ssrc: u32, st: Stamp) -> Vec<u8> {
         let mut b = vec![0u8; 12 + 60];
         RtpHeader {
             marker,
@@ -395,158 +371,156 @@ mod tests {
             ssrc,
         }
         .write(&mut b);
+        st.write(&mut b[12..]);
+        b
+    }
+
+    /// Packet `n` of `speaker`'s spurt `spurt` on `channel`, scheduled at `sched`.
+    fn stamp(channel: u32, speaker: u16, spurt: u32, n: u32, sched: u64) -> Stamp {
         Stamp {
-            channel: 0,
+            channel,
             speaker,
             spurt,
-            seq: 0,
+            seq: n,
             sched_ns: sched,
         }
-        .write(&mut b[12..]);
-        b
     }
 
     #[test]
     fn accounting_of_a_listener_stream() {
-        let (sh, server) = setup();
-        let me = sh.members[1].clone();
-        let mut l = Listener::default();
-        let (mut lat, mut sw, mut c) = (
-            LatencyHist::new(),
-            LatencyHist::new(),
-            RecvCounters::default(),
-        );
-        let mut feed = |b: Vec<u8>, src: SocketAddr, now: u64, l: &mut Listener| {
-            on_datagram(
-                &sh,
-                &me,
-                Target::Server,
-                src,
-                &b,
-                now,
-                l,
-                &mut lat,
-                &mut sw,
-                &mut c,
-            );
-        };
-        feed(pkt(10, 0, true, 101, 0, 1, 1_000), server, 51_000, &mut l);
+        let (mut t, _rx) = tally();
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let feed = |t: &mut Tally, b: Vec<u8>, now: u64| t.datagram(1, server, &b, now);
         feed(
-            pkt(11, 960, false, 101, 0, 1, 2_000),
-            server,
+            &mut t,
+            pkt(10, 0, true, 101, stamp(0, 0, 1, 0, 1_000)),
+            51_000,
+        );
+        feed(
+            &mut t,
+            pkt(11, 960, false, 101, stamp(0, 0, 1, 1, 2_000)),
             52_000,
-            &mut l,
         );
+        // The same wire packet again: a duplicate, not a delivery.
         feed(
-            pkt(11, 960, false, 101, 0, 1, 2_000),
-            server,
+            &mut t,
+            pkt(11, 960, false, 101, stamp(0, 0, 1, 1, 2_000)),
             52_500,
-            &mut l,
-        ); // duplicate
-        feed(
-            pkt(13, 2880, false, 101, 0, 1, 4_000),
-            server,
-            54_000,
-            &mut l,
-        ); // gap: 12 missing
-           // A switch is being timed: speaker 2 takes over as spurt 2; its first packet lacks the marker.
-        sh.channels[0].next_spurt.store(2, Ordering::Release);
-        sh.channels[0]
-            .switch_from_ns
-            .store(50_000, Ordering::Release);
-        feed(
-            pkt(14, 9000, false, 101, 2, 2, 5_000),
-            server,
-            60_000,
-            &mut l,
         );
+        // Gap: 12 missing.
         feed(
-            pkt(15, 100, false, 999, 1, 2, 6_000),
-            server,
+            &mut t,
+            pkt(13, 2880, false, 101, stamp(0, 0, 1, 3, 4_000)),
+            54_000,
+        );
+        // Packet 1 re-sent under a fresh sequence number: still a duplicate (by speaker and stamp).
+        feed(
+            &mut t,
+            pkt(14, 3840, false, 101, stamp(0, 0, 1, 1, 2_000)),
+            54_500,
+        );
+        // A switch is being timed: speaker 2 takes over as spurt 2; its first packet lacks the marker.
+        let shared = t.shared.clone();
+        let ch = &shared.channels[0];
+        ch.next_spurt.store(2, Ordering::Release);
+        ch.switch_from_ns.store(50_000, Ordering::Release);
+        feed(
+            &mut t,
+            pkt(15, 9000, false, 101, stamp(0, 2, 2, 0, 5_000)),
+            60_000,
+        );
+        // A repeated sequence number over a new packet: the packet is delivered.
+        feed(
+            &mut t,
+            pkt(15, 9960, false, 101, stamp(0, 2, 2, 1, 5_500)),
+            60_500,
+        );
+        // Our own audio (wrong SSRC, timestamp back): an echo, not a delivery.
+        feed(
+            &mut t,
+            pkt(16, 100, false, 999, stamp(0, 1, 3, 0, 6_000)),
             61_000,
-            &mut l,
-        ); // echo, wrong SSRC, ts back
+        );
+        // Another channel's audio: misrouted, not a delivery.
         feed(
-            pkt(16, 9960, false, 101, 2, 2, 7_000),
-            "127.0.0.9:1".parse().unwrap(),
-            62_000,
-            &mut l,
-        ); // stray
-        assert_eq!(c.packets, 6);
-        assert_eq!(c.unique, 5);
+            &mut t,
+            pkt(17, 10_920, false, 101, stamp(1, 0, 1, 5, 6_500)),
+            61_500,
+        );
+        // From an address that is not the server: stray.
+        let b = pkt(18, 11_880, false, 101, stamp(0, 2, 2, 2, 7_000));
+        t.datagram(1, "127.0.0.9:1".parse().unwrap(), &b, 62_000);
+        let c = t.books.c;
+        assert_eq!(c.packets, 9);
+        assert_eq!(c.delivered, 5);
+        assert_eq!(c.duplicates, 2);
         assert_eq!(c.stray, 1);
         assert_eq!(c.echo, 1);
+        assert_eq!(c.misrouted, 1);
         assert_eq!(c.ssrc_mismatch, 1);
         assert_eq!(c.ts_backwards, 1);
         assert_eq!(c.marker_missing, 1);
         assert_eq!(c.switches, 1);
+        assert_eq!(c.violations(), 5);
+        let sw = &t.books.switch;
         assert_eq!(sw.len(), 1);
         assert!(
             (sw.quantile(1.0) as i64 - 10_000).abs() < 20,
             "{}",
             sw.quantile(1.0)
         );
+        // Latency is sampled on deliveries only.
+        let lat = &t.books.latency;
         assert_eq!(lat.len(), 5);
         assert!((lat.quantile(0.0) as i64 - 50_000).abs() < 100);
-        let t = l.seq.totals();
-        assert_eq!(t.lost, 1);
-        assert_eq!(t.duplicates, 1);
+        // The sequence numbers tell their own story: 12 lost, 11 and 15 seen twice.
+        let s = t.listeners[1].seq.totals();
+        assert_eq!(s.lost, 1);
+        assert_eq!(s.duplicates, 2);
         // Only the first listener to see the new speaker times the switch.
-        assert_eq!(sh.channels[0].switch_from_ns.load(Ordering::Acquire), 0);
+        assert_eq!(ch.switch_from_ns.load(Ordering::Acquire), 0);
     }
 
     #[test]
     fn rtcp_and_garbage_are_not_samples() {
-        let (sh, server) = setup();
-        let me = sh.members[0].clone();
-        let mut l = Listener::default();
-        let (mut lat, mut sw, mut c) = (
-            LatencyHist::new(),
-            LatencyHist::new(),
-            RecvCounters::default(),
-        );
+        let (mut t, rx) = tally();
+        let server: SocketAddr = SERVER.parse().unwrap();
         let mut sr = vec![0u8; 28];
         sr[0] = 0x80;
         sr[1] = 200;
-        on_datagram(
-            &sh,
-            &me,
-            Target::Server,
-            server,
-            &sr,
-            1,
-            &mut l,
-            &mut lat,
-            &mut sw,
-            &mut c,
-        );
-        on_datagram(
-            &sh,
-            &me,
-            Target::Server,
-            server,
-            &[1, 2, 3],
-            1,
-            &mut l,
-            &mut lat,
-            &mut sw,
-            &mut c,
-        );
-        let mut nostamp = pkt(1, 0, false, 100, 1, 1, 0);
+        t.datagram(0, server, &sr, 1);
+        t.datagram(0, server, &[1, 2, 3], 1);
+        let mut nostamp = pkt(1, 0, false, 100, stamp(0, 1, 1, 0, 0));
         nostamp[12] = b'x';
-        on_datagram(
-            &sh,
-            &me,
-            Target::Server,
-            server,
-            &nostamp,
-            1,
-            &mut l,
-            &mut lat,
-            &mut sw,
-            &mut c,
-        );
+        t.datagram(0, server, &nostamp, 1);
+        let c = t.books.c;
         assert_eq!((c.rtcp, c.foreign, c.packets), (1, 2, 0));
-        assert!(lat.is_empty());
+        assert!(t.books.latency.is_empty());
+        // Closing the phase ships the books and the sequence totals.
+        t.shared.phase.store(1, Ordering::Release);
+        assert!(!t.poll_phase());
+        let r = rx.try_recv().expect("a final report");
+        assert!(r.last && r.phase == 0);
+        assert_eq!(r.counters.rtcp, 1);
+        assert_eq!(t.books.c, RecvCounters::default());
+    }
+
+    #[test]
+    fn a_webrtc_leg_is_accounted_the_same_way() {
+        let (mut t, _rx) = tally();
+        let st = stamp(0, 0, 1, 0, 1_000);
+        let b = pkt(5, 0, true, 102, st);
+        let h = RtpHeader {
+            marker: true,
+            payload_type: 111,
+            seq: 5,
+            timestamp: 0,
+            ssrc: 102,
+        };
+        t.server_rtp(2, h, &b[12..], b.len() + 30, 2_000);
+        t.server_rtp(2, h, &b[12..], b.len() + 30, 2_100);
+        let c = t.books.c;
+        assert_eq!((c.delivered, c.duplicates, c.violations()), (1, 1, 0));
+        assert_eq!(c.bytes, 2 * (b.len() as u64 + 30));
     }
 }

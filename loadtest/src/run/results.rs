@@ -38,7 +38,7 @@ pub fn phase_result(
     let secs = (s1.t_ns - s0.t_ns) as f64 / 1e9;
     let expected = s1.expected - s0.expected;
     let sent = s1.media - s0.media;
-    let delivered = acc.counters.unique;
+    let delivered = acc.counters.delivered;
     let mut r = PhaseResult {
         name: p.name.clone(),
         kind: p.kind.into(),

@@ -324,7 +324,7 @@ impl Engine {
             if sent {
                 l.counters.count_media(d.len, d.listeners);
             } else {
-                l.counters.errors.fetch_add(1, Ordering::Relaxed);
+                l.counters.count_failed(d.listeners);
             }
             l.lag.record(mono_ns().saturating_sub(d.due).max(1));
         }
