@@ -10,6 +10,11 @@ use crate::tally::RecvCounters;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The report's format: 2 since CPU per packet is per delivered media packet and the ceiling ratio
+/// compares packet paths (`cpu_per_fwd_ns` and `ratio_shard_thread` of format 1 are gone, not renamed:
+/// they measured something else).
+pub const FORMAT: u32 = 2;
+
 /// The phase of a multi-node run with speakers on node 0 only (the relay's send and receive sides apart).
 pub const SPLIT_PHASE: &str = "from-node0";
 
@@ -92,24 +97,33 @@ pub struct SetupInfo {
     pub webrtc_connect_s: Option<f64>,
 }
 
+/// The server over one phase. CPU per packet is per **delivered media packet** — what the harness's
+/// listeners received, first copies only (see `run/cost.rs`) — for talkgroup and the raw forwarder alike.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ServerPhase {
-    /// From `/metrics` (None when the server does not export it).
+    /// From `/metrics` (None when the server does not export it): packets in, and
+    /// `talkgroup_packets_forwarded_total` — every datagram it sent (RTCP, and STUN and DTLS on WebRTC
+    /// legs, as well as media): context, not the yardstick.
     pub packets_in: Option<f64>,
-    pub forwarded: Option<f64>,
+    pub metrics_forwarded: Option<f64>,
     pub dropped: BTreeMap<String, f64>,
-    /// Σ per-thread schedstat run time over the phase, ns.
+    /// Σ per-thread schedstat run time over the phase, ns (the `/metrics` scrapes left out).
     pub cpu_ns: Option<u64>,
+    /// … of the shard threads (`shard-N`): the packet path.
+    pub shard_cpu_ns: Option<u64>,
+    /// … of every other thread: the control plane (signalling, floor, HTTP, store).
+    pub control_cpu_ns: Option<u64>,
     /// Whole-process utime+stime over the phase (tick resolution), ns.
     pub cpu_ns_stat: Option<u64>,
-    /// `cpu_ns` ÷ forwarded packets (server count, else what listeners received).
-    pub cpu_per_fwd_ns: Option<f64>,
+    /// `cpu_ns` ÷ delivered media packets.
+    pub cpu_per_delivered_ns: Option<f64>,
     /// The same less the idle CPU (`setup.server_idle_cpu_pct`) over the phase: the per-packet cost proper.
-    pub cpu_per_fwd_marginal_ns: Option<f64>,
+    pub cpu_per_delivered_marginal_ns: Option<f64>,
+    /// `shard_cpu_ns` ÷ delivered media packets: the packet path alone, what the ceiling ratio compares.
+    pub shard_cpu_per_delivered_ns: Option<f64>,
     pub busiest_thread: Option<String>,
     pub busiest_thread_cpu_ns: Option<u64>,
-    /// The busiest thread's (the shard's) CPU ÷ forwarded packets: the packet path without signaling.
-    pub shard_cpu_per_fwd_ns: Option<f64>,
+    /// The busiest threads (at most 16), busiest first.
     pub threads: Vec<ThreadDelta>,
     pub rss_bytes: Option<u64>,
     pub metrics_pps_in: Option<f64>,
@@ -158,13 +172,16 @@ pub struct ThreadDelta {
     pub cpu_ns: u64,
 }
 
+/// The raw forwarder over a phase.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RawPhase {
     pub received: u64,
+    /// Its own `sendmmsg` count (context: the yardstick is what was delivered).
     pub forwarded: u64,
     pub dropped: u64,
     pub cpu_ns: Option<u64>,
-    pub cpu_per_fwd_ns: Option<f64>,
+    /// `cpu_ns` ÷ delivered media packets, as for talkgroup.
+    pub cpu_per_delivered_ns: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -183,9 +200,16 @@ pub struct PhaseResult {
     pub release_to_idle: Percentiles,
     pub send_lag: Percentiles,
     pub sent_packets: u64,
+    /// Media packets the harness failed to send (their listeners are in `expected_deliveries`).
     pub send_errors: u64,
+    /// Keep-alives the harness failed to send.
+    pub keepalive_errors: u64,
+    /// Σ listeners of every media packet the harness tried to send.
     pub expected_deliveries: u64,
+    /// First copies received by the right listeners (`recv.delivered`).
     pub delivered: u64,
+    /// (expected − delivered) ÷ expected: negative would mean more deliveries than sends, a books error
+    /// (repeats are `recv.duplicates`, never deliveries).
     pub loss_pct: f64,
     pub recv: RecvCounters,
     pub seq: SeqTotals,
@@ -213,36 +237,55 @@ pub struct Summary {
     pub loss_pct: f64,
     pub expected_deliveries: u64,
     pub delivered: u64,
+    /// Repeats of a packet a listener already had (by speaker and stamp).
     pub duplicates: u64,
+    /// RTP sequence accounting of the listeners' streams (the server's numbering).
+    pub seq_duplicates: u64,
     pub reordered: u64,
     pub seq_gap_events: u64,
     pub seq_lost: u64,
     pub protocol_violations: u64,
+    pub send_errors: u64,
+    pub keepalive_errors: u64,
     pub pps_in: f64,
     pub pps_out: f64,
-    pub server_cpu_per_fwd_ns: Option<f64>,
+    /// Server CPU (whole process) per delivered media packet.
+    pub server_cpu_per_delivered_ns: Option<f64>,
+    /// Its shard threads' CPU per delivered media packet.
+    pub server_shard_cpu_per_delivered_ns: Option<f64>,
 }
 
+/// One A/B round of a ceiling run: CPU per delivered media packet on both sides.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CeilingRound {
-    pub talkgroup_cpu_per_fwd_ns: Option<f64>,
-    pub raw_cpu_per_fwd_ns: Option<f64>,
+    /// Talkgroup's shard threads (the packet path).
+    pub talkgroup_shard_ns: Option<f64>,
+    /// Talkgroup's whole process (control plane included).
+    pub talkgroup_process_ns: Option<f64>,
+    pub raw_ns: Option<f64>,
+    /// raw ÷ talkgroup shard threads.
     pub ratio: Option<f64>,
 }
 
+/// The ceiling comparison (see `run/cost.rs` for the yardstick).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ceiling {
+    /// Where the raw forwarder ran (the server's shard core).
     pub cpu: Option<usize>,
     pub rounds: Vec<CeilingRound>,
-    pub median_talkgroup_ns: Option<f64>,
     pub median_raw_ns: Option<f64>,
-    /// raw CPU/pkt ÷ talkgroup CPU/pkt (medians): 1.0 = as cheap as the kernel allows.
-    pub ratio: Option<f64>,
-    /// The same against the shard thread alone (signaling, timers and the rest of the process left out).
     pub median_talkgroup_shard_ns: Option<f64>,
-    pub ratio_shard_thread: Option<f64>,
+    pub median_talkgroup_process_ns: Option<f64>,
+    /// raw ÷ talkgroup, packet path against packet path (medians): 1.0 = as cheap as the kernel allows.
+    /// Neither side's figure holds signalling; this is the ratio the goal applies to.
+    pub ratio: Option<f64>,
+    /// raw ÷ talkgroup's whole process: its control plane (signalling, floor, HTTP) has no counterpart
+    /// in the raw phases, so this is the lower bound.
+    pub ratio_process: Option<f64>,
     pub goal: f64,
     pub meets_goal: Option<bool>,
+    /// What was divided by what, in words.
+    pub yardstick: String,
     pub raw_latency: Percentiles,
 }
 
@@ -254,7 +297,7 @@ pub struct KneeStep {
     pub p50_us: f64,
     pub p99_us: f64,
     pub loss_pct: f64,
-    pub server_cpu_per_fwd_ns: Option<f64>,
+    pub server_cpu_per_delivered_ns: Option<f64>,
     pub pass: bool,
 }
 
@@ -352,18 +395,19 @@ pub(crate) mod tests {
             pps_in: 500.0,
             pps_out: 1499.0,
             server: (target == "talkgroup").then(|| ServerPhase {
-                cpu_per_fwd_ns: Some(3100.0),
+                cpu_per_delivered_ns: Some(3600.0),
+                shard_cpu_per_delivered_ns: Some(3100.0),
                 ..Default::default()
             }),
             raw: (target == "raw").then(|| RawPhase {
-                cpu_per_fwd_ns: Some(2900.0),
+                cpu_per_delivered_ns: Some(2900.0),
                 ..Default::default()
             }),
             ..Default::default()
         };
         Report {
             tool: "talkgroup-loadtest".into(),
-            format: 1,
+            format: FORMAT,
             scenario: "unit".into(),
             description: "unit test".into(),
             phases: vec![phase("A1", "talkgroup"), phase("B1", "raw")],
@@ -376,8 +420,10 @@ pub(crate) mod tests {
             },
             ceiling: Some(Ceiling {
                 median_raw_ns: Some(2900.0),
-                median_talkgroup_ns: Some(3100.0),
+                median_talkgroup_shard_ns: Some(3100.0),
+                median_talkgroup_process_ns: Some(3600.0),
                 ratio: Some(2900.0 / 3100.0),
+                ratio_process: Some(2900.0 / 3600.0),
                 goal: 0.9,
                 meets_goal: Some(true),
                 rounds: vec![CeilingRound::default()],
@@ -403,7 +449,7 @@ pub(crate) mod tests {
                         p50_us: 30.0 * i as f64,
                         p99_us: 100.0 * (i * i) as f64,
                         loss_pct: 0.0,
-                        server_cpu_per_fwd_ns: None,
+                        server_cpu_per_delivered_ns: None,
                         pass: i < 4,
                     })
                     .collect(),

@@ -19,19 +19,22 @@ pub fn table(r: &Report) -> String {
     );
     let _ = writeln!(
             s,
-            "{:<12} {:>6} {:>5} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8}",
+            "{:<12} {:>6} {:>5} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8}",
             "phase", "target", "chan", "in/s", "out/s", "p50µs", "p90µs", "p99µs", "p99.9µs", "maxµs", "loss%",
-            "dup", "reord", "gaps", "grant99", "switch99", "cpu/pkt"
+            "dup", "reord", "gaps", "grant99", "switch99", "path/pkt", "proc/pkt"
         );
     for p in &r.phases {
-        let cpu = p
-            .server
-            .as_ref()
-            .and_then(|x| x.cpu_per_fwd_ns)
-            .or(p.raw.as_ref().and_then(|x| x.cpu_per_fwd_ns));
+        // Per delivered media packet: the packet path (talkgroup's shard threads, the raw forwarder's
+        // thread), then the whole process.
+        let (path, proc) = match (&p.server, &p.raw) {
+            (Some(x), _) => (x.shard_cpu_per_delivered_ns, x.cpu_per_delivered_ns),
+            (None, Some(x)) => (x.cpu_per_delivered_ns, x.cpu_per_delivered_ns),
+            (None, None) => (None, None),
+        };
+        let ns = |v: Option<f64>| v.map(|c| format!("{c:.0}ns")).unwrap_or_else(|| "-".into());
         let _ = writeln!(
                 s,
-                "{:<12} {:>6} {:>5} {:>8.0} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.3} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8}",
+                "{:<12} {:>6} {:>5} {:>8.0} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.3} {:>5} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8}",
                 truncate(&p.name, 12),
                 if p.target == "talkgroup" { "tg" } else { "raw" },
                 p.active_channels,
@@ -43,12 +46,13 @@ pub fn table(r: &Report) -> String {
                 p.latency.p999_us,
                 p.latency.max_us,
                 p.loss_pct,
-                p.seq.duplicates,
+                p.recv.duplicates,
                 p.seq.reordered,
                 p.seq.gap_events,
                 opt_us(p.grant.count, p.grant.p99_us),
                 opt_us(p.switch.count, p.switch.p99_us),
-                cpu.map(|c| format!("{c:.0}ns")).unwrap_or_else(|| "-".into()),
+                ns(path),
+                ns(proc),
             );
     }
     let m = &r.summary;
@@ -66,15 +70,17 @@ pub fn table(r: &Report) -> String {
         );
     let _ = writeln!(
             s,
-            "loss {:.4} % ({} of {} deliveries missing)  duplicates {}  reordered {}  seq gaps {} ({} numbers)  protocol violations {}",
+            "loss {:.4} % ({} of {} deliveries missing)  duplicates {}  send errors {}  protocol violations {}  (seq: duplicates {} reordered {} gaps {} ({} numbers))",
             m.loss_pct,
-            m.expected_deliveries.saturating_sub(m.delivered),
+            m.expected_deliveries as i64 - m.delivered as i64,
             m.expected_deliveries,
             m.duplicates,
+            m.send_errors + m.keepalive_errors,
+            m.protocol_violations,
+            m.seq_duplicates,
             m.reordered,
             m.seq_gap_events,
             m.seq_lost,
-            m.protocol_violations
         );
     let _ = writeln!(
             s,
@@ -83,10 +89,11 @@ pub fn table(r: &Report) -> String {
         );
     let _ = writeln!(
             s,
-            "packets/s in {:.0}, out {:.0}; server CPU per forwarded packet {} (idle server: {} of a core); RSS per member {}",
+            "packets/s in {:.0}, out {:.0}; server CPU per delivered media packet {} ns (shard threads {} ns; idle server: {} of a core); RSS per member {}",
             m.pps_in,
             m.pps_out,
-            m.server_cpu_per_fwd_ns.map(|c| format!("{c:.0} ns")).unwrap_or_else(|| "n/a".into()),
+            fmt_opt(m.server_cpu_per_delivered_ns, 0),
+            fmt_opt(m.server_shard_cpu_per_delivered_ns, 0),
             r.setup
                 .server_idle_cpu_pct
                 .map(|c| format!("{c:.1} %"))
@@ -99,13 +106,13 @@ pub fn table(r: &Report) -> String {
     if let Some(c) = &r.ceiling {
         let _ = writeln!(
                 s,
-                "ceiling: raw {} ns/pkt vs talkgroup {} ns/pkt (medians of {} A/B rounds) → ratio {} (shard thread alone: {} ns/pkt, ratio {}; goal ≥ {:.2}{})",
+                "ceiling: raw {} ns vs talkgroup shard threads {} ns per delivered packet (medians of {} A/B rounds) → ratio {} (whole process: {} ns, ratio {}; goal ≥ {:.2}{})",
                 fmt_opt(c.median_raw_ns, 0),
-                fmt_opt(c.median_talkgroup_ns, 0),
+                fmt_opt(c.median_talkgroup_shard_ns, 0),
                 c.rounds.len(),
                 fmt_opt(c.ratio, 3),
-                fmt_opt(c.median_talkgroup_shard_ns, 0),
-                fmt_opt(c.ratio_shard_thread, 3),
+                fmt_opt(c.median_talkgroup_process_ns, 0),
+                fmt_opt(c.ratio_process, 3),
                 c.goal,
                 match c.meets_goal {
                     Some(true) => ", met",

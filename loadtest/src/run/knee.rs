@@ -22,7 +22,11 @@ pub fn knee(cfg: &Config, done: &[Done]) -> Knee {
             p50_us: d.result.latency.p50_us,
             p99_us: d.result.latency.p99_us,
             loss_pct: d.result.loss_pct,
-            server_cpu_per_fwd_ns: d.result.server.as_ref().and_then(|s| s.cpu_per_fwd_ns),
+            server_cpu_per_delivered_ns: d
+                .result
+                .server
+                .as_ref()
+                .and_then(|s| s.cpu_per_delivered_ns),
             pass: within_limits(cfg, &d.result),
         })
         .collect();

@@ -13,6 +13,7 @@
 //! are the counters read and the receivers told to close the phase, so each phase's loss is exact.
 
 mod ceiling;
+mod cost;
 mod join;
 mod knee;
 mod phase;
@@ -35,7 +36,7 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     std::fs::create_dir_all(&cfg.out).map_err(|e| format!("{}: {e}", cfg.out.display()))?;
     let mut report = Report {
         tool: "talkgroup-loadtest".into(),
-        format: 1,
+        format: crate::report::FORMAT,
         scenario: cfg.name.clone(),
         description: cfg.description.clone(),
         started_unix_s: std::time::SystemTime::now()
@@ -124,17 +125,17 @@ fn finish(cfg: &Config, report: &mut Report, done: Vec<Done>, crashed: Option<&s
         let c = ceiling::ceiling(cfg, &done, cpu);
         if c.ratio.is_none() {
             report.warnings.push(
-                "ceiling ratio unavailable (no server CPU figures or nothing forwarded)".into(),
+                "ceiling ratio unavailable (no server CPU figures or nothing delivered)".into(),
             );
         }
         report.ceiling = Some(c);
     }
     report.phases = done.into_iter().map(|d| d.result).collect();
-    if report.summary.protocol_violations > 0 {
-        let mut c = RecvCounters::default();
-        for p in report.phases.iter().filter(|p| p.target == "talkgroup") {
-            c.add(&p.recv);
-        }
+    let mut c = RecvCounters::default();
+    for p in report.phases.iter().filter(|p| p.measured) {
+        c.add(&p.recv);
+    }
+    if c.violations() > 0 {
         report.warnings.push(format!(
             "protocol v1 violations at listeners: echo {} misrouted {} ssrc {} payload-type {} marker-missing {} ts-backwards {}",
             c.echo, c.misrouted, c.ssrc_mismatch, c.pt_mismatch, c.marker_missing, c.ts_backwards

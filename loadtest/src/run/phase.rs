@@ -5,7 +5,7 @@
 
 use super::plan::Plan;
 use super::setup::Rig;
-use super::snapshot::{snapshot, Snapshot};
+use super::snapshot::{snapshot, Edge, Snapshot};
 use crate::controller::{FloorStats, PhaseCtl};
 use crate::model::Target;
 use crate::protocol::ConnNote;
@@ -124,7 +124,13 @@ pub async fn run_phase(
         tokio::time::sleep(rig.relatch_wait).await;
     }
     prog.target = target;
-    let s0 = snapshot(&rig.servers, rig.raw.as_ref(), &rig.sender_counters).await;
+    let s0 = snapshot(
+        Edge::Open,
+        &rig.servers,
+        rig.raw.as_ref(),
+        &rig.sender_counters,
+    )
+    .await;
     rig.recv.phase.store(recv_phase(i), Ordering::Release);
     let ctl = PhaseCtl {
         id: i as u32,
@@ -208,7 +214,13 @@ pub async fn run_phase(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let s1 = snapshot(&rig.servers, rig.raw.as_ref(), &rig.sender_counters).await;
+    let s1 = snapshot(
+        Edge::Close,
+        &rig.servers,
+        rig.raw.as_ref(),
+        &rig.sender_counters,
+    )
+    .await;
     rig.recv.phase.store(recv_phase(i) + 1, Ordering::Release);
     let until = Instant::now() + Duration::from_secs(3);
     while acc.finals < rig.n_recv && Instant::now() < until {

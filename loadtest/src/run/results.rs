@@ -3,6 +3,7 @@
 //! the warnings that tell a reader when the figures are the harness's or the machine's rather than the
 //! server's.
 
+use super::cost::{attribute, per_packet};
 use super::phase::Measured;
 use super::placement::Placement;
 use super::plan::Plan;
@@ -53,6 +54,7 @@ pub fn phase_result(
         send_lag: lag.summary(),
         sent_packets: sent,
         send_errors: s1.send_errors - s0.send_errors,
+        keepalive_errors: s1.keepalive_errors - s0.keepalive_errors,
         expected_deliveries: expected,
         delivered,
         loss_pct: loss_pct(expected, delivered),
@@ -69,7 +71,7 @@ pub fn phase_result(
             let d =
                 |name: &str| -> Option<f64> { Some(m1.sum(name)? - m0.sum(name).unwrap_or(0.0)) };
             sp.packets_in = d(metrics::PACKETS_IN);
-            sp.forwarded = d(metrics::PACKETS_FORWARDED);
+            sp.metrics_forwarded = d(metrics::PACKETS_FORWARDED);
             let before: BTreeMap<String, f64> =
                 m0.series(metrics::PACKETS_DROPPED).into_iter().collect();
             for (labels, v) in m1.series(metrics::PACKETS_DROPPED) {
@@ -79,7 +81,7 @@ pub fn phase_result(
                 }
             }
             sp.metrics_pps_in = sp.packets_in.map(|x| x / secs.max(1e-9));
-            sp.metrics_pps_out = sp.forwarded.map(|x| x / secs.max(1e-9));
+            sp.metrics_pps_out = sp.metrics_forwarded.map(|x| x / secs.max(1e-9));
         }
         if !s1.threads.is_empty() {
             let mut threads: Vec<ThreadDelta> = s1
@@ -94,8 +96,13 @@ pub fn phase_result(
                 })
                 .collect();
             threads.sort_by_key(|t| std::cmp::Reverse(t.cpu_ns));
-            let total: u64 = threads.iter().map(|t| t.cpu_ns).sum();
-            sp.cpu_ns = Some(total);
+            let a = attribute(&threads, delivered, idle_cpu_per_s.map(|i| i * secs));
+            sp.cpu_ns = Some(a.cpu_ns);
+            sp.shard_cpu_ns = Some(a.shard_cpu_ns);
+            sp.control_cpu_ns = Some(a.control_cpu_ns);
+            sp.cpu_per_delivered_ns = a.per_delivered_ns;
+            sp.shard_cpu_per_delivered_ns = a.shard_per_delivered_ns;
+            sp.cpu_per_delivered_marginal_ns = a.marginal_per_delivered_ns;
             if let Some(t) = threads.first() {
                 sp.busiest_thread = Some(format!("{} ({})", t.name, t.tid));
                 sp.busiest_thread_cpu_ns = Some(t.cpu_ns);
@@ -105,23 +112,6 @@ pub fn phase_result(
         }
         if let (Some(a), Some(b)) = (s0.proc_cpu, s1.proc_cpu) {
             sp.cpu_ns_stat = Some(b.saturating_sub(a));
-        }
-        let fwd = sp
-            .forwarded
-            .filter(|f| *f > 0.0)
-            .or((delivered > 0).then_some(delivered as f64));
-        if let (Some(cpu), Some(f)) = (sp.cpu_ns, fwd) {
-            sp.cpu_per_fwd_ns = Some(cpu as f64 / f);
-            sp.shard_cpu_per_fwd_ns = sp.busiest_thread_cpu_ns.map(|b| b as f64 / f);
-            if let Some(idle) = idle_cpu_per_s {
-                sp.cpu_per_fwd_marginal_ns = Some(((cpu as f64 - idle * secs) / f).max(0.0));
-            }
-        }
-        if sp.forwarded.is_none() && s1.metrics.is_some() && p.measured {
-            push_once(
-                warnings,
-                "the server's /metrics has no talkgroup_packets_forwarded_total: CPU per packet uses what listeners received",
-            );
         }
         sp.rss_bytes = None;
         r.server = Some(sp);
@@ -137,7 +127,7 @@ pub fn phase_result(
             forwarded: fwd,
             dropped: b.2 - a.2,
             cpu_ns: cpu,
-            cpu_per_fwd_ns: cpu.filter(|_| fwd > 0).map(|c| c as f64 / fwd as f64),
+            cpu_per_delivered_ns: cpu.and_then(|c| per_packet(c as f64, delivered)),
         });
     }
     // The sender's pre-deadline spin yields to anything runnable: it is idle time, not load.
@@ -255,10 +245,4 @@ fn node_phases(
             }
         })
         .collect()
-}
-
-pub fn push_once(w: &mut Vec<String>, s: &str) {
-    if !w.iter().any(|x| x == s) {
-        w.push(s.to_string());
-    }
 }
