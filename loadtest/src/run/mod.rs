@@ -1,7 +1,7 @@
 //! The coordinator: how a run goes, phase by phase.
 //!
-//! 1. **Set-up** ([`setup`], [`join`]): the server or nodes, the members' sockets, the WebRTC peers, the
-//!    joins, the sender and receiver threads, the server's idle CPU, one controller per channel.
+//! 1. **Set-up** ([`setup`], [`servers`], [`join`]): the server or nodes and their idle CPU, the members'
+//!    sockets, the WebRTC peers, the joins, the sender and receiver threads, one controller per channel.
 //! 2. **Phases** ([`plan`], [`phase`]): a warm-up, after which the harness places itself away from the
 //!    server's shard cores ([`placement`]); then the measured phases. Each is opened and closed by a
 //!    [`snapshot`] and turned into its figures ([`results`]).
@@ -20,6 +20,7 @@ mod phase;
 pub mod placement;
 mod plan;
 mod results;
+mod servers;
 mod setup;
 mod snapshot;
 mod summary;

@@ -7,7 +7,7 @@ use super::cost::{attribute, per_packet};
 use super::phase::Measured;
 use super::placement::Placement;
 use super::plan::Plan;
-use super::setup::{idle_total, IdleCpu};
+use super::servers::{idle_total, IdleCpu};
 use super::snapshot::Snapshot;
 use crate::metrics;
 use crate::procfs;
