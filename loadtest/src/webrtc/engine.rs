@@ -139,7 +139,10 @@ pub fn run(
                 }
             }
         }
-        while let Ok(c) = sends.try_recv() {
+        // The sender's commands wait until `Begin` has been applied: the two inboxes are not ordered
+        // with each other. (Before it there is nothing to send; a run that ends first closes `cmds`.)
+        while engine.live.is_some() {
+            let Ok(c) = sends.try_recv() else { break };
             if engine.command(c) {
                 return;
             }
