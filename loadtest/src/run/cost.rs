@@ -20,12 +20,14 @@
 
 use crate::report::ThreadDelta;
 
-/// A talkgroup shard thread: `shard-N`, the packet path. Everything else in the process — the `control`
-/// thread (WebSocket signalling, the floor, HTTP and `/metrics`, the store client), `main`, the
-/// `shard-N-join` waiters — is the control plane.
+/// A talkgroup shard thread: the packet path. glommio names a shard's executor thread `shard-N-<id>`
+/// (and its helper threads likewise); the `shard-N-join` thread only waits. Everything else in the
+/// process — the `control` thread (WebSocket signalling, the floor, HTTP and `/metrics`, the store
+/// client), the main thread, the join waiters — is the control plane.
 pub fn is_shard_thread(name: &str) -> bool {
-    name.strip_prefix("shard-")
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    name.strip_prefix("shard-").is_some_and(|rest| {
+        rest.starts_with(|c: char| c.is_ascii_digit()) && !rest.ends_with("-join")
+    })
 }
 
 /// A server's CPU over one phase, attributed.
@@ -93,10 +95,11 @@ mod tests {
     fn cpu_per_delivered_packet_by_thread_role() {
         // Two shards, 3 ms and 1 ms; the control thread 2 ms (signalling); 2,000 packets delivered.
         let threads = [
-            thread("shard-0", 3_000_000),
+            thread("shard-0-1", 3_000_000),
             thread("control", 2_000_000),
-            thread("shard-1", 1_000_000),
+            thread("shard-1-2", 1_000_000),
             thread("shard-0-join", 0),
+            thread("talkgroup", 0),
         ];
         let a = attribute(&threads, 2_000, Some(1_000_000.0));
         assert_eq!(a.cpu_ns, 6_000_000);
@@ -135,8 +138,10 @@ mod tests {
 
     #[test]
     fn shard_threads_are_the_packet_path() {
-        assert!(is_shard_thread("shard-0") && is_shard_thread("shard-12"));
-        for other in ["shard-0-join", "shard-", "control", "main", "shardy"] {
+        // As /proc/<pid>/task/*/comm shows them for `talkgroup serve --shards 2`.
+        assert!(is_shard_thread("shard-0-1") && is_shard_thread("shard-1-2"));
+        assert!(is_shard_thread("shard-12"));
+        for other in ["shard-0-join", "shard-", "control", "talkgroup", "shardy"] {
             assert!(!is_shard_thread(other), "{other}");
         }
     }

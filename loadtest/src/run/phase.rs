@@ -166,7 +166,9 @@ pub async fn run_phase(
             break;
         }
         let delivered = rig.recv.delivered.load(Ordering::Relaxed);
-        let loss = loss_pct(prev_expected - s0.expected, delivered - delivered0);
+        // An estimate: deliveries of packets sent since the last tick may be counted already, so it is
+        // shown floored at 0 (the phase's books, closed after the drain, are exact and are not).
+        let loss = loss_pct(prev_expected - s0.expected, delivered - delivered0).max(0.0);
         prev_expected = rig.sender_counters.expected.load(Ordering::Relaxed);
         if last_tick.elapsed() < Duration::from_secs(1) {
             continue;
