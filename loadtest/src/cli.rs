@@ -121,7 +121,8 @@ pub struct Args {
     /// p99 latency that marks the knee.
     #[arg(long, default_value = "5ms")]
     pub knee_p99: String,
-    /// Exit with status 2 when loss (%) exceeds this.
+    /// Exit with status 2 when loss (%) exceeds this; 0 fails on any loss. (A run that delivered nothing,
+    /// saw protocol violations or failed to send fails whatever this says.)
     #[arg(long)]
     pub fail_on_loss: Option<f64>,
     /// Report directory [default: <workspace>/target/loadtest].
@@ -317,6 +318,10 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
     if args.ceiling && args.find_knee {
         return Err("--ceiling and --find-knee are separate runs; pick one".into());
     }
+    let fail_on_loss = args.fail_on_loss.or(sc.fail_on_loss);
+    if fail_on_loss.is_some_and(|l| !(0.0..=100.0).contains(&l)) {
+        return Err("--fail-on-loss is a percentage, 0 (any loss fails) to 100".into());
+    }
     let nodes = args.nodes.or(sc.nodes).unwrap_or(1).max(1);
     if nodes > 1 && !args.spawn_server {
         return Err(
@@ -380,7 +385,7 @@ pub fn resolve(args: &Args) -> Result<Config, String> {
         knee_steps: args.knee_steps.clamp(1, 50),
         knee_loss_pct: args.knee_loss,
         knee_p99_us: knee_p99.as_secs_f64() * 1e6,
-        fail_on_loss: args.fail_on_loss.or(sc.fail_on_loss),
+        fail_on_loss,
         out,
         seed: args.seed,
         pin: !args.no_pin,
@@ -435,6 +440,13 @@ mod tests {
             .unwrap_err()
             .contains("--spawn-server"));
         assert!(resolve(&args(&["--nodes", "3", "--spawn-server", "--ceiling"])).is_err());
+        assert!(resolve(&args(&["--fail-on-loss", "101"])).is_err());
+        assert_eq!(
+            resolve(&args(&["--fail-on-loss", "0"]))
+                .unwrap()
+                .fail_on_loss,
+            Some(0.0)
+        );
     }
 
     #[test]

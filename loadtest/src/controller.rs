@@ -7,9 +7,9 @@
 //! the speaker-switch latency.
 
 use crate::model::ChannelShared;
+use crate::protocol::{ConnCmd, FloorEv, FloorMsg};
 use crate::scenario::{Dist, TalkModel};
 use crate::sender::SendCmd;
-use crate::signaling::{ConnCmd, FloorEv, FloorMsg};
 use crate::stats::LatencyHist;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

@@ -1,29 +1,37 @@
-//! `loadtest`: the talkgroup load harness. See `cli.rs` for the flags, `run.rs` for how a run goes, and
+//! `loadtest`: the talkgroup load harness. See `cli.rs` for the flags, `run/` for how a run goes, and
 //! the workspace README for how to read the report.
 //!
 //! Exit status: 0 pass, 1 setup error, 2 loss above `--fail-on-loss`, 3 the server crashed.
 
-mod ceiling;
 mod cli;
 mod cluster;
+mod connection;
 mod controller;
+mod loopback;
 mod metrics;
+mod mmsg;
 mod model;
+mod output;
 mod procfs;
+mod protocol;
+mod raw_forwarder;
 mod receiver;
 mod relaycost;
 mod report;
 mod run;
 mod scenario;
+mod schedule;
+mod seen;
 mod sender;
 mod seq;
 mod server;
-mod signaling;
 mod sockets;
 mod stamp;
 mod stats;
 mod svg;
 mod sys;
+mod table;
+mod tally;
 mod webrtc;
 
 use clap::Parser;
@@ -73,13 +81,13 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        print!("{}", r.table());
-        if let Err(e) = r.write(&c.out) {
+        print!("{}", table::table(&r));
+        if let Err(e) = output::write(&r, &c.out) {
             eprintln!("loadtest: writing the report: {e}");
         }
         // A run pins the harness away from its server's shard core: undo that before the next one.
         if !cpus.is_empty() {
-            run::pin_own_threads(&cpus, None);
+            run::placement::pin_own_threads(&cpus, None);
         }
         eprintln!("== {} nodes ==", cfg.nodes);
         Some(r)
@@ -103,8 +111,8 @@ fn main() {
             );
         }
     }
-    print!("{}", report.table());
-    match report.write(&cfg.out) {
+    print!("{}", table::table(&report));
+    match output::write(&report, &cfg.out) {
         Ok((json, svg)) => println!("reports: {} {}", json.display(), svg.display()),
         Err(e) => eprintln!("loadtest: writing the report: {e}"),
     }

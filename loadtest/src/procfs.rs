@@ -164,9 +164,13 @@ pub fn parse_snmp_udp(text: &str) -> BTreeMap<String, u64> {
 /// CPUs that the threads of `pid` are pinned to, each thread with a single-CPU mask (a thread-per-core
 /// server's shards); empty when nothing is pinned.
 pub fn pinned_cpus(pid: i32) -> Vec<usize> {
-    let mut cpus: Vec<usize> = threads_cpu(pid)
-        .keys()
-        .filter_map(|&tid| crate::sys::affinity_of(tid).ok())
+    single_cpus(threads_cpu(pid).keys().copied())
+}
+
+/// The CPUs of those of `tids` whose affinity mask is a single CPU, sorted, without repeats.
+pub fn single_cpus(tids: impl Iterator<Item = i32>) -> Vec<usize> {
+    let mut cpus: Vec<usize> = tids
+        .filter_map(|tid| crate::sys::affinity_of(tid).ok())
         .filter(|m| m.len() == 1)
         .map(|m| m[0])
         .collect();

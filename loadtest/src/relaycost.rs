@@ -14,37 +14,7 @@
 //!   receive + fan-out = Σ busyⱼ ÷ Σ relay inⱼ, of which beyond sending the fan-out
 //!   (Σ busyⱼ − c·Σ fwdⱼ) ÷ Σ relay inⱼ — to compare with `c`, a local speaker packet received.
 
-use crate::report::{NodePhase, Report};
-use crate::run::SPLIT_PHASE;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct RelayCost {
-    /// Reference: busy CPU per locally forwarded packet (ns) — "a local forward".
-    pub local_ns_per_fwd: f64,
-    /// Reference: busy CPU per datagram handled, in or out (ns).
-    pub local_ns_per_datagram: f64,
-    /// Reference: listeners per speaker packet.
-    pub local_fanout: f64,
-    /// All nodes talking: busy CPU per packet delivered to a listener, summed over nodes (ns).
-    pub all_ns_per_fwd: Option<f64>,
-    /// All nodes talking: relay datagrams per second (sent, over all nodes).
-    pub all_relay_pps: Option<f64>,
-    /// All nodes talking: CPU beyond the local model per relay datagram, send and receive together (ns).
-    pub all_extra_ns_per_relay: Option<f64>,
-    /// Split: CPU per relay datagram sent, at the speaker's node, beyond its local work (ns).
-    pub send_ns_per_relay: Option<f64>,
-    /// Split: busy CPU at a receiving node per relay datagram received, fan-out included (ns).
-    pub recv_ns_per_relay: Option<f64>,
-    /// Split: listeners per relay datagram at the receiving nodes.
-    pub recv_fanout: Option<f64>,
-    /// Split: the same less the fan-out at the local per-datagram cost (ns): compare with
-    /// `local_ns_per_datagram`, a local speaker's packet received.
-    pub recv_extra_ns_per_relay: Option<f64>,
-    /// Split: what a local speaker packet with the same fan-out costs by the reference (ns).
-    pub recv_local_equiv_ns: Option<f64>,
-    pub method: String,
-}
+use crate::report::{NodePhase, RelayCost, Report, SPLIT_PHASE};
 
 fn sum(nodes: &[NodePhase], f: impl Fn(&NodePhase) -> f64) -> f64 {
     nodes.iter().map(f).sum()

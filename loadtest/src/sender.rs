@@ -1,40 +1,24 @@
-//! The sender thread: every active speaker's 20 ms packets, and every member's latching keep-alive, from
-//! one thread with a deadline heap.
+//! The sender thread: every plain-RTP speaker's 20 ms packets (on a [`Schedule`]), and every member's
+//! latching keep-alive, from one thread.
 //!
 //! Each packet is stamped with the time it was *scheduled* for; if this thread falls behind, the lag
 //! lands in the measured latency (no coordinated omission) and separately in `lag`, so a slow harness is
 //! visible as such. Speakers start at random phases, so load is smooth rather than a 20 ms pulse.
+//!
+//! WebRTC speakers are the WebRTC engine's: the sender passes their commands on over a plain channel of
+//! [`SendCmd`]s, so it needs to know nothing of the engine (which sits above it and imports it).
 
 use crate::model::{Member, Target};
-use crate::scenario::PayloadModel;
+use crate::schedule::{Schedule, SenderConfig};
 use crate::sockets::Endpoints;
-use crate::stamp::{rtcp_keepalive, RtpHeader, Stamp, RTP_HEADER_LEN};
+use crate::stamp::rtcp_keepalive;
 use crate::stats::LatencyHist;
 use crate::sys::mono_ns;
-use crate::webrtc::EngineCmd;
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How close to a deadline the sender stops sleeping and spins.
-pub const SPIN_NS: u64 = 200_000;
-
-/// Wait until `due` (mono ns): sleep most of the way, spin the rest.
-pub fn wait_until(due: u64) {
-    let now = mono_ns();
-    if due > now + SPIN_NS {
-        std::thread::sleep(Duration::from_nanos(due - now - SPIN_NS));
-    }
-    while mono_ns() < due {
-        std::thread::yield_now();
-    }
-}
 
 /// Commands from the controllers and the coordinator.
 #[derive(Debug)]
@@ -61,172 +45,19 @@ pub enum SendCmd {
 /// Counters read by the coordinator at phase boundaries and for progress.
 #[derive(Debug, Default)]
 pub struct SenderCounters {
+    /// Media packets sent.
     pub media: AtomicU64,
-    /// Σ listeners of each media packet sent: what should arrive if nothing is lost.
+    /// Σ listeners of each media packet the harness *tried* to send, sent or not: what should arrive if
+    /// nothing is lost. A failed send is a loss like any other, and fails the run besides.
     pub expected: AtomicU64,
     pub keepalives: AtomicU64,
+    /// Media packets whose send failed.
     pub errors: AtomicU64,
+    /// Keep-alives whose send failed (a member that may not stay latched).
+    pub keepalive_errors: AtomicU64,
     pub bytes: AtomicU64,
     /// CPU time spent spinning (yielding) just before deadlines, ns.
     pub spin_ns: AtomicU64,
-}
-
-struct Active {
-    member: u32,
-    spurt: u32,
-    pkt: u32,
-    listeners: u32,
-    gen: u32,
-}
-
-/// Per-member RTP state: a speaker's own stream continues across its spurts, as a real client's would.
-/// `seq` is extended (str0m wants the 64-bit counter; the wire carries its low 16 bits).
-struct Uplink {
-    seq: u64,
-    ts: u32,
-    ssrc: u32,
-}
-
-pub struct SenderConfig {
-    pub rate: u32,
-    pub payload: PayloadModel,
-    pub keepalive: Duration,
-    pub seed: u64,
-    /// Spin (yielding) this close to a deadline instead of sleeping through it.
-    pub spin_ns: u64,
-}
-
-/// One packet that is due, already written (RTP header + stamp + padding) into the caller's buffer.
-#[derive(Debug, Clone, Copy)]
-pub struct Due {
-    pub member: usize,
-    pub len: usize,
-    /// Listeners that should receive it.
-    pub listeners: u32,
-    /// When it was scheduled (the stamp), mono ns.
-    pub due: u64,
-    pub header: RtpHeader,
-    /// `header.seq` extended to 64 bits.
-    pub ext_seq: u64,
-}
-
-/// The talk schedule: which member of each channel is sending, and a deadline heap of their next
-/// packets. Shared by the plain-RTP sender and the WebRTC engine, so both send the same streams.
-pub struct Schedule {
-    interval: u64,
-    ts_step: u32,
-    payload: PayloadModel,
-    rng: SmallRng,
-    uplinks: Vec<Uplink>,
-    active: Vec<Option<Active>>,
-    gen: u32,
-    heap: BinaryHeap<Reverse<(u64, u32, u32)>>,
-}
-
-impl Schedule {
-    pub fn new(cfg: &SenderConfig, members: &[Member], salt: u64) -> Schedule {
-        let mut rng = SmallRng::seed_from_u64(cfg.seed ^ 0x5e4d ^ salt);
-        let uplinks = (0..members.len())
-            .map(|_| Uplink {
-                seq: u64::from(rng.random::<u16>()),
-                ts: rng.random(),
-                ssrc: rng.random(),
-            })
-            .collect();
-        let n_channels = members.last().map(|m| m.channel as usize + 1).unwrap_or(0);
-        Schedule {
-            interval: 1_000_000_000 / cfg.rate.max(1) as u64,
-            ts_step: 48_000 / cfg.rate.max(1),
-            payload: cfg.payload.clone(),
-            rng,
-            uplinks,
-            active: (0..n_channels).map(|_| None).collect(),
-            gen: 0,
-            heap: BinaryHeap::new(),
-        }
-    }
-
-    /// `member` starts spurt `spurt` on `channel` now.
-    pub fn start(&mut self, channel: u32, member: u32, spurt: u32, listeners: u32) {
-        if let Some(slot) = self.active.get_mut(channel as usize) {
-            self.gen = self.gen.wrapping_add(1);
-            *slot = Some(Active {
-                member,
-                spurt,
-                pkt: 0,
-                listeners,
-                gen: self.gen,
-            });
-            self.heap.push(Reverse((mono_ns(), channel, self.gen)));
-        }
-    }
-
-    pub fn stop(&mut self, channel: u32) {
-        if let Some(slot) = self.active.get_mut(channel as usize) {
-            *slot = None;
-        }
-    }
-
-    /// The next deadline, mono ns.
-    pub fn next_due(&self) -> Option<u64> {
-        self.heap.peek().map(|Reverse((d, _, _))| *d)
-    }
-
-    /// The SSRC member `m` sends with.
-    pub fn ssrc(&self, m: usize) -> u32 {
-        self.uplinks[m].ssrc
-    }
-
-    /// Pops the next packet due at or before `now` and writes it into `buf`.
-    pub fn pop_due(&mut self, now: u64, buf: &mut [u8], members: &[Member]) -> Option<Due> {
-        while let Some(&Reverse((due, ch, g))) = self.heap.peek() {
-            if due > now {
-                return None;
-            }
-            self.heap.pop();
-            let Some(a) = self.active.get_mut(ch as usize).and_then(|s| s.as_mut()) else {
-                continue;
-            };
-            if a.gen != g {
-                continue; // a stale deadline of a stopped spurt
-            }
-            let m = a.member as usize;
-            let up = &mut self.uplinks[m];
-            let size = self
-                .payload
-                .size(a.pkt as u64 + ch as u64, self.rng.random());
-            let header = RtpHeader {
-                marker: a.pkt == 0,
-                payload_type: crate::stamp::PT_OPUS,
-                seq: up.seq as u16,
-                timestamp: up.ts,
-                ssrc: up.ssrc,
-            };
-            header.write(buf);
-            Stamp {
-                channel: ch,
-                speaker: members[m].slot,
-                spurt: a.spurt,
-                seq: a.pkt,
-                sched_ns: due,
-            }
-            .write(&mut buf[RTP_HEADER_LEN..]);
-            let out = Due {
-                member: m,
-                len: RTP_HEADER_LEN + size,
-                listeners: a.listeners,
-                due,
-                header,
-                ext_seq: up.seq,
-            };
-            up.seq += 1;
-            up.ts = up.ts.wrapping_add(self.ts_step);
-            a.pkt += 1;
-            self.heap.push(Reverse((due + self.interval, ch, g)));
-            return Some(out);
-        }
-        None
-    }
 }
 
 /// Run the sender loop on the calling thread until `Shutdown`. Commands about WebRTC members go on to
@@ -237,7 +68,7 @@ pub fn run(
     socks: Arc<Endpoints>,
     cmds: Receiver<SendCmd>,
     counters: Arc<SenderCounters>,
-    webrtc: Option<Sender<EngineCmd>>,
+    webrtc: Option<Sender<SendCmd>>,
 ) {
     crate::sys::tight_timer_slack();
     let mut sched = Schedule::new(&cfg, &members, 0);
@@ -246,7 +77,7 @@ pub fn run(
     let mut buf = [0u8; 1500];
     let to_engine = |c: SendCmd| {
         if let Some(w) = &webrtc {
-            let _ = w.send(EngineCmd::Send(c));
+            let _ = w.send(c);
         }
     };
 
@@ -269,7 +100,7 @@ pub fn run(
         let pkt = rtcp_keepalive(sched.ssrc(m));
         match socks.send_from(m, &pkt, dest_of(m, target)) {
             Ok(_) => counters.keepalives.fetch_add(1, Ordering::Relaxed),
-            Err(_) => counters.errors.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.keepalive_errors.fetch_add(1, Ordering::Relaxed),
         };
     };
 
@@ -347,7 +178,7 @@ pub fn run(
                     let mut all = std::mem::take(&mut lag);
                     if let Some(w) = &webrtc {
                         let (etx, erx) = std::sync::mpsc::channel();
-                        if w.send(EngineCmd::Send(SendCmd::TakeLag(etx))).is_ok() {
+                        if w.send(SendCmd::TakeLag(etx)).is_ok() {
                             if let Ok(h) = erx.recv_timeout(Duration::from_millis(500)) {
                                 all.merge(&h);
                             }
@@ -373,9 +204,7 @@ pub fn run(
             let sent_at = mono_ns();
             match socks.send_from(d.member, &buf[..d.len], dest_of(d.member, target)) {
                 Ok(_) => counters.count_media(d.len, d.listeners),
-                Err(_) => {
-                    counters.errors.fetch_add(1, Ordering::Relaxed);
-                }
+                Err(_) => counters.count_failed(d.listeners),
             }
             lag.record(sent_at.saturating_sub(d.due).max(1));
         }
@@ -389,12 +218,20 @@ impl SenderCounters {
         self.expected.fetch_add(listeners as u64, Ordering::Relaxed);
         self.bytes.fetch_add(len as u64, Ordering::Relaxed);
     }
+
+    /// One media packet for `listeners` listeners that could not be sent: expected all the same.
+    pub fn count_failed(&self, listeners: u32) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.expected.fetch_add(listeners as u64, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::PayloadModel;
     use crate::sockets::Endpoints;
+    use crate::stamp::Stamp;
     use crate::stamp::{parse_datagram, Datagram};
     use std::sync::mpsc::channel;
 
@@ -429,7 +266,7 @@ mod tests {
                     payload: PayloadModel::Fixed(60),
                     keepalive: Duration::from_secs(3600),
                     seed: 1,
-                    spin_ns: SPIN_NS,
+                    spin_ns: crate::sys::SPIN_NS,
                 },
                 Arc::new(members),
                 Arc::new(socks),
@@ -471,5 +308,15 @@ mod tests {
         let media = counters.media.load(Ordering::Relaxed);
         assert!(media >= 10);
         assert_eq!(counters.expected.load(Ordering::Relaxed), media);
+    }
+
+    #[test]
+    fn a_failed_send_is_still_expected() {
+        let c = SenderCounters::default();
+        c.count_media(100, 3);
+        c.count_failed(3);
+        assert_eq!(c.media.load(Ordering::Relaxed), 1);
+        assert_eq!(c.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(c.expected.load(Ordering::Relaxed), 6);
     }
 }

@@ -238,6 +238,15 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// `Some(description)` once any of `servers` is gone (with several nodes, which one).
+pub fn any_exited(servers: &mut [Server]) -> Option<String> {
+    let n = servers.len();
+    servers.iter_mut().enumerate().find_map(|(i, s)| {
+        s.exited()
+            .map(|st| if n > 1 { format!("node {i}: {st}") } else { st })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 //!   address. This is how 50,000 members fit under an RLIMIT_NOFILE that cannot be raised past 20,000
 //!   (no CAP_SYS_RESOURCE in containers), with every datagram still on loopback.
 
+use crate::mmsg::{to_sockaddr, CmsgBuf};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -178,13 +179,9 @@ fn bind_shared(n: usize, k: usize) -> io::Result<Endpoints> {
     })
 }
 
-/// Control-message buffer big enough for one `in_pktinfo`, suitably aligned.
-#[repr(C, align(8))]
-pub struct CmsgBuf(pub [u8; 64]);
-
 /// `sendmsg` with an `IP_PKTINFO` source address.
 fn send_pktinfo(fd: i32, buf: &[u8], dst: SocketAddrV4, src: Ipv4Addr) -> io::Result<usize> {
-    let mut sa = crate::ceiling::to_sockaddr(SocketAddr::V4(dst));
+    let mut sa = to_sockaddr(SocketAddr::V4(dst));
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -217,23 +214,6 @@ fn send_pktinfo(fd: i32, buf: &[u8], dst: SocketAddrV4, src: Ipv4Addr) -> io::Re
             Ok(n as usize)
         }
     }
-}
-
-/// The destination address in a received message's `IP_PKTINFO` control data.
-///
-/// # Safety
-/// `msg` must be a message header filled in by `recvmsg`/`recvmmsg` whose control buffer is still alive.
-pub unsafe fn pktinfo_dst(msg: &libc::msghdr) -> Option<Ipv4Addr> {
-    let mut cmsg = libc::CMSG_FIRSTHDR(msg);
-    while !cmsg.is_null() {
-        if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
-            let pi = libc::CMSG_DATA(cmsg) as *const libc::in_pktinfo;
-            let a = std::ptr::read_unaligned(pi);
-            return Some(Ipv4Addr::from(u32::from_be(a.ipi_addr.s_addr)));
-        }
-        cmsg = libc::CMSG_NXTHDR(msg, cmsg);
-    }
-    None
 }
 
 #[cfg(test)]
@@ -281,30 +261,17 @@ mod tests {
             peer.send_to(&[1, 2, 3], e.addrs[m]).unwrap();
             let k = e.sock_of(m);
             let fd = e.socks[k].as_raw_fd();
-            let mut buf = [0u8; 64];
-            let mut cbuf = CmsgBuf([0; 64]);
-            let mut iov = libc::iovec {
-                iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-                iov_len: 64,
-            };
-            // SAFETY: test-local buffers outlive the call.
-            let dst = unsafe {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = &mut iov;
-                msg.msg_iovlen = 1;
-                msg.msg_control = cbuf.0.as_mut_ptr() as *mut libc::c_void;
-                msg.msg_controllen = 64;
-                let mut got = -1;
-                for _ in 0..100 {
-                    got = libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT);
-                    if got >= 0 {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
+            let mut batch = crate::mmsg::RecvBatch::new(1, true);
+            let mut got = 0;
+            for _ in 0..100 {
+                got = batch.recv(fd, libc::MSG_DONTWAIT);
+                if got > 0 {
+                    break;
                 }
-                assert_eq!(got, 3);
-                pktinfo_dst(&msg)
-            };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!((got, batch.datagram(0).0.len()), (1, 3));
+            let dst = batch.destination(0);
             assert_eq!(e.member_of(k, dst), Some(m));
         }
     }

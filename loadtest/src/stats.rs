@@ -106,6 +106,16 @@ pub struct Percentiles {
     pub max_us: f64,
 }
 
+/// Loss in % of `expected` deliveries. Not floored: more deliveries than expected comes out negative,
+/// a books error for the verdict to catch rather than a zero to hide it behind.
+pub fn loss_pct(expected: u64, delivered: u64) -> f64 {
+    if expected == 0 {
+        0.0
+    } else {
+        (expected as f64 - delivered as f64) * 100.0 / expected as f64
+    }
+}
+
 /// Median of a list (for the A B A B ceiling rounds); `None` when empty.
 pub fn median(values: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
@@ -124,6 +134,14 @@ pub fn median(values: &[f64]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loss_percentage() {
+        assert_eq!(loss_pct(0, 0), 0.0);
+        assert_eq!(loss_pct(1000, 999), 0.1);
+        // More deliveries than expected is not "no loss": it shows, negative.
+        assert_eq!(loss_pct(10, 12), -20.0);
+    }
 
     #[test]
     fn merge_combines_counts_and_tails() {

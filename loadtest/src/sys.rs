@@ -5,6 +5,7 @@
 //! `CLOCK_MONOTONIC`: one-way latency is a plain subtraction, no clock sync needed.
 
 use std::io;
+use std::time::Duration;
 
 /// Nanoseconds on `CLOCK_MONOTONIC` (the clock `std::time::Instant` uses on Linux, but as a number that
 /// fits in a packet).
@@ -16,6 +17,21 @@ pub fn mono_ns() -> u64 {
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// How close to a deadline the harness's paced threads stop sleeping and spin: timer wake-ups overshoot
+/// by 50–150 µs on a VM, which would otherwise show up as latency.
+pub const SPIN_NS: u64 = 200_000;
+
+/// Wait until `due` (mono ns): sleep most of the way, spin (yielding) the rest.
+pub fn wait_until(due: u64) {
+    let now = mono_ns();
+    if due > now + SPIN_NS {
+        std::thread::sleep(Duration::from_nanos(due - now - SPIN_NS));
+    }
+    while mono_ns() < due {
+        std::thread::yield_now();
+    }
 }
 
 /// CPU time the calling thread has used, ns (`CLOCK_THREAD_CPUTIME_ID`: a real syscall, ~0.2 µs).
@@ -56,6 +72,11 @@ pub fn affinity_of(tid: i32) -> io::Result<Vec<usize>> {
 
 /// Pin the calling thread to `cpus`. Threads spawned afterwards inherit the mask.
 pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
+    pin_thread(0, cpus)
+}
+
+/// Pin thread `tid` of this process (0: the caller) to `cpus`; nothing to do when `cpus` is empty.
+pub fn pin_thread(tid: i32, cpus: &[usize]) -> io::Result<()> {
     if cpus.is_empty() {
         return Ok(());
     }
@@ -68,7 +89,7 @@ pub fn pin_current_thread(cpus: &[usize]) -> io::Result<()> {
         }
     }
     // SAFETY: valid set and size.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -121,6 +142,56 @@ pub fn raise_nofile(want: u64) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(soft.rlim_cur)
+}
+
+/// An epoll set (closed on drop): the receiving threads wait on all their sockets at once.
+pub struct Epoll {
+    fd: i32,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 with a valid flag.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Epoll {
+            fd,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; 1024],
+        })
+    }
+
+    /// Watch `fd` for input; its events carry `token`.
+    pub fn add(&self, fd: i32, token: u64) {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: both descriptors are open; ev is valid for the call.
+        unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+    }
+
+    /// Wait up to `timeout_ms` for input; the number of ready descriptors (see [`Epoll::token`]).
+    pub fn wait(&mut self, timeout_ms: i32) -> usize {
+        let cap = self.events.len() as i32;
+        // SAFETY: `events` has room for `cap` entries.
+        let n = unsafe { libc::epoll_wait(self.fd, self.events.as_mut_ptr(), cap, timeout_ms) };
+        n.max(0) as usize
+    }
+
+    /// The token of ready descriptor `i` of the last `wait`.
+    pub fn token(&self, i: usize) -> u64 {
+        self.events[i].u64
+    }
+}
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(self.fd) };
+    }
 }
 
 /// Set a socket buffer size option (SO_RCVBUF / SO_SNDBUF), best effort.

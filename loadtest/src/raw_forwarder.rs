@@ -3,6 +3,7 @@
 //! `sendmmsg` with the payload shared by scatter/gather. Pinned to the server's core and fed the same
 //! load, its CPU per forwarded packet is the floor that talkgroup's is compared with.
 
+use crate::mmsg::{to_sockaddr, RecvBatch};
 use crate::stamp::RTP_HEADER_LEN;
 use std::collections::HashMap;
 use std::io;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 const RECV_BATCH: usize = 32;
 const SEND_BATCH: usize = 256;
-const BUF: usize = 2048;
 
 /// Counters the coordinator reads around each phase.
 #[derive(Debug, Default)]
@@ -38,17 +38,6 @@ struct Leg {
     dest: libc::sockaddr_in,
     ssrc: u32,
     seq: u16,
-}
-
-pub fn to_sockaddr(a: SocketAddr) -> libc::sockaddr_in {
-    // SAFETY: all-zero sockaddr_in is valid.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    if let SocketAddr::V4(v4) = a {
-        sa.sin_port = v4.port().to_be();
-        sa.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
-    }
-    sa
 }
 
 fn key(sa: &libc::sockaddr_in) -> u64 {
@@ -86,12 +75,14 @@ impl RawForwarder {
         })
     }
 
+    /// The forwarder thread's kernel id (to pin it, and for its `schedstat`).
+    pub fn tid(&self) -> i32 {
+        self.counters.tid.load(Ordering::Acquire)
+    }
+
     /// CPU time the forwarder thread has used, ns.
     pub fn cpu_ns(&self) -> Option<u64> {
-        crate::procfs::thread_cpu_ns(
-            std::process::id() as i32,
-            self.counters.tid.load(Ordering::Acquire),
-        )
+        crate::procfs::thread_cpu_ns(std::process::id() as i32, self.tid())
     }
 }
 
@@ -128,50 +119,30 @@ fn forward_loop(
         legs.push(v);
     }
 
-    let mut bufs = vec![[0u8; BUF]; RECV_BATCH];
+    let mut batch = RecvBatch::new(RECV_BATCH, false);
     // SAFETY (all zeroed below): valid initial values for these C structs; pointers set before use.
-    let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; RECV_BATCH];
-    let mut riov: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; RECV_BATCH];
-    let mut rmsg: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; RECV_BATCH];
     let mut headers = vec![[0u8; RTP_HEADER_LEN]; SEND_BATCH];
     let mut dests: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; SEND_BATCH];
     let mut siov: Vec<[libc::iovec; 2]> = vec![unsafe { std::mem::zeroed() }; SEND_BATCH];
     let mut smsg: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; SEND_BATCH];
 
     while !stop.load(Ordering::Acquire) {
-        for i in 0..RECV_BATCH {
-            riov[i].iov_base = bufs[i].as_mut_ptr() as *mut libc::c_void;
-            riov[i].iov_len = BUF;
-            rmsg[i].msg_hdr.msg_name = &mut names[i] as *mut _ as *mut libc::c_void;
-            rmsg[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-            rmsg[i].msg_hdr.msg_iov = &mut riov[i];
-            rmsg[i].msg_hdr.msg_iovlen = 1;
-        }
         // Blocks for the first datagram (up to the 20 ms read timeout), then takes what is queued.
-        // SAFETY: the message array and its buffers are valid for the call.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                rmsg.as_mut_ptr(),
-                RECV_BATCH as u32,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        if n <= 0 {
+        let n = batch.recv(fd, libc::MSG_WAITFORONE);
+        if n == 0 {
             continue;
         }
         c.received.fetch_add(n as u64, Ordering::Relaxed);
         let mut queued = 0usize;
-        for i in 0..n as usize {
-            let len = (rmsg[i].msg_len as usize).min(BUF);
-            let b = &bufs[i][..len];
+        for i in 0..n {
+            let b = batch.data(i);
+            let len = b.len();
             // RTP only: RTCP keep-alives and anything else are dropped, as a server drops them.
             if len < RTP_HEADER_LEN || b[0] >> 6 != 2 || (192..=223).contains(&b[1]) {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some(&(ch, from)) = route.get(&key(&names[i])) else {
+            let Some(&(ch, from)) = route.get(&key(batch.source(i))) else {
                 c.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             };

@@ -1,24 +1,26 @@
-//! WebRTC members (`--transport webrtc|mixed`): one str0m `Rtc` per member as the *client* side of the
-//! protocol (ICE controlling agent, DTLS client, SRTP), so the server sees exactly what a browser makes
-//! it do: connectivity checks, a DTLS handshake per member, SRTP both ways, RTCP.
-//!
-//! str0m is sans-IO, so one engine thread owns every client `Rtc`: it applies the answers the WebSocket
-//! tasks hand over, drives ICE and DTLS, sends the WebRTC speakers' stamped packets on the same
+//! The WebRTC engine: one thread owns every client `Rtc` (str0m is sans-IO). It applies the answers the
+//! WebSocket tasks hand over, drives ICE and DTLS, sends the WebRTC speakers' stamped packets on the same
 //! [`Schedule`] as the plain-RTP sender, and receives, decrypts and accounts the listeners' streams with
-//! the same [`Tally`] as the plain receivers. The stamp is written before encryption and the receive time
-//! is read right after `recvmmsg`, before decryption: the SRTP work of the harness is in the measured
-//! latency only as far as it delays the next receive, as it would in any client.
+//! the same [`Tally`] as the plain receivers.
 //!
-//! In a ceiling run's raw phases the same members speak plain RTP to the raw forwarder from the same
-//! sockets: the raw forwarder does no SRTP, which is the point of the WebRTC ceiling ratio.
+//! The stamp is written before encryption and the receive time is read right after `recvmmsg`, before
+//! decryption: the SRTP work of the harness is in the measured latency only as far as it delays the next
+//! receive, as it would in any client.
+//!
+//! Two inboxes: [`EngineCmd`] from the coordinator and the WebSocket tasks (answers, the run's tables),
+//! and the plain-RTP sender's [`SendCmd`]s for speakers that are WebRTC members — the sender sits below
+//! the engine and knows it only as a channel.
 
+use super::peer::{parse_answer, ClientPeer};
+use crate::mmsg::RecvBatch;
 use crate::model::{Member, Target};
-use crate::receiver::{sockaddr_to, RecvReport, RecvShared, Tally};
-use crate::sender::{Schedule, SendCmd, SenderConfig, SenderCounters, SPIN_NS};
+use crate::schedule::{Schedule, SenderConfig};
+use crate::sender::{SendCmd, SenderCounters};
 use crate::sockets::Endpoints;
 use crate::stamp::RtpHeader;
 use crate::stats::LatencyHist;
-use crate::sys::mono_ns;
+use crate::sys::{mono_ns, Epoll, SPIN_NS};
+use crate::tally::{RecvReport, RecvShared, Tally};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
@@ -26,22 +28,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use str0m::change::{SdpAnswer, SdpPendingOffer};
-use str0m::media::{Direction, MediaKind, Mid, Pt};
+use std::time::Instant;
+use str0m::change::SdpAnswer;
+use str0m::media::Pt;
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
-
-/// Which members use WebRTC: all (`webrtc`), every odd slot (`mixed`: both kinds in every channel, both
-/// kinds speak), or none (`rtp`).
-pub fn is_webrtc(transport: &str, slot: u16) -> bool {
-    match transport {
-        "webrtc" => true,
-        "mixed" => slot % 2 == 1,
-        _ => false,
-    }
-}
+use str0m::{Event, IceConnectionState, Input, Output};
 
 /// Commands to the engine.
 #[derive(Debug)]
@@ -50,8 +42,6 @@ pub enum EngineCmd {
     Answer { member: u32, sdp: String },
     /// The run's tables, once everyone has joined: from now on media is sent and accounted.
     Begin(Box<Begin>),
-    /// Forwarded by the plain-RTP sender: speakers that are WebRTC members, targets, lag, shutdown.
-    Send(SendCmd),
 }
 
 /// What the engine needs once the members are known.
@@ -83,139 +73,30 @@ pub struct EngineCounters {
     pub tid: AtomicI32,
 }
 
-/// One client peer, built before joining.
-pub struct ClientPeer {
-    member: u32,
-    rtc: Rtc,
-    pending: Option<SdpPendingOffer>,
-    mid: Mid,
-    local: SocketAddr,
-    pt: Pt,
-    deadline: Instant,
-    connected: bool,
-    failed: bool,
-}
-
-/// Builds client peers for `members` (index, local address) and their SDP offers. One DTLS certificate
-/// serves all of them: generating one per peer would cost the harness seconds for thousands of members.
-pub fn prepare(members: &[(u32, SocketAddr)]) -> Result<(Vec<ClientPeer>, Vec<String>), String> {
-    let crypto = Arc::new(str0m::crypto::from_feature_flags());
-    let cert = crypto
-        .dtls_provider
-        .generate_certificate()
-        .ok_or("cannot generate a DTLS certificate for the WebRTC members")?;
-    let now = Instant::now();
-    let mut peers = Vec::with_capacity(members.len());
-    let mut offers = Vec::with_capacity(members.len());
-    for &(member, local) in members {
-        let mut rtc = Rtc::builder()
-            .set_rtp_mode(true)
-            .set_dtls_cert(cert.clone())
-            .set_crypto_provider(crypto.clone())
-            .clear_codecs()
-            .enable_opus(true, false)
-            .build(now);
-        let cand = Candidate::host(local, "udp").map_err(|e| format!("candidate {local}: {e}"))?;
-        rtc.add_local_candidate(cand);
-        let mut api = rtc.sdp_api();
-        let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
-        let (offer, pending) = api.apply().ok_or("str0m made no offer")?;
-        offers.push(offer.to_sdp_string());
-        peers.push(ClientPeer {
-            member,
-            rtc,
-            pending: Some(pending),
-            mid,
-            local,
-            pt: Pt::from(crate::stamp::PT_OPUS),
-            deadline: now,
-            connected: false,
-            failed: false,
-        });
-    }
-    Ok((peers, offers))
-}
-
-/// What the harness needs from an SDP answer: the server's candidate, the SSRC and payload type of the
-/// stream the member will hear.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AnswerInfo {
-    pub server_addr: SocketAddr,
-    pub ssrc: u32,
-    pub payload_type: u8,
-}
-
-/// Reads [`AnswerInfo`] from an SDP answer (a UDP host candidate, the first `a=ssrc`, Opus's `rtpmap`).
-pub fn parse_answer(sdp: &str) -> Result<AnswerInfo, String> {
-    let mut server_addr = None;
-    let mut ssrc = None;
-    let mut payload_type = None;
-    for line in sdp.lines().map(str::trim) {
-        if let Some(c) = line.strip_prefix("a=candidate:") {
-            // foundation component transport priority address port typ host
-            let f: Vec<&str> = c.split_whitespace().collect();
-            if server_addr.is_none() && f.len() >= 8 && f[2].eq_ignore_ascii_case("udp") {
-                server_addr = format!("{}:{}", f[4], f[5]).parse::<SocketAddr>().ok();
-            }
-        } else if let Some(rest) = line.strip_prefix("a=ssrc:") {
-            if ssrc.is_none() {
-                ssrc = rest.split_whitespace().next().and_then(|s| s.parse().ok());
-            }
-        } else if let Some(rest) = line.strip_prefix("a=rtpmap:") {
-            let mut it = rest.split_whitespace();
-            if let (Some(pt), Some(codec)) = (it.next(), it.next()) {
-                if payload_type.is_none() && codec.to_ascii_lowercase().starts_with("opus/") {
-                    payload_type = pt.parse().ok();
-                }
-            }
-        }
-    }
-    let server_addr = server_addr.ok_or("SDP answer without a UDP candidate")?;
-    if !server_addr.ip().is_loopback() {
-        return Err(format!(
-            "the server's candidate is {server_addr}, not loopback; the harness only sends to 127.0.0.0/8 \
-             (start the server with --announce-ip 127.0.0.1)"
-        ));
-    }
-    Ok(AnswerInfo {
-        server_addr,
-        ssrc: ssrc.ok_or("SDP answer without a=ssrc for the member's stream")?,
-        payload_type: payload_type.ok_or("SDP answer without Opus")?,
-    })
-}
-
 const BATCH: usize = 16;
-const BUF: usize = 2048;
 
-/// The engine: owns `peers` (on their members' dedicated sockets in `eps`) until `Shutdown` or the
-/// receivers' stop flag.
+/// The engine: owns `peers` (on their members' dedicated sockets in `eps`) until `Shutdown` (from the
+/// sender, in `sends`), the receivers' stop flag, or `cmds` closing.
 pub fn run(
     mut peers: Vec<ClientPeer>,
     eps: Arc<Endpoints>,
     cmds: Receiver<EngineCmd>,
+    sends: Receiver<SendCmd>,
     ec: Arc<EngineCounters>,
 ) {
     crate::sys::tight_timer_slack();
     ec.tid.store(crate::sys::gettid(), Ordering::Release);
-    // SAFETY: epoll_create1 with a valid flag.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-    if ep < 0 {
-        eprintln!(
-            "webrtc engine: epoll_create1 failed: {}",
-            std::io::Error::last_os_error()
-        );
-        return;
-    }
+    let mut ep = match Epoll::new() {
+        Ok(ep) => ep,
+        Err(e) => {
+            eprintln!("webrtc engine: epoll_create1 failed: {e}");
+            return;
+        }
+    };
     let mut by_member: HashMap<u32, usize> = HashMap::with_capacity(peers.len());
     for (i, p) in peers.iter().enumerate() {
         by_member.insert(p.member, i);
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: i as u64,
-        };
-        let fd = eps.socks[p.member as usize].as_raw_fd();
-        // SAFETY: ep and the socket are open descriptors; ev is valid for the call.
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        ep.add(eps.socks[p.member as usize].as_raw_fd(), i as u64);
     }
     let mut engine = Engine {
         eps,
@@ -223,13 +104,8 @@ pub fn run(
         timers: BinaryHeap::new(),
         live: None,
     };
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
-    let mut bufs = vec![[0u8; BUF]; BATCH];
-    // SAFETY: all-zero sockaddr_in / iovec / mmsghdr are valid initial values; pointers are set below.
-    let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; BATCH];
-    let mut iovs: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
-    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; BATCH];
-    let mut out = [0u8; BUF];
+    let mut batch = RecvBatch::new(BATCH, false);
+    let mut out = [0u8; crate::mmsg::BUF];
 
     loop {
         if let Some(l) = engine.live.as_mut() {
@@ -257,19 +133,18 @@ pub fn run(
                         lag: LatencyHist::new(),
                     });
                 }
-                Ok(EngineCmd::Send(c)) => {
-                    if engine.command(c) {
-                        // SAFETY: ep is our epoll descriptor.
-                        unsafe { libc::close(ep) };
-                        return;
-                    }
-                }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    // SAFETY: ep is our epoll descriptor.
-                    unsafe { libc::close(ep) };
                     return;
                 }
+            }
+        }
+        // The sender's commands wait until `Begin` has been applied: the two inboxes are not ordered
+        // with each other. (Before it there is nothing to send; a run that ends first closes `cmds`.)
+        while engine.live.is_some() {
+            let Ok(c) = sends.try_recv() else { break };
+            if engine.command(c) {
+                return;
             }
         }
         // Due packets and str0m timeouts.
@@ -293,10 +168,8 @@ pub fn run(
             0
         };
         let t0 = (timeout_ms == 0).then(crate::sys::thread_cpu_ns);
-        // SAFETY: events has room for events.len() entries.
-        let n =
-            unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, timeout_ms) };
-        if n <= 0 {
+        let n = ep.wait(timeout_ms);
+        if n == 0 {
             if let Some(t0) = t0 {
                 // Close to a deadline: poll instead of sleeping (a timer wake-up overshoots by 50–150 µs
                 // on a VM), yielding so the other harness threads on this core still run.
@@ -310,41 +183,21 @@ pub fn run(
             }
             continue;
         }
-        for ev in events.iter().take(n as usize) {
-            let i = ev.u64 as usize;
+        for r in 0..n {
+            let i = ep.token(r) as usize;
             let fd = engine.eps.socks[peers[i].member as usize].as_raw_fd();
             loop {
-                for k in 0..BATCH {
-                    iovs[k].iov_base = bufs[k].as_mut_ptr() as *mut libc::c_void;
-                    iovs[k].iov_len = BUF;
-                    msgs[k].msg_hdr.msg_name =
-                        &mut names[k] as *mut libc::sockaddr_in as *mut libc::c_void;
-                    msgs[k].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
-                    msgs[k].msg_hdr.msg_iov = &mut iovs[k];
-                    msgs[k].msg_hdr.msg_iovlen = 1;
-                    msgs[k].msg_len = 0;
-                }
-                // SAFETY: msgs/iovs/names/bufs outlive the call and describe valid buffers.
-                let got = unsafe {
-                    libc::recvmmsg(
-                        fd,
-                        msgs.as_mut_ptr(),
-                        BATCH as u32,
-                        libc::MSG_DONTWAIT,
-                        std::ptr::null_mut(),
-                    )
-                };
-                if got <= 0 {
+                let got = batch.recv(fd, libc::MSG_DONTWAIT);
+                if got == 0 {
                     break;
                 }
                 let recv_ns = mono_ns();
                 let at = Instant::now();
-                for k in 0..got as usize {
-                    let len = (msgs[k].msg_len as usize).min(BUF);
-                    let src = sockaddr_to(&names[k]);
-                    engine.datagram(&mut peers[i], i, src, &bufs[k][..len], recv_ns, at);
+                for k in 0..got {
+                    let (data, src) = batch.datagram(k);
+                    engine.datagram(&mut peers[i], i, src, data, recv_ns, at);
                 }
-                if (got as usize) < BATCH {
+                if got < BATCH {
                     break;
                 }
             }
@@ -353,8 +206,6 @@ pub fn run(
             l.tally.tick();
         }
     }
-    // SAFETY: ep is our epoll descriptor.
-    unsafe { libc::close(ep) };
 }
 
 struct Engine {
@@ -476,7 +327,7 @@ impl Engine {
             if sent {
                 l.counters.count_media(d.len, d.listeners);
             } else {
-                l.counters.errors.fetch_add(1, Ordering::Relaxed);
+                l.counters.count_failed(d.listeners);
             }
             l.lag.record(mono_ns().saturating_sub(d.due).max(1));
         }
@@ -580,52 +431,5 @@ impl Engine {
                 }
             }
         }
-    }
-}
-
-/// How long to wait for every WebRTC member to connect, for `n` members.
-pub fn connect_timeout(n: usize) -> Duration {
-    Duration::from_secs(30 + n as u64 / 100)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ANSWER: &str = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=ice-lite\r\n\
-        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendrecv\r\n\
-        a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
-        a=ssrc:305419896 cname:x\r\n\
-        a=candidate:1 1 udp 2130706431 127.0.0.1 40001 typ host\r\na=end-of-candidates\r\n";
-
-    #[test]
-    fn answers_are_read() {
-        let a = parse_answer(ANSWER).unwrap();
-        assert_eq!(a.server_addr, "127.0.0.1:40001".parse().unwrap());
-        assert_eq!(a.ssrc, 305_419_896);
-        assert_eq!(a.payload_type, 111);
-        let remote = ANSWER.replace("127.0.0.1", "10.0.0.5");
-        assert!(parse_answer(&remote).unwrap_err().contains("loopback"));
-        let no_ssrc = ANSWER.replace("a=ssrc:305419896 cname:x\r\n", "");
-        assert!(parse_answer(&no_ssrc).unwrap_err().contains("a=ssrc"));
-    }
-
-    #[test]
-    fn transports_pick_members() {
-        assert!(!is_webrtc("rtp", 1));
-        assert!(is_webrtc("webrtc", 0));
-        assert!(!is_webrtc("mixed", 0) && is_webrtc("mixed", 1));
-    }
-
-    #[test]
-    fn offers_are_one_opus_audio_line_with_our_candidate() {
-        let local: SocketAddr = "127.0.0.3:5000".parse().unwrap();
-        let (peers, offers) = prepare(&[(7, local)]).unwrap();
-        assert_eq!(peers.len(), 1);
-        let o = &offers[0];
-        assert_eq!(o.matches("m=audio").count(), 1, "{o}");
-        assert!(!o.contains("m=video"), "{o}");
-        assert!(o.to_ascii_lowercase().contains("opus/48000"), "{o}");
-        assert!(o.contains("127.0.0.3 5000 typ host"), "{o}");
     }
 }
