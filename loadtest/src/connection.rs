@@ -293,13 +293,16 @@ async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>,
                 });
             }
             Some("error") => {
-                // The shard has too many DTLS handshakes in progress: ask again shortly.
+                // The shard has too many DTLS handshakes in progress (`unavailable`), or this client has
+                // (`rate_limited`: the server's per-connection and per-address pending limits): ask again
+                // shortly, as a well-behaved client does.
                 let id = v.get("id").and_then(Value::as_u64).map(|i| i as usize);
+                let code = v.get("code").and_then(Value::as_str);
                 match id {
                     Some(i)
                         if i < specs.len()
                             && specs[i].offer.is_some()
-                            && v.get("code").and_then(Value::as_str) == Some("unavailable") =>
+                            && matches!(code, Some("unavailable" | "rate_limited")) =>
                     {
                         let backoff = Duration::from_millis(50 + (i as u64 * 37) % 200);
                         retries.push((tokio::time::Instant::now() + backoff, i));

@@ -105,6 +105,13 @@ impl Server {
             // the host's primary address, and the harness sends only to 127.0.0.0/8.
             .arg("--announce-ip")
             .arg("127.0.0.1")
+            // The harness is one client address carrying hundreds of connections (a load generator, not
+            // an abuser): lift the per-address limits (connections, WebRTC handshakes pending); every
+            // per-connection and per-member limit stays the default. The shard's own handshake cap stays.
+            .arg("--max-connections-per-ip")
+            .arg("100000")
+            .arg("--max-webrtc-pending-per-ip")
+            .arg("100000")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(logf)
