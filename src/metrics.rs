@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::shard::core::{drop_reason_names, relay_drop_names};
+use crate::relay::relay_drop_names;
+use crate::shard::drop_reason_names;
 use crate::shard::ShardStats;
 use crate::signal::hub::HubCounters;
 

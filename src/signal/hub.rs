@@ -12,8 +12,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::channel::{MemberKey, SpeakerChange};
+use crate::channel::SpeakerChange;
 use crate::floor::{DenyReason, Floor, FloorConfig, FloorEvent, Input, Output, Renewal, To};
+use crate::ids::MemberKey;
 use crate::shard::{self, Command, Event, PeerRefused, ShardHandle};
 use crate::state::{
     AcquireRequest, Acquired, FloorStore, Holder, NodeInfo, Registry, SessionStore, StateError,
@@ -756,7 +757,7 @@ impl Hub {
             rtp: sdp.is_none().then(|| RtpInfo {
                 server_addr: server_addr.to_string(),
                 ssrc,
-                payload_type: shard::core::OPUS_PT,
+                payload_type: shard::OPUS_PT,
             }),
             sdp,
             id,
