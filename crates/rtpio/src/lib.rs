@@ -22,5 +22,5 @@ pub mod testing;
 
 pub use addr::RawAddr;
 pub use recv::{Receiver, RECV_BATCH, RECV_BUF};
-pub use send::{Sender, Sent, MAX_BATCH};
+pub use send::{send_from, Sender, Sent, MAX_BATCH};
 pub use socket::{bind, enable_pktinfo, set_buffers, SOCKET_BUFFER};

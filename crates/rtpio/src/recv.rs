@@ -61,6 +61,17 @@ impl Receiver {
     /// Receives what is queued, without waiting: the number of datagrams now in the buffers (0 when
     /// none is queued or on an error).
     pub fn drain(&mut self, fd: RawFd) -> usize {
+        self.receive(fd, libc::MSG_DONTWAIT)
+    }
+
+    /// Waits for one datagram (as long as the socket's `SO_RCVTIMEO` allows, on a blocking socket), then
+    /// takes whatever else is queued (`MSG_WAITFORONE`): for a thread that serves one socket, like the
+    /// load harness's raw forwarder. Returns 0 on timeout or error.
+    pub fn wait_and_drain(&mut self, fd: RawFd) -> usize {
+        self.receive(fd, libc::MSG_WAITFORONE)
+    }
+
+    fn receive(&mut self, fd: RawFd, flags: libc::c_int) -> usize {
         let batch = self.bufs.len();
         self.iov.clear();
         self.msgs.clear();
@@ -91,7 +102,7 @@ impl Receiver {
                 fd,
                 self.msgs.as_mut_ptr(),
                 batch as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };

@@ -120,6 +120,49 @@ impl<'a> RtpView<'a> {
     }
 }
 
+/// The fixed-header fields a forwarder or a load generator reads and writes, as a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpHeader {
+    /// The marker bit.
+    pub marker: bool,
+    /// The 7-bit payload type.
+    pub payload_type: u8,
+    /// The sequence number.
+    pub seq: u16,
+    /// The RTP timestamp.
+    pub timestamp: u32,
+    /// The synchronisation source.
+    pub ssrc: u32,
+}
+
+impl RtpHeader {
+    /// Writes it as a 12-byte header (V=2, no padding, no extension, no CSRC).
+    #[inline]
+    pub fn write(&self, out: &mut [u8; HEADER_LEN]) {
+        write_header(
+            out,
+            self.marker,
+            self.payload_type,
+            self.seq,
+            self.timestamp,
+            self.ssrc,
+        );
+    }
+}
+
+impl RtpView<'_> {
+    /// The fixed-header fields as a value.
+    pub fn header(&self) -> RtpHeader {
+        RtpHeader {
+            marker: self.marker,
+            payload_type: self.payload_type,
+            seq: self.seq,
+            timestamp: self.timestamp,
+            ssrc: self.ssrc,
+        }
+    }
+}
+
 /// Writes a 12-byte RTP header (V=2, no padding, no extension, no CSRC).
 #[inline]
 pub fn write_header(
@@ -219,6 +262,9 @@ mod tests {
             (111, 65535, 0xdead_beef, 42)
         );
         assert_eq!(v.payload, b"opus");
+        let mut again = [0u8; HEADER_LEN];
+        v.header().write(&mut again);
+        assert_eq!(again, p[..HEADER_LEN]);
     }
 
     #[test]

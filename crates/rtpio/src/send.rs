@@ -140,6 +140,54 @@ impl Sender {
     }
 }
 
+/// Sends one datagram to `dest` from source address `src` with an `IP_PKTINFO` control message: one
+/// wildcard-bound socket speaking for many loopback addresses (the load harness's shared-socket mode).
+/// IPv4 only.
+pub fn send_from(
+    fd: RawFd,
+    data: &[u8],
+    dest: &RawAddr,
+    src: std::net::Ipv4Addr,
+) -> io::Result<usize> {
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below (address, iovec, control buffer) outlives
+    // the sendmsg call, and the control buffer has room for CMSG_SPACE(in_pktinfo) (asserted).
+    let n = unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+        assert!(space <= control.0.len());
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        (msg.msg_name, msg.msg_namelen) = dest.as_msg_name();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::IPPROTO_IP;
+        (*cmsg).cmsg_type = libc::IP_PKTINFO;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(src).to_be(),
+            },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::in_pktinfo, info);
+        libc::sendmsg(fd, &msg, 0)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +219,20 @@ mod tests {
             let k = k as u8 + 1;
             assert_eq!(&buf[..n], &[k, k, b'p', b'a', b'y']);
         }
+    }
+
+    #[test]
+    fn send_from_sets_the_source_address() {
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let out = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let dest = RawAddr::new(sink.local_addr().unwrap());
+        let src = std::net::Ipv4Addr::new(127, 0, 0, 7);
+        assert_eq!(send_from(out.as_raw_fd(), b"hi", &dest, src).unwrap(), 2);
+        let mut buf = [0u8; 8];
+        let (n, from) = sink.recv_from(&mut buf).unwrap();
+        assert_eq!(
+            (&buf[..n], from.ip()),
+            (&b"hi"[..], std::net::IpAddr::V4(src))
+        );
     }
 }

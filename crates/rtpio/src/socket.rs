@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -22,8 +22,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<Socket> {
 }
 
 /// Asks for `bytes` of receive and send buffer: forced past `net.core.{r,w}mem_max` when the process has
-/// CAP_NET_ADMIN, else the capped request. Best effort: a smaller buffer only means earlier drops.
-pub fn set_buffers(socket: &Socket, bytes: usize) {
+/// CAP_NET_ADMIN, else the capped request. Best effort: a smaller buffer only means earlier drops. Any
+/// socket type (socket2, std, tokio) will do.
+pub fn set_buffers(socket: &impl AsFd, bytes: usize) {
     use rustix::net::sockopt;
     if sockopt::set_socket_recv_buffer_size_force(socket, bytes).is_err() {
         let _ = sockopt::set_socket_recv_buffer_size(socket, bytes);
