@@ -6,12 +6,10 @@
 
 use std::os::fd::RawFd;
 
-use rtpio::{Sender, Sent};
-
 use crate::forward::{Batch, RelayCopies};
 use crate::rtp::HEADER_LEN;
 
-pub use rtpio::{bind, RawAddr, Receiver, RECV_BATCH, RECV_BUF};
+pub use rtpio::{bind, RawAddr, Receiver, Sender, Sent, RECV_BATCH, RECV_BUF};
 
 /// Sends one fan-out: `batch.headers[i] ++ payload` to `batch.dests[i]` for every `i`, the payload shared
 /// by scatter/gather. Stops at the first EAGAIN and reports the rest as `would_block`.
