@@ -11,12 +11,12 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rtpio::{RawAddr, Sender};
 use talkgroup::channel::SpeakerChange;
-use talkgroup::forward::{Batch, RawAddr};
+use talkgroup::forward::Batch;
 use talkgroup::rtp;
-use talkgroup::shard::core::{ShardConfig, ShardCore, Verdict};
-use talkgroup::shard::udp::Sender;
-use talkgroup::shard::Command;
+use talkgroup::shard::udp;
+use talkgroup::shard::{Command, ShardConfig, ShardCore, Verdict};
 
 /// A shard with one channel of `listeners` latched listeners plus the speaker (member 0).
 fn shard(listeners: usize, addrs: &[SocketAddr]) -> ShardCore {
@@ -33,12 +33,7 @@ fn shard(listeners: usize, addrs: &[SocketAddr]) -> ShardCore {
             },
             now,
         );
-        s.handle_datagram(
-            addr,
-            &[0x80, 201, 0, 1, 0, 0, 0, 1],
-            now,
-            &mut Batch::default(),
-        );
+        s.handle_datagram(addr, &rtp::receiver_report(1), now, &mut Batch::default());
     }
     s.handle_command(
         Command::Speaker {
@@ -99,7 +94,7 @@ fn send(c: &mut Criterion) {
         let speaker = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut addrs = vec![speaker.local_addr().unwrap()];
         addrs.extend(sinks.iter().map(|s| s.local_addr().unwrap()));
-        let out = talkgroup::shard::udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let out = rtpio::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let fd = out.as_raw_fd();
         let mut s = shard(n, &addrs);
         let payload = [0x55u8; 80];
@@ -115,7 +110,7 @@ fn send(c: &mut Criterion) {
                 if let Verdict::Forward(r) =
                     s.handle_datagram(addrs[0], &p, Instant::now(), &mut batch)
                 {
-                    black_box(sender.send_fanout(fd, &batch, &p[r]));
+                    black_box(udp::send_fanout(&mut sender, fd, &batch, &p[r]));
                 }
             })
         });
@@ -133,7 +128,12 @@ fn send(c: &mut Criterion) {
                     raw.headers.push(h);
                     raw.dests.push(*d);
                 }
-                black_box(sender.send_fanout(fd, &raw, &p[rtp::HEADER_LEN..]));
+                black_box(udp::send_fanout(
+                    &mut sender,
+                    fd,
+                    &raw,
+                    &p[rtp::HEADER_LEN..],
+                ));
             })
         });
     }

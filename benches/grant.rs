@@ -99,40 +99,15 @@ fn main() {
         let mut args = ServeArgs::local_test();
         args.shards = Some(1);
         measure(args.clone(), "memory").await;
-        if std::process::Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            println!("  redis: skipped — redis-server not on PATH (apt-get install redis-server)");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
+        let redis = match rtpio::testing::RedisServer::try_start() {
+            Ok(redis) => redis,
+            Err(e) => {
+                println!("  redis: skipped — {e}");
+                return;
+            }
         };
-        let mut redis = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(300)).await;
         args.store = StoreKind::Redis;
-        args.redis_url = Some(format!("redis://127.0.0.1:{port}/"));
+        args.redis_url = Some(redis.url());
         measure(args, "redis").await;
-        let _ = redis.kill();
-        let _ = redis.wait();
     });
 }

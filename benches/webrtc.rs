@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
@@ -31,8 +33,14 @@ fn connected_peer(config: &WebRtcConfig, n: u16) -> (WebRtcPeer, Rtc) {
     let mut api = client.sdp_api();
     api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
     let (offer, pending) = api.apply().unwrap();
-    let (mut peer, answer) =
-        WebRtcPeer::accept(config, offer, format!("benchufrag{n:06}"), now).unwrap();
+    let (mut peer, answer) = WebRtcPeer::accept(
+        config,
+        offer,
+        format!("benchufrag{n:06}"),
+        now,
+        &mut StdRng::seed_from_u64(u64::from(n)),
+    )
+    .unwrap();
     client
         .sdp_api()
         .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())

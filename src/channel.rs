@@ -5,15 +5,16 @@
 //! (latching, so a spoofed `rtp_addr` cannot turn the server into a reflector) and stops hearing after
 //! [`LATCH_TIMEOUT`] without one.
 
+#![warn(missing_docs)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::forward::{Batch, Ingress, IngressVerdict, OutStream, RawAddr};
-use crate::peer::PeerId;
-use crate::rtp::{RtpView, SR_LEN};
+use rtpio::RawAddr;
 
-/// Identifies one membership (one join) across the whole node. Assigned by the control thread.
-pub type MemberKey = u64;
+use crate::forward::{Batch, Ingress, IngressVerdict, OutStream};
+use crate::ids::{MemberKey, PeerId};
+use crate::rtp::{RtpView, SR_LEN};
 
 /// A member stops receiving after this long without a packet from its address (protocol v1 latching).
 pub const LATCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,17 +23,29 @@ pub const LATCH_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy)]
 pub enum Leg {
     /// Plain RTP to a latched address: the shard writes the header, the payload is shared.
-    Rtp { addr: SocketAddr, dest: RawAddr },
+    Rtp {
+        /// The address the member joined with (and must send from).
+        addr: SocketAddr,
+        /// The same address, ready for `sendmmsg`.
+        dest: RawAddr,
+    },
     /// A WebRTC peer of the shard: the header goes to its `Rtc`, which encrypts and sends.
-    WebRtc { peer: PeerId },
+    WebRtc {
+        /// The peer in the shard's slab.
+        peer: PeerId,
+    },
 }
 
 /// One member of a channel on this shard.
 #[derive(Debug)]
 pub struct Member {
+    /// The membership this is.
     pub key: MemberKey,
+    /// The member's name (the relay prefix carries the speaker's).
     pub name: String,
+    /// How its audio reaches it.
     pub leg: Leg,
+    /// Its outbound stream: one continuous SSRC/seq/ts space whoever speaks.
     pub out: OutStream,
     last_heard: Option<Instant>,
 }
@@ -79,26 +92,35 @@ pub enum SpeakerChange {
     /// The floor was granted at `epoch`; `speaker` is the local member to forward, or `None` when the
     /// holder is not on this shard (its media does not arrive here).
     Granted {
+        /// The local holder, if it is local.
         speaker: Option<MemberKey>,
+        /// The grant's epoch.
         epoch: u64,
     },
     /// The floor of `epoch` is free.
-    Idle { epoch: u64 },
+    Idle {
+        /// The epoch of the grant that ended.
+        epoch: u64,
+    },
 }
 
 /// Why a speaker packet was not forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ForwardDrop {
+    /// The sender does not hold the floor (the server enforces it, not the client).
     NotHolder,
     /// A relayed packet whose epoch is not the channel's current remote grant.
     StaleEpoch,
+    /// Older than the first packet of the spurt ([`IngressVerdict::TooOld`]).
     TooOld,
+    /// Nothing left after padding removal ([`IngressVerdict::PaddingOnly`]).
     PaddingOnly,
 }
 
 /// One channel on its shard.
 #[derive(Debug)]
 pub struct Channel {
+    /// The channel's name (unique on the node; the shard finds it by name).
     pub name: String,
     members: Vec<Member>,
     speaker: Option<MemberKey>,
@@ -115,6 +137,7 @@ pub struct Channel {
 }
 
 impl Channel {
+    /// An empty channel; `now` starts the silence clock.
     pub fn new(name: String, now: Instant) -> Self {
         Channel {
             name,
@@ -130,22 +153,27 @@ impl Channel {
         }
     }
 
+    /// The members on this shard.
     pub fn members(&self) -> &[Member] {
         &self.members
     }
 
+    /// The local member whose media is forwarded, if any.
     pub fn speaker(&self) -> Option<MemberKey> {
         self.speaker
     }
 
+    /// The epoch of the last grant applied (the epoch rules compare against it).
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
 
+    /// True when no member is left (the shard then forgets the channel).
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }
 
+    /// Adds a member; it hears nothing until it is heard from (latching).
     pub fn add(&mut self, member: Member) {
         self.members.push(member);
     }
@@ -230,15 +258,17 @@ impl Channel {
         self.fan_out(None, pkt, now, batch)
     }
 
-    /// Where to relay a local speaker's packets, and under which name.
+    /// Where to relay a local speaker's packets.
     pub fn relay_targets(&self) -> &[RawAddr] {
         &self.relay_targets
     }
 
+    /// Replaces the other nodes' relay addresses (pushed by the control thread from the registry).
     pub fn set_relay_targets(&mut self, targets: Vec<RawAddr>) {
         self.relay_targets = targets;
     }
 
+    /// The local speaker's name, for the relay prefix (empty when the holder is remote or gone).
     pub fn speaker_name(&self) -> &str {
         &self.speaker_name
     }

@@ -9,10 +9,17 @@
 //!   the listener's jitter buffer unchanged; at a spurt boundary the sequence continues at `last + 1` and the
 //!   timestamp advances by the wall-clock gap, with the marker bit set (RFC 3551 §4.1).
 //!
-//! Nothing here reads a clock: `now` is passed in.
+//! Nothing here reads a clock: `now` is passed in; nothing here touches a socket: [`Batch`] is what the
+//! shard loop hands to `sendmmsg`.
 
+#![warn(missing_docs)]
+
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
+use rtpio::RawAddr;
+
+use crate::ids::PeerId;
 use crate::rtp::{self, RtpView, HEADER_LEN};
 
 /// RTP clock rate of Opus (RFC 7587 §4.1).
@@ -32,7 +39,9 @@ pub struct Inbound {
     pub spurt: u64,
     /// Extended sequence number, less the padding-only packets absorbed so far in this spurt.
     pub ext_seq: u64,
+    /// The speaker's RTP timestamp, as sent.
     pub timestamp: u32,
+    /// The speaker's marker bit.
     pub marker: bool,
     /// Timestamp units this packet lasts (the gap to the previous one in the spurt, or 20 ms).
     pub duration: u32,
@@ -55,6 +64,7 @@ pub struct Ingress {
 /// What [`Ingress::accept`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IngressVerdict {
+    /// Map it for every listener.
     Forward(Inbound),
     /// Older than the first packet of the spurt: the listener has moved past it.
     TooOld,
@@ -133,7 +143,9 @@ pub fn extend(reference: u64, seq: u16) -> u64 {
 /// A listener's outbound stream: its own SSRC, and the mapping of the current spurt onto it.
 #[derive(Debug, Clone)]
 pub struct OutStream {
+    /// The listener's own SSRC: one stream whoever speaks.
     pub ssrc: u32,
+    /// The listener leg's Opus payload type (Chrome 111, Firefox 109; 111 on plain RTP).
     pub payload_type: u8,
     spurt: u64,
     /// Extended sequence number (inbound space) of the first packet mapped in this spurt.
@@ -147,16 +159,20 @@ pub struct OutStream {
     last_ts: u32,
     last_duration: u32,
     last_sent: Option<Instant>,
-    /// For sender reports (RFC 3550 §6.4.1: wrap-around counters).
+    /// Packets sent, for sender reports (RFC 3550 §6.4.1: a wrap-around counter).
     pub packets: u32,
+    /// Payload octets sent, for sender reports (wraps like `packets`).
     pub octets: u32,
 }
 
 /// A rewritten header's fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutHeader {
+    /// Sequence number on the listener's stream.
     pub seq: u16,
+    /// Timestamp on the listener's stream.
     pub timestamp: u32,
+    /// Set on the first packet of a spurt (RFC 3551 §4.1) and wherever the speaker set it.
     pub marker: bool,
 }
 
@@ -254,63 +270,38 @@ impl OutStream {
     }
 }
 
-/// A raw socket address that can be handed to `sendmmsg` without conversion. Large enough for IPv6.
-#[derive(Clone, Copy)]
-pub struct RawAddr {
-    pub storage: libc::sockaddr_in6,
-    pub len: libc::socklen_t,
-}
-
-impl RawAddr {
-    pub fn new(addr: std::net::SocketAddr) -> Self {
-        let sa = socket2::SockAddr::from(addr);
-        // SAFETY: sockaddr_in6 is plain data; zero is a valid bit pattern.
-        let mut storage: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-        let len = sa.len() as usize;
-        debug_assert!(len <= std::mem::size_of::<libc::sockaddr_in6>());
-        // SAFETY: both regions are valid for `len` bytes (an IPv4 or IPv6 sockaddr, ≤ 28 bytes) and do
-        // not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                sa.as_ptr() as *const u8,
-                &mut storage as *mut _ as *mut u8,
-                len,
-            );
-        }
-        RawAddr {
-            storage,
-            len: len as libc::socklen_t,
-        }
-    }
-}
-
-impl std::fmt::Debug for RawAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RawAddr")
-    }
-}
-
-/// The datagrams of one fan-out: a header per plain-RTP destination, all sharing one payload, and the
-/// rewritten header for each WebRTC listener (its `Rtc` encrypts and sends). The vectors keep their
-/// capacity between packets, so steady-state forwarding allocates nothing.
+/// The datagrams of one fan-out (or of every fan-out of one `recvmmsg` drain): a header per plain-RTP
+/// destination, all sharing one payload, the rewritten header for each WebRTC listener (its `Rtc`
+/// encrypts and sends), and the relay copies for other nodes. The vectors keep their capacity between
+/// packets, so steady-state forwarding allocates nothing.
 #[derive(Default)]
 pub struct Batch {
+    /// One RTP header per plain-RTP destination; `headers[i]` goes to `dests[i]`.
     pub headers: Vec<[u8; HEADER_LEN]>,
+    /// Where each header goes.
     pub dests: Vec<RawAddr>,
-    pub peers: Vec<(crate::peer::PeerId, OutHeader)>,
+    /// WebRTC listeners and their headers; the shard writes them into the peers' `Rtc`s.
+    pub peers: Vec<(PeerId, OutHeader)>,
+    /// Copies of local speakers' packets for the other nodes of their channels, sent from the relay
+    /// socket: an output of the call that forwarded the packet, like the headers.
+    pub relay: RelayCopies,
 }
 
 impl Batch {
+    /// Empties the batch, keeping its capacity.
     pub fn clear(&mut self) {
         self.headers.clear();
         self.dests.clear();
         self.peers.clear();
+        self.relay.clear();
     }
 
+    /// Plain-RTP datagrams in the batch.
     pub fn len(&self) -> usize {
         self.headers.len()
     }
 
+    /// True when there is no plain-RTP datagram to send.
     pub fn is_empty(&self) -> bool {
         self.headers.is_empty()
     }
@@ -329,6 +320,63 @@ impl Batch {
         );
         self.headers.push(header);
         self.dests.push(*dest);
+    }
+}
+
+/// Whole datagrams, each sent to several destinations (a relay packet goes once to every other node of
+/// its channel). Stored flat — the bytes of every datagram in one buffer and one entry per (datagram,
+/// destination) — so that one `sendmmsg` sends them all.
+#[derive(Debug, Default)]
+pub struct RelayCopies {
+    data: Vec<u8>,
+    sends: Vec<(Range<usize>, RawAddr)>,
+}
+
+impl RelayCopies {
+    /// Appends a datagram written by `write` (which appends to the buffer it is given) for every
+    /// destination in `dests`. Nothing is written when `dests` is empty.
+    pub fn push(&mut self, dests: &[RawAddr], write: impl FnOnce(&mut Vec<u8>)) {
+        if dests.is_empty() {
+            return;
+        }
+        let start = self.data.len();
+        write(&mut self.data);
+        let range = start..self.data.len();
+        self.sends.extend(dests.iter().map(|d| (range.clone(), *d)));
+    }
+
+    /// Moves every send of `other` to the end of this one.
+    pub fn append(&mut self, other: &mut RelayCopies) {
+        let base = self.data.len();
+        self.data.append(&mut other.data);
+        self.sends.extend(
+            other
+                .sends
+                .drain(..)
+                .map(|(r, d)| (r.start + base..r.end + base, d)),
+        );
+    }
+
+    /// Send `i`: the datagram and its destination.
+    pub fn get(&self, i: usize) -> (&[u8], &RawAddr) {
+        let (range, dest) = &self.sends[i];
+        (&self.data[range.clone()], dest)
+    }
+
+    /// Datagrams to send (a datagram with three destinations counts three).
+    pub fn len(&self) -> usize {
+        self.sends.len()
+    }
+
+    /// True when nothing is to be relayed.
+    pub fn is_empty(&self) -> bool {
+        self.sends.is_empty()
+    }
+
+    /// Empties it, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.data.clear();
+        self.sends.clear();
     }
 }
 

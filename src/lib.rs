@@ -8,7 +8,7 @@
 //! - **Control thread** ([`signal`], [`state`]): HTTP + WebSocket signaling, the floor arbiter and the
 //!   stores. It talks to shards only with values over bounded channels.
 //! - **Sans-IO core**: [`floor`] (who may speak), [`channel`] (who hears whom), [`forward`] (one continuous
-//!   stream per listener) and [`shard::core`] are state machines fed inputs with explicit time; only the
+//!   stream per listener) and [`shard::engine`] are state machines fed inputs with explicit time; only the
 //!   shard loop and the hub touch sockets and clocks. That is what makes them testable in virtual time and
 //!   fast.
 //!
@@ -17,7 +17,11 @@
 //!   a listener's rewritten header is written into its `Rtc` with the speaker's payload shared.
 //!
 //! A packet's walk: socket → [`rtp::classify`] → peer by source address → floor check (cached speaker and
-//! epoch) → [`forward::OutStream::rewrite`] per listener → [`forward::Batch`] → `sendmmsg`.
+//! epoch) → [`forward::OutStream::rewrite`] per listener → [`forward::Batch`] → `sendmmsg`. Each step
+//! lives in the module named after it and never calls back up a layer: [`shard`] (the loop and its
+//! [`shard::engine`]) uses [`channel`], [`peer`] and [`relay`]; [`channel`] and [`peer`] use [`forward`]
+//! (a listener's header); [`forward`] uses only [`rtp`] and [`ids`]. The RTP codec and the batched socket calls are the `rtpio` crate, shared
+//! with the tests, benches and load harness.
 
 pub mod auth;
 pub mod channel;
@@ -29,7 +33,8 @@ pub mod ids;
 pub mod metrics;
 pub mod peer;
 pub mod relay;
-pub mod rtp;
+/// The RTP/RTCP header codec (the `rtpio` crate's, shared with the tests, benches and load harness).
+pub use rtpio::rtp;
 pub mod server;
 pub mod shard;
 pub mod signal;

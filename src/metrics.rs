@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::shard::core::{drop_reason_names, relay_drop_names};
+use crate::relay::relay_drop_names;
+use crate::shard::drop_reason_names;
 use crate::shard::ShardStats;
 
 /// Counters of the control plane (connections, floors, errors), filled by [`crate::control::HubCore`].

@@ -16,6 +16,8 @@
 //! STUN, DTLS or RTP. `tag` is HMAC-SHA256 (truncated to 128 bits) over everything before it, keyed with
 //! the cluster secret.
 
+#![warn(missing_docs)]
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use thiserror::Error;
@@ -31,25 +33,49 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 #[repr(usize)]
 pub enum RelayError {
+    /// Not a relay datagram, truncated, or a field that is not UTF-8.
     #[error("not a relay datagram or truncated")]
     Malformed,
+    /// The HMAC tag does not match (another cluster secret, or tampered with).
     #[error("bad authentication tag")]
     BadTag,
+    /// The sender is not a registered node's relay address.
     #[error("sender is not a registered node")]
     UnknownNode,
+    /// The epoch rules refuse it (see [`crate::channel::Channel::forward_remote`]).
     #[error("epoch is not the channel's current remote grant")]
     StaleEpoch,
+    /// The channel has no member on this shard.
     #[error("no member of the channel on this shard")]
     UnknownChannel,
+}
+
+/// Number of relay drop reasons.
+pub const RELAY_DROPS: usize = 5;
+
+/// Names of the relay drop reasons, in [`RelayError`] order, for metrics.
+pub const fn relay_drop_names() -> [&'static str; RELAY_DROPS] {
+    [
+        "malformed",
+        "bad_tag",
+        "unknown_node",
+        "stale_epoch",
+        "unknown_channel",
+    ]
 }
 
 /// A decoded relay datagram, borrowing the receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayPacket<'a> {
+    /// The channel's name.
     pub channel: &'a str,
+    /// The epoch of the speaker's grant.
     pub epoch: u64,
+    /// The speaker's member name.
     pub speaker: &'a str,
+    /// The sending node's id.
     pub node: &'a str,
+    /// The speaker's RTP packet, as the sending node received it (Opus payload type of plain legs).
     pub rtp: &'a [u8],
 }
 
@@ -66,6 +92,7 @@ impl std::fmt::Debug for RelayKey {
 }
 
 impl RelayKey {
+    /// The key for a cluster secret (any length).
     pub fn new(secret: &[u8]) -> Self {
         // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
         let mac = HmacSha256::new_from_slice(secret)
@@ -84,6 +111,21 @@ impl RelayKey {
         rtp: &[u8],
     ) {
         out.clear();
+        self.append(out, channel, epoch, speaker, node, rtp);
+    }
+
+    /// Appends a relay datagram to `out`, after what is already there (several datagrams of one batch
+    /// share a buffer).
+    pub fn append(
+        &self,
+        out: &mut Vec<u8>,
+        channel: &str,
+        epoch: u64,
+        speaker: &str,
+        node: &str,
+        rtp: &[u8],
+    ) {
+        let start = out.len();
         out.push(MAGIC);
         for (i, field) in [channel, speaker, node].iter().enumerate() {
             let bytes = &field.as_bytes()[..field.len().min(255)];
@@ -95,7 +137,7 @@ impl RelayKey {
         }
         out.extend_from_slice(rtp);
         let mut mac = self.mac.clone();
-        mac.update(out);
+        mac.update(&out[start..]);
         let tag = mac.finalize().into_bytes();
         out.extend_from_slice(&tag[..TAG_LEN]);
     }

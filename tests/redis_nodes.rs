@@ -4,13 +4,11 @@
 
 #[path = "support/client.rs"]
 mod client;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::time::{Duration, Instant};
 
 use client::{floor_any, RtpMember, Signal};
-use redis_server::RedisServer;
+use rtpio::testing::RedisServer;
 use serde_json::Value;
 use talkgroup::config::{ServeArgs, StoreKind};
 use talkgroup::server::Server;

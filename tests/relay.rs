@@ -5,8 +5,6 @@
 
 #[path = "support/client.rs"]
 mod client;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 #[path = "support/webrtc_client.rs"]
 mod webrtc_client;
 
@@ -14,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use client::{floor_any, http_get, metric, spawn_server, ChildGuard, RtpMember, Signal};
-use redis_server::RedisServer;
+use rtpio::testing::RedisServer;
 use serde_json::Value;
 use talkgroup::relay::RelayKey;
 

@@ -4,15 +4,13 @@
 
 #[path = "support/client.rs"]
 mod client;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use client::{http_get, http_get_with, metric, spawn_server, RtpMember, Signal};
 use futures_util::SinkExt;
-use redis_server::RedisServer;
+use rtpio::testing::RedisServer;
 use serde_json::{json, Value};
 use talkgroup::config::{ServeArgs, StoreKind};
 use talkgroup::server::Server;

@@ -1,17 +1,14 @@
 //! The contract of the state stores, written once and run on both backends (`memory_backend::*` and
 //! `redis_backend::*`), then the Redis-only cases: restarts, outages, pub/sub and two nodes racing.
 //!
-//! Each Redis test starts its own `redis-server` on 127.0.0.1 (see `support/redis_server.rs`); every wait
+//! Each Redis test starts its own `redis-server` on 127.0.0.1 (see `rtpio::testing`); every wait
 //! is a bounded loop or a timeout.
-
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis_server::RedisServer;
+use rtpio::testing::RedisServer;
 use talkgroup::state::memory::{MemoryFloorStore, MemorySessionStore};
 use talkgroup::state::redis::{RedisConfig, RedisStore};
 use talkgroup::state::{

@@ -515,7 +515,7 @@ impl HubCore {
             rtp: sdp.is_none().then(|| RtpInfo {
                 server_addr: server_addr.to_string(),
                 ssrc,
-                payload_type: shard::core::OPUS_PT,
+                payload_type: shard::OPUS_PT,
             }),
             sdp,
             id,

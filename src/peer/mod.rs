@@ -8,6 +8,11 @@
 //!   (mobile handover) find their peer, and the new address is learnt.
 //!
 //! str0m's own `Rtc::accepts` would need a linear scan over all peers for every datagram.
+//!
+//! Each peer keeps its next deadline ([`WebRtcPeer::deadline`]); the shard's timer heap, not this map,
+//! decides when to drive it ([`Peers::deadline`] is what the heap checks its entries against).
+
+#![warn(missing_docs)]
 
 pub mod offer;
 pub mod webrtc;
@@ -16,14 +21,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use crate::channel::MemberKey;
+use crate::ids::{MemberKey, PeerId};
 use crate::rtp::Kind;
-use crate::shard::timers::Timers;
 
 use self::webrtc::WebRtcPeer;
-
-/// Index of a peer in its shard's slab.
-pub type PeerId = usize;
 
 /// Source addresses remembered per peer; older ones are forgotten first (a peer that changes network
 /// keeps working, a spoofer cannot grow the map without bound).
@@ -31,29 +32,32 @@ const ADDRS_PER_PEER: usize = 4;
 
 /// One WebRTC member on the shard.
 pub struct PeerSlot {
+    /// The str0m side of the member.
     pub peer: WebRtcPeer,
-    /// Slot of its channel in the shard, and its membership key.
+    /// Slot of its channel in the shard.
     pub channel: usize,
+    /// Its membership.
     pub key: MemberKey,
     addrs: Vec<SocketAddr>,
 }
 
-/// The shard's WebRTC peers, their lookup maps and their timers.
+/// The shard's WebRTC peers and their lookup maps.
 #[derive(Default)]
 pub struct Peers {
     slots: Vec<Option<PeerSlot>>,
     free: Vec<PeerId>,
     by_addr: HashMap<SocketAddr, PeerId>,
     by_ufrag: HashMap<String, PeerId>,
-    timers: Timers,
     live: usize,
 }
 
 impl Peers {
+    /// Peers in the map.
     pub fn len(&self) -> usize {
         self.live
     }
 
+    /// True when there is none.
     pub fn is_empty(&self) -> bool {
         self.live == 0
     }
@@ -67,20 +71,15 @@ impl Peers {
             .count()
     }
 
+    /// True when a peer of the shard already answers to `ufrag` (they must be unique: STUN is routed by it).
     pub fn ufrag_taken(&self, ufrag: &str) -> bool {
         self.by_ufrag.contains_key(ufrag)
     }
 
     /// Registers a peer (its ufrag at once: the first STUN check may come before the answer is read).
-    pub fn insert(
-        &mut self,
-        peer: WebRtcPeer,
-        channel: usize,
-        key: MemberKey,
-        now: Instant,
-    ) -> PeerId {
+    /// The caller queues its first deadline.
+    pub fn insert(&mut self, peer: WebRtcPeer, channel: usize, key: MemberKey) -> PeerId {
         let ufrag = peer.ufrag.clone();
-        let deadline = peer.deadline;
         let slot = PeerSlot {
             peer,
             channel,
@@ -98,11 +97,11 @@ impl Peers {
             }
         };
         self.by_ufrag.insert(ufrag, id);
-        self.timers.schedule(id, deadline, now);
         self.live += 1;
         id
     }
 
+    /// Takes a peer out of the map and forgets its ufrag and addresses.
     pub fn remove(&mut self, id: PeerId) -> Option<PeerSlot> {
         let slot = self.slots.get_mut(id)?.take()?;
         self.by_ufrag.remove(&slot.peer.ufrag);
@@ -116,6 +115,7 @@ impl Peers {
         Some(slot)
     }
 
+    /// The peer `id`, if it is still there.
     pub fn get_mut(&mut self, id: PeerId) -> Option<&mut PeerSlot> {
         self.slots.get_mut(id).and_then(Option::as_mut)
     }
@@ -143,43 +143,22 @@ impl Peers {
         Some(id)
     }
 
-    /// Queues the peer's current deadline after it was driven.
-    pub fn reschedule(&mut self, id: PeerId, before: Instant, now: Instant) {
-        let Some(slot) = self.slots.get(id).and_then(Option::as_ref) else {
-            return;
-        };
-        if slot.peer.deadline != before && !slot.peer.closed {
-            self.timers.schedule(id, slot.peer.deadline, now);
-        }
-        if self.timers.len() > 4 * self.live + 1024 {
-            let live = self.slots.iter().enumerate().filter_map(|(i, s)| {
-                s.as_ref()
-                    .filter(|s| !s.peer.closed)
-                    .map(|s| (i, s.peer.deadline))
-            });
-            let live: Vec<_> = live.collect();
-            self.timers.compact(live.into_iter(), now);
-        }
+    /// When peer `id` must next be driven: `None` once it is gone or closed (a timer entry for it is stale).
+    pub fn deadline(&self, id: PeerId) -> Option<Instant> {
+        self.slots
+            .get(id)
+            .and_then(Option::as_ref)
+            .filter(|s| !s.peer.closed)
+            .map(|s| s.peer.deadline)
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.timers.next_deadline()
-    }
-
-    /// Peers whose deadline has come.
-    pub fn expired(&mut self, now: Instant, out: &mut Vec<PeerId>) {
-        let slots = &self.slots;
-        self.timers.expired(
-            now,
-            |id| {
-                slots
-                    .get(id)
-                    .and_then(Option::as_ref)
-                    .filter(|s| !s.peer.closed)
-                    .map(|s| s.peer.deadline)
-            },
-            out,
-        );
+    /// Every open peer and its deadline (to rebuild the timer heap without its stale entries).
+    pub fn deadlines(&self) -> impl Iterator<Item = (PeerId, Instant)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, s)| {
+            s.as_ref()
+                .filter(|s| !s.peer.closed)
+                .map(|s| (i, s.peer.deadline))
+        })
     }
 }
 

@@ -5,6 +5,8 @@
 //! and checked here, on the control thread, and a bad one is answered `bad_request` at once — no `Rtc` is
 //! built and the shard never sees it (protocol v1: "exactly one audio m-line offering Opus").
 
+#![warn(missing_docs)]
+
 use str0m::change::SdpOffer;
 use thiserror::Error;
 
@@ -15,6 +17,7 @@ pub const MAX_OFFER: usize = 16 * 1024;
 /// A checked offer, ready for the shard.
 #[derive(Debug)]
 pub struct Offer {
+    /// The offer as str0m parsed it, for the shard's `accept_offer`.
     pub sdp: SdpOffer,
     /// `a=recvonly`: the member only listens; a press is denied `listen_only`.
     pub listen_only: bool,
@@ -23,20 +26,27 @@ pub struct Offer {
 /// Why an offer was refused. The message is sent to the client in `error.message`.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum OfferError {
+    /// Larger than [`MAX_OFFER`].
     #[error("the SDP offer is larger than {MAX_OFFER} bytes")]
     TooLarge,
+    /// Not SDP (the text scan or str0m's parser says why).
     #[error("the SDP offer is not valid SDP: {0}")]
     Syntax(String),
+    /// No m-line at all.
     #[error("the SDP offer has no m-line; it needs exactly one audio m-line offering Opus")]
     NoMedia,
+    /// More than one m-line (their number).
     #[error(
         "the SDP offer has {0} m-lines; talkgroup takes exactly one audio m-line offering Opus"
     )]
     TooManyMedia(usize),
+    /// The m-line is not audio (its media type).
     #[error("the SDP offer's m-line is '{0}', not audio")]
     NotAudio(String),
+    /// The audio m-line has no `opus/48000` format.
     #[error("the SDP offer's audio m-line does not offer Opus (a=rtpmap:PT opus/48000/2)")]
     NoOpus,
+    /// Port 0 or `a=inactive`.
     #[error("the SDP offer's audio m-line is inactive (port 0 or a=inactive)")]
     Inactive,
 }

@@ -3,6 +3,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
@@ -36,8 +39,9 @@ impl Pair {
         let mut api = client.sdp_api();
         api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
         let (offer, pending) = api.apply().unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
         let (peer, answer) =
-            WebRtcPeer::accept(&config, offer, "testufragtestufr".into(), now).unwrap();
+            WebRtcPeer::accept(&config, offer, "testufragtestufr".into(), now, &mut rng).unwrap();
         assert!(
             answer.contains("a=ice-lite") && answer.contains("useinbandfec=1"),
             "{answer}"
@@ -168,7 +172,7 @@ fn a_peer_that_never_connects_is_given_up_but_not_too_soon() {
 fn stun_finds_its_peer_by_ufrag_then_by_address() {
     let p = Pair::new();
     let mut peers = Peers::default();
-    let id = peers.insert(p.peer, 0, 7, p.now);
+    let id = peers.insert(p.peer, 0, 7);
     let src: SocketAddr = "10.0.0.9:1234".parse().unwrap();
     let user = b"testufragtestufr:cli1";
     let mut stun = vec![0x00, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42];

@@ -8,11 +8,18 @@
 //!   us from one speaker is the same allocation written to every listener.
 //! - Only Opus (with `useinbandfec=1`), no NACK/RTX, no transport-cc or abs-send-time (they would make
 //!   every listener send feedback every 50–100 ms for nothing); only the audio level extension.
+//!
+//! Randomness (the ICE password) comes from the caller's generator, so a test can seed the shard and get
+//! the same peer twice; the SSRC of the listener stream is str0m's own pick.
+
+#![warn(missing_docs)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::Rng;
+use rtpio::RawAddr;
 use str0m::change::SdpOffer;
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::{Codec, CodecConfig, CodecSpec, FormatParams, PayloadParams};
@@ -25,7 +32,7 @@ use str0m::{
 use thiserror::Error;
 use tracing::debug;
 
-use crate::forward::{extend, OutHeader, RawAddr};
+use crate::forward::{extend, OutHeader};
 
 /// A peer that has not completed ICE and DTLS by then is given up (the client never used the answer).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,7 +40,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// What every peer of a process shares. Cloned into each shard; the certificate is generated once.
 #[derive(Clone)]
 pub struct WebRtcConfig {
+    /// The process's DTLS certificate (its fingerprint goes into every answer).
     pub cert: DtlsCert,
+    /// str0m's crypto provider (aws-lc-rs), shared by every `Rtc` of the process.
     pub crypto: Arc<CryptoProvider>,
     /// The ICE host candidate of the shard: the announce address and the shard's UDP port.
     pub candidate: SocketAddr,
@@ -63,16 +72,22 @@ impl WebRtcConfig {
     }
 }
 
+/// Why no peer could be built.
 #[derive(Debug, Error)]
 pub enum PeerError {
+    /// The crypto provider could not make a certificate (start-up only).
     #[error("cannot generate a DTLS certificate")]
     Certificate,
+    /// str0m refused the shard's address as an ICE host candidate.
     #[error("bad host candidate: {0}")]
     Candidate(String),
+    /// str0m refused the offer (after [`crate::peer::offer`] accepted it).
     #[error("the offer was refused: {0}")]
     Offer(String),
+    /// The negotiation left no Opus payload type both sides know.
     #[error("the offer negotiated no Opus payload type")]
     NoOpus,
+    /// The answer has no `a=mid` for the audio line.
     #[error("the answer has no audio media")]
     NoMid,
 }
@@ -93,10 +108,25 @@ pub enum PeerEvent {
 /// A datagram str0m wants sent: contents and destination.
 pub type Transmit = (Vec<u8>, RawAddr);
 
+/// Length of the server's ICE username fragment (unique per shard: STUN is routed by it).
+pub const UFRAG_LEN: usize = 16;
+/// Length of the server's ICE password. 24 letters a–z carry 112 bits; RFC 8445 §5.3 asks for 128 (28
+/// letters). Kept at 24 by the architecture pass, which changes no behaviour: raise it on its own.
+const PASS_LEN: usize = 24;
+
+/// `len` random lowercase letters from `rng`: a valid ICE ufrag or password (RFC 8445 `ice-char`).
+pub fn ice_token(rng: &mut impl Rng, len: usize) -> String {
+    (0..len)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+/// One WebRTC member's str0m side: ICE-lite, DTLS-SRTP, RTP mode.
 pub struct WebRtcPeer {
     rtc: Rtc,
     /// Where datagrams "arrive" for str0m: the host candidate, whatever address the socket is bound to.
     local: SocketAddr,
+    /// The server's ICE username fragment for this peer (its key in the shard's ufrag map).
     pub ufrag: String,
     mid: Option<Mid>,
     /// The listener stream (`None` when the client offered sendonly: it cannot hear).
@@ -105,7 +135,9 @@ pub struct WebRtcPeer {
     pub pt: u8,
     /// Highest extended sequence number written; the first is below 2^16 (SRTP ROC 0, RFC 3711 §3.3.1).
     ext_seq: Option<u64>,
+    /// ICE and DTLS are up.
     pub connected: bool,
+    /// The peer is finished (closed by either side, timed out, or failed); it is only drained now.
     pub closed: bool,
     connect_deadline: Instant,
     /// The next instant this peer must be driven; the shard's timer heap holds it.
@@ -113,10 +145,7 @@ pub struct WebRtcPeer {
 }
 
 /// Builds a str0m config for one peer from the shared parts.
-fn rtc_config(shared: &WebRtcConfig, ufrag: &str) -> RtcConfig {
-    let pass: String = (0..24)
-        .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
-        .collect();
+fn rtc_config(shared: &WebRtcConfig, ufrag: &str, pass: String) -> RtcConfig {
     let mut opus = PayloadParams::new(
         Pt::from(111),
         None,
@@ -151,13 +180,16 @@ fn rtc_config(shared: &WebRtcConfig, ufrag: &str) -> RtcConfig {
 impl WebRtcPeer {
     /// Builds the `Rtc`, accepts the (already validated) offer and returns the peer with its SDP answer.
     /// `ufrag` must be unique on the shard: STUN checks are routed by it before the address is known.
+    /// The ICE password is drawn from `rng`.
     pub fn accept(
         shared: &WebRtcConfig,
         offer: SdpOffer,
         ufrag: String,
         now: Instant,
+        rng: &mut impl Rng,
     ) -> Result<(Self, String), PeerError> {
-        let mut rtc = rtc_config(shared, &ufrag).build(now);
+        let pass = ice_token(rng, PASS_LEN);
+        let mut rtc = rtc_config(shared, &ufrag, pass).build(now);
         let candidate = Candidate::host(shared.candidate, "udp")
             .map_err(|e| PeerError::Candidate(e.to_string()))?;
         rtc.add_local_candidate(candidate);

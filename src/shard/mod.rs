@@ -1,12 +1,17 @@
 //! Shards: one glommio executor per core, pinned, each owning a UDP media port and the channels hashed to
-//! it. The loop here is the only code that touches the socket and the clock; all decisions are in
-//! [`core::ShardCore`].
+//! it. The loop here is the I/O shell: the only code that touches the socket and the clock. All decisions
+//! are in [`engine::ShardCore`]; the values that cross to the control thread are in [`command`] and
+//! [`stats`], which both sides import (the engine never imports this shell).
 //!
 //! A shard talks to the control thread only by values over bounded flume channels, with `try_send`, so
 //! neither side ever waits on the other. The packet path — receive, classify, find the member, check the
 //! floor, rewrite, batch, `sendmmsg` — takes no lock and allocates nothing per listener.
 
-pub mod core;
+#![warn(missing_docs)]
+
+pub mod command;
+pub mod engine;
+pub mod stats;
 pub mod timers;
 pub mod udp;
 
@@ -19,129 +24,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use glommio::{LocalExecutorBuilder, Placement};
 use tracing::{debug, info, warn};
 
-use self::core::{RelayState, ShardConfig, ShardCore, Verdict};
-use crate::channel::{MemberKey, SpeakerChange};
 use crate::forward::Batch;
 use crate::peer::webrtc::Transmit;
 
-/// Number of drop reasons counted per shard.
-pub const DROP_REASONS: usize = 10;
-/// Capacity of the command channel into a shard.
-pub const COMMAND_QUEUE: usize = 8192;
-
-/// Commands from the control thread.
-#[derive(Debug)]
-pub enum Command {
-    AddMember {
-        channel: String,
-        key: MemberKey,
-        name: String,
-        addr: SocketAddr,
-        ssrc: u32,
-    },
-    /// A WebRTC member: the shard builds its `Rtc`, registers it, and answers [`Event::PeerAnswered`].
-    AddPeer {
-        channel: String,
-        key: MemberKey,
-        name: String,
-        offer: Box<str0m::change::SdpOffer>,
-    },
-    RemoveMember {
-        channel: String,
-        key: MemberKey,
-    },
-    Speaker {
-        channel: String,
-        change: SpeakerChange,
-    },
-    /// Other nodes' relay addresses for the channel (this shard's index on each node).
-    RelayTargets {
-        channel: String,
-        targets: Vec<SocketAddr>,
-    },
-    /// Relay addresses of every registered node: the only accepted relay senders.
-    RelayPeers {
-        peers: Vec<SocketAddr>,
-    },
-    Stats {
-        reply: flume::Sender<ShardStats>,
-    },
-    Shutdown,
-}
-
-/// Events for the control thread.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    MemberAdded {
-        key: MemberKey,
-    },
-    /// A speaker change reached the shard; `applied` is false when the epoch rules discarded it.
-    Applied {
-        channel: String,
-        epoch: u64,
-        applied: bool,
-    },
-    /// T1: no media from the holder of `epoch`.
-    Silence {
-        channel: String,
-        epoch: u64,
-    },
-    /// The SDP answer for an `AddPeer` (the peer is registered and reachable), or why there is none.
-    PeerAnswered {
-        key: MemberKey,
-        answer: Result<String, PeerRefused>,
-    },
-    /// A WebRTC peer completed ICE and DTLS: media flows (its handshake no longer counts as pending).
-    PeerConnected {
-        channel: String,
-        key: MemberKey,
-    },
-    /// A WebRTC peer is gone (ICE timeout, DTLS close, never connected): run the leave path.
-    PeerClosed {
-        channel: String,
-        key: MemberKey,
-        reason: &'static str,
-    },
-}
-
-/// Why a shard built no peer for an offer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerRefused {
-    /// str0m refused the offer, or WebRTC is off (answered `bad_request`).
-    Offer(String),
-    /// Too many DTLS handshakes in progress on the shard (answered `unavailable`: try again).
-    Busy,
-}
-
-/// Counters of one shard (plain integers: only the shard writes them; the control thread gets copies).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShardStats {
-    pub shard: usize,
-    pub packets_in: u64,
-    pub forwarded: u64,
-    pub dropped: [u64; DROP_REASONS],
-    pub rtcp_in: u64,
-    pub send_errors: u64,
-    pub send_would_block: u64,
-    pub sender_reports: u64,
-    pub stale_speaker_changes: u64,
-    pub events_lost: u64,
-    pub relay_sent: u64,
-    pub relay_in: u64,
-    pub relay_dropped: [u64; core::RELAY_DROPS],
-    pub channels: u64,
-    pub members: u64,
-    pub peers: u64,
-    pub peers_closed: u64,
-}
+pub use self::command::{Command, Event, PeerRefused, COMMAND_QUEUE};
+pub use self::engine::{RelayState, ShardConfig, ShardCore, Verdict, OPUS_PT};
+pub use self::stats::{drop_reason_names, DropReason, ShardStats, DROP_REASONS};
 
 /// The control thread's handle on a shard.
 #[derive(Clone)]
 pub struct ShardHandle {
+    /// The shard's index (`shard_of` picks it).
     pub index: usize,
+    /// The shard's media port: the ICE host candidate and the plain-RTP `server_addr`.
     pub media_addr: SocketAddr,
     /// Where other nodes send this shard relayed media (relay enabled only).
     pub relay_addr: Option<SocketAddr>,
+    /// The shard's bounded command queue (use `try_send`).
     pub commands: flume::Sender<Command>,
 }
 
@@ -220,7 +119,7 @@ struct Loop {
     /// Wakes the timer task when a peer's deadline became earlier than the one it sleeps until.
     wake: glommio::channels::local_channel::LocalSender<()>,
     sleeping_until: Cell<Option<Instant>>,
-    scratch: RefCell<(Vec<Transmit>, Vec<Event>, udp::Sender)>,
+    scratch: RefCell<(Vec<Transmit>, Vec<Event>, rtpio::Sender)>,
 }
 
 impl Loop {
@@ -317,8 +216,9 @@ enum Port {
 /// queued with one `recvmmsg` and sends the fan-outs of all of them with `sendmmsg` calls covering the
 /// whole batch — under load a handful of system calls per 33 received datagrams instead of two each.
 /// Listeners always get their packets from the media socket (the address `joined` announced); relay
-/// copies leave from the relay socket, which is what the receiving node accepts. What WebRTC peers
-/// produced (their `Rtc` encrypts each listener's packet) goes out in `flush`.
+/// copies (the batch's `relay` part, filled by the same calls) leave from the relay socket, which is what
+/// the receiving node accepts. What WebRTC peers produced (their `Rtc` encrypts each listener's packet)
+/// goes out in `flush`.
 async fn receive_loop(lp: Rc<Loop>, port: Port) {
     let media_fd = lp.socket.as_raw_fd();
     let relay_fd = lp.relay.as_ref().map(|r| r.as_raw_fd());
@@ -326,15 +226,15 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
         (Port::Relay, Some(r)) => r.as_raw_fd(),
         _ => media_fd,
     };
-    let mut first = vec![0u8; udp::RECV_BUF];
-    let mut receiver = udp::Receiver::default();
+    let mut first = vec![0u8; rtpio::RECV_BUF];
+    let mut receiver = rtpio::Receiver::default();
     let mut batch = Batch::default();
     // For each batch entry, which payload it carries; the payloads: a range of a received datagram, or
     // a WebRTC speaker's packet that str0m decrypted (shared, not copied).
     let mut segment: Vec<u32> = Vec::new();
     let mut ranges: Vec<Payload> = Vec::new();
     let mut shared: Vec<std::sync::Arc<[u8]>> = Vec::new();
-    let mut sender = udp::Sender::default();
+    let mut sender = rtpio::Sender::default();
     loop {
         let socket = match (port, &lp.relay) {
             (Port::Relay, Some(r)) => r,
@@ -371,18 +271,6 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
                     .borrow_mut()
                     .handle_relay_datagram(src, data, now, &mut batch),
             };
-            if port == Port::Media {
-                // A local speaker's packet (plain or WebRTC) goes once to every other node.
-                if let Some(fd) = relay_fd {
-                    let c = lp.core.borrow();
-                    let out = c.relay_out();
-                    if !out.dests.is_empty() {
-                        let sent = sender.send_same(fd, &out.data, &out.dests);
-                        drop(c);
-                        lp.core.borrow_mut().count_relayed(sent.sent);
-                    }
-                }
-            }
             let payload = match verdict {
                 Verdict::Forward(range) => Payload::Datagram(d, range),
                 Verdict::ForwardShared(p) => {
@@ -393,6 +281,11 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
             };
             segment.resize(batch.len(), ranges.len() as u32);
             ranges.push(payload);
+        }
+        // A local speaker's packets (plain or WebRTC) go once to every other node of their channel.
+        if let (Some(fd), false) = (relay_fd, batch.relay.is_empty()) {
+            let sent = udp::send_relay(&mut sender, fd, &batch.relay);
+            lp.core.borrow_mut().count_relayed(sent.sent);
         }
         lp.flush();
         if batch.is_empty() {
@@ -406,7 +299,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
                 Payload::Shared(i) => &shared[*i][..],
             })
             .collect();
-        let sent = sender.send_fanouts(media_fd, &batch, &segment, &payloads);
+        let sent = udp::send_fanouts(&mut sender, media_fd, &batch, &segment, &payloads);
         let mut slow = 0;
         if sent.would_block > 0 {
             // The socket buffer is full: wait for room with glommio for the rest of this batch.
@@ -416,7 +309,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
                 datagram.clear();
                 datagram.extend_from_slice(&batch.headers[i]);
                 datagram.extend_from_slice(payloads[segment[i] as usize]);
-                let dest = raw_to_std(&batch.dests[i]);
+                let dest = batch.dests[i].to_socket_addr();
                 if lp.socket.send_to(&datagram, dest).await.is_ok() {
                     slow += 1;
                 }
@@ -436,30 +329,12 @@ enum Payload {
     Shared(usize),
 }
 
-fn raw_to_std(raw: &crate::forward::RawAddr) -> SocketAddr {
-    // SAFETY: `storage` holds a sockaddr_in or sockaddr_in6 of length `len`, written by `RawAddr::new`.
-    let sa = unsafe {
-        socket2::SockAddr::try_init(|storage, len| {
-            std::ptr::copy_nonoverlapping(
-                &raw.storage as *const _ as *const u8,
-                storage as *mut u8,
-                raw.len as usize,
-            );
-            *len = raw.len;
-            Ok(())
-        })
-    };
-    sa.ok()
-        .and_then(|(_, a)| a.as_socket())
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
 /// The shard's clock: peers' deadlines from the timer heap, and every `tick` (config) the T1 check and
 /// sender reports. Sleeps until the earlier of the two; `flush` wakes it when a nearer deadline appears.
 async fn timer_loop(lp: Rc<Loop>, wake: glommio::channels::local_channel::LocalReceiver<()>) {
     let fd = lp.socket.as_raw_fd();
     let tick = lp.core.borrow().config().tick;
-    let mut sender = udp::Sender::default();
+    let mut sender = rtpio::Sender::default();
     let mut out_events = Vec::new();
     let mut reports = Vec::new();
     let mut next_tick = Instant::now() + tick;

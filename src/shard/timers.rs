@@ -1,4 +1,5 @@
-//! The shard's one timer structure: a min-heap of (deadline, peer) with lazy deletion.
+//! The shard's one timer structure: a min-heap of (deadline, id) with lazy deletion. Generic over the id
+//! so that it knows nothing of what it times (the shard uses it for WebRTC peers).
 //!
 //! Every WebRTC peer has at most one *live* deadline (the next `Output::Timeout` its `Rtc` asked for). When
 //! a peer's deadline changes, the new one is pushed and the old entry is left in the heap; on expiry an
@@ -10,22 +11,29 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
-use crate::peer::PeerId;
-
 /// Deadlines further away than this are not queued (str0m says "not happening" with a far-future
 /// instant); the peer gets a new deadline the next time it is driven anyway.
 const HORIZON: Duration = Duration::from_secs(3600);
 
-#[derive(Debug, Default)]
-pub struct Timers {
-    heap: BinaryHeap<Reverse<(Instant, PeerId)>>,
+/// Deadlines of ids, earliest first; an entry counts only while it equals its id's current deadline.
+#[derive(Debug)]
+pub struct Timers<Id> {
+    heap: BinaryHeap<Reverse<(Instant, Id)>>,
 }
 
-impl Timers {
-    /// Queues `peer` at `at` (the caller keeps `at` as the peer's current deadline).
-    pub fn schedule(&mut self, peer: PeerId, at: Instant, now: Instant) {
+impl<Id: Ord> Default for Timers<Id> {
+    fn default() -> Self {
+        Timers {
+            heap: BinaryHeap::new(),
+        }
+    }
+}
+
+impl<Id: Copy + Ord> Timers<Id> {
+    /// Queues `id` at `at` (the caller keeps `at` as the id's current deadline).
+    pub fn schedule(&mut self, id: Id, at: Instant, now: Instant) {
         if at.saturating_duration_since(now) <= HORIZON {
-            self.heap.push(Reverse((at, peer)));
+            self.heap.push(Reverse((at, id)));
         }
     }
 
@@ -34,36 +42,39 @@ impl Timers {
         self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Pops every entry due at `now` whose deadline is still the peer's current one (`current`).
+    /// Pops every entry due at `now` whose deadline is still the id's current one (`current`).
     pub fn expired(
         &mut self,
         now: Instant,
-        current: impl Fn(PeerId) -> Option<Instant>,
-        out: &mut Vec<PeerId>,
+        current: impl Fn(Id) -> Option<Instant>,
+        out: &mut Vec<Id>,
     ) {
-        while let Some(Reverse((at, peer))) = self.heap.peek().copied() {
+        while let Some(Reverse((at, id))) = self.heap.peek().copied() {
             if at > now {
                 break;
             }
             self.heap.pop();
-            if current(peer) == Some(at) && !out.contains(&peer) {
-                out.push(peer);
+            if current(id) == Some(at) && !out.contains(&id) {
+                out.push(id);
             }
         }
     }
 
-    /// Drops stale entries when they outnumber the live ones (many reschedules between expiries).
-    pub fn compact(&mut self, live: impl Iterator<Item = (PeerId, Instant)>, now: Instant) {
+    /// Rebuilds the heap from the live deadlines, dropping the stale entries (call it when they
+    /// outnumber the live ones: many reschedules between expiries).
+    pub fn compact(&mut self, live: impl Iterator<Item = (Id, Instant)>, now: Instant) {
         self.heap.clear();
-        for (peer, at) in live {
-            self.schedule(peer, at, now);
+        for (id, at) in live {
+            self.schedule(id, at, now);
         }
     }
 
+    /// Entries in the heap, stale ones included.
     pub fn len(&self) -> usize {
         self.heap.len()
     }
 
+    /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()
     }
@@ -77,7 +88,7 @@ mod tests {
     fn only_current_deadlines_fire() {
         let t0 = Instant::now();
         let ms = |n| t0 + Duration::from_millis(n);
-        let mut timers = Timers::default();
+        let mut timers = Timers::<usize>::default();
         timers.schedule(1, ms(10), t0);
         timers.schedule(2, ms(20), t0);
         timers.schedule(1, ms(30), t0); // peer 1 rescheduled: the 10 ms entry is stale

@@ -207,8 +207,7 @@ impl RtpMember {
     }
 
     pub async fn latch(&self) {
-        // An empty receiver report (RFC 3550 §6.4.2).
-        let rr = [0x80, 201, 0, 1, 0, 0, 0, 1];
+        let rr = talkgroup::rtp::receiver_report(1);
         self.sock.send_to(&rr, self.server).await.expect("send rr");
     }
 

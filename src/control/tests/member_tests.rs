@@ -32,7 +32,10 @@ fn a_join_goes_to_the_shard_then_the_session_store_then_is_answered_and_announce
     else {
         panic!("expected AddMember");
     };
-    assert_eq!(addr, "127.0.0.1:5000".parse().unwrap());
+    assert_eq!(
+        addr,
+        "127.0.0.1:5000".parse::<std::net::SocketAddr>().unwrap()
+    );
     hub.input(Input::Shard(crate::shard::Event::MemberAdded { key }));
     assert_eq!(hub.call_names(), vec!["join"]);
     let joined = hub.expect(a, |v| v["type"] == "joined");

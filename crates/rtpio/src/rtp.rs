@@ -1,4 +1,5 @@
-//! Zero-copy views of the datagrams that reach a media port.
+//! The one RTP/RTCP header codec: classify a datagram (RFC 7983), view an RTP packet without copying,
+//! write a fixed header, an RTCP sender report or an empty receiver report.
 //!
 //! We parse by hand rather than with the `rtp` crate: its `Packet::unmarshal` copies the payload into a
 //! fresh `Bytes` and collects header extensions into a `Vec` for every packet, and the forwarder needs
@@ -18,10 +19,15 @@ pub const MAX_DATAGRAM: usize = 1472;
 /// What a datagram is, by its first bytes (RFC 7983 §7, RFC 5761 §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// First byte 0–3: a STUN message (ICE connectivity check or consent).
     Stun,
+    /// First byte 20–63: a DTLS record.
     Dtls,
+    /// First byte 128–191 and a second byte outside 192–223: RTP (or SRTP).
     Rtp,
+    /// First byte 128–191 and a second byte of 192–223: RTCP (RFC 5761 §4).
     Rtcp,
+    /// Anything else, including an empty or one-byte RTP/RTCP datagram.
     Unknown,
 }
 
@@ -42,12 +48,16 @@ pub fn classify(data: &[u8]) -> Kind {
 /// Why an RTP packet was rejected. Each maps to a `dropped{reason}` counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum RtpError {
+    /// Fewer bytes than the fixed header.
     #[error("shorter than the 12-byte RTP header")]
     TooShort,
+    /// The two top bits are not `10`.
     #[error("RTP version is not 2")]
     BadVersion,
+    /// The CSRC count or the extension length points past the datagram.
     #[error("CSRC list or header extension runs past the end")]
     BadHeader,
+    /// The padding count is zero or longer than what follows the header.
     #[error("padding length is larger than the payload")]
     BadPadding,
 }
@@ -55,10 +65,15 @@ pub enum RtpError {
 /// A parsed RTP packet borrowing the receive buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct RtpView<'a> {
+    /// The marker bit (first packet of a talk spurt for audio, RFC 3551 §4.1).
     pub marker: bool,
+    /// The 7-bit payload type.
     pub payload_type: u8,
+    /// The 16-bit sequence number, as sent.
     pub seq: u16,
+    /// The RTP timestamp, as sent.
     pub timestamp: u32,
+    /// The synchronisation source.
     pub ssrc: u32,
     /// The payload with CSRCs, header extension and padding removed.
     pub payload: &'a [u8],
@@ -105,6 +120,49 @@ impl<'a> RtpView<'a> {
     }
 }
 
+/// The fixed-header fields a forwarder or a load generator reads and writes, as a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtpHeader {
+    /// The marker bit.
+    pub marker: bool,
+    /// The 7-bit payload type.
+    pub payload_type: u8,
+    /// The sequence number.
+    pub seq: u16,
+    /// The RTP timestamp.
+    pub timestamp: u32,
+    /// The synchronisation source.
+    pub ssrc: u32,
+}
+
+impl RtpHeader {
+    /// Writes it as a 12-byte header (V=2, no padding, no extension, no CSRC).
+    #[inline]
+    pub fn write(&self, out: &mut [u8; HEADER_LEN]) {
+        write_header(
+            out,
+            self.marker,
+            self.payload_type,
+            self.seq,
+            self.timestamp,
+            self.ssrc,
+        );
+    }
+}
+
+impl RtpView<'_> {
+    /// The fixed-header fields as a value.
+    pub fn header(&self) -> RtpHeader {
+        RtpHeader {
+            marker: self.marker,
+            payload_type: self.payload_type,
+            seq: self.seq,
+            timestamp: self.timestamp,
+            ssrc: self.ssrc,
+        }
+    }
+}
+
 /// Writes a 12-byte RTP header (V=2, no padding, no extension, no CSRC).
 #[inline]
 pub fn write_header(
@@ -122,7 +180,8 @@ pub fn write_header(
     out[8..12].copy_from_slice(&ssrc.to_be_bytes());
 }
 
-/// Builds a packet: a header plus a payload. Used by tests, the harness and the benchmarks.
+/// Builds a packet: a header plus a payload. Allocates: for tests, the harness, the benchmarks and rare
+/// paths (the relay copy of a WebRTC speaker's packet), never for the per-listener fan-out.
 pub fn build_packet(marker: bool, pt: u8, seq: u16, ts: u32, ssrc: u32, payload: &[u8]) -> Vec<u8> {
     let mut header = [0u8; HEADER_LEN];
     write_header(&mut header, marker, pt, seq, ts, ssrc);
@@ -135,7 +194,8 @@ pub fn build_packet(marker: bool, pt: u8, seq: u16, ts: u32, ssrc: u32, payload:
 /// Length of an RTCP sender report with no report blocks (RFC 3550 §6.4.1).
 pub const SR_LEN: usize = 28;
 
-/// Writes a sender report for one outbound stream.
+/// Writes a sender report for one outbound stream: `ntp` and `rtp_ts` name the same instant, `packets` and
+/// `octets` are the stream's wrap-around counters (RFC 3550 §6.4.1).
 pub fn write_sender_report(
     out: &mut [u8; SR_LEN],
     ssrc: u32,
@@ -152,6 +212,20 @@ pub fn write_sender_report(
     out[16..20].copy_from_slice(&rtp_ts.to_be_bytes());
     out[20..24].copy_from_slice(&packets.to_be_bytes());
     out[24..28].copy_from_slice(&octets.to_be_bytes());
+}
+
+/// Length of an RTCP receiver report with no report blocks (RFC 3550 §6.4.2).
+pub const RR_LEN: usize = 8;
+
+/// An RTCP receiver report with no report blocks: the smallest valid RTCP packet. A listen-only plain-RTP
+/// member sends it so that the server latches its address (protocol v1 "Latching").
+pub fn receiver_report(ssrc: u32) -> [u8; RR_LEN] {
+    let mut out = [0u8; RR_LEN];
+    out[0] = 0x80; // V=2, P=0, RC=0
+    out[1] = 201; // RR
+    out[2..4].copy_from_slice(&1u16.to_be_bytes()); // length in 32-bit words minus one
+    out[4..8].copy_from_slice(&ssrc.to_be_bytes());
+    out
 }
 
 /// NTP timestamp (RFC 5905 64-bit format) for a Unix time.
@@ -188,6 +262,9 @@ mod tests {
             (111, 65535, 0xdead_beef, 42)
         );
         assert_eq!(v.payload, b"opus");
+        let mut again = [0u8; HEADER_LEN];
+        v.header().write(&mut again);
+        assert_eq!(again, p[..HEADER_LEN]);
     }
 
     #[test]
@@ -214,6 +291,13 @@ mod tests {
         p[0] |= 0x20;
         *p.last_mut().unwrap() = 200;
         assert_eq!(RtpView::parse(&p).unwrap_err(), RtpError::BadPadding);
+    }
+
+    #[test]
+    fn receiver_report_is_rtcp() {
+        let rr = receiver_report(1);
+        assert_eq!(rr, [0x80, 201, 0, 1, 0, 0, 0, 1]);
+        assert_eq!(classify(&rr), Kind::Rtcp);
     }
 
     #[test]

@@ -1,51 +1,45 @@
-//! The shard's state without its socket: channels, the address map, counters. The glommio loop in
-//! `shard/mod.rs` feeds it datagrams, commands and ticks with the time; it answers with a batch to send and
-//! events for the control thread. Tests drive it directly, without sockets or clocks.
+//! The shard's state without its socket (sans-IO): channels, the address map, the WebRTC peers and their
+//! timers, counters. The glommio loop in `shard/mod.rs` feeds it datagrams, commands and ticks with the
+//! time; each call answers with what it produced — a [`Verdict`] and the fan-out in the caller's
+//! [`Batch`] (listener headers and relay copies alike), events for the control thread. Tests drive it
+//! directly, without sockets or clocks, and seed its randomness ([`ShardConfig::seed`]).
+//!
+//! A datagram's walk through it goes down the layers only: classify ([`crate::rtp`]) → find the peer
+//! ([`crate::peer::Peers`]) or the member (`by_addr`) → floor check and rewrite ([`Channel::forward`],
+//! which uses [`crate::forward`]) → the batch.
 
-use std::collections::{HashMap, HashSet};
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, ForwardDrop, Leg, Member, MemberKey, SpeakerChange};
-use crate::forward::{Batch, OutStream, RawAddr};
-use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcConfig};
-use crate::peer::{PeerId, Peers};
-use crate::relay::{RelayError, RelayKey};
-use crate::rtp::{self, Kind, RtpError, RtpView, MAX_DATAGRAM, SR_LEN};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rtpio::RawAddr;
 
-use super::{Command, Event, ShardStats, DROP_REASONS};
+use crate::channel::{Channel, ForwardDrop, Leg, Member, SpeakerChange};
+use crate::forward::{Batch, OutStream};
+use crate::ids::{MemberKey, PeerId};
+use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcConfig};
+use crate::peer::Peers;
+use crate::rtp::{self, Kind, RtpView, MAX_DATAGRAM, SR_LEN};
+
+use super::command::{Command, Event};
+use super::stats::{DropReason, ShardStats};
+use super::timers::Timers;
+
+pub use self::relay::RelayState;
+
+mod relay;
+mod webrtc;
+
+pub use self::webrtc::MAX_HANDSHAKES;
 
 /// Payload type of Opus on plain-RTP legs (protocol v1).
 pub const OPUS_PT: u8 = 111;
-
-/// Why a datagram was dropped. The order matches [`DROP_REASONS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Drop {
-    TooShort = 0,
-    BadVersion,
-    Malformed,
-    Oversized,
-    UnknownSource,
-    NotHolder,
-    NotOpus,
-    Stale,
-    NotRtp,
-    /// A datagram of a WebRTC peer that str0m refused (bad DTLS, SRTP authentication, …).
-    PeerRefused,
-}
-
-impl From<RtpError> for Drop {
-    fn from(e: RtpError) -> Self {
-        match e {
-            RtpError::TooShort => Drop::TooShort,
-            RtpError::BadVersion => Drop::BadVersion,
-            RtpError::BadHeader | RtpError::BadPadding => Drop::Malformed,
-        }
-    }
-}
 
 /// What to do with a received datagram.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,12 +53,14 @@ pub enum Verdict {
     Peer,
     /// An RTCP packet from a member (it latches; nothing is forwarded).
     Rtcp,
-    Dropped(Drop),
+    /// Dropped and counted.
+    Dropped(DropReason),
 }
 
-/// Timer settings the shard needs.
+/// Settings of one shard.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
+    /// T1: a holder silent this long is reported ([`Event::Silence`]).
     pub t1: Duration,
     /// Interval of the server's sender reports on each listener stream.
     pub sr_interval: Duration,
@@ -72,6 +68,9 @@ pub struct ShardConfig {
     pub webrtc: Option<WebRtcConfig>,
     /// How often the shard loop calls [`ShardCore::handle_tick`].
     pub tick: Duration,
+    /// Seeds the shard's random numbers (listener streams' initial sequence numbers and timestamps, ICE
+    /// credentials) so that a test gets the same run twice; `None` (the server) seeds from the OS.
+    pub seed: Option<u64>,
 }
 
 impl Default for ShardConfig {
@@ -81,6 +80,7 @@ impl Default for ShardConfig {
             sr_interval: Duration::from_secs(5),
             webrtc: None,
             tick: Duration::from_millis(50),
+            seed: None,
         }
     }
 }
@@ -96,6 +96,8 @@ pub struct ShardCore {
     by_addr: HashMap<SocketAddr, Vec<(usize, MemberKey)>>,
     stats: ShardStats,
     peers: Peers,
+    /// When each WebRTC peer must next be driven.
+    timers: Timers<PeerId>,
     /// Datagrams the WebRTC peers produced, waiting for the socket.
     transmits: Vec<Transmit>,
     /// Events produced outside `handle_command` (a peer closed), waiting for the control thread.
@@ -107,26 +109,13 @@ pub struct ShardCore {
     spill: Batch,
     tick_count: usize,
     relay: Option<RelayState>,
-    relay_out: RelayOut,
-}
-
-/// The relay settings of a shard: the cluster key, this node's id, and the relay addresses of the
-/// registered nodes (the only senders accepted).
-#[derive(Debug, Clone)]
-pub struct RelayState {
-    pub key: RelayKey,
-    pub node: String,
-    pub peers: HashSet<SocketAddr>,
-}
-
-/// One relay datagram and its destinations; reused between packets.
-#[derive(Debug, Default)]
-pub struct RelayOut {
-    pub data: Vec<u8>,
-    pub dests: Vec<RawAddr>,
+    /// A cryptographically strong generator (ChaCha): it draws ICE passwords as well as sequence starts,
+    /// and a join costs milliseconds anyway.
+    rng: StdRng,
 }
 
 impl ShardCore {
+    /// A shard without relay.
     pub fn new(index: usize, config: ShardConfig, now: Instant) -> Self {
         Self::with_relay(index, config, None, now)
     }
@@ -138,9 +127,16 @@ impl ShardCore {
         relay: Option<RelayState>,
         _now: Instant,
     ) -> Self {
+        let rng = match config.seed {
+            // Shards of one seeded process still differ from each other.
+            Some(seed) => {
+                StdRng::seed_from_u64(seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            }
+            None => StdRng::from_os_rng(),
+        };
         ShardCore {
             relay,
-            relay_out: RelayOut::default(),
+            rng,
             index,
             config,
             channels: Vec::new(),
@@ -152,6 +148,7 @@ impl ShardCore {
                 ..Default::default()
             },
             peers: Peers::default(),
+            timers: Timers::default(),
             transmits: Vec::new(),
             events: Vec::new(),
             peer_events: Vec::new(),
@@ -162,14 +159,17 @@ impl ShardCore {
         }
     }
 
+    /// The shard's settings.
     pub fn config(&self) -> &ShardConfig {
         &self.config
     }
 
+    /// The shard's index.
     pub fn index(&self) -> usize {
         self.index
     }
 
+    /// A copy of the counters, with the current channel, member and peer counts.
     pub fn stats(&self) -> ShardStats {
         let mut s = self.stats.clone();
         s.channels = self.by_name.len() as u64;
@@ -185,25 +185,32 @@ impl ShardCore {
         self.stats.send_errors += failed as u64;
     }
 
+    /// Counts datagrams that met a full socket buffer.
     pub fn count_would_block(&mut self, n: usize) {
         self.stats.send_would_block += n as u64;
     }
 
+    /// Counts sender reports the socket layer sent.
     pub fn count_reports(&mut self, n: usize) {
         self.stats.sender_reports += n as u64;
     }
 
+    /// Counts an event the control thread's full queue did not take.
     pub fn count_lost_event(&mut self) {
         self.stats.events_lost += 1;
     }
 
+    /// The channel called `name`, if it has members on this shard.
     pub fn channel(&self, name: &str) -> Option<&Channel> {
         self.by_name
             .get(name)
             .and_then(|&i| self.channels[i].as_ref())
     }
 
-    /// One received datagram. On `Forward`, `batch` holds a header per listener.
+    /// One received datagram from the media port. On `Forward*`, `batch` gained a header per plain-RTP
+    /// listener (its payload is the verdict's) and, for a local speaker of a channel with members on
+    /// other nodes, the relay copies. `batch` may already hold the fan-outs of earlier datagrams of the
+    /// same drain: entries are only appended.
     pub fn handle_datagram(
         &mut self,
         src: SocketAddr,
@@ -212,8 +219,6 @@ impl ShardCore {
         batch: &mut Batch,
     ) -> Verdict {
         self.stats.packets_in += 1;
-        // Only a packet forwarded now fills it again: a stale copy must never be relayed twice.
-        self.relay_out.dests.clear();
         let verdict = self.classify_and_forward(src, data, now, batch);
         if let Verdict::Dropped(d) = verdict {
             self.stats.dropped[d as usize] += 1;
@@ -229,7 +234,7 @@ impl ShardCore {
         batch: &mut Batch,
     ) -> Verdict {
         if data.len() > MAX_DATAGRAM {
-            return Verdict::Dropped(Drop::Oversized);
+            return Verdict::Dropped(DropReason::Oversized);
         }
         let kind = rtp::classify(data);
         if let Some(peer) = self.peers.find(src, kind, data) {
@@ -237,9 +242,9 @@ impl ShardCore {
         }
         let Some(memberships) = self.by_addr.get(&src) else {
             return Verdict::Dropped(match kind {
-                Kind::Rtp | Kind::Rtcp => Drop::UnknownSource,
-                _ if data.len() < rtp::HEADER_LEN => Drop::TooShort,
-                _ => Drop::NotRtp,
+                Kind::Rtp | Kind::Rtcp => DropReason::UnknownSource,
+                _ if data.len() < rtp::HEADER_LEN => DropReason::TooShort,
+                _ => DropReason::NotRtp,
             });
         };
         match kind {
@@ -253,11 +258,11 @@ impl ShardCore {
                 return Verdict::Rtcp;
             }
             Kind::Rtp => {}
-            Kind::Stun | Kind::Dtls => return Verdict::Dropped(Drop::NotRtp),
+            Kind::Stun | Kind::Dtls => return Verdict::Dropped(DropReason::NotRtp),
             Kind::Unknown => {
                 return Verdict::Dropped(match RtpView::parse(data) {
                     Err(e) => e.into(),
-                    Ok(_) => Drop::NotRtp,
+                    Ok(_) => DropReason::NotRtp,
                 })
             }
         }
@@ -277,13 +282,13 @@ impl ShardCore {
             }
         }
         let Some((slot, key)) = holder else {
-            return Verdict::Dropped(Drop::NotHolder);
+            return Verdict::Dropped(DropReason::NotHolder);
         };
         if pkt.payload_type != OPUS_PT {
-            return Verdict::Dropped(Drop::NotOpus);
+            return Verdict::Dropped(DropReason::NotOpus);
         }
         let Some(ch) = self.channels[slot].as_mut() else {
-            return Verdict::Dropped(Drop::UnknownSource);
+            return Verdict::Dropped(DropReason::UnknownSource);
         };
         match ch.forward(key, &pkt, now, batch) {
             Ok(()) => {
@@ -292,97 +297,15 @@ impl ShardCore {
                     self.write_peers(batch, Arc::from(pkt.payload), now, None);
                 }
                 let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
-                self.prepare_relay(slot, data);
+                self.relay_copy(slot, data, batch);
                 Verdict::Forward(start..start + pkt.payload.len())
             }
             Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => {
-                Verdict::Dropped(Drop::NotHolder)
+                Verdict::Dropped(DropReason::NotHolder)
             }
-            Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => Verdict::Dropped(Drop::Stale),
-        }
-    }
-
-    /// Prepares the relay copy of a local speaker's packet (once for every other node of the channel);
-    /// the shard loop sends [`ShardCore::relay_out`] from the relay socket.
-    pub(super) fn prepare_relay(&mut self, slot: usize, data: &[u8]) {
-        self.relay_out.dests.clear();
-        let (Some(relay), Some(ch)) = (self.relay.as_ref(), self.channels[slot].as_ref()) else {
-            return;
-        };
-        if ch.relay_targets().is_empty() {
-            return;
-        }
-        relay.key.encode(
-            &mut self.relay_out.data,
-            &ch.name,
-            ch.epoch(),
-            ch.speaker_name(),
-            &relay.node,
-            data,
-        );
-        self.relay_out.dests.extend_from_slice(ch.relay_targets());
-    }
-
-    /// The relay datagram to send after the last `handle_datagram`, and where (empty: nothing to relay).
-    pub fn relay_out(&self) -> &RelayOut {
-        &self.relay_out
-    }
-
-    /// Counts relay datagrams the socket layer sent.
-    pub fn count_relayed(&mut self, n: usize) {
-        self.stats.relay_sent += n as u64;
-    }
-
-    /// A datagram on the relay port: authenticated, from a registered node, for the current remote grant.
-    pub fn handle_relay_datagram(
-        &mut self,
-        src: SocketAddr,
-        data: &[u8],
-        now: Instant,
-        batch: &mut Batch,
-    ) -> Verdict {
-        self.stats.relay_in += 1;
-        let result = self.relay_forward(src, data, now, batch);
-        match result {
-            Ok(range) => Verdict::Forward(range),
-            Err(e) => {
-                self.stats.relay_dropped[e as usize] += 1;
-                Verdict::Dropped(Drop::NotRtp)
+            Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => {
+                Verdict::Dropped(DropReason::Stale)
             }
-        }
-    }
-
-    fn relay_forward(
-        &mut self,
-        src: SocketAddr,
-        data: &[u8],
-        now: Instant,
-        batch: &mut Batch,
-    ) -> Result<Range<usize>, RelayError> {
-        let relay = self.relay.as_ref().ok_or(RelayError::UnknownNode)?;
-        let pkt = relay.key.decode(data)?;
-        if !relay.peers.contains(&src) {
-            return Err(RelayError::UnknownNode);
-        }
-        let slot = *self
-            .by_name
-            .get(pkt.channel)
-            .ok_or(RelayError::UnknownChannel)?;
-        let ch = self.channels[slot]
-            .as_mut()
-            .ok_or(RelayError::UnknownChannel)?;
-        let rtp = RtpView::parse(pkt.rtp).map_err(|_| RelayError::Malformed)?;
-        match ch.forward_remote(pkt.epoch, &rtp, now, batch) {
-            Ok(()) => {
-                let start = rtp.payload.as_ptr() as usize - data.as_ptr() as usize;
-                if !batch.peers.is_empty() {
-                    // Local WebRTC listeners of a remote speaker.
-                    self.write_peers(batch, Arc::from(rtp.payload), now, None);
-                }
-                Ok(start..start + rtp.payload.len())
-            }
-            Err(ForwardDrop::StaleEpoch | ForwardDrop::NotHolder) => Err(RelayError::StaleEpoch),
-            Err(_) => Err(RelayError::Malformed),
         }
     }
 
@@ -397,12 +320,7 @@ impl ShardCore {
                 ssrc,
             } => {
                 let slot = self.channel_slot(&channel, now);
-                let out = OutStream::new(
-                    ssrc,
-                    OPUS_PT,
-                    rand::random::<u16>() & 0x7fff,
-                    rand::random(),
-                );
+                let out = self.out_stream(ssrc, OPUS_PT);
                 if let Some(ch) = self.channels[slot].as_mut() {
                     ch.add(Member::new(key, name, addr, out));
                 }
@@ -479,6 +397,14 @@ impl ShardCore {
         }
     }
 
+    /// A listener stream starting at a random sequence number (below 2^15, so that the first extended
+    /// number stays below 2^16 for SRTP, RFC 3711 §3.3.1) and a random timestamp (RFC 3550 §5.1).
+    fn out_stream(&mut self, ssrc: u32, payload_type: u8) -> OutStream {
+        let seq = self.rng.random::<u16>() & 0x7fff;
+        let ts = self.rng.random();
+        OutStream::new(ssrc, payload_type, seq, ts)
+    }
+
     /// The slot of `channel`, created if new.
     fn channel_slot(&mut self, channel: &str, now: Instant) -> usize {
         if let Some(&slot) = self.by_name.get(channel) {
@@ -529,37 +455,6 @@ impl ShardCore {
         }
     }
 }
-
-/// Names of the drop reasons, in [`Drop`] order, for metrics.
-pub const fn drop_reason_names() -> [&'static str; DROP_REASONS] {
-    [
-        "too_short",
-        "bad_version",
-        "malformed",
-        "oversized",
-        "unknown_source",
-        "not_holder",
-        "not_opus",
-        "stale",
-        "not_rtp",
-        "peer_refused",
-    ]
-}
-
-mod webrtc;
-/// Names of the relay drop reasons, in [`RelayError`] order, for metrics.
-pub const fn relay_drop_names() -> [&'static str; RELAY_DROPS] {
-    [
-        "malformed",
-        "bad_tag",
-        "unknown_node",
-        "stale_epoch",
-        "unknown_channel",
-    ]
-}
-
-/// Number of relay drop reasons.
-pub const RELAY_DROPS: usize = 5;
 
 #[cfg(test)]
 mod tests;

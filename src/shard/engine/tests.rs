@@ -49,7 +49,7 @@ fn shard() -> (ShardCore, Instant) {
     (s, now)
 }
 
-fn dropped(s: &ShardCore, d: Drop) -> u64 {
+fn dropped(s: &ShardCore, d: DropReason) -> u64 {
     s.stats().dropped[d as usize]
 }
 
@@ -68,8 +68,8 @@ fn bad_input_is_counted_and_dropped() {
     let (mut s, now) = shard();
     let mut batch = Batch::default();
     let good = rtp::build_packet(false, OPUS_PT, 1, 960, 77, b"x");
-    let cases: Vec<(SocketAddr, Vec<u8>, Drop)> = vec![
-        (addr(6001), vec![0x80, 111, 0, 1], Drop::TooShort),
+    let cases: Vec<(SocketAddr, Vec<u8>, DropReason)> = vec![
+        (addr(6001), vec![0x80, 111, 0, 1], DropReason::TooShort),
         (
             addr(6001),
             {
@@ -77,7 +77,7 @@ fn bad_input_is_counted_and_dropped() {
                 p[0] = 0x40;
                 p
             },
-            Drop::BadVersion,
+            DropReason::BadVersion,
         ),
         (
             addr(6001),
@@ -86,27 +86,27 @@ fn bad_input_is_counted_and_dropped() {
                 p[0] |= 0x0f;
                 p
             },
-            Drop::Malformed,
+            DropReason::Malformed,
         ),
-        (addr(6001), vec![0x80; 4000], Drop::Oversized),
-        (addr(7000), good.clone(), Drop::UnknownSource),
-        (addr(6002), good.clone(), Drop::NotHolder),
+        (addr(6001), vec![0x80; 4000], DropReason::Oversized),
+        (addr(7000), good.clone(), DropReason::UnknownSource),
+        (addr(6002), good.clone(), DropReason::NotHolder),
         (
             addr(6001),
             rtp::build_packet(false, 0, 2, 1920, 77, b"pcmu"),
-            Drop::NotOpus,
+            DropReason::NotOpus,
         ),
         (
             addr(6001),
             vec![
                 0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
             ],
-            Drop::NotRtp,
+            DropReason::NotRtp,
         ),
         (
             addr(6001),
             vec![22, 254, 253, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            Drop::NotRtp,
+            DropReason::NotRtp,
         ),
     ];
     for (src, data, reason) in cases {
@@ -146,7 +146,7 @@ fn removing_members_and_channels_cleans_the_maps() {
     let p = rtp::build_packet(false, OPUS_PT, 1, 960, 77, b"x");
     assert_eq!(
         s.handle_datagram(addr(6001), &p, now, &mut Batch::default()),
-        Verdict::Dropped(Drop::UnknownSource)
+        Verdict::Dropped(DropReason::UnknownSource)
     );
 }
 
@@ -247,22 +247,22 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
     batch.clear();
     assert_eq!(
         s.handle_relay_datagram(addr(9999), &buf, now, &mut batch),
-        Verdict::Dropped(Drop::NotRtp)
+        Verdict::Dropped(DropReason::NotRtp)
     );
     key.encode(&mut buf, "ops", 19, "old", "other", &rtp);
     assert_eq!(
         s.handle_relay_datagram(peer, &buf, now, &mut batch),
-        Verdict::Dropped(Drop::NotRtp)
+        Verdict::Dropped(DropReason::NotRtp)
     );
     RelayKey::new(b"wrong").encode(&mut buf, "ops", 20, "zed", "other", &rtp);
     assert_eq!(
         s.handle_relay_datagram(peer, &buf, now, &mut batch),
-        Verdict::Dropped(Drop::NotRtp)
+        Verdict::Dropped(DropReason::NotRtp)
     );
     key.encode(&mut buf, "nope", 20, "zed", "other", &rtp);
     assert_eq!(
         s.handle_relay_datagram(peer, &buf, now, &mut batch),
-        Verdict::Dropped(Drop::NotRtp)
+        Verdict::Dropped(DropReason::NotRtp)
     );
     assert!(batch.is_empty());
     let st = s.stats();
@@ -295,7 +295,7 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
         key.encode(&mut buf, "ops", epoch, "zed", "other", &rtp);
         assert_eq!(
             s.handle_relay_datagram(peer, &buf, now, &mut batch),
-            Verdict::Dropped(Drop::NotRtp)
+            Verdict::Dropped(DropReason::NotRtp)
         );
     }
     assert!(batch.is_empty());

@@ -1,6 +1,7 @@
 //! The shard's WebRTC side: adding and removing peers, their datagrams and timers, and writing a fan-out
 //! into the listeners' `Rtc`s. Still sans-IO: what the peers want sent waits in `transmits`, events for
-//! the control thread in `events`; the shard loop collects both after every call.
+//! the control thread in `events`; the shard loop collects both after every call (str0m's own output is
+//! produced by every call that drives a peer, timers included, so it is queued rather than returned).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +10,14 @@ use std::time::Instant;
 use str0m::change::SdpOffer;
 use str0m::rtp::RtpPacket;
 
-use super::{Drop, ShardCore, Verdict};
-use crate::channel::{ForwardDrop, Member, MemberKey};
-use crate::forward::{Batch, OutStream};
-use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcPeer};
-use crate::peer::PeerId;
+use super::{ShardCore, Verdict, OPUS_PT};
+use crate::channel::{ForwardDrop, Member};
+use crate::forward::Batch;
+use crate::ids::{MemberKey, PeerId};
+use crate::peer::webrtc::{ice_token, PeerEvent, Transmit, WebRtcPeer, UFRAG_LEN};
 use crate::rtp::RtpView;
-use crate::shard::{Event, PeerRefused};
+use crate::shard::command::{Event, PeerRefused};
+use crate::shard::stats::DropReason;
 
 /// Peers being set up (ICE + DTLS not done) at once per shard. A DTLS handshake costs the shard a few
 /// milliseconds of CPU (key exchange, certificate signature); a join storm must not stall the media of
@@ -48,14 +50,12 @@ impl ShardCore {
             };
         };
         let ufrag = loop {
-            let u: String = (0..16)
-                .map(|_| char::from(b'a' + rand::random_range(0..26u8)))
-                .collect();
+            let u = ice_token(&mut self.rng, UFRAG_LEN);
             if !self.peers.ufrag_taken(&u) {
                 break u;
             }
         };
-        let (peer, answer) = match WebRtcPeer::accept(config, offer, ufrag, now) {
+        let (peer, answer) = match WebRtcPeer::accept(config, offer, ufrag, now, &mut self.rng) {
             Ok(r) => r,
             Err(e) => {
                 return Event::PeerAnswered {
@@ -65,13 +65,10 @@ impl ShardCore {
             }
         };
         let slot = self.channel_slot(&channel, now);
-        let out = OutStream::new(
-            peer.listener_ssrc().unwrap_or(0),
-            peer.pt,
-            rand::random::<u16>() & 0x7fff,
-            rand::random(),
-        );
-        let id = self.peers.insert(peer, slot, key, now);
+        let out = self.out_stream(peer.listener_ssrc().unwrap_or(0), peer.pt);
+        let deadline = peer.deadline;
+        let id = self.peers.insert(peer, slot, key);
+        self.timers.schedule(id, deadline, now);
         if let Some(ch) = self.channels[slot].as_mut() {
             ch.add(Member::webrtc(key, name, id, out));
         }
@@ -98,14 +95,14 @@ impl ShardCore {
     ) -> Verdict {
         let mut events = std::mem::take(&mut self.peer_events);
         let Some(slot) = self.peers.get_mut(id) else {
-            return Verdict::Dropped(Drop::UnknownSource);
+            return Verdict::Dropped(DropReason::UnknownSource);
         };
         let before = slot.peer.deadline;
         let accepted = slot
             .peer
             .handle_receive(now, src, data, &mut self.transmits, &mut events);
         let (channel, key, connected) = (slot.channel, slot.key, slot.peer.connected);
-        self.peers.reschedule(id, before, now);
+        self.reschedule(id, before, now);
         if connected {
             // Consent checks and RTCP keep a WebRTC listener latched like a plain one.
             if let Some(ch) = self.channels[channel].as_mut() {
@@ -115,7 +112,7 @@ impl ShardCore {
         let verdict = if accepted {
             self.handle_peer_events(id, &mut events, now, Some(batch))
         } else {
-            Verdict::Dropped(Drop::PeerRefused)
+            Verdict::Dropped(DropReason::PeerRefused)
         };
         events.clear();
         self.peer_events = events;
@@ -175,6 +172,11 @@ impl ShardCore {
                                     datagram.extend_from_slice(&pkt.payload);
                                     self.transmits.push((datagram, *d));
                                 }
+                                // Relay copies leave with the caller's batch; on the timer path there
+                                // is none, and (as before) they are not relayed.
+                                if let Some(b) = batch.as_deref_mut() {
+                                    b.relay.append(&mut spill.relay);
+                                }
                             }
                             Err(d) => verdict = dropped_unless_forwarded(verdict, d),
                         }
@@ -194,11 +196,11 @@ impl ShardCore {
         pkt: &RtpPacket,
         now: Instant,
         batch: &mut Batch,
-    ) -> Result<(), Drop> {
-        let slot = self.peers.get_mut(id).ok_or(Drop::UnknownSource)?;
+    ) -> Result<(), DropReason> {
+        let slot = self.peers.get_mut(id).ok_or(DropReason::UnknownSource)?;
         let (channel, key) = (slot.channel, slot.key);
         if *pkt.header.payload_type != slot.peer.pt {
-            return Err(Drop::NotOpus);
+            return Err(DropReason::NotOpus);
         }
         let view = RtpView {
             marker: pkt.header.marker,
@@ -208,24 +210,28 @@ impl ShardCore {
             ssrc: *pkt.header.ssrc,
             payload: &pkt.payload,
         };
-        let ch = self.channels[channel].as_mut().ok_or(Drop::UnknownSource)?;
+        let ch = self.channels[channel]
+            .as_mut()
+            .ok_or(DropReason::UnknownSource)?;
         match ch.forward(key, &view, now, batch) {
             Ok(()) => {}
-            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => return Err(Drop::NotHolder),
-            Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => return Err(Drop::Stale),
+            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => {
+                return Err(DropReason::NotHolder)
+            }
+            Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => return Err(DropReason::Stale),
         }
-        if self.relay.is_some() && !ch.relay_targets().is_empty() {
+        if self.relays(channel) {
             // Other nodes take plain RTP inside the relay envelope: rebuild the packet with the plain
             // legs' Opus payload type (header extensions and CSRCs are never forwarded anyway).
             let rtp = crate::rtp::build_packet(
                 view.marker,
-                super::OPUS_PT,
+                OPUS_PT,
                 view.seq,
                 view.timestamp,
                 view.ssrc,
                 view.payload,
             );
-            self.prepare_relay(channel, &rtp);
+            self.relay_copy(channel, &rtp, batch);
         }
         if !batch.peers.is_empty() {
             self.write_peers(
@@ -258,7 +264,7 @@ impl ShardCore {
                     .handle_timeout(now, &mut self.transmits, &mut events);
             }
             let (channel, key) = (slot.channel, slot.key);
-            self.peers.reschedule(id, before, now);
+            self.reschedule(id, before, now);
             for e in events.drain(..) {
                 if let PeerEvent::Closed(reason) = e {
                     self.peer_closed(channel, key, reason);
@@ -281,11 +287,23 @@ impl ShardCore {
         }
     }
 
+    /// Queues the peer's current deadline after it was driven (if it moved), and drops the heap's stale
+    /// entries when they outnumber the live ones.
+    fn reschedule(&mut self, id: PeerId, before: Instant, now: Instant) {
+        if let Some(deadline) = self.peers.deadline(id).filter(|&d| d != before) {
+            self.timers.schedule(id, deadline, now);
+        }
+        if self.timers.len() > 4 * self.peers.len() + 1024 {
+            self.timers.compact(self.peers.deadlines(), now);
+        }
+    }
+
     /// Drives every peer whose deadline has come.
     pub fn handle_timers(&mut self, now: Instant) {
         let mut due = std::mem::take(&mut self.due);
         let mut events = std::mem::take(&mut self.peer_events);
-        self.peers.expired(now, &mut due);
+        let peers = &self.peers;
+        self.timers.expired(now, |id| peers.deadline(id), &mut due);
         for &id in &due {
             let Some(slot) = self.peers.get_mut(id) else {
                 continue;
@@ -293,7 +311,7 @@ impl ShardCore {
             let before = slot.peer.deadline;
             slot.peer
                 .handle_timeout(now, &mut self.transmits, &mut events);
-            self.peers.reschedule(id, before, now);
+            self.reschedule(id, before, now);
             self.handle_peer_events(id, &mut events, now, None);
         }
         due.clear();
@@ -301,9 +319,9 @@ impl ShardCore {
         self.peer_events = events;
     }
 
-    /// The earliest instant a peer must be driven.
+    /// The earliest instant a peer must be driven (possibly a stale entry: waking early is harmless).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.peers.next_deadline()
+        self.timers.next_deadline()
     }
 
     /// Moves the datagrams the peers produced into `out` (for the socket).
@@ -318,7 +336,7 @@ impl ShardCore {
 }
 
 /// A drop is reported only when nothing of the call was forwarded.
-fn dropped_unless_forwarded(verdict: Verdict, d: Drop) -> Verdict {
+fn dropped_unless_forwarded(verdict: Verdict, d: DropReason) -> Verdict {
     match verdict {
         Verdict::Peer => Verdict::Dropped(d),
         other => other,

@@ -191,7 +191,7 @@ fn plain_and_webrtc_members_hear_each_other_through_the_shard() {
     ] {
         assert!(matches!(
             h.datagram(client, &g),
-            Verdict::Dropped(Drop::PeerRefused) | Verdict::Peer
+            Verdict::Dropped(DropReason::PeerRefused) | Verdict::Peer
         ));
     }
 
@@ -214,7 +214,7 @@ fn plain_and_webrtc_members_hear_each_other_through_the_shard() {
     };
     write(&mut h, 1, b"early");
     assert!(h.plain.iter().all(|p| p != b"early"));
-    assert!(h.shard.stats().dropped[Drop::NotHolder as usize] >= 1);
+    assert!(h.shard.stats().dropped[DropReason::NotHolder as usize] >= 1);
 
     // Now it holds the floor: the plain member gets its payloads, shared from str0m's buffer.
     h.grant(2, 2);
@@ -239,7 +239,7 @@ fn plain_and_webrtc_members_hear_each_other_through_the_shard() {
     assert_eq!(h.shard.stats().peers, 0);
     assert!(matches!(
         h.datagram(client, &[22; 20]),
-        Verdict::Dropped(Drop::NotRtp)
+        Verdict::Dropped(DropReason::NotRtp)
     ));
 }
 

@@ -1,0 +1,100 @@
+//! A shard's counters and the reasons it drops datagrams. Plain integers written by the shard alone; the
+//! control thread gets copies (`Command::Stats`) for `/metrics`.
+
+use crate::relay::RELAY_DROPS;
+use crate::rtp::RtpError;
+
+/// Number of drop reasons counted per shard.
+pub const DROP_REASONS: usize = 10;
+
+/// Why a datagram was dropped: the index of its counter in [`ShardStats::dropped`]. The order matches
+/// [`drop_reason_names`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Shorter than an RTP header.
+    TooShort = 0,
+    /// RTP version is not 2.
+    BadVersion,
+    /// CSRCs, extension or padding run past the end.
+    Malformed,
+    /// Larger than [`crate::rtp::MAX_DATAGRAM`].
+    Oversized,
+    /// From an address no member or peer of the shard has.
+    UnknownSource,
+    /// Media from a member that does not hold the floor.
+    NotHolder,
+    /// A payload type other than the leg's Opus.
+    NotOpus,
+    /// Older than its talk spurt, or padding only.
+    Stale,
+    /// STUN or DTLS from a plain-RTP address, or a relay datagram refused (see `relay_dropped`).
+    NotRtp,
+    /// A datagram of a WebRTC peer that str0m refused (bad DTLS, SRTP authentication, …).
+    PeerRefused,
+}
+
+impl From<RtpError> for DropReason {
+    fn from(e: RtpError) -> Self {
+        match e {
+            RtpError::TooShort => DropReason::TooShort,
+            RtpError::BadVersion => DropReason::BadVersion,
+            RtpError::BadHeader | RtpError::BadPadding => DropReason::Malformed,
+        }
+    }
+}
+
+/// Names of the drop reasons, in [`DropReason`] order, for metrics.
+pub const fn drop_reason_names() -> [&'static str; DROP_REASONS] {
+    [
+        "too_short",
+        "bad_version",
+        "malformed",
+        "oversized",
+        "unknown_source",
+        "not_holder",
+        "not_opus",
+        "stale",
+        "not_rtp",
+        "peer_refused",
+    ]
+}
+
+/// Counters of one shard (plain integers: only the shard writes them; the control thread gets copies).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// The shard's index.
+    pub shard: usize,
+    /// Datagrams received on the media port.
+    pub packets_in: u64,
+    /// Datagrams sent to listeners (plain RTP and what WebRTC peers produced).
+    pub forwarded: u64,
+    /// Datagrams dropped, by [`DropReason`].
+    pub dropped: [u64; DROP_REASONS],
+    /// RTCP packets from plain-RTP members (they latch; nothing is forwarded).
+    pub rtcp_in: u64,
+    /// Datagrams the kernel refused.
+    pub send_errors: u64,
+    /// Datagrams that met a full socket buffer (sent later, or counted in `send_errors`).
+    pub send_would_block: u64,
+    /// Sender reports sent on plain-RTP listener streams.
+    pub sender_reports: u64,
+    /// Speaker changes the epoch rules discarded.
+    pub stale_speaker_changes: u64,
+    /// Events lost because the control thread's queue was full.
+    pub events_lost: u64,
+    /// Relay datagrams sent to other nodes.
+    pub relay_sent: u64,
+    /// Datagrams received on the relay port.
+    pub relay_in: u64,
+    /// Relay datagrams refused, by [`crate::relay::RelayError`].
+    pub relay_dropped: [u64; RELAY_DROPS],
+    /// Channels on the shard (filled in by the copy).
+    pub channels: u64,
+    /// Members on the shard, plain and WebRTC (filled in by the copy).
+    pub members: u64,
+    /// WebRTC peers on the shard (filled in by the copy).
+    pub peers: u64,
+    /// WebRTC peers that closed (ICE timeout, DTLS close, never connected).
+    pub peers_closed: u64,
+}
