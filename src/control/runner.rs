@@ -6,6 +6,7 @@
 //! full, a shard's queue is full) goes back into the core as an input, so the decision stays there.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,6 @@ use crate::ids::ConnId;
 use crate::metrics::ControlCounters;
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
-use crate::signal::ws::Outbound;
 use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
 
 /// How long after its deadline a store call may still answer: the core has already treated it as failed,
@@ -72,6 +72,36 @@ pub enum HubMsg {
         /// Fired once floors are released and members told.
         done: oneshot::Sender<()>,
     },
+}
+
+/// The sending side of a connection's outbound queue: frames, and the bytes queued and not yet written.
+#[derive(Clone)]
+pub struct Outbound {
+    tx: mpsc::UnboundedSender<String>,
+    #[allow(clippy::disallowed_types)]
+    // control plane only: shared with this connection's writer task
+    queued: Arc<AtomicUsize>,
+}
+
+impl Outbound {
+    /// The queue `tx`, with `queued` counting the bytes sent into it and not yet written (the writer
+    /// subtracts what it wrote).
+    #[allow(clippy::disallowed_types)] // see the field
+    pub fn new(tx: mpsc::UnboundedSender<String>, queued: Arc<AtomicUsize>) -> Self {
+        Outbound { tx, queued }
+    }
+
+    /// Queues a frame unless that would put more than `limit` bytes in the queue; `false`: the client is
+    /// not reading (or gone).
+    pub fn try_send(&self, text: String, limit: usize) -> bool {
+        let len = text.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before + len > limit || self.tx.send(text).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 /// The stores the runner performs calls on.

@@ -18,34 +18,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::protocol::{self, Message, SignalError};
 use crate::auth::Limits;
-use crate::control::runner::HubMsg;
+use crate::control::runner::{HubMsg, Outbound};
 use crate::ids::ConnId;
 
 const PING_EVERY: Duration = Duration::from_secs(15);
 const SILENCE_LIMIT: Duration = Duration::from_secs(45);
-
-/// The sending side of a connection's outbound queue: frames, and the bytes queued and not yet written.
-#[derive(Clone)]
-pub struct Outbound {
-    tx: mpsc::UnboundedSender<String>,
-    #[allow(clippy::disallowed_types)]
-    // control plane only: shared with this connection's writer task
-    queued: Arc<AtomicUsize>,
-}
-
-impl Outbound {
-    /// Queues a frame unless that would put more than `limit` bytes in the queue; `false`: the client is
-    /// not reading (or gone).
-    pub fn try_send(&self, text: String, limit: usize) -> bool {
-        let len = text.len();
-        let before = self.queued.fetch_add(len, Ordering::Relaxed);
-        if before + len > limit || self.tx.send(text).is_err() {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-}
 
 /// Serves one connection until either side closes it.
 pub async fn serve(
@@ -71,10 +48,7 @@ pub async fn serve(
     {
         return;
     }
-    let out = Outbound {
-        tx,
-        queued: queued.clone(),
-    };
+    let out = Outbound::new(tx, queued.clone());
     let connect = HubMsg::Connect {
         conn,
         ip,
