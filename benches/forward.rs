@@ -41,6 +41,7 @@ fn shard(listeners: usize, addrs: &[SocketAddr]) -> ShardCore {
             change: SpeakerChange::Granted {
                 speaker: Some(0),
                 epoch: 1,
+                until: None,
             },
         },
         now,

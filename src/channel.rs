@@ -47,6 +47,8 @@ pub struct Member {
     pub leg: Leg,
     /// Its outbound stream: one continuous SSRC/seq/ts space whoever speaks.
     pub out: OutStream,
+    /// False for a member whose token does not grant `listen`: it is sent nothing.
+    pub listens: bool,
     last_heard: Option<Instant>,
 }
 
@@ -61,6 +63,7 @@ impl Member {
                 dest: RawAddr::new(addr),
             },
             out,
+            listens: true,
             last_heard: None,
         }
     }
@@ -73,6 +76,7 @@ impl Member {
             name,
             leg: Leg::WebRtc { peer },
             out,
+            listens: true,
             last_heard: None,
         }
     }
@@ -87,7 +91,7 @@ impl Member {
 /// A change of the speaker, as sent by the control thread. Epoch rules (design "Floor control"): a grant
 /// applies only when its epoch is newer than the cached one, an idle only when it names the cached epoch —
 /// so events that arrive late or twice change nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpeakerChange {
     /// The floor was granted at `epoch`; `speaker` is the local member to forward, or `None` when the
     /// holder is not on this shard (its media does not arrive here).
@@ -96,12 +100,43 @@ pub enum SpeakerChange {
         speaker: Option<MemberKey>,
         /// The grant's epoch.
         epoch: u64,
+        /// The end of the holder's lease (a store with leases): the shard stops forwarding it then on its
+        /// own, even if the control thread's revocation is late or lost. Extended by [`Self::Lease`].
+        until: Option<Instant>,
+    },
+    /// A member of another node holds `epoch`: its media arrives by relay, and is accepted from that
+    /// node only.
+    Remote {
+        /// The grant's epoch.
+        epoch: u64,
+        /// The holder's node id (relay packets carry it; the sender's address must be that node's).
+        node: String,
+    },
+    /// The holder of `epoch` may be forwarded until `until` — its renewed lease, less the margin for clock
+    /// drift (see `Granted::until`).
+    Lease {
+        /// The grant's epoch.
+        epoch: u64,
+        /// The end of the lease.
+        until: Instant,
     },
     /// The floor of `epoch` is free.
     Idle {
         /// The epoch of the grant that ended.
         epoch: u64,
     },
+}
+
+impl SpeakerChange {
+    /// The epoch the change is about.
+    pub fn epoch(&self) -> u64 {
+        match self {
+            SpeakerChange::Granted { epoch, .. }
+            | SpeakerChange::Remote { epoch, .. }
+            | SpeakerChange::Lease { epoch, .. }
+            | SpeakerChange::Idle { epoch } => *epoch,
+        }
+    }
 }
 
 /// Why a speaker packet was not forwarded.
@@ -115,6 +150,10 @@ pub enum ForwardDrop {
     TooOld,
     /// Nothing left after padding removal ([`IngressVerdict::PaddingOnly`]).
     PaddingOnly,
+    /// The holder's lease ended: the shard fenced it on its own.
+    LeaseExpired,
+    /// A relayed packet from a node that does not hold the channel's current grant.
+    NotGrantHolder,
 }
 
 /// One channel on its shard.
@@ -132,6 +171,10 @@ pub struct Channel {
     ingress: Ingress,
     /// Other nodes' relay addresses for this channel: each local speaker packet goes once to each.
     relay_targets: Vec<RawAddr>,
+    /// The node holding the current remote grant (relay is accepted from it only), when known.
+    remote_node: Option<String>,
+    /// The end of the local holder's lease: not forwarded at or after it.
+    until: Option<Instant>,
     last_media: Instant,
     silence_reported: bool,
 }
@@ -148,6 +191,8 @@ impl Channel {
             epoch: 0,
             ingress: Ingress::default(),
             relay_targets: Vec::new(),
+            remote_node: None,
+            until: None,
             last_media: now,
             silence_reported: false,
         }
@@ -190,25 +235,56 @@ impl Channel {
     /// Applies a speaker change by the epoch rules; returns whether it changed anything.
     pub fn apply(&mut self, change: SpeakerChange, now: Instant) -> bool {
         match change {
-            SpeakerChange::Granted { speaker, epoch } if epoch > self.epoch => {
-                self.epoch = epoch;
-                self.speaker = speaker;
-                self.remote = speaker.is_none();
-                self.speaker_name.clear();
-                if let Some(m) = self.members.iter().find(|m| Some(m.key) == speaker) {
-                    self.speaker_name.push_str(&m.name);
-                }
-                self.ingress.reset();
-                self.last_media = now;
-                self.silence_reported = false;
+            SpeakerChange::Granted {
+                speaker,
+                epoch,
+                until,
+            } if epoch > self.epoch => {
+                self.grant(speaker, epoch, now);
+                self.until = until.filter(|_| speaker.is_some());
+                true
+            }
+            SpeakerChange::Remote { epoch, node } if epoch > self.epoch => {
+                self.grant(None, epoch, now);
+                self.remote_node = Some(node);
+                true
+            }
+            SpeakerChange::Lease { epoch, until }
+                if epoch == self.epoch && self.speaker.is_some() =>
+            {
+                self.until = Some(self.until.map_or(until, |u| u.max(until)));
                 true
             }
             SpeakerChange::Idle { epoch } if epoch == self.epoch => {
                 self.speaker = None;
                 self.remote = false;
+                self.remote_node = None;
+                self.until = None;
                 true
             }
             _ => false,
+        }
+    }
+
+    fn grant(&mut self, speaker: Option<MemberKey>, epoch: u64, now: Instant) {
+        self.epoch = epoch;
+        self.speaker = speaker;
+        self.remote = speaker.is_none();
+        self.remote_node = None;
+        self.until = None;
+        self.speaker_name.clear();
+        if let Some(m) = self.members.iter().find(|m| Some(m.key) == speaker) {
+            self.speaker_name.push_str(&m.name);
+        }
+        self.ingress.reset();
+        self.last_media = now;
+        self.silence_reported = false;
+    }
+
+    /// Whether member `key` is sent the channel's audio (a token without the `listen` right: not).
+    pub fn set_listens(&mut self, key: MemberKey, listens: bool) {
+        if let Some(m) = self.members.iter_mut().find(|m| m.key == key) {
+            m.listens = listens;
         }
     }
 
@@ -231,29 +307,42 @@ impl Channel {
         if self.speaker != Some(key) {
             return Err(ForwardDrop::NotHolder);
         }
+        if self.until.is_some_and(|until| now >= until) {
+            // The lease ran out: whatever the control thread says (or failed to say), this holder is no
+            // longer forwarded — another node may hold the floor by now.
+            return Err(ForwardDrop::LeaseExpired);
+        }
         self.fan_out(Some(key), pkt, now, batch)
     }
 
-    /// A packet relayed from the node of the remote holder of `epoch`: fanned out to every latched local
-    /// member, by the same epoch rule as local media.
+    /// A packet relayed from `node`, whose member holds `epoch`: fanned out to every latched local member
+    /// if that is the channel's current remote grant and `node` holds it (when the control thread named
+    /// the node). A newer epoch than this shard knows fences a local holder at once — another node was
+    /// granted the floor, so ours is stale — but its media waits until the grant is confirmed through the
+    /// store: an epoch carried by a packet is not a grant.
     pub fn forward_remote(
         &mut self,
         epoch: u64,
+        node: &str,
         pkt: &RtpView<'_>,
         now: Instant,
         batch: &mut Batch,
     ) -> Result<(), ForwardDrop> {
-        if epoch > self.epoch && self.speaker.is_none() {
-            // The relay can beat pub/sub: the speaker's node forwards from the moment its grant is
-            // acknowledged, while our control thread hears of the grant a little later. An authenticated
-            // packet from a registered node at a newer epoch is that grant: adopt it, so the first words of
-            // the burst are not lost. (Never over a local speaker: the control thread settles that case.)
-            self.epoch = epoch;
-            self.remote = true;
-            self.ingress.reset();
+        if epoch >= crate::floor::MAX_EPOCH {
+            return Err(ForwardDrop::StaleEpoch);
+        }
+        if epoch > self.epoch {
+            if self.speaker.take().is_some() {
+                self.speaker_name.clear();
+                self.until = None;
+            }
+            return Err(ForwardDrop::StaleEpoch);
         }
         if !self.remote || epoch != self.epoch {
             return Err(ForwardDrop::StaleEpoch);
+        }
+        if self.remote_node.as_deref().is_some_and(|n| n != node) {
+            return Err(ForwardDrop::NotGrantHolder);
         }
         self.fan_out(None, pkt, now, batch)
     }
@@ -295,7 +384,7 @@ impl Channel {
                 m.last_heard = Some(now);
                 continue;
             }
-            if !m.latched(now) {
+            if !m.latched(now) || !m.listens {
                 continue;
             }
             if let Some(h) = m.out.rewrite(&inbound, now) {

@@ -116,14 +116,14 @@ pub struct LimitArgs {
     /// WebRTC joins waiting for ICE/DTLS at once, per connection.
     #[arg(
         long,
-        default_value_t = 16,
+        default_value_t = 8,
         env = "TALKGROUP_MAX_WEBRTC_PENDING_PER_CONNECTION"
     )]
     pub max_webrtc_pending_per_connection: usize,
     /// WebRTC joins waiting for ICE/DTLS at once, per client IP address.
     #[arg(
         long,
-        default_value_t = 64,
+        default_value_t = 32,
         env = "TALKGROUP_MAX_WEBRTC_PENDING_PER_IP"
     )]
     pub max_webrtc_pending_per_ip: usize,

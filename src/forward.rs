@@ -99,7 +99,8 @@ impl Ingress {
         if ext < self.first_ext {
             return IngressVerdict::TooOld;
         }
-        if ext > self.max_ext {
+        let advances = ext > self.max_ext;
+        if advances {
             let delta = pkt.timestamp.wrapping_sub(self.last_ts);
             // Only a plausible forward step (≤ 1 s) updates the frame duration.
             if delta > 0 && delta <= OPUS_CLOCK as u32 && ext == self.max_ext + 1 {
@@ -109,12 +110,18 @@ impl Ingress {
             self.last_ts = pkt.timestamp;
         }
         if pkt.payload.is_empty() {
-            self.absorbed += 1;
+            // Only a padding packet that moved the sequence forward takes a number to absorb: a repeated
+            // or late one must not (a sender repeating one padding packet would otherwise drive the
+            // absorbed count past the numbers it advanced, and the subtraction below under the spurt).
+            if advances {
+                self.absorbed += 1;
+            }
             return IngressVerdict::PaddingOnly;
         }
         IngressVerdict::Forward(Inbound {
             spurt: self.spurt,
-            ext_seq: ext - self.absorbed,
+            // `absorbed` never exceeds the numbers advanced since `first_ext`; saturating all the same.
+            ext_seq: ext.saturating_sub(self.absorbed).max(self.first_ext),
             timestamp: pkt.timestamp,
             marker: pkt.marker,
             duration: self.duration,
@@ -415,6 +422,54 @@ mod tests {
         assert_ne!(b, c);
         let d = spurt(accept(&mut ing, 2, &pkt(13 + 5000, 1920, 8, b"x")));
         assert_ne!(c, d);
+    }
+
+    #[test]
+    fn repeated_padding_only_packets_never_underflow_the_sequence() {
+        let t = Instant::now();
+        let mut ing = Ingress::default();
+        let mut out = OutStream::new(1, 111, 100, 0);
+        let first = match accept(&mut ing, 1, &pkt(10, 0, 7, b"x")) {
+            IngressVerdict::Forward(p) => out.rewrite(&p, t).unwrap().seq,
+            other => panic!("{other:?}"),
+        };
+        // A hostile holder repeats one padding-only packet 70,000 times, then sends more.
+        let padding = pkt(11, 960, 7, b"");
+        for _ in 0..70_000 {
+            assert_eq!(accept(&mut ing, 1, &padding), IngressVerdict::PaddingOnly);
+        }
+        for _ in 0..70_000u32 {
+            let _ = accept(&mut ing, 1, &pkt(10, 0, 7, b""));
+        }
+        match accept(&mut ing, 1, &pkt(12, 1920, 7, b"y")) {
+            IngressVerdict::Forward(p) => {
+                assert_eq!(
+                    out.rewrite(&p, t).unwrap().seq,
+                    first.wrapping_add(1),
+                    "11 was absorbed once"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // 70,000 advancing padding packets (more than 2^16) are absorbed one each.
+        for i in 0..70_000u32 {
+            let seq = (13 + i) as u16;
+            assert_eq!(
+                accept(&mut ing, 1, &pkt(seq, 0, 7, b"")),
+                IngressVerdict::PaddingOnly
+            );
+        }
+        let seq = (13 + 70_000u32) as u16;
+        match accept(&mut ing, 1, &pkt(seq, 0, 7, b"z")) {
+            IngressVerdict::Forward(p) => {
+                assert_eq!(
+                    out.rewrite(&p, t).unwrap().seq,
+                    first.wrapping_add(2),
+                    "continuous"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -42,7 +42,7 @@ type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
 /// Renders all metrics (text format 0.0.4).
 pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard: [ShardMetric; 13] = [
+    let per_shard: [ShardMetric; 14] = [
         (
             "packets_in_total",
             "Datagrams received on the media port",
@@ -87,6 +87,11 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
         ("shard_webrtc_peers", "WebRTC peers on the shard", |s| {
             s.peers
         }),
+        (
+            "webrtc_peers_evicted_total",
+            "WebRTC peers that never sent a connectivity check, closed to make room for new ones",
+            |s| s.peers_evicted,
+        ),
         (
             "webrtc_peers_closed_total",
             "WebRTC peers that went away (ICE timeout, DTLS close)",

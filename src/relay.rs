@@ -48,10 +48,14 @@ pub enum RelayError {
     /// The channel has no member on this shard.
     #[error("no member of the channel on this shard")]
     UnknownChannel,
+    /// The sending node does not hold the channel's current grant, or the packet names another node than
+    /// the one whose address it came from.
+    #[error("the sender does not hold the channel's grant")]
+    NotGrantHolder,
 }
 
 /// Number of relay drop reasons.
-pub const RELAY_DROPS: usize = 5;
+pub const RELAY_DROPS: usize = 6;
 
 /// Names of the relay drop reasons, in [`RelayError`] order, for metrics.
 pub const fn relay_drop_names() -> [&'static str; RELAY_DROPS] {
@@ -61,6 +65,7 @@ pub const fn relay_drop_names() -> [&'static str; RELAY_DROPS] {
         "unknown_node",
         "stale_epoch",
         "unknown_channel",
+        "not_grant_holder",
     ]
 }
 

@@ -39,8 +39,9 @@ impl Default for Limits {
             presses_per_second: 5,
             queued_bytes: 1 << 20,
             send_timeout: Duration::from_secs(10),
-            webrtc_pending_per_connection: 16,
-            webrtc_pending_per_ip: 64,
+            // Below the shard's 64 handshake slots: one client address cannot fill a shard.
+            webrtc_pending_per_connection: 8,
+            webrtc_pending_per_ip: 32,
         }
     }
 }

@@ -38,6 +38,83 @@ fn decode(batch: &Batch) -> Vec<(u32, u16, u32, bool)> {
 }
 
 #[test]
+fn a_holder_past_its_lease_is_fenced_by_the_shard_until_a_renewal() {
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut ch = channel(2, t0);
+    let grant = SpeakerChange::Granted {
+        speaker: Some(1),
+        epoch: 5,
+        until: Some(ms(1000)),
+    };
+    assert!(ch.apply(grant, t0));
+    let mut batch = Batch::default();
+    let send = |ch: &mut Channel, seq: u16, at: Instant, batch: &mut Batch| {
+        let p = rtp::build_packet(false, 111, seq, u32::from(seq) * 960, 99, b"voice");
+        batch.clear();
+        ch.forward(1, &RtpView::parse(&p).unwrap(), at, batch)
+    };
+    assert_eq!(send(&mut ch, 1, ms(999), &mut batch), Ok(()));
+    assert_eq!(batch.len(), 1);
+    assert_eq!(
+        send(&mut ch, 2, ms(1000), &mut batch),
+        Err(ForwardDrop::LeaseExpired),
+        "at the lease's end the shard stops on its own"
+    );
+    assert!(batch.is_empty());
+    // A lease for another epoch changes nothing; a renewal of this one forwards again.
+    assert!(!ch.apply(
+        SpeakerChange::Lease {
+            epoch: 4,
+            until: ms(5000)
+        },
+        ms(1000)
+    ));
+    assert_eq!(
+        send(&mut ch, 3, ms(1001), &mut batch),
+        Err(ForwardDrop::LeaseExpired)
+    );
+    assert!(ch.apply(
+        SpeakerChange::Lease {
+            epoch: 5,
+            until: ms(2000)
+        },
+        ms(1001)
+    ));
+    assert_eq!(send(&mut ch, 4, ms(1500), &mut batch), Ok(()));
+    // A renewal never shortens a lease.
+    ch.apply(
+        SpeakerChange::Lease {
+            epoch: 5,
+            until: ms(1600),
+        },
+        ms(1500),
+    );
+    assert_eq!(send(&mut ch, 5, ms(1800), &mut batch), Ok(()));
+}
+
+#[test]
+fn a_member_without_the_listen_right_hears_nothing() {
+    let now = Instant::now();
+    let mut ch = channel(3, now);
+    ch.set_listens(3, false);
+    ch.apply(
+        SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 5,
+            until: None,
+        },
+        now,
+    );
+    let p = rtp::build_packet(false, 111, 7, 960, 99, b"voice");
+    let mut batch = Batch::default();
+    ch.forward(1, &RtpView::parse(&p).unwrap(), now, &mut batch)
+        .unwrap();
+    let ssrcs: Vec<u32> = decode(&batch).iter().map(|h| h.0).collect();
+    assert_eq!(ssrcs, vec![0x1002], "only member 2 hears member 1");
+}
+
+#[test]
 fn only_the_holder_is_forwarded_to_everyone_else() {
     let now = Instant::now();
     let mut ch = channel(3, now);
@@ -51,7 +128,8 @@ fn only_the_holder_is_forwarded_to_everyone_else() {
     assert!(ch.apply(
         SpeakerChange::Granted {
             speaker: Some(1),
-            epoch: 5
+            epoch: 5,
+            until: None,
         },
         now
     ));
@@ -85,6 +163,7 @@ fn unlatched_members_hear_nothing_until_they_send() {
         SpeakerChange::Granted {
             speaker: Some(1),
             epoch: 1,
+            until: None,
         },
         now,
     );
@@ -112,7 +191,8 @@ fn epoch_rules_ignore_stale_and_duplicate_events() {
     assert!(ch.apply(
         SpeakerChange::Granted {
             speaker: Some(1),
-            epoch: 10
+            epoch: 10,
+            until: None,
         },
         now
     ));
@@ -120,7 +200,8 @@ fn epoch_rules_ignore_stale_and_duplicate_events() {
         !ch.apply(
             SpeakerChange::Granted {
                 speaker: Some(2),
-                epoch: 9
+                epoch: 9,
+                until: None,
             },
             now
         ),
@@ -130,7 +211,8 @@ fn epoch_rules_ignore_stale_and_duplicate_events() {
         !ch.apply(
             SpeakerChange::Granted {
                 speaker: Some(2),
-                epoch: 10
+                epoch: 10,
+                until: None,
             },
             now
         ),
@@ -147,7 +229,8 @@ fn epoch_rules_ignore_stale_and_duplicate_events() {
         !ch.apply(
             SpeakerChange::Granted {
                 speaker: Some(2),
-                epoch: 10
+                epoch: 10,
+                until: None,
             },
             now
         ),
@@ -165,6 +248,7 @@ fn silence_is_reported_once_per_grant() {
         SpeakerChange::Granted {
             speaker: Some(1),
             epoch: 3,
+            until: None,
         },
         now,
     );
@@ -181,6 +265,7 @@ fn sender_reports_for_streams_that_carried_media() {
         SpeakerChange::Granted {
             speaker: Some(1),
             epoch: 3,
+            until: None,
         },
         now,
     );
@@ -256,7 +341,7 @@ proptest! {
             match op {
                 Op::Grant(m) => {
                     epoch += 1;
-                    ch.apply(SpeakerChange::Granted { speaker: Some(m), epoch }, now);
+                    ch.apply(SpeakerChange::Granted { speaker: Some(m), epoch, until: None }, now);
                     spoke_since_change.clear();
                 }
                 Op::Idle => { ch.apply(SpeakerChange::Idle { epoch }, now); }

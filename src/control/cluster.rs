@@ -172,7 +172,11 @@ impl HubCore {
             let shard = ch.shard;
             self.shard_command(shard, command);
         }
-        let mut peers: Vec<SocketAddr> = self.known_nodes.values().flatten().copied().collect();
+        let mut peers: Vec<(SocketAddr, String)> = self
+            .known_nodes
+            .iter()
+            .flat_map(|(node, addrs)| addrs.iter().map(move |a| (*a, node.clone())))
+            .collect();
         peers.sort();
         peers.dedup();
         if peers != self.relay_peers {

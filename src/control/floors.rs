@@ -137,35 +137,99 @@ impl HubCore {
                     };
                     self.call(call, purpose, now);
                 }
-                FloorOutput::Apply { speaker, epoch, .. } => {
+                FloorOutput::Apply {
+                    speaker,
+                    epoch,
+                    until,
+                } => {
                     let change = match speaker {
                         Some(name) => SpeakerChange::Granted {
                             speaker: ch.members.get(&name).map(|m| m.key),
                             epoch,
+                            until,
                         },
                         None => SpeakerChange::Idle { epoch },
                     };
-                    let command = Command::Speaker {
-                        channel: channel.to_string(),
-                        change,
-                    };
-                    let shard = ch.shard;
-                    self.shard_command(shard, command);
+                    self.speaker_change(channel, change);
                 }
-                FloorOutput::Extend { .. } => {}
+                FloorOutput::Extend { epoch, until } => {
+                    self.speaker_change(channel, SpeakerChange::Lease { epoch, until })
+                }
                 FloorOutput::ApplyRemote { epoch } => {
-                    let change = SpeakerChange::Granted {
-                        speaker: None,
-                        epoch,
+                    // The shard accepts the relayed media from the holder's node only, when it is known.
+                    let change = match &ch.remote_holder {
+                        Some((e, node)) if *e == epoch => SpeakerChange::Remote {
+                            epoch,
+                            node: node.clone(),
+                        },
+                        _ => SpeakerChange::Granted {
+                            speaker: None,
+                            epoch,
+                            until: None,
+                        },
                     };
-                    let command = Command::Speaker {
-                        channel: channel.to_string(),
-                        change,
-                    };
-                    let shard = ch.shard;
-                    self.shard_command(shard, command);
+                    self.speaker_change(channel, change);
                 }
                 FloorOutput::Notify { to, event } => self.notify(channel, to, event),
+            }
+        }
+    }
+
+    /// Sends a speaker change to the channel's shard. A grant, remote grant or idle supersedes whatever of
+    /// the channel still waits to be sent again (only the newest state matters); a lease extension waits
+    /// behind a change still waiting, so the shard sees them in order.
+    fn speaker_change(&mut self, channel: &str, change: SpeakerChange) {
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let shard = ch.shard;
+        if let Some(waiting) = self.speaker_retries.get_mut(channel) {
+            if matches!(change, SpeakerChange::Lease { .. }) {
+                waiting.push(change);
+                return;
+            }
+            self.speaker_retries.remove(channel);
+        }
+        let command = Command::Speaker {
+            channel: channel.to_string(),
+            change,
+        };
+        self.shard_command(shard, command);
+    }
+
+    /// A speaker change the shard's full queue refused: sent again shortly, never dropped.
+    pub(super) fn speaker_change_refused(
+        &mut self,
+        channel: String,
+        change: SpeakerChange,
+        now: Instant,
+    ) {
+        let waiting = self.speaker_retries.entry(channel).or_default();
+        if !matches!(change, SpeakerChange::Lease { .. }) {
+            waiting.retain(|c| c.epoch() > change.epoch());
+        }
+        waiting.insert(0, change);
+        waiting.sort_by_key(|c| (c.epoch(), matches!(c, SpeakerChange::Lease { .. })));
+        self.speaker_retry_at = Some(now + super::SPEAKER_RETRY);
+    }
+
+    /// Sends again the speaker changes a full shard queue refused, in order.
+    pub(super) fn retry_speaker_changes(&mut self, now: Instant) {
+        if self.speaker_retry_at.is_none_or(|at| now < at) {
+            return;
+        }
+        self.speaker_retry_at = None;
+        let retries: Vec<(String, Vec<SpeakerChange>)> = self.speaker_retries.drain().collect();
+        for (channel, changes) in retries {
+            let Some(shard) = self.channels.get(&channel).map(|ch| ch.shard) else {
+                continue;
+            };
+            for change in changes {
+                let command = Command::Speaker {
+                    channel: channel.clone(),
+                    change,
+                };
+                self.shard_command(shard, command);
             }
         }
     }
@@ -271,11 +335,14 @@ impl HubCore {
             (Purpose::Acquire { channel, member }, StoreReply::Acquired(result)) => {
                 let input = match result {
                     Ok(Acquired::Granted { epoch }) => FloorInput::StoreGranted { member, epoch },
-                    Ok(Acquired::Busy(holder)) => FloorInput::StoreDenied {
-                        member,
-                        holder: Some((holder.member, holder.epoch)),
-                        reason: DenyReason::Busy,
-                    },
+                    Ok(Acquired::Busy(holder)) => {
+                        self.note_remote_holder(&channel, holder.epoch, &holder.node);
+                        FloorInput::StoreDenied {
+                            member,
+                            holder: Some((holder.member, holder.epoch)),
+                            reason: DenyReason::Busy,
+                        }
+                    }
                     Err(e) => {
                         warn!(channel, error = %e, "floor store failed: denying (fail safe)");
                         self.counters.store_errors += 1;
@@ -370,10 +437,13 @@ impl HubCore {
             return;
         };
         let input = match result {
-            Ok(Some(h)) if h.node != self.config.node => FloorInput::Remote {
-                speaker: Some(h.member),
-                epoch: h.epoch,
-            },
+            Ok(Some(h)) if h.node != self.config.node => {
+                self.note_remote_holder(channel, h.epoch, &h.node);
+                FloorInput::Remote {
+                    speaker: Some(h.member),
+                    epoch: h.epoch,
+                }
+            }
             // The remote holder's lease ran out (an expiring key publishes nothing).
             Ok(None) => match ch.floor.remote() {
                 Some((_, epoch)) => FloorInput::Remote {
@@ -386,6 +456,15 @@ impl HubCore {
         };
         self.floor_input(channel, input, now);
         self.forget_if_empty(channel, now);
+    }
+
+    /// Remembers which node holds a remote grant, for the shard's relay check.
+    fn note_remote_holder(&mut self, channel: &str, epoch: u64, node: &str) {
+        if let Some(ch) = self.channels.get_mut(channel) {
+            if ch.remote_holder.as_ref().is_none_or(|(e, _)| *e <= epoch) {
+                ch.remote_holder = Some((epoch, node.to_string()));
+            }
+        }
     }
 
     /// Re-reads every local channel's floor from the store.
@@ -410,6 +489,16 @@ impl HubCore {
             } => {
                 if holder.as_ref().is_some_and(|h| h.node == self.config.node) {
                     return;
+                }
+                if epoch >= crate::floor::MAX_EPOCH {
+                    warn!(
+                        channel,
+                        epoch, "ignoring a floor event with an epoch out of range"
+                    );
+                    return;
+                }
+                if let Some(h) = &holder {
+                    self.note_remote_holder(&channel, epoch, &h.node);
                 }
                 let input = FloorInput::Remote {
                     speaker: holder.map(|h| h.member),

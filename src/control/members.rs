@@ -97,6 +97,7 @@ impl HubCore {
         self.next_key += 1;
         let ssrc = self.rng.random::<u32>().max(1);
         let priority = join.priority.min(rights.max_priority);
+        let listens = rights.listen;
         let press_burst = 2.0 * f64::from(self.config.limits.presses_per_second);
         let webrtc_pending = matches!(leg, JoinLeg::WebRtc(_));
         let rtp_addr = match &leg {
@@ -140,6 +141,7 @@ impl HubCore {
                 members: BTreeMap::new(),
                 floor: Floor::new(floor_config),
                 timer: None,
+                remote_holder: None,
             });
         ch.members.insert(
             member.clone(),
@@ -161,6 +163,14 @@ impl HubCore {
         );
         let shard = ch.shard;
         self.shard_command(shard, command);
+        if !listens {
+            let command = Command::SetListens {
+                channel: join.channel.clone(),
+                key,
+                listens,
+            };
+            self.shard_command(shard, command);
+        }
         self.pending
             .insert(key, (join.channel.clone(), member.clone()));
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -340,9 +350,9 @@ impl HubCore {
         }
     }
 
-    /// A command the shard's full queue refused. A join is undone and answered `unavailable`; a lost
-    /// speaker change is never acknowledged, so never announced (the requester is not told `granted`
-    /// for a shard that does not forward it).
+    /// A command the shard's full queue refused. A join is undone and answered `unavailable`; a speaker
+    /// change is sent again (coalesced per channel) until the shard takes it — until then it is not
+    /// acknowledged, so a grant is not announced for a shard that does not forward it.
     pub(super) fn on_shard_full(&mut self, shard: usize, command: Command, now: Instant) {
         self.counters.shard_queue_full += 1;
         match command {
@@ -353,12 +363,14 @@ impl HubCore {
                 );
                 self.refuse_join(key, refused, now);
             }
-            Command::Speaker { channel, .. } => {
+            Command::Speaker { channel, change } => {
+                // Sent again shortly (only the channel's latest change matters): never dropped.
                 tracing::warn!(
                     shard,
                     channel,
-                    "shard command queue full: speaker change lost"
+                    "shard command queue full: speaker change retried"
                 );
+                self.speaker_change_refused(channel, change, now);
             }
             _ => tracing::warn!(shard, "shard command queue full: command lost"),
         }

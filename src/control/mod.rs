@@ -35,6 +35,7 @@ use rand::SeedableRng;
 use serde_json::Value;
 
 use crate::auth::{Limits, Rights, TokenBucket, Verifier};
+use crate::channel::SpeakerChange;
 use crate::floor::{Floor, FloorConfig};
 use crate::ids::{ConnId, MemberKey};
 use crate::metrics::ControlCounters;
@@ -57,6 +58,8 @@ const RELAY_REFRESH: Duration = Duration::from_secs(1);
 /// Attempts of a re-registration call (liveness, channels, sessions) after the store came back, 250 ms
 /// apart: the command connection may still be in its reconnect backoff while the subscription is up.
 const REREGISTER_RETRIES: u32 = 11;
+/// How soon a speaker change refused by a full shard queue is sent again.
+const SPEAKER_RETRY: Duration = Duration::from_millis(10);
 /// Bound on the session-store calls a join waits for before answering `joined`: a store that does not
 /// answer costs the remote names only.
 const SESSION_WAIT: Duration = Duration::from_millis(500);
@@ -249,6 +252,8 @@ struct ChannelCtl {
     floor: Floor,
     /// The floor's deadline as queued in [`HubCore::floor_timers`].
     timer: Option<Instant>,
+    /// The node and epoch of the remote holder last heard of (the shard accepts relay from it only).
+    remote_holder: Option<(u64, String)>,
 }
 
 /// When the periodic work is next due.
@@ -279,7 +284,11 @@ pub struct HubCore {
     known_nodes: HashMap<String, Vec<SocketAddr>>,
     /// Remote members of our channels by node (see `presence.rs`).
     remote: RemotePresence,
-    relay_peers: Vec<SocketAddr>,
+    relay_peers: Vec<(SocketAddr, String)>,
+    /// Speaker changes a full shard queue refused, by channel (only the latest matters), sent again at
+    /// `speaker_retry_at`: a speaker change is never dropped.
+    speaker_retries: HashMap<String, Vec<SpeakerChange>>,
+    speaker_retry_at: Option<Instant>,
     /// Open connections and pending WebRTC joins per client IP.
     ips: HashMap<IpAddr, AddressUse>,
     /// Plain-RTP media addresses: the connection that owns each, and how many memberships use it.
@@ -313,6 +322,8 @@ impl HubCore {
             known_nodes: HashMap::new(),
             remote: RemotePresence::default(),
             relay_peers: Vec::new(),
+            speaker_retries: HashMap::new(),
+            speaker_retry_at: None,
             ips: HashMap::new(),
             media_addrs: HashMap::new(),
             wall: (now, Duration::ZERO),
@@ -382,6 +393,9 @@ impl HubCore {
         if let Some(t) = self.calls.poll_timeout() {
             at = at.min(t);
         }
+        if let Some(t) = self.speaker_retry_at {
+            at = at.min(t);
+        }
         Some(at)
     }
 
@@ -391,6 +405,7 @@ impl HubCore {
             self.on_call_failed(purpose, now);
         }
         self.run_floor_timers(now);
+        self.retry_speaker_changes(now);
         if self.config.shared && now >= self.periodic.resync {
             self.periodic.resync = now + RESYNC_EVERY;
             if self.store_up {

@@ -44,6 +44,11 @@ impl Lease {
     }
 }
 
+/// Epochs stay below 2^53 (exact in JSON numbers and Lua doubles; the grant script refuses beyond). An
+/// epoch at or above it in an event or a relay packet is not one any store granted: it is ignored, so a
+/// forged or corrupted event cannot push a channel's epoch out of reach of every real grant.
+pub const MAX_EPOCH: u64 = 1 << 53;
+
 /// How long a grant waits for the shard's acknowledgement before it is given up (the member is denied
 /// `unavailable` and the lock released): a shard that does not answer must not leave the floor busy.
 pub const APPLY_TIMEOUT: Duration = Duration::from_secs(1);

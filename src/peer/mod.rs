@@ -71,6 +71,18 @@ impl Peers {
             .count()
     }
 
+    /// The oldest peer that has not sent a valid connectivity check yet: the first to make room when the
+    /// shard's handshake slots are full (an offer nobody uses must not keep real clients out).
+    pub fn oldest_unverified(&self) -> Option<PeerId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .filter(|(_, s)| !s.peer.verified && !s.peer.connected && !s.peer.closed)
+            .min_by_key(|(_, s)| s.peer.created)
+            .map(|(i, _)| i)
+    }
+
     /// True when a peer of the shard already answers to `ufrag` (they must be unique: STUN is routed by it).
     pub fn ufrag_taken(&self, ufrag: &str) -> bool {
         self.by_ufrag.contains_key(ufrag)

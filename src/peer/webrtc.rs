@@ -36,6 +36,9 @@ use crate::forward::{extend, OutHeader};
 
 /// A peer that has not completed ICE and DTLS by then is given up (the client never used the answer).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer that has not sent one valid STUN connectivity check by then is given up: a browser sends its
+/// first check within milliseconds of reading the answer, so only an offer never used waits this long.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every peer of a process shares. Cloned into each shard; the certificate is generated once.
 #[derive(Clone)]
@@ -139,6 +142,12 @@ pub struct WebRtcPeer {
     pub connected: bool,
     /// The peer is finished (closed by either side, timed out, or failed); it is only drained now.
     pub closed: bool,
+    /// A connectivity check with this peer's credentials arrived: a client is really there. Until then
+    /// the peer holds a handshake slot on the strength of an offer alone, so it gets only
+    /// [`VERIFY_TIMEOUT`] and is the first evicted when the shard is full.
+    pub verified: bool,
+    /// When the peer was built (the oldest unverified one is evicted first).
+    pub created: Instant,
     connect_deadline: Instant,
     /// The next instant this peer must be driven; the shard's timer heap holds it.
     pub deadline: Instant,
@@ -207,6 +216,8 @@ impl WebRtcPeer {
             ext_seq: None,
             connected: false,
             closed: false,
+            verified: false,
+            created: now,
             connect_deadline: now + CONNECT_TIMEOUT,
             deadline: now,
         };
@@ -260,6 +271,10 @@ impl WebRtcPeer {
             debug!(ufrag = %self.ufrag, error = %e, "peer refused a datagram");
             return false;
         }
+        if crate::rtp::classify(data) == crate::rtp::Kind::Stun {
+            // str0m took a STUN message routed here by our ufrag: a client holding the answer is there.
+            self.verified = true;
+        }
         self.drain(out, events);
         true
     }
@@ -276,6 +291,10 @@ impl WebRtcPeer {
         }
         if !self.connected && now >= self.connect_deadline {
             self.close_with(events, "connect_timeout", true);
+            return;
+        }
+        if !self.verified && now >= self.created + VERIFY_TIMEOUT {
+            self.close_with(events, "no_connectivity_check", true);
             return;
         }
         if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
@@ -357,10 +376,12 @@ impl WebRtcPeer {
             }
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(at)) => {
-                    self.deadline = if self.connected {
-                        at
-                    } else {
-                        at.min(self.connect_deadline)
+                    self.deadline = match (self.connected, self.verified) {
+                        (true, _) => at,
+                        (false, true) => at.min(self.connect_deadline),
+                        (false, false) => at
+                            .min(self.connect_deadline)
+                            .min(self.created + VERIFY_TIMEOUT),
                     };
                     return;
                 }

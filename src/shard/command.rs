@@ -63,8 +63,18 @@ pub enum Command {
     },
     /// Relay addresses of every registered node: the only accepted relay senders.
     RelayPeers {
-        /// The registered nodes' relay addresses.
-        peers: Vec<SocketAddr>,
+        /// The registered nodes' relay addresses, each with its node id.
+        peers: Vec<(SocketAddr, String)>,
+    },
+    /// Whether a member is sent the channel's audio (a token without the `listen` right: not). Sent right
+    /// after its `AddMember`/`AddPeer`, before it can latch.
+    SetListens {
+        /// The channel.
+        channel: String,
+        /// The membership.
+        key: MemberKey,
+        /// Whether it hears the channel.
+        listens: bool,
     },
     /// A copy of the shard's counters, sent to `reply`.
     Stats {

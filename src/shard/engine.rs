@@ -300,9 +300,10 @@ impl ShardCore {
                 self.relay_copy(slot, data, batch);
                 Verdict::Forward(start..start + pkt.payload.len())
             }
-            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => {
+            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch | ForwardDrop::NotGrantHolder) => {
                 Verdict::Dropped(DropReason::NotHolder)
             }
+            Err(ForwardDrop::LeaseExpired) => Verdict::Dropped(DropReason::LeaseExpired),
             Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => {
                 Verdict::Dropped(DropReason::Stale)
             }
@@ -333,6 +334,15 @@ impl ShardCore {
                 name,
                 offer,
             } => Some(self.add_peer(channel, key, name, *offer, now)),
+            Command::SetListens {
+                channel,
+                key,
+                listens,
+            } => {
+                let slot = *self.by_name.get(&channel)?;
+                self.channels[slot].as_mut()?.set_listens(key, listens);
+                None
+            }
             Command::RemoveMember { channel, key } => {
                 let slot = *self.by_name.get(&channel)?;
                 let ch = self.channels[slot].as_mut()?;
@@ -357,6 +367,9 @@ impl ShardCore {
                 None
             }
             Command::Speaker { channel, change } => {
+                let epoch = change.epoch();
+                // A lease extension needs no acknowledgement: the floor does not wait for it.
+                let lease = matches!(change, SpeakerChange::Lease { .. });
                 let applied = match self
                     .by_name
                     .get(&channel)
@@ -365,12 +378,12 @@ impl ShardCore {
                     Some(ch) => ch.apply(change, now),
                     None => false,
                 };
-                if !applied {
+                if !applied && !lease {
                     self.stats.stale_speaker_changes += 1;
                 }
-                let epoch = match change {
-                    SpeakerChange::Granted { epoch, .. } | SpeakerChange::Idle { epoch } => epoch,
-                };
+                if lease {
+                    return None;
+                }
                 Some(Event::Applied {
                     channel,
                     epoch,

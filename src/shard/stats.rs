@@ -5,7 +5,7 @@ use crate::relay::RELAY_DROPS;
 use crate::rtp::RtpError;
 
 /// Number of drop reasons counted per shard.
-pub const DROP_REASONS: usize = 10;
+pub const DROP_REASONS: usize = 11;
 
 /// Why a datagram was dropped: the index of its counter in [`ShardStats::dropped`]. The order matches
 /// [`drop_reason_names`].
@@ -32,6 +32,8 @@ pub enum DropReason {
     NotRtp,
     /// A datagram of a WebRTC peer that str0m refused (bad DTLS, SRTP authentication, …).
     PeerRefused,
+    /// Media from the holder after its lease ended: fenced by the shard on its own.
+    LeaseExpired,
 }
 
 impl From<RtpError> for DropReason {
@@ -57,6 +59,7 @@ pub const fn drop_reason_names() -> [&'static str; DROP_REASONS] {
         "stale",
         "not_rtp",
         "peer_refused",
+        "lease_expired",
     ]
 }
 
@@ -97,4 +100,6 @@ pub struct ShardStats {
     pub peers: u64,
     /// WebRTC peers that closed (ICE timeout, DTLS close, never connected).
     pub peers_closed: u64,
+    /// WebRTC peers that never sent a connectivity check, closed to make room for a new one.
+    pub peers_evicted: u64,
 }

@@ -38,7 +38,12 @@ fn a_press_is_granted_only_after_the_shard_forwards_and_others_see_taken() {
         (shard, channel.as_str()),
         (crate::shard::shard_of("ops", 2), "ops")
     );
-    let crate::channel::SpeakerChange::Granted { epoch, speaker } = change else {
+    let crate::channel::SpeakerChange::Granted {
+        epoch,
+        speaker,
+        until: None,
+    } = change
+    else {
         panic!("{change:?}");
     };
     assert!(speaker.is_some(), "the local member's key is forwarded");
@@ -260,4 +265,94 @@ fn a_remote_grant_and_its_release_reach_local_members() {
         epoch: 900,
     });
     assert_eq!(hub.floor(a, "idle")["epoch"], json!(900));
+}
+
+#[test]
+fn a_speaker_change_lost_to_a_full_shard_queue_is_sent_again_not_dropped() {
+    let (mut hub, a, _) = two_members();
+    hub.auto_shard = false;
+    hub.commands.clear();
+    hub.press(a, "ops");
+    let (shard, command) = hub.commands.pop().expect("the grant's speaker change");
+    hub.input(super::Input::ShardFull { shard, command });
+    assert!(hub.commands.is_empty());
+    hub.advance(Duration::from_millis(10));
+    let (_, again) = hub.commands.pop().expect("sent again");
+    assert!(matches!(again, Command::Speaker { .. }));
+    assert_eq!(hub.core.counters().shard_queue_full, 1);
+    // Acknowledged this time: the member hears `granted`.
+    let Command::Speaker { change, .. } = again else {
+        unreachable!()
+    };
+    hub.input(super::Input::Shard(crate::shard::Event::Applied {
+        channel: "ops".into(),
+        epoch: change.epoch(),
+        applied: true,
+    }));
+    hub.floor(a, "granted");
+}
+
+#[test]
+fn the_shard_is_told_the_lease_and_the_remote_holders_node() {
+    let mut hub = TestHub::with_config(config("a", true));
+    let a = hub.connect();
+    hub.join(a, "ops", "alice");
+    hub.store_event(StoreEvent::Resync);
+    hub.press(a, "ops");
+    hub.floor(a, "granted");
+    let granted_at = hub.now;
+    let until = hub.commands.iter().find_map(|(_, c)| match c {
+        Command::Speaker {
+            change: crate::channel::SpeakerChange::Granted { until, .. },
+            ..
+        } => *until,
+        _ => None,
+    });
+    assert_eq!(
+        until,
+        Some(granted_at + Duration::from_millis(2750)),
+        "lease less the margin"
+    );
+    hub.commands.clear();
+    hub.advance(Duration::from_secs(1));
+    assert!(
+        hub.commands
+            .iter()
+            .any(|(_, c)| matches!(c, Command::Speaker {
+            change: crate::channel::SpeakerChange::Lease { until, .. }, ..
+        } if *until == granted_at + Duration::from_millis(3750))),
+        "a renewal extends it: {:?}",
+        hub.commands
+    );
+    hub.release(a, "ops");
+    hub.commands.clear();
+    let holder = |epoch| crate::state::Holder {
+        member: "bob".into(),
+        node: "b".into(),
+        epoch,
+        priority: 0,
+    };
+    // An epoch out of range is no grant any store made: ignored.
+    let forged = crate::floor::MAX_EPOCH;
+    hub.store_event(StoreEvent::Floor {
+        channel: "ops".into(),
+        holder: Some(holder(forged)),
+        epoch: forged,
+    });
+    assert!(hub.commands.is_empty(), "{:?}", hub.commands);
+    let epoch = 9_000_000_000_000_000;
+    hub.store_event(StoreEvent::Floor {
+        channel: "ops".into(),
+        holder: Some(holder(epoch)),
+        epoch,
+    });
+    assert!(
+        hub.commands
+            .iter()
+            .any(|(_, c)| matches!(c, Command::Speaker {
+            change: crate::channel::SpeakerChange::Remote { node, .. }, ..
+        } if node == "b")),
+        "relay accepted from b only: {:?}",
+        hub.commands
+    );
 }

@@ -434,10 +434,10 @@ fn ack(command: &Command) -> Option<Event> {
             answer: Ok("v=0 (answer)".into()),
         }),
         Command::Speaker { channel, change } => {
-            let epoch = match change {
-                crate::channel::SpeakerChange::Granted { epoch, .. }
-                | crate::channel::SpeakerChange::Idle { epoch } => *epoch,
-            };
+            if matches!(change, crate::channel::SpeakerChange::Lease { .. }) {
+                return None; // no acknowledgement, as the shard
+            }
+            let epoch = change.epoch();
             Some(Event::Applied {
                 channel: channel.clone(),
                 epoch,

@@ -1,7 +1,7 @@
 //! The shard's side of the node-to-node relay ([`crate::relay`]): the copy of a local speaker's packet
 //! for the other nodes of its channel, and the packets other nodes relay here.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
@@ -23,8 +23,9 @@ pub struct RelayState {
     pub key: RelayKey,
     /// This node's id, carried in every relay packet.
     pub node: String,
-    /// Relay addresses of the registered nodes.
-    pub peers: HashSet<SocketAddr>,
+    /// Relay address → node id, for every registered node: the only senders accepted, and each may
+    /// speak only for itself.
+    pub peers: HashMap<SocketAddr, String>,
 }
 
 impl ShardCore {
@@ -88,8 +89,10 @@ impl ShardCore {
     ) -> Result<Range<usize>, RelayError> {
         let relay = self.relay.as_ref().ok_or(RelayError::UnknownNode)?;
         let pkt = relay.key.decode(data)?;
-        if !relay.peers.contains(&src) {
-            return Err(RelayError::UnknownNode);
+        match relay.peers.get(&src) {
+            None => return Err(RelayError::UnknownNode),
+            Some(node) if node != pkt.node => return Err(RelayError::NotGrantHolder),
+            Some(_) => {}
         }
         let slot = *self
             .by_name
@@ -99,7 +102,7 @@ impl ShardCore {
             .as_mut()
             .ok_or(RelayError::UnknownChannel)?;
         let rtp = RtpView::parse(pkt.rtp).map_err(|_| RelayError::Malformed)?;
-        match ch.forward_remote(pkt.epoch, &rtp, now, batch) {
+        match ch.forward_remote(pkt.epoch, pkt.node, &rtp, now, batch) {
             Ok(()) => {
                 let start = rtp.payload.as_ptr() as usize - data.as_ptr() as usize;
                 if !batch.peers.is_empty() {
@@ -109,6 +112,7 @@ impl ShardCore {
                 Ok(start..start + rtp.payload.len())
             }
             Err(ForwardDrop::StaleEpoch | ForwardDrop::NotHolder) => Err(RelayError::StaleEpoch),
+            Err(ForwardDrop::NotGrantHolder) => Err(RelayError::NotGrantHolder),
             Err(_) => Err(RelayError::Malformed),
         }
     }

@@ -34,6 +34,7 @@ fn shard() -> (ShardCore, Instant) {
             change: SpeakerChange::Granted {
                 speaker: Some(1),
                 epoch: 9,
+                until: None,
             },
         },
         now,
@@ -199,7 +200,12 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
     let relay = RelayState {
         key: key.clone(),
         node: "me".into(),
-        peers: [peer].into_iter().collect(),
+        peers: [
+            (peer, "other".to_string()),
+            (addr(9001), "third".to_string()),
+        ]
+        .into_iter()
+        .collect(),
     };
     let mut s = ShardCore::with_relay(0, ShardConfig::default(), Some(relay), now);
     for k in 1..=2u64 {
@@ -227,6 +233,7 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
             change: SpeakerChange::Granted {
                 speaker: None,
                 epoch: 20,
+                until: None,
             },
         },
         now,
@@ -268,17 +275,49 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
     let st = s.stats();
     assert_eq!(
         st.relay_dropped,
-        [0, 1, 1, 1, 1],
-        "malformed, bad_tag, unknown_node, stale_epoch, unknown_channel"
+        [0, 1, 1, 1, 1, 0],
+        "malformed, bad_tag, unknown_node, stale_epoch, unknown_channel, not_grant_holder"
     );
-    // A relayed packet of a newer epoch (its grant not yet seen here) is adopted when nobody local speaks.
+    // A relayed packet of a newer epoch is not a grant: it waits for the control thread to confirm it.
     key.encode(&mut buf, "ops", 30, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(DropReason::NotRtp)
+    );
+    assert_eq!(s.channel("ops").map(|c| c.epoch()), Some(20));
+    // The store says node "other" holds epoch 30: its relay is accepted, no other node's.
+    s.handle_command(
+        Command::Speaker {
+            channel: "ops".into(),
+            change: SpeakerChange::Remote {
+                epoch: 30,
+                node: "other".into(),
+            },
+        },
+        now,
+    );
     assert!(matches!(
         s.handle_relay_datagram(peer, &buf, now, &mut batch),
         Verdict::Forward(_)
     ));
-    assert_eq!(s.channel("ops").map(|c| c.epoch()), Some(30));
     batch.clear();
+    // A registered node that does not hold the grant, and one that names another node than its own.
+    key.encode(&mut buf, "ops", 30, "zed", "third", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(addr(9001), &buf, now, &mut batch),
+        Verdict::Dropped(DropReason::NotRtp)
+    );
+    key.encode(&mut buf, "ops", 30, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(addr(9001), &buf, now, &mut batch),
+        Verdict::Dropped(DropReason::NotRtp)
+    );
+    assert_eq!(
+        s.stats().relay_dropped[5],
+        2,
+        "both counted as not_grant_holder"
+    );
+    assert!(batch.is_empty());
     // A local grant ends the remote one: relayed packets of the old epoch stop.
     s.handle_command(
         Command::Speaker {
@@ -286,17 +325,24 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
             change: SpeakerChange::Granted {
                 speaker: Some(1),
                 epoch: 31,
+                until: None,
             },
         },
         now,
     );
-    for epoch in [30, 32] {
-        // The old remote epoch, and a newer one while a local member speaks: both dropped.
-        key.encode(&mut buf, "ops", epoch, "zed", "other", &rtp);
-        assert_eq!(
-            s.handle_relay_datagram(peer, &buf, now, &mut batch),
-            Verdict::Dropped(DropReason::NotRtp)
-        );
-    }
+    key.encode(&mut buf, "ops", 30, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(DropReason::NotRtp)
+    );
+    assert_eq!(s.channel("ops").and_then(|c| c.speaker()), Some(1));
+    // A newer epoch while a local member speaks: another node was granted the floor, so the local
+    // holder is stale — fenced at once, though the newer stream itself waits for confirmation.
+    key.encode(&mut buf, "ops", 32, "zed", "other", &rtp);
+    assert_eq!(
+        s.handle_relay_datagram(peer, &buf, now, &mut batch),
+        Verdict::Dropped(DropReason::NotRtp)
+    );
+    assert_eq!(s.channel("ops").and_then(|c| c.speaker()), None, "fenced");
     assert!(batch.is_empty());
 }

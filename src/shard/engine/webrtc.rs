@@ -35,6 +35,25 @@ impl ShardCore {
         offer: SdpOffer,
         now: Instant,
     ) -> Event {
+        if self.peers.connecting() >= MAX_HANDSHAKES {
+            // Full: the oldest peer that never sent a connectivity check makes room (it leaves its
+            // channel like any closed peer); only a shard full of real handshakes refuses.
+            match self.peers.oldest_unverified() {
+                Some(victim) => self.evict_peer(victim),
+                None => {
+                    return Event::PeerAnswered {
+                        key,
+                        answer: Err(PeerRefused::Busy),
+                    }
+                }
+            }
+        }
+        let ufrag = loop {
+            let u = ice_token(&mut self.rng, UFRAG_LEN);
+            if !self.peers.ufrag_taken(&u) {
+                break u;
+            }
+        };
         let Some(config) = self.config.webrtc.as_ref() else {
             return Event::PeerAnswered {
                 key,
@@ -42,18 +61,6 @@ impl ShardCore {
                     "WebRTC is not enabled on this server".into(),
                 )),
             };
-        };
-        if self.peers.connecting() >= MAX_HANDSHAKES {
-            return Event::PeerAnswered {
-                key,
-                answer: Err(PeerRefused::Busy),
-            };
-        };
-        let ufrag = loop {
-            let u = ice_token(&mut self.rng, UFRAG_LEN);
-            if !self.peers.ufrag_taken(&u) {
-                break u;
-            }
         };
         let (peer, answer) = match WebRtcPeer::accept(config, offer, ufrag, now, &mut self.rng) {
             Ok(r) => r,
@@ -76,6 +83,17 @@ impl ShardCore {
             key,
             answer: Ok(answer),
         }
+    }
+
+    /// Closes a peer to make room for a new one; its membership leaves through the control thread.
+    fn evict_peer(&mut self, id: PeerId) {
+        let Some(slot) = self.peers.get_mut(id) else {
+            return;
+        };
+        let (channel, key) = (slot.channel, slot.key);
+        self.stats.peers_evicted += 1;
+        self.remove_peer(id);
+        self.peer_closed(channel, key, "evicted");
     }
 
     /// Closes a peer that left (DTLS close_notify goes out with the next transmits).
@@ -215,9 +233,10 @@ impl ShardCore {
             .ok_or(DropReason::UnknownSource)?;
         match ch.forward(key, &view, now, batch) {
             Ok(()) => {}
-            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch) => {
+            Err(ForwardDrop::NotHolder | ForwardDrop::StaleEpoch | ForwardDrop::NotGrantHolder) => {
                 return Err(DropReason::NotHolder)
             }
+            Err(ForwardDrop::LeaseExpired) => return Err(DropReason::LeaseExpired),
             Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => return Err(DropReason::Stale),
         }
         if self.relays(channel) {

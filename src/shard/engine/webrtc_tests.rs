@@ -142,6 +142,7 @@ impl Harness {
         let change = SpeakerChange::Granted {
             speaker: Some(key),
             epoch,
+            until: None,
         };
         let ev = self.shard.handle_command(
             Command::Speaker {
@@ -279,6 +280,13 @@ fn handshakes_in_progress_are_capped_per_shard() {
     for key in 0..super::webrtc::MAX_HANDSHAKES as u64 {
         assert!(join(&mut shard, key).is_ok());
     }
+    // Every slot holds a client that sent its connectivity check (a real handshake in progress): only
+    // then is a new join refused, rather than an unused offer evicted.
+    for id in 0..super::webrtc::MAX_HANDSHAKES {
+        if let Some(slot) = shard.peers.get_mut(id) {
+            slot.peer.verified = true;
+        }
+    }
     assert_eq!(join(&mut shard, 999), Err(crate::shard::PeerRefused::Busy));
     shard.handle_command(
         Command::RemoveMember {
@@ -291,4 +299,76 @@ fn handshakes_in_progress_are_capped_per_shard() {
         join(&mut shard, 1000).is_ok(),
         "room again once one is gone"
     );
+}
+
+/// An offer from a str0m client that will never use the answer.
+fn unused_offer(config: &WebRtcConfig, now: Instant) -> str0m::change::SdpOffer {
+    let mut client = Rtc::builder()
+        .set_rtp_mode(true)
+        .set_crypto_provider(config.crypto.clone())
+        .build(now);
+    let mut api = client.sdp_api();
+    api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+    api.apply().unwrap().0
+}
+
+#[test]
+fn offers_never_used_make_room_and_time_out_without_a_connectivity_check() {
+    let config = WebRtcConfig::generate(SERVER.parse().unwrap()).unwrap();
+    let t0 = Instant::now();
+    let mut shard = ShardCore::new(
+        0,
+        ShardConfig {
+            webrtc: Some(config.clone()),
+            ..Default::default()
+        },
+        t0,
+    );
+    let add = |shard: &mut ShardCore, key: u64, now: Instant| {
+        let cmd = Command::AddPeer {
+            channel: "ops".into(),
+            key,
+            name: format!("p{key}"),
+            offer: Box::new(unused_offer(&config, now)),
+        };
+        match shard.handle_command(cmd, now) {
+            Some(Event::PeerAnswered { answer, .. }) => answer.is_ok(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // An attacker fills every handshake slot with offers it never uses.
+    for key in 0..MAX_HANDSHAKES as u64 {
+        assert!(add(&mut shard, key, t0 + Duration::from_millis(key)));
+    }
+    // Another client's join still gets a peer: the oldest unused offer makes room.
+    let later = t0 + Duration::from_millis(100);
+    assert!(add(&mut shard, 1000, later), "a real client is not refused");
+    let mut events = Vec::new();
+    shard.poll_events(&mut events);
+    assert!(
+        events.contains(&Event::PeerClosed {
+            channel: "ops".into(),
+            key: 0,
+            reason: "evicted"
+        }),
+        "{events:?}"
+    );
+    assert_eq!(shard.stats().peers_evicted, 1);
+    // 5 s without a connectivity check: every unused offer is closed.
+    shard.handle_timers(t0 + crate::peer::webrtc::VERIFY_TIMEOUT + Duration::from_millis(200));
+    events.clear();
+    shard.poll_events(&mut events);
+    let closed = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::PeerClosed {
+                    reason: "no_connectivity_check",
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(closed, MAX_HANDSHAKES, "{events:?}");
 }
