@@ -318,3 +318,165 @@ async fn one_name_is_one_member_across_nodes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[path = "support/webrtc_client.rs"]
+mod webrtc_client;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webrtc_offers_that_never_connect_do_not_lock_out_other_clients() {
+    // By default one connection may have 8 WebRTC joins waiting for ICE/DTLS.
+    let srv = local_server(|_| {});
+    let (_pc, _t, _h, _s, sdp) = webrtc_client::offer(false).await;
+    let mut bot = Signal::connect(srv.http_addr).await;
+    for i in 0..10 {
+        bot.send(json!({"type":"join","channel":format!("c{i}"),"member":"bot","sdp":sdp}))
+            .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        let v = answer(&mut bot).await;
+        codes.push(v["code"].as_str().unwrap_or("joined").to_string());
+    }
+    assert_eq!(
+        codes.iter().filter(|c| *c == "joined").count(),
+        8,
+        "{codes:?}"
+    );
+    assert_eq!(
+        codes.iter().filter(|c| *c == "rate_limited").count(),
+        2,
+        "{codes:?}"
+    );
+    srv.shutdown();
+
+    // With the per-client limits lifted (e.g. many browsers behind one NAT), 100 offers that never
+    // connect fill the shard's 64 handshake slots — and still another client's join gets through.
+    let srv = local_server(|a| {
+        a.limits.max_webrtc_pending_per_connection = 1000;
+        a.limits.max_webrtc_pending_per_ip = 1000;
+    });
+    let mut bots = Vec::new();
+    for i in 0..100 {
+        let mut bot = Signal::connect(srv.http_addr).await;
+        bot.send(json!({"type":"join","channel":"ops","member":format!("bot{i}"),"sdp":sdp}))
+            .await;
+        bots.push(bot);
+    }
+    for bot in &mut bots {
+        assert_eq!(answer(bot).await["type"], "joined");
+    }
+    let mut s = Signal::connect(srv.http_addr).await;
+    let mut alice = webrtc_client::WebRtcMember::join(&mut s, "ops", "alice").await;
+    alice
+        .wait_state(
+            webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState::Connected,
+            Duration::from_secs(5),
+        )
+        .await;
+    let (_, body) = http_get(srv.http_addr, "/metrics").await;
+    assert!(
+        metric(&body, "talkgroup_webrtc_peers_evicted_total") >= 36,
+        "unused offers made room: {body}"
+    );
+    srv.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_node_that_does_not_hold_the_grant_cannot_inject_audio() {
+    use talkgroup::relay::RelayKey;
+    const SECRET: &str = "cluster-secret";
+    let redis = RedisServer::start();
+    let node = |id: &str| {
+        let mut a = ServeArgs::local_test();
+        a.store = StoreKind::Redis;
+        a.redis_url = Some(redis.url());
+        a.node_id = Some(id.into());
+        a.key_prefix = "inj".into();
+        a.cluster_secret = Some(SECRET.into());
+        Server::start(a).expect("node starts")
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    let mut sa = Signal::connect(a.http_addr).await;
+    let mut speaker = RtpMember::join(&mut sa, "ops", "alice").await;
+    let mut sb = Signal::connect(b.http_addr).await;
+    let listener = RtpMember::join(&mut sb, "ops", "lena").await;
+    // A rogue process registers itself as node "mallory" serving "ops", with a relay address it owns:
+    // every node then accepts relay packets from that address — as a node, not as the grant's holder.
+    let rogue = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let rogue_addr = rogue.local_addr().unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("inj:tg:node:mallory")
+        .arg(format!("{rogue_addr},{rogue_addr}"))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SADD")
+        .arg("inj:tg:{ops}:nodes")
+        .arg("mallory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Alice holds the floor on node A; B forwards A's relayed stream to lena.
+    let t0 = Instant::now();
+    let epoch = loop {
+        sa.press("ops").await;
+        let v = client::floor_any(&mut sa, "ops", &["granted", "denied"]).await;
+        if v["state"] == "granted" {
+            break v["epoch"].as_u64().unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never granted: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let t0 = Instant::now();
+    loop {
+        speaker.send_rtp(b"real").await;
+        if !listener
+            .recv_rtp(1, Duration::from_millis(100))
+            .await
+            .is_empty()
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the relay never carried alice"
+        );
+    }
+    let addrs: String = redis::cmd("GET")
+        .arg("inj:tg:node:node-b")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let addrs: Vec<SocketAddr> = addrs.split(',').map(|a| a.parse().unwrap()).collect();
+    let b_relay = addrs[talkgroup::shard::shard_of("ops", addrs.len())];
+    let key = RelayKey::new(SECRET.as_bytes());
+    let mut buf = Vec::new();
+    // Forged streams at the current epoch: as "mallory", and claiming to be node-a (the holder) from
+    // mallory's address.
+    for (claimed_node, i) in [("mallory", 0u16), ("node-a", 1)] {
+        for n in 0..20u16 {
+            let rtp = talkgroup::rtp::build_packet(false, 111, i * 100 + n, 0, 77, b"forged");
+            key.encode(&mut buf, "ops", epoch, "alice", claimed_node, &rtp);
+            rogue.send_to(&buf, b_relay).await.unwrap();
+        }
+    }
+    let heard = listener.recv_rtp(40, Duration::from_millis(500)).await;
+    assert!(
+        heard.iter().all(|p| p.4 != b"forged"),
+        "a forged stream reached a listener"
+    );
+    let (_, body) = http_get(b.http_addr, "/metrics").await;
+    let dropped = |shard: u8| {
+        metric(
+            &body,
+            &format!(
+                "talkgroup_relay_dropped_total{{shard=\"{shard}\",reason=\"not_grant_holder\"}}"
+            ),
+        )
+    };
+    assert_eq!(dropped(0) + dropped(1), 40, "{body}");
+}

@@ -93,11 +93,15 @@ pub async fn serve(
             }
         }
     });
+    let mut writer_done = false;
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => next,
             // The writer gave up (closed by us, or a client that does not read): stop reading too.
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
         };
         let msg = match next {
             Ok(Some(Ok(msg))) => msg,
@@ -129,7 +133,9 @@ pub async fn serve(
     }
     let _ = hub.send(HubMsg::Disconnect { conn }).await;
     // The writer ends when the control plane drops the connection (close signal) or a write times out.
-    let _ = tokio::time::timeout(send_timeout + Duration::from_secs(1), writer).await;
+    if !writer_done {
+        let _ = tokio::time::timeout(send_timeout + Duration::from_secs(1), writer).await;
+    }
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocket, WsMessage>;

@@ -85,14 +85,16 @@ impl ShardCore {
         }
     }
 
-    /// Closes a peer to make room for a new one; its membership leaves through the control thread.
+    /// Closes a peer to make room for a new one. Its slot stays taken (closed) until its membership leaves
+    /// through the control thread (`RemoveMember`), like any closed peer: freeing it now would let a new
+    /// peer reuse the id that the channel's member still names.
     fn evict_peer(&mut self, id: PeerId) {
         let Some(slot) = self.peers.get_mut(id) else {
             return;
         };
         let (channel, key) = (slot.channel, slot.key);
+        slot.peer.close(&mut self.transmits);
         self.stats.peers_evicted += 1;
-        self.remove_peer(id);
         self.peer_closed(channel, key, "evicted");
     }
 
