@@ -234,6 +234,10 @@ pub struct ServeArgs {
     /// another host).
     #[arg(long, env = "TALKGROUP_RTP_ANY_IP")]
     pub rtp_any_ip: bool,
+    /// How long a dropped connection's memberships (and a floor its member holds) wait for the client to
+    /// `resume` on a new connection; 0 turns session resume off.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "TALKGROUP_RESUME_WINDOW")]
+    pub resume_window: Duration,
     /// Per-client limits.
     #[command(flatten)]
     pub limits: LimitArgs,

@@ -12,6 +12,8 @@ use crate::shard::ShardStats;
 pub struct ControlCounters {
     /// Open WebSocket connections.
     pub connections: u64,
+    /// Sessions whose connection dropped, waiting for a `resume`.
+    pub detached: u64,
     /// Channels with members on this node.
     pub channels: u64,
     /// Memberships on this node.
@@ -137,6 +139,11 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
     }
     let gauges = [
         ("connections", "Open WebSocket connections", hub.connections),
+        (
+            "sessions_detached",
+            "Sessions whose connection dropped, waiting for a resume",
+            hub.detached,
+        ),
         (
             "channels",
             "Channels with members on this node",

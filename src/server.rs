@@ -248,6 +248,7 @@ impl Server {
             auth: auth.clone(),
             limits: args.limits.limits(),
             rtp_any_ip: args.rtp_any_ip,
+            resume_window: args.resume_window,
         };
 
         let listener =

@@ -297,7 +297,9 @@ async fn presence_and_joined_members() {
     let _b = RtpMember::join(&mut sb, "p", "b").await;
     let p = sa.expect_type("presence").await;
     assert_eq!(p["joined"], "b");
-    drop(sb);
+    // A goodbye (WebSocket close): b leaves at once. (A dropped connection waits for a resume; see
+    // tests/dispatch.rs.)
+    sb.close().await;
     let p = sa
         .expect("presence left", |v| {
             v["type"] == "presence" && v["left"] == "b"

@@ -8,6 +8,8 @@ use std::time::Instant;
 use serde_json::Value;
 use tracing::{debug, warn};
 
+use rand::Rng;
+
 use super::{Conn, HubCore, Output};
 use crate::auth::TokenBucket;
 use crate::ids::ConnId;
@@ -20,7 +22,13 @@ impl HubCore {
     }
 
     pub(super) fn send_text(&mut self, conn: ConnId, text: String) {
-        if self.conns.contains_key(&conn) {
+        // A detached connection (dropped, waiting to be resumed) has no socket: what it misses is not
+        // replayed (protocol v1.1).
+        if self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.detached_until.is_none())
+        {
             self.out.push_back(Output::Send { conn, text });
         }
     }
@@ -31,8 +39,11 @@ impl HubCore {
         self.send(conn, &Message::error(e, id));
     }
 
-    /// A new connection; refused (`rate_limited`, then closed) past the per-address limit.
+    /// A new connection: it is greeted with `hello` (its session id and resume token), or refused
+    /// (`rate_limited`, then closed) past the per-address limit.
     pub(super) fn on_connect(&mut self, conn: ConnId, ip: IpAddr, now: Instant) {
+        let session = format!("s-{:016x}", self.rng.random::<u64>());
+        let token = crate::peer::webrtc::ice_token(&mut self.rng, 32);
         let limits = &self.config.limits;
         let open = self.ips.entry(ip).or_default();
         let burst = 2.0 * f64::from(limits.frames_per_second);
@@ -43,15 +54,22 @@ impl HubCore {
                 joined: HashSet::new(),
                 frames: TokenBucket::new(burst, now),
                 webrtc_pending: 0,
+                session: session.clone(),
+                token: token.clone(),
+                detached_until: None,
             },
         );
+        self.sessions.insert(session.clone(), conn);
         open.conns += 1;
-        if open.conns > limits.connections_per_ip {
+        let over = open.conns > limits.connections_per_ip;
+        let hello = self.hello(session, token);
+        self.send(conn, &hello);
+        if over {
             let e = SignalError::new(
                 ErrorCode::RateLimited,
                 format!(
                     "too many connections from {ip} (limit {} per address); closing",
-                    limits.connections_per_ip
+                    self.config.limits.connections_per_ip
                 ),
             );
             self.limit_hit("connections_per_ip");
@@ -130,6 +148,10 @@ impl HubCore {
                 self.send(conn, &Message::Pong { id });
                 Ok(())
             }
+            Request::Resume {
+                session,
+                resume_token,
+            } => self.on_resume(conn, &session, &resume_token, id),
         }
     }
 
@@ -169,10 +191,15 @@ impl HubCore {
 
     /// A client that does not read its frames is disconnected, not buffered without bound.
     pub(super) fn on_unwritable(&mut self, conn: ConnId, now: Instant) {
-        if self.conns.contains_key(&conn) {
-            warn!(conn, "client is not reading: disconnecting");
+        if self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.detached_until.is_none())
+        {
+            warn!(conn, "client is not reading: closing its connection");
             self.counters.slow_clients += 1;
-            self.disconnect(conn, now);
+            // Its socket goes; its memberships may be resumed on a new connection.
+            self.on_dropped(conn, now);
         }
     }
 
@@ -181,6 +208,9 @@ impl HubCore {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
+        if self.sessions.get(&c.session) == Some(&conn) {
+            self.sessions.remove(&c.session);
+        }
         // Leave first, while the connection still counts its pending WebRTC joins.
         let joined: Vec<(String, String)> = c.joined.iter().cloned().collect();
         for (channel, member) in joined {

@@ -20,6 +20,7 @@ mod floors;
 mod members;
 mod presence;
 pub mod runner;
+mod sessions;
 
 #[cfg(test)]
 mod tests;
@@ -95,6 +96,8 @@ pub struct HubConfig {
     /// Accept a plain-RTP `rtp_addr` whose IP is not the client's own (gateways whose media leaves
     /// another host). Off by default: media belongs to whoever signals for it.
     pub rtp_any_ip: bool,
+    /// How long a dropped connection's memberships wait for a `resume` (zero: never).
+    pub resume_window: Duration,
 }
 
 /// Inputs of the core.
@@ -119,8 +122,14 @@ pub enum Input {
         /// The connection.
         conn: ConnId,
     },
-    /// The connection closed.
+    /// The client closed the connection (a WebSocket close: a goodbye).
     Disconnect {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The connection dropped without a goodbye (network lost, silent too long, not reading): its
+    /// memberships wait for a `resume` for the resume window.
+    Dropped {
         /// The connection.
         conn: ConnId,
     },
@@ -209,6 +218,11 @@ struct Conn {
     frames: TokenBucket,
     /// WebRTC joins of this connection still in ICE/DTLS set-up.
     webrtc_pending: usize,
+    /// Its session id and the secret that resumes it (`hello`).
+    session: String,
+    token: String,
+    /// Dropped without a goodbye: its memberships wait for a `resume` until then.
+    detached_until: Option<Instant>,
 }
 
 /// What is open from one client address.
@@ -291,6 +305,10 @@ pub struct HubCore {
     speaker_retry_at: Option<Instant>,
     /// Open connections and pending WebRTC joins per client IP.
     ips: HashMap<IpAddr, AddressUse>,
+    /// Session id → the connection that carries it now.
+    sessions: HashMap<String, ConnId>,
+    /// (end of the resume window, connection) of dropped connections; lazily cleaned.
+    detached: BinaryHeap<Reverse<(Instant, ConnId)>>,
     /// Plain-RTP media addresses: the connection that owns each, and how many memberships use it.
     media_addrs: HashMap<SocketAddr, (ConnId, usize)>,
     /// The wall clock at an instant of the core's clock: tokens' `exp`/`nbf` are Unix times.
@@ -326,6 +344,8 @@ impl HubCore {
             speaker_retry_at: None,
             ips: HashMap::new(),
             media_addrs: HashMap::new(),
+            sessions: HashMap::new(),
+            detached: BinaryHeap::new(),
             wall: (now, Duration::ZERO),
             out: VecDeque::new(),
         }
@@ -355,6 +375,7 @@ impl HubCore {
             Input::Frame { conn, frame } => self.on_frame(conn, frame, now),
             Input::TooLarge { conn } => self.on_too_large(conn, now),
             Input::Disconnect { conn } => self.disconnect(conn, now),
+            Input::Dropped { conn } => self.on_dropped(conn, now),
             Input::Unwritable { conn } => self.on_unwritable(conn, now),
             Input::Shard(event) => self.on_shard_event(event, now),
             Input::ShardFull { shard, command } => self.on_shard_full(shard, command, now),
@@ -396,6 +417,9 @@ impl HubCore {
         if let Some(t) = self.speaker_retry_at {
             at = at.min(t);
         }
+        if let Some(Reverse((t, _))) = self.detached.peek() {
+            at = at.min(*t);
+        }
         Some(at)
     }
 
@@ -406,6 +430,7 @@ impl HubCore {
         }
         self.run_floor_timers(now);
         self.retry_speaker_changes(now);
+        self.expire_detached(now);
         if self.config.shared && now >= self.periodic.resync {
             self.periodic.resync = now + RESYNC_EVERY;
             if self.store_up {
@@ -439,7 +464,12 @@ impl HubCore {
     /// The control plane's counters for `/metrics`.
     pub fn counters(&self) -> ControlCounters {
         let mut c = self.counters.clone();
-        c.connections = self.conns.len() as u64;
+        c.detached = self
+            .conns
+            .values()
+            .filter(|c| c.detached_until.is_some())
+            .count() as u64;
+        c.connections = self.conns.len() as u64 - c.detached;
         c.channels = self.channels.len() as u64;
         c.members = self
             .channels

@@ -56,6 +56,9 @@ pub enum HubMsg {
     Disconnect {
         /// The connection.
         conn: ConnId,
+        /// The client said goodbye (a WebSocket close); otherwise the connection dropped and its
+        /// session may be resumed.
+        clean: bool,
     },
     /// `/api/channels`.
     Channels {
@@ -208,7 +211,12 @@ impl Runner {
             }
             HubMsg::Frame { conn, frame } => self.core.handle(Input::Frame { conn, frame }, now),
             HubMsg::TooLarge { conn } => self.core.handle(Input::TooLarge { conn }, now),
-            HubMsg::Disconnect { conn } => self.core.handle(Input::Disconnect { conn }, now),
+            HubMsg::Disconnect { conn, clean: true } => {
+                self.core.handle(Input::Disconnect { conn }, now)
+            }
+            HubMsg::Disconnect { conn, clean: false } => {
+                self.core.handle(Input::Dropped { conn }, now)
+            }
             HubMsg::Channels { reply } => {
                 let _ = reply.send(self.core.channels());
             }

@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{Limits as WireLimits, Message, Timers, MAX_FRAME};
+use super::protocol::MAX_FRAME;
 use crate::auth::{Limits, Verifier};
 use crate::control::runner::HubMsg;
 use crate::floor::FloorConfig;
@@ -150,20 +150,6 @@ async fn ws(
         return refused.into_response();
     }
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let hello = Message::Hello {
-        protocol: 1,
-        session: format!("s-{:08x}", rand::random::<u32>()),
-        limits: WireLimits {
-            max_frame: MAX_FRAME,
-        },
-        timers: Timers {
-            t1_ms: state.floor.t1.as_millis() as u64,
-            t2_ms: state.floor.t2.as_millis() as u64,
-            t3_ms: state.floor.t3.as_millis() as u64,
-        },
-        ice_servers: vec![],
-        auth: if state.auth.is_some() { "jwt" } else { "none" },
-    };
     let limits = state.limits.clone();
     upgrade
         // The transport refuses a message over the protocol's limit before it is buffered whole; the
@@ -174,9 +160,7 @@ async fn ws(
         // connection; signaling frames are small.
         .read_buffer_size(4096)
         .write_buffer_size(4096)
-        .on_upgrade(move |socket| {
-            super::ws::serve(socket, conn, peer.ip(), state.hub, hello, limits)
-        })
+        .on_upgrade(move |socket| super::ws::serve(socket, conn, peer.ip(), state.hub, limits))
 }
 
 async fn ask<T>(

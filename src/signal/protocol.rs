@@ -69,8 +69,17 @@ impl SignalError {
 pub enum Request {
     Join(Join),
     Ptt(Ptt),
-    Leave { channel: String },
+    Leave {
+        channel: String,
+    },
     Ping {},
+    /// v1.1: take over a session whose connection dropped (the first frame of the new connection).
+    Resume {
+        /// The session id from `hello`.
+        session: String,
+        /// The secret from `hello`.
+        resume_token: String,
+    },
 }
 
 /// `{"type":"join", …}`.
@@ -155,7 +164,7 @@ pub fn parse(text: &str) -> Result<Frame, (Option<Value>, SignalError)> {
             SignalError::bad_request("field `type` must be a string"),
         ));
     };
-    if !matches!(ty.as_str(), "join" | "ptt" | "leave" | "ping") {
+    if !matches!(ty.as_str(), "join" | "ptt" | "leave" | "ping" | "resume") {
         return Err((
             id,
             SignalError::bad_request(format!("unknown message type '{ty}'")),
@@ -201,6 +210,15 @@ pub enum Message {
         ice_servers: Vec<Value>,
         /// v1.1: `"jwt"` when joins need a signed token, `"none"` when the server runs open.
         auth: &'static str,
+        /// v1.1: presented with `session` in a `resume` after the connection drops.
+        resume_token: String,
+    },
+    /// v1.1: the answer to `resume`: the session goes on, with each channel's current floor.
+    Resumed {
+        session: String,
+        channels: Vec<ResumedChannel>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
     },
     Joined {
         channel: String,
@@ -252,6 +270,17 @@ pub struct Timers {
     pub t1_ms: u64,
     pub t2_ms: u64,
     pub t3_ms: u64,
+}
+
+/// One channel of a `resumed` message.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResumedChannel {
+    /// The channel.
+    pub channel: String,
+    /// Who holds its floor now.
+    pub speaker: Option<String>,
+    /// Its epoch.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

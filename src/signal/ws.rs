@@ -16,7 +16,7 @@ use axum::extract::ws::{Message as WsMessage, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::protocol::{self, Message, SignalError};
+use super::protocol::{self, SignalError};
 use crate::auth::Limits;
 use crate::control::runner::{HubMsg, Outbound};
 use crate::ids::ConnId;
@@ -30,7 +30,6 @@ pub async fn serve(
     conn: ConnId,
     ip: IpAddr,
     hub: mpsc::Sender<HubMsg>,
-    hello: Message,
     limits: Limits,
 ) {
     let (mut sink, mut stream) = socket.split();
@@ -39,15 +38,6 @@ pub async fn serve(
     let queued = Arc::new(AtomicUsize::new(0));
     let (close_tx, mut close_rx) = oneshot::channel::<()>();
     let send_timeout = limits.send_timeout;
-    if tokio::time::timeout(
-        send_timeout,
-        sink.send(WsMessage::Text(hello.to_json().into())),
-    )
-    .await
-    .map_or(true, |r| r.is_err())
-    {
-        return;
-    }
     let out = Outbound::new(tx, queued.clone());
     let connect = HubMsg::Connect {
         conn,
@@ -94,6 +84,9 @@ pub async fn serve(
         }
     });
     let mut writer_done = false;
+    // A WebSocket close is a goodbye; anything else (an error, silence, the writer giving up on a client
+    // that does not read) is a drop, which the session survives for the resume window.
+    let mut clean = false;
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout(SILENCE_LIMIT, stream.next()) => next,
@@ -124,14 +117,17 @@ pub async fn serve(
                     SignalError::bad_request("binary frames are not supported; send JSON text"),
                 )),
             },
-            WsMessage::Close(_) => break,
+            WsMessage::Close(_) => {
+                clean = true;
+                break;
+            }
             WsMessage::Ping(_) | WsMessage::Pong(_) => continue,
         };
         if hub.send(hub_msg).await.is_err() {
             break;
         }
     }
-    let _ = hub.send(HubMsg::Disconnect { conn }).await;
+    let _ = hub.send(HubMsg::Disconnect { conn, clean }).await;
     // The writer ends when the control plane drops the connection (close signal) or a write times out.
     if !writer_done {
         let _ = tokio::time::timeout(send_timeout + Duration::from_secs(1), writer).await;

@@ -38,6 +38,11 @@ impl Signal {
         s
     }
 
+    /// Says goodbye: a WebSocket close frame (the server then ends the session at once).
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws
             .send(Ws::Text(v.to_string().into()))

@@ -161,6 +161,14 @@ fn disconnecting_leaves_every_channel_and_a_client_that_does_not_read_is_dropped
     hub.input(Input::Unwritable { conn: a });
     assert_eq!(hub.closed, vec![a]);
     assert_eq!(hub.core.counters().slow_clients, 1);
+    // Its socket is gone; its memberships wait for a resume for the window, then leave.
+    hub.take(b);
+    hub.advance(Duration::from_secs(29));
+    assert!(
+        hub.take(b).is_empty(),
+        "nothing seen before the resume window ends"
+    );
+    hub.advance(Duration::from_secs(1));
     assert_eq!(
         hub.expect(b, |v| v["type"] == "presence" && v["left"].is_string())["left"],
         json!("alice")

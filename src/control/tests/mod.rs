@@ -7,6 +7,7 @@ mod auth_tests;
 mod cluster_tests;
 mod floor_tests;
 mod member_tests;
+mod session_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -217,6 +218,8 @@ pub struct TestHub {
     pub hanging: Vec<(CallId, StoreCall)>,
     /// Every shard command, in order (index, short description).
     pub commands: Vec<(usize, Command)>,
+    /// The `hello` each connection got.
+    pub hellos: HashMap<ConnId, Value>,
     next_conn: ConnId,
 }
 
@@ -247,6 +250,7 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         auth: None,
         limits: crate::auth::Limits::default(),
         rtp_any_ip: false,
+        resume_window: Duration::from_secs(30),
     }
 }
 
@@ -272,6 +276,7 @@ impl TestHub {
             calls: vec![],
             hanging: vec![],
             commands: vec![],
+            hellos: HashMap::new(),
             next_conn: 1,
         }
     }
@@ -335,6 +340,8 @@ impl TestHub {
             conn,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         });
+        let hello = self.expect(conn, |v| v["type"] == "hello");
+        self.hellos.insert(conn, hello);
         conn
     }
 
