@@ -16,12 +16,17 @@ fn drain(floor: &mut Floor, store: &MemoryFloorStore, now: Instant) -> usize {
     while let Some(out) = floor.poll_output() {
         n += 1;
         match out {
-            Output::Acquire { member, priority } => {
+            Output::Acquire {
+                member,
+                priority,
+                emergency: false,
+            } => {
                 let req = AcquireRequest {
                     channel: "c".into(),
                     member: member.clone(),
                     priority,
                     ttl: Duration::from_secs(60),
+                    emergency: false,
                 };
                 let fut = store.acquire(req);
                 // The memory store answers without awaiting anything.

@@ -64,6 +64,7 @@ fn press(channel: &str, member: &str, priority: u8, ttl: Duration) -> AcquireReq
         member: member.into(),
         priority,
         ttl,
+        emergency: false,
     }
 }
 
@@ -99,6 +100,7 @@ async fn grant_then_busy(b: &Backend) {
         node: NODE.into(),
         epoch,
         priority: 2,
+        emergency: false,
     };
     match b.floor.acquire(press("ops", "bob", 1, LEASE)).await {
         Ok(Acquired::Busy(holder)) => assert_eq!(holder, expected),
@@ -218,6 +220,25 @@ async fn sessions_both_ways(b: &Backend) {
     assert!(s.members("nowhere").await.unwrap().is_empty());
 }
 
+/// An emergency takes the lock from a normal holder at once (a newer epoch), but not from an emergency.
+async fn an_emergency_takes_the_lock_from_a_normal_holder_only(b: &Backend) {
+    let normal = granted(&*b.floor, press("ops", "chief", 255, LEASE)).await;
+    let mut sos = press("ops", "eve", 0, LEASE);
+    sos.emergency = true;
+    let first = granted(&*b.floor, sos.clone()).await;
+    assert!(first > normal);
+    let holder = b.floor.holder("ops").await.unwrap().unwrap();
+    assert_eq!((holder.member.as_str(), holder.emergency), ("eve", true));
+    // The old holder can neither renew nor release any more.
+    assert_eq!(b.floor.renew("ops", normal, LEASE).await, Ok(false));
+    assert_eq!(b.floor.release("ops", normal).await, Ok(false));
+    sos.member = "fay".into();
+    match b.floor.acquire(sos).await {
+        Ok(Acquired::Busy(h)) => assert_eq!((h.member.as_str(), h.emergency), ("eve", true)),
+        other => panic!("an emergency does not take an emergency's lock: {other:?}"),
+    }
+}
+
 /// A name is claimed in a channel across nodes: joined from one node, it is refused to another until it
 /// leaves; the same node may join it again (idempotent), and a refresh never takes it over.
 async fn names_are_unique_across_nodes(b: &Backend) {
@@ -271,6 +292,7 @@ contract!(
     renew_extends_the_lease,
     sessions_both_ways,
     names_are_unique_across_nodes,
+    an_emergency_takes_the_lock_from_a_normal_holder_only,
 );
 
 // ---- Redis only ----
@@ -417,6 +439,7 @@ async fn redis_pubsub_delivers_floor_presence_and_resync() {
         node: NODE.into(),
         epoch,
         priority: 4,
+        emergency: false,
     };
     let grant = StoreEvent::Floor {
         channel: "ops".into(),

@@ -16,7 +16,7 @@ use crate::floor::{
 };
 use crate::ids::ConnId;
 use crate::shard::Command;
-use crate::signal::protocol::{FloorMessage, Message, Ptt, PttAction, SignalError};
+use crate::signal::protocol::{ErrorCode, FloorMessage, Message, Ptt, PttAction, SignalError};
 use crate::state::{AcquireRequest, Acquired, StoreEvent};
 
 impl HubCore {
@@ -61,6 +61,15 @@ impl HubCore {
                 self.notify(&ptt.channel, To::Member(member), event);
                 return Ok(());
             }
+            PttAction::Press if ptt.emergency => {
+                if !m.rights.emergency {
+                    return Err(SignalError::new(
+                        ErrorCode::Unauthorized,
+                        "an emergency press needs the `emergency` right in the token",
+                    ));
+                }
+                FloorInput::Emergency { member }
+            }
             PttAction::Press => FloorInput::Request {
                 priority: m.priority,
                 member,
@@ -100,11 +109,16 @@ impl HubCore {
                 return;
             };
             match out {
-                FloorOutput::Acquire { member, priority } => {
+                FloorOutput::Acquire {
+                    member,
+                    priority,
+                    emergency,
+                } => {
                     let req = AcquireRequest {
                         channel: channel.to_string(),
                         member: member.clone(),
                         priority,
+                        emergency,
                         ttl: self.config.lock_ttl,
                     };
                     let purpose = Purpose::Acquire {
@@ -257,7 +271,17 @@ impl HubCore {
         let Some(ch) = self.channels.get(channel) else {
             return;
         };
-        let text = Message::Floor(FloorMessage::from_event(channel, &event)).to_json();
+        let mut msg = FloorMessage::from_event(channel, &event);
+        let burst = match &event {
+            FloorEvent::Granted { epoch, .. }
+            | FloorEvent::Taken { epoch, .. }
+            | FloorEvent::Idle { epoch } => Some(*epoch),
+            _ => None,
+        };
+        if burst.is_some_and(|e| ch.floor.is_emergency(e)) {
+            msg.emergency = Some(true);
+        }
+        let text = Message::Floor(msg).to_json();
         let conns: Vec<ConnId> = ch
             .members
             .iter()
@@ -337,6 +361,15 @@ impl HubCore {
                     Ok(Acquired::Granted { epoch }) => FloorInput::StoreGranted { member, epoch },
                     Ok(Acquired::Busy(holder)) => {
                         self.note_remote_holder(&channel, holder.epoch, &holder.node);
+                        if holder.emergency {
+                            // Its events are flagged here too (pub/sub may not have told us yet).
+                            let remote = FloorInput::Remote {
+                                speaker: Some(holder.member.clone()),
+                                epoch: holder.epoch,
+                                emergency: true,
+                            };
+                            self.floor_input(&channel, remote, now);
+                        }
                         FloorInput::StoreDenied {
                             member,
                             holder: Some((holder.member, holder.epoch)),
@@ -442,6 +475,7 @@ impl HubCore {
                 FloorInput::Remote {
                     speaker: Some(h.member),
                     epoch: h.epoch,
+                    emergency: h.emergency,
                 }
             }
             // The remote holder's lease ran out (an expiring key publishes nothing).
@@ -449,6 +483,7 @@ impl HubCore {
                 Some((_, epoch)) => FloorInput::Remote {
                     speaker: None,
                     epoch,
+                    emergency: false,
                 },
                 None => return,
             },
@@ -500,9 +535,11 @@ impl HubCore {
                 if let Some(h) = &holder {
                     self.note_remote_holder(&channel, epoch, &h.node);
                 }
+                let emergency = holder.as_ref().is_some_and(|h| h.emergency);
                 let input = FloorInput::Remote {
                     speaker: holder.map(|h| h.member),
                     epoch,
+                    emergency,
                 };
                 self.floor_input(&channel, input, now);
             }

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    DenyReason, Floor, FloorEvent, Held, Output, Queued, Renewal, RevokeReason, State, To,
-    APPLY_TIMEOUT,
+    DenyReason, Floor, FloorEvent, Held, Output, Queued, Rank, Renewal, RevokeReason, State, To,
+    APPLY_TIMEOUT, EMERGENCY,
 };
 
 impl Floor {
@@ -15,7 +15,7 @@ impl Floor {
     }
 
     /// The member that holds or is about to hold the floor, with its priority.
-    pub(super) fn current(&self) -> Option<(&str, u8)> {
+    pub(super) fn current(&self) -> Option<(&str, Rank)> {
         match &self.state {
             State::Acquiring {
                 member,
@@ -27,12 +27,15 @@ impl Floor {
                 member, priority, ..
             } => Some((member, *priority)),
             State::Held(h) => Some((&h.member, h.priority)),
-            State::Remote { speaker, .. } => Some((speaker, 0)),
+            State::Remote {
+                speaker, priority, ..
+            } => Some((speaker, *priority)),
             _ => None,
         }
     }
 
-    pub(super) fn on_request(&mut self, member: String, priority: u8, queue: bool, now: Instant) {
+    pub(super) fn on_request(&mut self, member: String, priority: Rank, queue: bool, now: Instant) {
+        let emergency = priority == EMERGENCY;
         if let Some((holder, holder_priority)) = self.current() {
             if holder == member {
                 // A repeated press by the holder: say again where it stands.
@@ -44,7 +47,14 @@ impl Floor {
             }
             let holder = holder.to_string();
             let is_remote = matches!(self.state, State::Remote { .. });
-            if is_remote && !queue {
+            // An emergency press against a remote holder asks the store, which takes the lock from any
+            // holder not itself in an emergency; against a remote emergency it waits first in line.
+            let ask_store = if emergency {
+                holder_priority < EMERGENCY
+            } else {
+                !queue
+            };
+            if is_remote && ask_store {
                 // Our view of another node's holder is a cache: its node may have died and its lease run
                 // out without a word (an expiring key publishes nothing). The store decides.
                 self.acquire(member, priority, now);
@@ -56,7 +66,7 @@ impl Floor {
                 self.tell_queue_positions();
                 return;
             }
-            if queue {
+            if queue || emergency {
                 self.enqueue(member, priority);
                 self.tell_queue_positions();
             } else {
@@ -73,8 +83,9 @@ impl Floor {
         match self.state {
             State::Idle => self.acquire(member, priority, now),
             // Acquiring-cancelled or Releasing: the floor is about to change hands. A member that asked to
-            // queue waits in line; the others race, and are settled once the change is done.
-            _ if queue => {
+            // queue (or an emergency) waits in line; the others race, and are settled once the change is
+            // done.
+            _ if queue || emergency => {
                 self.enqueue(member, priority);
                 self.tell_queue_positions();
             }
@@ -91,14 +102,18 @@ impl Floor {
     }
 
     /// Asks the store for the lock on behalf of `member`.
-    fn acquire(&mut self, member: String, priority: u8, now: Instant) {
+    fn acquire(&mut self, member: String, priority: Rank, now: Instant) {
         self.state = State::Acquiring {
             member: member.clone(),
             priority,
             cancelled: false,
             asked_at: now,
         };
-        self.out.push_back(Output::Acquire { member, priority });
+        self.out.push_back(Output::Acquire {
+            member,
+            priority: u8::try_from(priority).unwrap_or(u8::MAX),
+            emergency: priority == EMERGENCY,
+        });
     }
 
     /// After the floor changed hands: presses that raced the change are answered. If the floor is free,
@@ -128,7 +143,7 @@ impl Floor {
         }
     }
 
-    pub(super) fn enqueue(&mut self, member: String, priority: u8) {
+    pub(super) fn enqueue(&mut self, member: String, priority: Rank) {
         if self.queue.iter().any(|q| q.member == member) {
             return;
         }
@@ -172,12 +187,18 @@ impl Floor {
 
     /// The queue's head outranks the holder: revoke now, or after T3 grace.
     pub(super) fn preempt(&mut self, now: Instant) {
-        let t3 = self.config.t3;
+        // An emergency pre-empts at once: no T3 grace.
+        let emergency = self.queue.first().is_some_and(|q| q.priority == EMERGENCY);
+        let t3 = if emergency {
+            Duration::ZERO
+        } else {
+            self.config.t3
+        };
         let State::Held(h) = &mut self.state else {
             // Still acquiring or applying: pre-empt once held (see `on_applied`).
             return;
         };
-        if h.preempt_at.is_some() {
+        if h.preempt_at.is_some() && !emergency {
             return;
         }
         if t3.is_zero() {
@@ -288,6 +309,9 @@ impl Floor {
                     self.out.push_back(Output::Release { epoch });
                 } else {
                     let asked_at = *asked_at;
+                    if *priority == EMERGENCY {
+                        self.emergency = Some(epoch);
+                    }
                     self.state = State::Applying {
                         member: m.clone(),
                         priority: *priority,
@@ -336,9 +360,13 @@ impl Floor {
         // so its release is recognised.
         if let Some((speaker, epoch)) = holder {
             if epoch > self.epoch {
-                self.on_remote(Some(speaker), epoch, now);
+                self.on_remote(Some(speaker), epoch, false, now);
             } else if epoch == self.epoch && self.remote().is_none() {
-                self.state = State::Remote { speaker, epoch };
+                self.state = State::Remote {
+                    speaker,
+                    epoch,
+                    priority: 0,
+                };
             }
         }
         // Queued members wait for the remote holder's release (a `Remote` input) or, on a store failure,
@@ -449,12 +477,23 @@ impl Floor {
         }
     }
 
-    pub(super) fn on_remote(&mut self, speaker: Option<String>, epoch: u64, now: Instant) {
+    pub(super) fn on_remote(
+        &mut self,
+        speaker: Option<String>,
+        epoch: u64,
+        emergency: bool,
+        now: Instant,
+    ) {
         match speaker {
             Some(speaker) if epoch > self.epoch => {
                 self.epoch = epoch;
+                if emergency {
+                    self.emergency = Some(epoch);
+                }
                 match &self.state {
-                    // A newer grant elsewhere: our own holder is stale.
+                    // A newer grant elsewhere: our own holder is stale — pre-empted by an emergency, or its
+                    // lease was lost.
+                    State::Held(_) if emergency => self.revoke(RevokeReason::Preempted),
                     State::Held(_) => self.revoke(RevokeReason::LeaseLost),
                     // Our grant is older than the remote one: it never reaches the member.
                     State::Applying {
@@ -482,7 +521,12 @@ impl Floor {
                 );
                 // A store answer still on its way settles an acquisition; otherwise the remote holder is it.
                 if !matches!(self.state, State::Acquiring { .. }) {
-                    self.state = State::Remote { speaker, epoch };
+                    let priority = if emergency { EMERGENCY } else { 0 };
+                    self.state = State::Remote {
+                        speaker,
+                        epoch,
+                        priority,
+                    };
                     self.settle_racing(now);
                 }
             }

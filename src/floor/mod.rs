@@ -44,6 +44,11 @@ impl Lease {
     }
 }
 
+/// A press's rank: its priority (0..=255), or [`EMERGENCY`] above all of them.
+type Rank = u16;
+/// The rank of an emergency press: it outranks every priority.
+const EMERGENCY: Rank = 256;
+
 /// Epochs stay below 2^53 (exact in JSON numbers and Lua doubles; the grant script refuses beyond). An
 /// epoch at or above it in an event or a relay packet is not one any store granted: it is ignored, so a
 /// forged or corrupted event cannot push a channel's epoch out of reach of every real grant.
@@ -193,10 +198,17 @@ pub enum Input {
     MediaSilence {
         epoch: u64,
     },
-    /// Another node's member holds the floor at `epoch` (`Some`), or it was released (`None`).
+    /// Another node's member holds the floor at `epoch` (`Some`), or it was released (`None`);
+    /// `emergency`: the grant is an emergency burst (it pre-empted whoever held).
     Remote {
         speaker: Option<String>,
         epoch: u64,
+        emergency: bool,
+    },
+    /// An emergency press (protocol v1.1): pre-empts any holder at once, whatever its priority, with no
+    /// T3 grace; while an emergency burst holds, it is queued first in line.
+    Emergency {
+        member: String,
     },
     /// Run the timers due at `now` (same as [`Floor::handle_timeout`]).
     Tick,
@@ -215,10 +227,12 @@ pub enum Renewal {
 /// Outputs, drained with [`Floor::poll_output`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    /// Ask the store for the lock on behalf of `member`.
+    /// Ask the store for the lock on behalf of `member` (`emergency`: take it from any holder that is
+    /// not itself in an emergency burst).
     Acquire {
         member: String,
         priority: u8,
+        emergency: bool,
     },
     /// Renew the lease of `epoch`.
     Renew {
@@ -259,14 +273,14 @@ enum State {
     /// `asked_at`: when the lock was asked for — its lease is counted from then.
     Acquiring {
         member: String,
-        priority: u8,
+        priority: Rank,
         cancelled: bool,
         asked_at: Instant,
     },
     /// Store granted; waiting for the shard to forward, at most until `deadline`.
     Applying {
         member: String,
-        priority: u8,
+        priority: Rank,
         epoch: u64,
         asked_at: Instant,
         deadline: Instant,
@@ -276,17 +290,19 @@ enum State {
     Releasing {
         epoch: u64,
     },
-    /// Held by a member of another node.
+    /// Held by a member of another node (`priority` is [`EMERGENCY`] for an emergency burst, else 0:
+    /// a remote holder's priority is not known).
     Remote {
         speaker: String,
         epoch: u64,
+        priority: Rank,
     },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Held {
     member: String,
-    priority: u8,
+    priority: Rank,
     epoch: u64,
     t2_at: Instant,
     /// Pre-empted: forwarded until this instant (T3), then revoked.
@@ -300,7 +316,7 @@ struct Held {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Queued {
     member: String,
-    priority: u8,
+    priority: Rank,
     /// Last position told to the member, to send `queued` only on a change.
     told: usize,
 }
@@ -317,6 +333,8 @@ pub struct Floor {
     racing: Vec<Queued>,
     /// The newest epoch this floor has seen (its own grants and remote ones).
     epoch: u64,
+    /// The epoch of the latest emergency burst: every event of that burst is flagged.
+    emergency: Option<u64>,
     out: VecDeque<Output>,
 }
 
@@ -328,6 +346,7 @@ impl Floor {
             queue: Vec::new(),
             racing: Vec::new(),
             epoch: 0,
+            emergency: None,
             out: VecDeque::new(),
         }
     }
@@ -349,9 +368,14 @@ impl Floor {
     /// The holder when it is a member of another node, with its epoch.
     pub fn remote(&self) -> Option<(&str, u64)> {
         match &self.state {
-            State::Remote { speaker, epoch } => Some((speaker, *epoch)),
+            State::Remote { speaker, epoch, .. } => Some((speaker, *epoch)),
             _ => None,
         }
+    }
+
+    /// Whether the burst of `epoch` is an emergency (its events are flagged `"emergency": true`).
+    pub fn is_emergency(&self, epoch: u64) -> bool {
+        self.emergency == Some(epoch)
     }
 
     /// True when nothing is pending, held or queued: the channel needs no ticks.
@@ -400,7 +424,8 @@ impl Floor {
                 member,
                 priority,
                 queue,
-            } => self.on_request(member, priority, queue, now),
+            } => self.on_request(member, Rank::from(priority), queue, now),
+            Input::Emergency { member } => self.on_request(member, EMERGENCY, true, now),
             Input::Release { member } => self.on_release(&member, None),
             Input::Leave { member } => self.on_release(&member, Some(RevokeReason::Left)),
             Input::StoreGranted { member, epoch } => self.on_store_granted(member, epoch, now),
@@ -421,7 +446,11 @@ impl Floor {
                     self.revoke(RevokeReason::Silence);
                 }
             }
-            Input::Remote { speaker, epoch } => self.on_remote(speaker, epoch, now),
+            Input::Remote {
+                speaker,
+                epoch,
+                emergency,
+            } => self.on_remote(speaker, epoch, emergency, now),
             Input::Tick => self.on_tick(now),
         }
     }

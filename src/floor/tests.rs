@@ -171,7 +171,8 @@ fn granted_waits_for_the_shard() {
         f.poll_output(),
         Some(Output::Acquire {
             member: "a".into(),
-            priority: 0
+            priority: 0,
+            emergency: false,
         })
     );
     f.handle(
@@ -406,7 +407,8 @@ fn release_while_acquiring_gives_the_lock_back() {
         h.pending,
         vec![Output::Acquire {
             member: "a".into(),
-            priority: 0
+            priority: 0,
+            emergency: false,
         }]
     );
     h.release("a");
@@ -514,6 +516,7 @@ fn remote_grant_revokes_a_stale_local_holder() {
     h.feed(Input::Remote {
         speaker: Some("zed".into()),
         epoch: 50,
+        emergency: false,
     });
     assert!(
         h.take_events().is_empty(),
@@ -522,6 +525,7 @@ fn remote_grant_revokes_a_stale_local_holder() {
     h.feed(Input::Remote {
         speaker: Some("zed".into()),
         epoch: 500,
+        emergency: false,
     });
     let ev = h.take_events();
     assert!(matches!(
@@ -554,7 +558,8 @@ fn remote_grant_revokes_a_stale_local_holder() {
         h.pending,
         vec![Output::Acquire {
             member: "b".into(),
-            priority: 0
+            priority: 0,
+            emergency: false,
         }]
     );
     h.pending.clear();
@@ -575,6 +580,7 @@ fn remote_grant_revokes_a_stale_local_holder() {
     h.feed(Input::Remote {
         speaker: None,
         epoch: 499,
+        emergency: false,
     });
     assert_eq!(
         h.floor.speaker(),
@@ -584,6 +590,7 @@ fn remote_grant_revokes_a_stale_local_holder() {
     h.feed(Input::Remote {
         speaker: None,
         epoch: 500,
+        emergency: false,
     });
     assert_eq!(
         h.take_events(),
@@ -695,6 +702,7 @@ fn losing_a_race_to_another_node_still_sees_its_release() {
         let zed = Input::Remote {
             speaker: Some("zed".into()),
             epoch: 50,
+            emergency: false,
         };
         let denied = Input::StoreDenied {
             member: "a".into(),
@@ -727,6 +735,7 @@ fn losing_a_race_to_another_node_still_sees_its_release() {
         h.feed(Input::Remote {
             speaker: None,
             epoch: 50,
+            emergency: false,
         });
         assert_eq!(
             h.take_events(),

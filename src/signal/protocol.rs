@@ -307,6 +307,9 @@ pub struct FloorMessage {
     pub position: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
+    /// v1.1: every event of an emergency burst (`granted`, `taken`, `idle`) says so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub emergency: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
 }

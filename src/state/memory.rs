@@ -15,6 +15,9 @@ use super::{
     StoreFuture,
 };
 
+/// How long (µs) a channel's last epoch is remembered after its grant.
+const EPOCH_MEMORY_US: u64 = 60_000_000;
+
 struct Lock {
     holder: Holder,
     expires: Instant,
@@ -52,16 +55,26 @@ impl FloorStore for MemoryFloorStore {
         let now = Instant::now();
         let mut f = self.lock();
         let answer = match f.locks.get(&req.channel) {
-            Some(lock) if lock.expires > now => Acquired::Busy(lock.holder.clone()),
+            // An emergency takes the lock from any holder not itself in an emergency burst.
+            Some(lock) if lock.expires > now && (!req.emergency || lock.holder.emergency) => {
+                Acquired::Busy(lock.holder.clone())
+            }
             _ => {
+                let clock = wall_clock_us();
                 let last = f.last_epoch.get(&req.channel).copied().unwrap_or(0);
-                let epoch = (last + 1).max(wall_clock_us());
+                let epoch = (last + 1).max(clock);
+                if f.last_epoch.len() >= 1024 {
+                    // One entry per channel name ever used must not stay forever: an epoch older than a
+                    // minute is below the clock, which alone keeps the next epoch above it.
+                    f.last_epoch.retain(|_, e| *e + EPOCH_MEMORY_US > clock);
+                }
                 f.last_epoch.insert(req.channel.clone(), epoch);
                 let holder = Holder {
                     member: req.member,
                     node: self.node.clone(),
                     epoch,
                     priority: req.priority,
+                    emergency: req.emergency,
                 };
                 f.locks.insert(
                     req.channel,

@@ -35,6 +35,8 @@ pub struct AcquireRequest {
     pub channel: String,
     pub member: String,
     pub priority: u8,
+    /// An emergency press: the lock is taken from any holder not itself in an emergency burst.
+    pub emergency: bool,
     /// How long the lock lives unless renewed.
     pub ttl: Duration,
 }
@@ -46,6 +48,8 @@ pub struct Holder {
     pub node: String,
     pub epoch: u64,
     pub priority: u8,
+    /// The burst is an emergency.
+    pub emergency: bool,
 }
 
 /// The answer to an acquisition.

@@ -245,6 +245,7 @@ fn a_remote_grant_and_its_release_reach_local_members() {
         node: "b".into(),
         epoch: 900,
         priority: 0,
+        emergency: false,
     };
     hub.store_event(StoreEvent::Floor {
         channel: "ops".into(),
@@ -331,6 +332,7 @@ fn the_shard_is_told_the_lease_and_the_remote_holders_node() {
         node: "b".into(),
         epoch,
         priority: 0,
+        emergency: false,
     };
     // An epoch out of range is no grant any store made: ignored.
     let forged = crate::floor::MAX_EPOCH;
@@ -355,4 +357,60 @@ fn the_shard_is_told_the_lease_and_the_remote_holders_node() {
         "relay accepted from b only: {:?}",
         hub.commands
     );
+}
+
+#[test]
+fn an_emergency_preempts_any_holder_at_once_and_every_event_of_its_burst_says_so() {
+    let mut c = config("a", false);
+    c.floor.t3 = Duration::from_secs(2); // a grace that an emergency ignores
+    let mut hub = TestHub::with_config(c);
+    let (a, b, e, f) = (hub.connect(), hub.connect(), hub.connect(), hub.connect());
+    hub.join_with(a, "ops", "chief", json!({"priority": 255}));
+    hub.join(b, "ops", "bob");
+    hub.join(e, "ops", "eve");
+    hub.join(f, "ops", "fay");
+    hub.press(a, "ops");
+    hub.floor(a, "granted");
+    for conn in [a, b, e, f] {
+        hub.take(conn);
+    }
+    hub.send(
+        e,
+        json!({"type":"ptt","channel":"ops","action":"press","emergency":true}),
+    );
+    let r = hub.floor(a, "revoked");
+    assert_eq!(
+        (r["reason"].clone(), r["grace_ms"].clone()),
+        (json!("preempted"), json!(0))
+    );
+    assert_eq!(hub.floor(e, "queued")["position"], json!(0));
+    let g = hub.floor(e, "granted");
+    assert_eq!(g["emergency"], json!(true));
+    let t = hub.floor(b, "taken");
+    assert_eq!(
+        (t["speaker"].clone(), t["emergency"].clone()),
+        (json!("eve"), json!(true))
+    );
+    // Another emergency while this one holds: first in line, ahead of everyone.
+    hub.send(
+        a,
+        json!({"type":"ptt","channel":"ops","action":"press","queue":true}),
+    );
+    hub.send(
+        f,
+        json!({"type":"ptt","channel":"ops","action":"press","emergency":true}),
+    );
+    assert_eq!(hub.floor(f, "queued")["position"], json!(1));
+    hub.release(e, "ops");
+    let g2 = hub.floor(f, "granted");
+    assert_eq!(g2["emergency"], json!(true));
+    hub.release(f, "ops");
+    let g3 = hub.floor(a, "granted");
+    assert!(
+        g3.get("emergency").is_none(),
+        "a normal burst is not flagged: {g3}"
+    );
+    hub.release(a, "ops");
+    let idle = hub.floor(b, "idle");
+    assert!(idle.get("emergency").is_none());
 }

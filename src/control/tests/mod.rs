@@ -51,7 +51,7 @@ impl ModelStore {
         match call {
             StoreCall::Acquire(req) => {
                 let held = self.locks.get(&req.channel).filter(|(_, exp)| *exp > now);
-                if let Some((h, _)) = held {
+                if let Some((h, _)) = held.filter(|(h, _)| !req.emergency || h.emergency) {
                     return StoreReply::Acquired(Ok(Acquired::Busy(h.clone())));
                 }
                 let clock = 1_000_000 + now.duration_since(t0).as_micros() as u64;
@@ -63,6 +63,7 @@ impl ModelStore {
                     node: node.to_string(),
                     epoch,
                     priority: req.priority,
+                    emergency: req.emergency,
                 };
                 self.locks
                     .insert(req.channel.clone(), (holder, now + req.ttl));

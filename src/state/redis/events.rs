@@ -33,6 +33,8 @@ pub(super) enum Wire {
         member: String,
         node: String,
         priority: u8,
+        #[serde(default)]
+        emergency: bool,
     },
     Idle {
         channel: String,
@@ -73,6 +75,7 @@ fn decode(payload: &[u8]) -> Option<StoreEvent> {
             member,
             node,
             priority,
+            emergency,
         } => {
             let epoch = epoch(&e)?;
             let holder = Holder {
@@ -80,6 +83,7 @@ fn decode(payload: &[u8]) -> Option<StoreEvent> {
                 node,
                 epoch,
                 priority,
+                emergency,
             };
             StoreEvent::Floor {
                 channel,
@@ -206,6 +210,7 @@ mod tests {
             node: "n".into(),
             epoch: 1_700_000_000_000_001,
             priority: 3,
+            emergency: false,
         };
         assert_eq!(
             decode(grant),

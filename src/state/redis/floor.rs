@@ -6,27 +6,39 @@ use std::time::Duration;
 use super::{millis, parse_epoch, RedisStore};
 use crate::state::{AcquireRequest, Acquired, FloorStore, Holder, StateError, StoreFuture};
 
-/// Takes the floor if free. The epoch is `max(last + 1, TIME in µs)`: `last + 1` orders grants on a running
-/// Redis, the clock keeps epochs going up when Redis restarts empty (an `INCR` counter would restart at 1
-/// and every shard would ignore the new grants as stale). `%d` prints the epoch exactly (a Lua number
-/// printed plainly keeps 14 digits); 2^53 bounds it, beyond which the double would round.
+/// Takes the floor if free — or, for an emergency press (`ARGV[7] == '1'`), from any holder not itself in
+/// an emergency burst (its node learns of the newer epoch and revokes it). The epoch is
+/// `max(last + 1, TIME in µs)`: `last + 1` orders grants on a running Redis, the clock keeps epochs going
+/// up when Redis restarts empty (an `INCR` counter would restart at 1 and every shard would ignore the new
+/// grants as stale) — and when the epoch key has expired (`ARGV[8]` ms after the last grant: one key per
+/// channel name ever used must not stay forever under `noeviction`). `%d` prints the epoch exactly (a Lua
+/// number printed plainly keeps 14 digits); 2^53 bounds it, beyond which the double would round.
 pub(super) const ACQUIRE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  local h = redis.call('HMGET', KEYS[1], 'epoch', 'member', 'node', 'priority')
-  return {'busy', h[1], h[2], h[3], h[4]}
+  local h = redis.call('HMGET', KEYS[1], 'epoch', 'member', 'node', 'priority', 'emergency')
+  if ARGV[7] ~= '1' or h[5] == '1' then
+    return {'busy', h[1], h[2], h[3], h[4], h[5] or '0'}
+  end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local e = math.max((tonumber(redis.call('GET', KEYS[2])) or 0) + 1, now)
 if e >= 9007199254740992 then return redis.error_reply('epoch beyond 2^53') end
 local es = string.format('%d', e)
-redis.call('HSET', KEYS[1], 'epoch', es, 'member', ARGV[2], 'node', ARGV[3], 'priority', ARGV[4])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'epoch', es, 'member', ARGV[2], 'node', ARGV[3], 'priority', ARGV[4],
+  'emergency', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SET', KEYS[2], es)
+redis.call('SET', KEYS[2], es, 'PX', ARGV[8])
 redis.call('PUBLISH', ARGV[6], cjson.encode({kind = 'grant', channel = ARGV[1], epoch = es,
-  member = ARGV[2], node = ARGV[3], priority = tonumber(ARGV[4])}))
+  member = ARGV[2], node = ARGV[3], priority = tonumber(ARGV[4]), emergency = ARGV[7] == '1'}))
 return {'granted', es}
 ";
+
+/// How long a channel's last epoch is kept after its last grant. Past it the next epoch comes from the
+/// clock alone, which is still above every epoch granted before (they were at most the clock then, plus
+/// one per grant in the same microsecond).
+const EPOCH_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Extends the lease only while the lock is held at the caller's epoch (the epoch is the token).
 pub(super) const RENEW: &str = r"
@@ -61,7 +73,9 @@ impl FloorStore for RedisStore {
                 .arg(&self.node)
                 .arg(req.priority)
                 .arg(millis(req.ttl).max(1))
-                .arg(self.keys.events());
+                .arg(self.keys.events())
+                .arg(if req.emergency { "1" } else { "0" })
+                .arg(millis(EPOCH_TTL));
             let reply: Vec<Option<String>> = self
                 .call("acquire", invocation.invoke_async(&mut conn))
                 .await?;
@@ -69,8 +83,8 @@ impl FloorStore for RedisStore {
                 [Some(tag), Some(epoch)] if tag == "granted" => Ok(Acquired::Granted {
                     epoch: parse_epoch(epoch)?,
                 }),
-                [Some(tag), epoch, member, node, priority] if tag == "busy" => {
-                    holder_from(epoch, member, node, priority)?
+                [Some(tag), epoch, member, node, priority, emergency] if tag == "busy" => {
+                    holder_from(epoch, member, node, priority, emergency)?
                         .map(Acquired::Busy)
                         .ok_or_else(|| {
                             StateError::Protocol("acquire: busy lock without fields".into())
@@ -122,12 +136,14 @@ impl FloorStore for RedisStore {
                     "holder",
                     redis::cmd("HMGET")
                         .arg(self.keys.floor(channel))
-                        .arg(&["epoch", "member", "node", "priority"])
+                        .arg(&["epoch", "member", "node", "priority", "emergency"])
                         .query_async(&mut conn),
                 )
                 .await?;
             match fields.as_slice() {
-                [epoch, member, node, priority] => holder_from(epoch, member, node, priority),
+                [epoch, member, node, priority, emergency] => {
+                    holder_from(epoch, member, node, priority, emergency)
+                }
                 _ => Err(StateError::Protocol(format!(
                     "holder: unexpected reply {fields:?}"
                 ))),
@@ -143,6 +159,7 @@ fn holder_from(
     member: &Option<String>,
     node: &Option<String>,
     priority: &Option<String>,
+    emergency: &Option<String>,
 ) -> Result<Option<Holder>, StateError> {
     match (epoch, member, node, priority) {
         (None, None, None, None) => Ok(None),
@@ -153,6 +170,8 @@ fn holder_from(
             priority: priority
                 .parse()
                 .map_err(|_| StateError::Protocol(format!("priority {priority:?} is not a u8")))?,
+            // Absent in locks written before emergencies existed.
+            emergency: emergency.as_deref() == Some("1"),
         })),
         _ => Err(StateError::Protocol(
             "floor lock with missing fields".into(),
