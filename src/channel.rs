@@ -177,6 +177,8 @@ pub struct Channel {
     until: Option<Instant>,
     last_media: Instant,
     silence_reported: bool,
+    /// The local burst in progress: its epoch and the packets forwarded (for the transmission log).
+    burst: Option<(u64, u64)>,
 }
 
 impl Channel {
@@ -195,6 +197,7 @@ impl Channel {
             until: None,
             last_media: now,
             silence_reported: false,
+            burst: None,
         }
     }
 
@@ -268,6 +271,9 @@ impl Channel {
 
     fn grant(&mut self, speaker: Option<MemberKey>, epoch: u64, now: Instant) {
         self.epoch = epoch;
+        if speaker.is_some() {
+            self.burst = Some((epoch, 0));
+        }
         self.speaker = speaker;
         self.remote = speaker.is_none();
         self.remote_node = None;
@@ -347,6 +353,16 @@ impl Channel {
         self.fan_out(None, pkt, now, batch)
     }
 
+    /// The local burst that is over (the floor moved on, or nobody local speaks any more): its epoch and
+    /// the packets forwarded, once.
+    pub fn take_ended_burst(&mut self) -> Option<(u64, u64)> {
+        let (epoch, _) = self.burst?;
+        if epoch == self.epoch && self.speaker.is_some() {
+            return None;
+        }
+        self.burst.take()
+    }
+
     /// Where to relay a local speaker's packets.
     pub fn relay_targets(&self) -> &[RawAddr] {
         &self.relay_targets
@@ -378,6 +394,9 @@ impl Channel {
             }
         };
         self.last_media = now;
+        if let Some((_, packets)) = self.burst.as_mut().filter(|_| from.is_some()) {
+            *packets += 1;
+        }
         let payload_len = pkt.payload.len();
         for m in self.members.iter_mut() {
             if Some(m.key) == from {

@@ -32,6 +32,8 @@ pub struct ControlCounters {
     pub slow_clients: u64,
     /// Commands a full shard queue refused.
     pub shard_queue_full: u64,
+    /// Talk bursts written to the transmission log.
+    pub bursts: u64,
     /// Requests refused or clients dropped by a limit, by limit.
     pub limited: BTreeMap<&'static str, u64>,
     /// Joins refused for their token, by reason.
@@ -168,6 +170,11 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
             "slow_clients_total",
             "Clients disconnected for not reading",
             hub.slow_clients,
+        ),
+        (
+            "bursts_total",
+            "Talk bursts written to the transmission log",
+            hub.bursts,
         ),
         (
             "shard_queue_full_total",

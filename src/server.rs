@@ -20,6 +20,7 @@ use crate::relay::RelayKey;
 use crate::shard::RelayState;
 use crate::shard::{self, ShardConfig, ShardHandle};
 use crate::signal::http::{self, AppState};
+use crate::state::history::{History, MemoryHistory};
 use crate::state::memory::{MemoryFloorStore, MemoryRegistry, MemorySessionStore};
 use crate::state::redis::{RedisConfig, RedisStore};
 use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
@@ -55,6 +56,7 @@ pub struct Stores {
     pub floors: Arc<dyn FloorStore>,
     pub sessions: Arc<dyn SessionStore>,
     pub registry: Arc<dyn Registry>,
+    pub history: Arc<dyn History>,
     pub events: Option<mpsc::Receiver<StoreEvent>>,
 }
 
@@ -65,6 +67,7 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             floors: Arc::new(MemoryFloorStore::new(redis.node.clone())),
             sessions: Arc::new(MemorySessionStore::default()),
             registry: Arc::new(MemoryRegistry),
+            history: Arc::new(MemoryHistory::default()),
             events: None,
         }),
         StoreKind::Redis => {
@@ -80,7 +83,8 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             Ok(Stores {
                 floors: store.clone(),
                 sessions: store.clone(),
-                registry: store,
+                registry: store.clone(),
+                history: store,
                 events: Some(events),
             })
         }
@@ -321,6 +325,7 @@ impl Server {
                             floors: stores.floors,
                             sessions: stores.sessions,
                             registry: stores.registry,
+                            history: stores.history,
                         },
                         handles,
                     );

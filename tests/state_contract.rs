@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rtpio::testing::RedisServer;
+use talkgroup::state::history::{Burst, History, MemoryHistory};
 use talkgroup::state::memory::{MemoryFloorStore, MemorySessionStore};
 use talkgroup::state::redis::{RedisConfig, RedisStore};
 use talkgroup::state::{
@@ -23,6 +24,7 @@ const LEASE: Duration = Duration::from_secs(3);
 struct Backend {
     floor: Arc<dyn FloorStore>,
     sessions: Arc<dyn SessionStore>,
+    history: Arc<dyn History>,
     _server: Option<RedisServer>,
 }
 
@@ -31,6 +33,7 @@ impl Backend {
         Backend {
             floor: Arc::new(MemoryFloorStore::new(NODE)),
             sessions: Arc::new(MemorySessionStore::default()),
+            history: Arc::new(MemoryHistory::default()),
             _server: None,
         }
     }
@@ -40,7 +43,8 @@ impl Backend {
         let store = connect(&server, NODE).await;
         Backend {
             floor: store.clone(),
-            sessions: store,
+            sessions: store.clone(),
+            history: store,
             _server: Some(server),
         }
     }
@@ -239,6 +243,45 @@ async fn an_emergency_takes_the_lock_from_a_normal_holder_only(b: &Backend) {
     }
 }
 
+/// The transmission log: newest first, bounded by `limit`, paged back by epoch, per channel.
+async fn history_pages_back_newest_first(b: &Backend) {
+    let burst = |channel: &str, epoch: u64| Burst {
+        channel: channel.into(),
+        member: format!("m{epoch}"),
+        node: NODE.into(),
+        epoch,
+        start_ms: epoch * 10,
+        end_ms: epoch * 10 + 5,
+        end_reason: "released".into(),
+        packets: epoch,
+        emergency: epoch == 3,
+        recording: None,
+    };
+    for e in 1..=5 {
+        b.history.record(&burst("ops", e)).await.unwrap();
+    }
+    b.history.record(&burst("fire", 9)).await.unwrap();
+    let epochs = |v: Vec<Burst>| v.iter().map(|b| b.epoch).collect::<Vec<_>>();
+    assert_eq!(
+        epochs(b.history.list("ops", 3, None).await.unwrap()),
+        [5, 4, 3]
+    );
+    assert_eq!(
+        epochs(b.history.list("ops", 3, Some(3)).await.unwrap()),
+        [2, 1]
+    );
+    assert_eq!(
+        b.history.list("ops", 1, Some(4)).await.unwrap(),
+        vec![burst("ops", 3)]
+    );
+    assert!(b
+        .history
+        .list("nowhere", 10, None)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// A name is claimed in a channel across nodes: joined from one node, it is refused to another until it
 /// leaves; the same node may join it again (idempotent), and a refresh never takes it over.
 async fn names_are_unique_across_nodes(b: &Backend) {
@@ -293,6 +336,7 @@ contract!(
     sessions_both_ways,
     names_are_unique_across_nodes,
     an_emergency_takes_the_lock_from_a_normal_holder_only,
+    history_pages_back_newest_first,
 );
 
 // ---- Redis only ----

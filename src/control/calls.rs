@@ -102,6 +102,8 @@ pub enum StoreCall {
         /// The channel.
         channel: String,
     },
+    /// Append a finished talk burst to its channel's history.
+    RecordBurst(Box<crate::state::history::Burst>),
     /// Remove a dead node's members from `channel` (publishes `leave` for each).
     EvictNode {
         /// The channel.
@@ -127,6 +129,7 @@ impl StoreCall {
             StoreCall::SetChannelNode { .. } => "set_channel_node",
             StoreCall::ChannelNodes { .. } => "channel_nodes",
             StoreCall::EvictNode { .. } => "evict_node",
+            StoreCall::RecordBurst(_) => "record_burst",
         }
     }
 }

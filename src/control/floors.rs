@@ -185,6 +185,15 @@ impl HubCore {
                     self.speaker_change(channel, change);
                 }
                 FloorOutput::Notify { to, event } => self.notify(channel, to, event),
+                FloorOutput::BurstEnded {
+                    member,
+                    epoch,
+                    started,
+                    reason,
+                    emergency,
+                } => {
+                    self.floor_burst_ended(channel, member, epoch, started, reason, emergency, now)
+                }
             }
         }
     }

@@ -344,6 +344,11 @@ impl HubCore {
                     self.floor_input(&channel, FloorInput::ShardApplied { epoch }, now);
                 }
             }
+            Event::BurstEnded {
+                channel,
+                epoch,
+                packets,
+            } => self.shard_burst_ended(&channel, epoch, packets, now),
             Event::Silence { channel, epoch } => {
                 self.floor_input(&channel, FloorInput::MediaSilence { epoch }, now);
             }

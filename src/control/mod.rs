@@ -17,6 +17,7 @@ pub mod calls;
 mod cluster;
 mod conns;
 mod floors;
+mod history;
 mod members;
 mod presence;
 pub mod runner;
@@ -309,6 +310,8 @@ pub struct HubCore {
     sessions: HashMap<String, ConnId>,
     /// (end of the resume window, connection) of dropped connections; lazily cleaned.
     detached: BinaryHeap<Reverse<(Instant, ConnId)>>,
+    /// Local bursts that ended, waiting for the rest of their record: (channel, epoch) → what is known.
+    bursts: HashMap<(String, u64), history::PendingBurst>,
     /// Plain-RTP media addresses: the connection that owns each, and how many memberships use it.
     media_addrs: HashMap<SocketAddr, (ConnId, usize)>,
     /// The wall clock at an instant of the core's clock: tokens' `exp`/`nbf` are Unix times.
@@ -344,6 +347,7 @@ impl HubCore {
             speaker_retry_at: None,
             ips: HashMap::new(),
             media_addrs: HashMap::new(),
+            bursts: HashMap::new(),
             sessions: HashMap::new(),
             detached: BinaryHeap::new(),
             wall: (now, Duration::ZERO),
@@ -359,13 +363,21 @@ impl HubCore {
 
     /// Unix seconds at `now`.
     fn unix_secs(&self, now: Instant) -> u64 {
+        self.unix(now).as_secs()
+    }
+
+    /// Unix milliseconds at `now`.
+    fn unix_ms(&self, now: Instant) -> u64 {
+        u64::try_from(self.unix(now).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn unix(&self, now: Instant) -> Duration {
         let (at, unix) = self.wall;
-        let t = if now >= at {
+        if now >= at {
             unix + (now - at)
         } else {
             unix.saturating_sub(at - now)
-        };
-        t.as_secs()
+        }
     }
 
     /// Feeds one input at `now`.
@@ -420,6 +432,9 @@ impl HubCore {
         if let Some(Reverse((t, _))) = self.detached.peek() {
             at = at.min(*t);
         }
+        if let Some(t) = self.bursts_timeout() {
+            at = at.min(t);
+        }
         Some(at)
     }
 
@@ -431,6 +446,7 @@ impl HubCore {
         self.run_floor_timers(now);
         self.retry_speaker_changes(now);
         self.expire_detached(now);
+        self.flush_bursts(now);
         if self.config.shared && now >= self.periodic.resync {
             self.periodic.resync = now + RESYNC_EVERY;
             if self.store_up {

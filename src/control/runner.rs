@@ -19,6 +19,7 @@ use crate::ids::ConnId;
 use crate::metrics::ControlCounters;
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
+use crate::state::history::History;
 use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
 
 /// How long after its deadline a store call may still answer: the core has already treated it as failed,
@@ -64,6 +65,18 @@ pub enum HubMsg {
     Channels {
         /// Where the rows go.
         reply: oneshot::Sender<Vec<ChannelInfo>>,
+    },
+    /// `/api/channels/{channel}/history`: read from the history store (any node answers for the cluster
+    /// on Redis).
+    History {
+        /// The channel.
+        channel: String,
+        /// At most this many bursts.
+        limit: usize,
+        /// Only bursts with an epoch below this.
+        before: Option<u64>,
+        /// Where the bursts (or the store's error) go.
+        reply: oneshot::Sender<Result<Vec<crate::state::history::Burst>, crate::state::StateError>>,
     },
     /// `/metrics`.
     Counters {
@@ -116,6 +129,8 @@ pub struct Stores {
     pub sessions: Arc<dyn SessionStore>,
     /// Node liveness and channel registrations.
     pub registry: Arc<dyn Registry>,
+    /// The transmission log.
+    pub history: Arc<dyn History>,
 }
 
 struct ConnHandle {
@@ -222,6 +237,17 @@ impl Runner {
             }
             HubMsg::Counters { reply } => {
                 let _ = reply.send(self.core.counters());
+            }
+            HubMsg::History {
+                channel,
+                limit,
+                before,
+                reply,
+            } => {
+                let history = self.stores.history.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(history.list(&channel, limit, before).await);
+                });
             }
             HubMsg::Shutdown { .. } => {}
         }
@@ -335,6 +361,7 @@ pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
         StoreCall::ChannelNodes { channel } => {
             StoreReply::Nodes(stores.registry.channel_nodes(&channel).await)
         }
+        StoreCall::RecordBurst(burst) => StoreReply::Done(stores.history.record(&burst).await),
         StoreCall::EvictNode { channel, node } => {
             StoreReply::Evicted(stores.registry.evict_node(&channel, &node).await)
         }

@@ -14,6 +14,17 @@ impl Floor {
         self.out.push_back(Output::Notify { to, event });
     }
 
+    /// The transmission log's record of a burst that ends now.
+    fn burst_ended(&mut self, h: &Held, reason: &'static str) {
+        self.out.push_back(Output::BurstEnded {
+            member: h.member.clone(),
+            epoch: h.epoch,
+            started: h.started,
+            reason,
+            emergency: self.emergency == Some(h.epoch),
+        });
+    }
+
     /// The member that holds or is about to hold the floor, with its priority.
     pub(super) fn current(&self) -> Option<(&str, Rank)> {
         match &self.state {
@@ -229,6 +240,7 @@ impl Floor {
         let State::Held(h) = std::mem::replace(&mut self.state, State::Idle) else {
             return;
         };
+        self.burst_ended(&h, reason.as_str());
         self.out.push_back(Output::Apply {
             speaker: None,
             epoch: h.epoch,
@@ -261,6 +273,8 @@ impl Floor {
                     self.revoke(reason);
                 } else {
                     let epoch = h.epoch;
+                    let h = h.clone();
+                    self.burst_ended(&h, "released");
                     self.out.push_back(Output::Apply {
                         speaker: None,
                         epoch,
@@ -412,6 +426,7 @@ impl Floor {
             member: member.clone(),
             priority,
             epoch,
+            started: now,
             t2_at: now + self.config.t2,
             preempt_at: None,
             // The lease runs from when the lock was asked for, not from now: the store started its TTL

@@ -264,6 +264,15 @@ pub enum Output {
         to: To,
         event: FloorEvent,
     },
+    /// A local member's talk burst ended (for the transmission log): granted at `started`, ended now for
+    /// `reason` (`released`, or the revoke reason).
+    BurstEnded {
+        member: String,
+        epoch: u64,
+        started: Instant,
+        reason: &'static str,
+        emergency: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +313,8 @@ struct Held {
     member: String,
     priority: Rank,
     epoch: u64,
+    /// When the burst began (the shard forwards from then).
+    started: Instant,
     t2_at: Instant,
     /// Pre-empted: forwarded until this instant (T3), then revoked.
     preempt_at: Option<Instant>,

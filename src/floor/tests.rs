@@ -57,6 +57,7 @@ impl Harness {
                     }
                 }
                 Output::Extend { until, .. } => self.until = Some(until),
+                Output::BurstEnded { .. } => {}
                 // Another node's member: no local member is forwarded (its media comes by relay).
                 Output::ApplyRemote { epoch } => self.forwarded = Some((None, epoch)),
                 other if !self.auto_store => self.pending.push(other),

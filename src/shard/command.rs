@@ -116,6 +116,15 @@ pub enum Event {
         /// The answer's SDP text, or the refusal.
         answer: Result<String, PeerRefused>,
     },
+    /// A local member's talk burst ended: the packets the shard forwarded for it (transmission log).
+    BurstEnded {
+        /// The channel.
+        channel: String,
+        /// The burst's epoch.
+        epoch: u64,
+        /// Audio packets forwarded.
+        packets: u64,
+    },
     /// A WebRTC peer completed ICE and DTLS: media flows (its handshake no longer counts as pending).
     PeerConnected {
         /// The channel.

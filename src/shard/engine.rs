@@ -375,7 +375,17 @@ impl ShardCore {
                     .get(&channel)
                     .and_then(|&s| self.channels[s].as_mut())
                 {
-                    Some(ch) => ch.apply(change, now),
+                    Some(ch) => {
+                        let applied = ch.apply(change, now);
+                        if let Some((epoch, packets)) = ch.take_ended_burst() {
+                            self.events.push(Event::BurstEnded {
+                                channel: channel.clone(),
+                                epoch,
+                                packets,
+                            });
+                        }
+                        applied
+                    }
                     None => false,
                 };
                 if !applied && !lease {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -55,6 +55,7 @@ pub fn router(state: AppState, admin_separate: bool) -> Router {
     } else {
         r.route("/metrics", get(metrics_route))
             .route("/api/channels", get(channels))
+            .route("/api/channels/{channel}/history", get(history))
     };
     r.with_state(state)
 }
@@ -69,6 +70,7 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics_route))
         .route("/api/channels", get(channels))
+        .route("/api/channels/{channel}/history", get(history))
         .with_state(state)
 }
 
@@ -163,7 +165,7 @@ async fn ws(
         .on_upgrade(move |socket| super::ws::serve(socket, conn, peer.ip(), state.hub, limits))
 }
 
-async fn ask<T>(
+async fn ask_hub<T>(
     hub: &mpsc::Sender<HubMsg>,
     make: impl FnOnce(oneshot::Sender<T>) -> HubMsg,
 ) -> Option<T> {
@@ -179,8 +181,44 @@ async fn channels(State(state): State<AppState>, headers: HeaderMap) -> Response
     if let Err(refused) = check_admin(&state, &headers) {
         return refused.into_response();
     }
-    match ask(&state.hub, |reply| HubMsg::Channels { reply }).await {
+    match ask_hub(&state.hub, |reply| HubMsg::Channels { reply }).await {
         Some(rows) => Json(rows).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response(),
+    }
+}
+
+/// `?limit=50&before=EPOCH` of the history route.
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+/// Most bursts one history request returns.
+const HISTORY_LIMIT: usize = 1000;
+
+async fn history(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    Query(q): Query<HistoryQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = check_admin(&state, &headers) {
+        return refused.into_response();
+    }
+    if let Err(e) = super::protocol::validate_name("channel", &channel) {
+        return (StatusCode::BAD_REQUEST, e.message).into_response();
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, HISTORY_LIMIT);
+    let ask = |reply| HubMsg::History {
+        channel,
+        limit,
+        before: q.before,
+        reply,
+    };
+    match ask_hub(&state.hub, ask).await {
+        Some(Ok(bursts)) => Json(bursts).into_response(),
+        Some(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response(),
     }
 }
@@ -189,7 +227,7 @@ async fn metrics_route(State(state): State<AppState>, headers: HeaderMap) -> Res
     if let Err(refused) = check_admin(&state, &headers) {
         return refused.into_response();
     }
-    let Some(counters) = ask(&state.hub, |reply| HubMsg::Counters { reply }).await else {
+    let Some(counters) = ask_hub(&state.hub, |reply| HubMsg::Counters { reply }).await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response();
     };
     let mut shard_stats = Vec::new();

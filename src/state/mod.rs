@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub mod history;
 pub mod memory;
 pub mod redis;
 

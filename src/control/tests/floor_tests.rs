@@ -414,3 +414,50 @@ fn an_emergency_preempts_any_holder_at_once_and_every_event_of_its_burst_says_so
     let idle = hub.floor(b, "idle");
     assert!(idle.get("emergency").is_none());
 }
+
+#[test]
+fn every_local_burst_is_written_to_the_transmission_log_with_its_packets() {
+    let (mut hub, a, b) = two_members();
+    hub.core
+        .set_wall_clock(hub.now, Duration::from_secs(1_800_000_000));
+    hub.press(a, "ops");
+    let epoch = hub.floor(a, "granted")["epoch"].as_u64().unwrap();
+    hub.advance(Duration::from_millis(2500));
+    hub.release(a, "ops");
+    // The shard reports the packets it forwarded for the burst.
+    hub.input(super::Input::Shard(crate::shard::Event::BurstEnded {
+        channel: "ops".into(),
+        epoch,
+        packets: 125,
+    }));
+    let burst = hub.store.history.pop().expect("a burst was written");
+    assert_eq!(
+        (
+            burst.channel.as_str(),
+            burst.member.as_str(),
+            burst.node.as_str()
+        ),
+        ("ops", "alice", "a")
+    );
+    assert_eq!(
+        (burst.epoch, burst.packets, burst.emergency),
+        (epoch, 125, false)
+    );
+    assert_eq!(burst.end_reason, "released");
+    assert_eq!(burst.start_ms, 1_800_000_000_000);
+    assert_eq!(burst.end_ms - burst.start_ms, 2500);
+    // A revoked burst whose count never comes is written anyway, after a second, with its reason.
+    hub.press(b, "ops");
+    hub.floor(b, "granted");
+    hub.advance(Duration::from_secs(30));
+    assert!(
+        hub.store.history.is_empty(),
+        "waiting for the shard's count"
+    );
+    hub.advance(Duration::from_secs(1));
+    let burst = hub.store.history.pop().expect("written without the count");
+    assert_eq!(
+        (burst.member.as_str(), burst.end_reason.as_str()),
+        ("bob", "max_talk_time")
+    );
+}

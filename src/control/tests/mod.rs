@@ -44,6 +44,8 @@ pub struct ModelStore {
     channel_nodes: BTreeMap<String, BTreeSet<String>>,
     /// Which node each session belongs to: `(channel, member)` → node.
     member_node: HashMap<(String, String), String>,
+    /// The transmission log, in write order.
+    pub history: Vec<crate::state::history::Burst>,
 }
 
 impl ModelStore {
@@ -166,6 +168,10 @@ impl ModelStore {
                     set.retain(|n| !dead.contains(n));
                 }
                 StoreReply::Nodes(Ok((live, dead)))
+            }
+            StoreCall::RecordBurst(burst) => {
+                self.history.push((**burst).clone());
+                StoreReply::Done(Ok(()))
             }
             StoreCall::EvictNode { channel, node } => {
                 let gone: Vec<String> = self

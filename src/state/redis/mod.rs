@@ -47,6 +47,7 @@ use tokio::sync::mpsc;
 
 mod events;
 mod floor;
+mod history;
 mod registry;
 mod sessions;
 
