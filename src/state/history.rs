@@ -105,7 +105,7 @@ pub fn newest_first(
     let mut v: Vec<Burst> = bursts
         .filter(|b| before.is_none_or(|e| b.epoch < e))
         .collect();
-    v.sort_by(|a, b| b.epoch.cmp(&a.epoch));
+    v.sort_by_key(|b| std::cmp::Reverse(b.epoch));
     v.truncate(limit);
     v
 }
