@@ -179,6 +179,8 @@ pub struct Channel {
     silence_reported: bool,
     /// The local burst in progress: its epoch and the packets forwarded (for the transmission log).
     burst: Option<(u64, u64)>,
+    /// Local bursts are recorded (the shard hands their packets to the recorder).
+    pub recording: bool,
 }
 
 impl Channel {
@@ -198,6 +200,7 @@ impl Channel {
             last_media: now,
             silence_reported: false,
             burst: None,
+            recording: false,
         }
     }
 

@@ -238,6 +238,18 @@ pub struct ServeArgs {
     /// `resume` on a new connection; 0 turns session resume off.
     #[arg(long, default_value = "30s", value_parser = parse_duration, env = "TALKGROUP_RESUME_WINDOW")]
     pub resume_window: Duration,
+    /// Record every channel's talk bursts as Ogg/Opus files under DIR (`DIR/{channel}/{epoch}.ogg`,
+    /// served at `/api/recordings/{channel}/{epoch}.ogg`).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "TALKGROUP_RECORD",
+        conflicts_with = "record_dir"
+    )]
+    pub record: Option<PathBuf>,
+    /// Where recordings go when channels are recorded one by one (`POST /api/channels/{channel}/recording`).
+    #[arg(long, value_name = "DIR", env = "TALKGROUP_RECORD_DIR")]
+    pub record_dir: Option<PathBuf>,
     /// Per-client limits.
     #[command(flatten)]
     pub limits: LimitArgs,

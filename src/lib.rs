@@ -32,6 +32,7 @@ pub mod forward;
 pub mod ids;
 pub mod metrics;
 pub mod peer;
+pub mod record;
 pub mod relay;
 /// The RTP/RTCP header codec (the `rtpio` crate's, shared with the tests, benches and load harness).
 pub use rtpio::rtp;

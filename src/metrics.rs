@@ -46,7 +46,7 @@ type ShardMetric = (&'static str, &'static str, fn(&ShardStats) -> u64);
 /// Renders all metrics (text format 0.0.4).
 pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
-    let per_shard: [ShardMetric; 14] = [
+    let per_shard: [ShardMetric; 15] = [
         (
             "packets_in_total",
             "Datagrams received on the media port",
@@ -95,6 +95,11 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
             "webrtc_peers_evicted_total",
             "WebRTC peers that never sent a connectivity check, closed to make room for new ones",
             |s| s.peers_evicted,
+        ),
+        (
+            "record_dropped_total",
+            "Recorded packets lost to the recorder's full queue (never slows forwarding)",
+            |s| s.record_dropped,
         ),
         (
             "webrtc_peers_closed_total",

@@ -175,6 +175,15 @@ impl Server {
             args.media_port.saturating_add(1000)
         });
 
+        // Recordings: one writer thread for the node, fed by every shard through a bounded queue.
+        let record_dir = args.record.clone().or_else(|| args.record_dir.clone());
+        let recorder = match &record_dir {
+            Some(dir) => Some(crate::record::spawn(dir.clone()).map_err(|e| {
+                ServerError::Config(format!("cannot record to {}: {e}", dir.display()))
+            })?),
+            None => None,
+        };
+
         // One DTLS certificate for the whole process; each shard puts its own port in the candidate.
         let webrtc = WebRtcConfig::generate(SocketAddr::new(announce_ip, 0))
             .map_err(|e| ServerError::Start(e.to_string()))?;
@@ -217,6 +226,7 @@ impl Server {
                 ShardConfig {
                     t1,
                     webrtc: Some(webrtc.clone()),
+                    recorder: recorder.clone(),
                     ..Default::default()
                 },
                 relay,
@@ -253,6 +263,11 @@ impl Server {
             limits: args.limits.limits(),
             rtp_any_ip: args.rtp_any_ip,
             resume_window: args.resume_window,
+            record_all: match (&args.record, &args.record_dir) {
+                (Some(_), _) => Some(true),
+                (None, Some(_)) => Some(false),
+                (None, None) => None,
+            },
         };
 
         let listener =
@@ -289,6 +304,7 @@ impl Server {
             auth,
             allowed_origins: Arc::new(args.allowed_origin.clone()),
             limits: args.limits.limits(),
+            record_dir,
         };
         let store_kind = args.store;
         let redis = RedisConfig::new(

@@ -204,3 +204,156 @@ async fn a_speaker_whose_wifi_drops_keeps_its_place_and_the_stream_stays_continu
     drop(alice);
     srv.shutdown();
 }
+
+/// The test speech (`shared/data/speech.opus20`): 20 ms Opus frames, `[u16 BE length][bytes]` each.
+fn speech_frames() -> Vec<Vec<u8>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/speech.opus20");
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("test audio {path}: {e}"));
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at + 2 <= data.len() {
+        let len = usize::from(u16::from_be_bytes([data[at], data[at + 1]]));
+        frames.push(data[at + 2..at + 2 + len].to_vec());
+        at += 2 + len;
+    }
+    frames
+}
+
+/// The source the frames were encoded from: 48 kHz mono s16 samples.
+fn speech_pcm() -> Vec<i16> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/speech-48k-mono.wav"
+    );
+    let wav = std::fs::read(path).unwrap_or_else(|e| panic!("test audio {path}: {e}"));
+    let data = wav
+        .windows(4)
+        .position(|w| w == b"data")
+        .expect("a data chunk")
+        + 8;
+    wav[data..]
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// Decodes an Ogg/Opus file with ffmpeg (a decoder nobody here wrote) to 48 kHz mono s16.
+fn ffmpeg_decode(ogg: &[u8]) -> Vec<i16> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("burst.ogg");
+    std::fs::write(&path, ogg).unwrap();
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&path)
+        .args(["-f", "s16le", "-ac", "1", "-ar", "48000", "-"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("this test decodes recordings with ffmpeg: install it (apt-get install ffmpeg): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "ffmpeg could not decode the recording: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// The best normalised correlation of `a` against `b` shifted by 0..`lags` samples.
+fn best_correlation(a: &[i16], b: &[i16], lags: usize) -> f64 {
+    (0..lags)
+        .map(|lag| {
+            let n = a.len().min(b.len().saturating_sub(lag));
+            let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+            for i in 0..n {
+                let (x, y) = (f64::from(a[i]), f64::from(b[i + lag]));
+                ab += x * y;
+                aa += x * x;
+                bb += y * y;
+            }
+            ab / (aa.sqrt() * bb.sqrt()).max(1.0)
+        })
+        .fold(f64::MIN, f64::max)
+}
+
+#[tokio::test]
+async fn a_recorded_burst_decodes_to_what_was_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = ServeArgs::local_test();
+    args.record = Some(dir.path().to_path_buf());
+    let srv = Server::start(args).unwrap();
+    let mut sa = Signal::connect(srv.http_addr).await;
+    let mut alice = RtpMember::join(&mut sa, "ops", "alice").await;
+    let mut sb = Signal::connect(srv.http_addr).await;
+    let _bob = RtpMember::join(&mut sb, "ops", "bob").await;
+    sa.press("ops").await;
+    let epoch = sa.expect_floor("ops", "granted").await["epoch"]
+        .as_u64()
+        .unwrap();
+    // Two seconds of real speech, frames 20..120 of the test audio (past its leading silence), with
+    // frames 60..65 lost on the way: the recording keeps time with silence there.
+    let frames = speech_frames();
+    let sent: Vec<usize> = (20..120).filter(|i| !(60..65).contains(i)).collect();
+    let start = Instant::now();
+    for i in 20..120usize {
+        if sent.contains(&i) {
+            alice.send_rtp_at(&frames[i], (i as u32) * 960).await;
+        }
+        let due = start + Duration::from_millis(20 * (i as u64 - 19));
+        tokio::time::sleep_until(due.into()).await;
+    }
+    sa.release("ops").await;
+    sa.expect_floor("ops", "idle").await;
+    let t0 = Instant::now();
+    let url = loop {
+        let (_, body) = http_get(srv.http_addr, "/api/channels/ops/history").await;
+        let rows: Vec<Value> = serde_json::from_str(&body).unwrap();
+        if let Some(url) = rows.first().and_then(|r| r["recording"].as_str()) {
+            assert_eq!(rows[0]["epoch"], epoch);
+            break url.to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no recording in the history: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(url, format!("/api/recordings/ops/{epoch}.ogg"));
+    let ogg = loop {
+        let (status, body) = client::http_get_bytes(srv.http_addr, &url).await;
+        if status == 200 {
+            break body;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "recording not served: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pcm = ffmpeg_decode(&ogg);
+    let seconds = pcm.len() as f64 / 48_000.0;
+    assert!(
+        (1.95..=2.05).contains(&seconds),
+        "decoded {seconds} s, sent 2 s (100 frames)"
+    );
+    // What was said: the source audio of frames 20..60 (before the loss), against the same stretch of
+    // the recording; Opus is lossy and delays by its look-ahead, so a correlation over small lags.
+    let source = speech_pcm();
+    let said = &source[20 * 960..60 * 960];
+    let heard = &pcm[..40 * 960];
+    let c = best_correlation(said, heard, 2000);
+    println!("correlation of the recording with the source: {c:.3}");
+    assert!(
+        c > 0.7,
+        "the recording does not sound like what was said: correlation {c:.2}"
+    );
+    let silence = &pcm[41 * 960..44 * 960];
+    let energy = silence.iter().map(|s| i64::from(*s).abs()).sum::<i64>() / silence.len() as i64;
+    assert!(
+        energy < 200,
+        "the lost frames are silence (mean |s| {energy})"
+    );
+    srv.shutdown();
+}

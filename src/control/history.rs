@@ -17,6 +17,8 @@ const BURST_WAIT: Duration = Duration::from_secs(1);
 pub(super) struct PendingBurst {
     /// From the floor: (member, started, ended, reason, emergency).
     floor: Option<(String, Instant, Instant, &'static str, bool)>,
+    /// The channel was recorded when the burst ended.
+    recorded: bool,
     /// From the shard.
     packets: Option<u64>,
     /// Written without the missing half after this.
@@ -36,9 +38,11 @@ impl HubCore {
         emergency: bool,
         now: Instant,
     ) {
+        let recorded = self.is_recorded(channel);
         let pending = self.bursts.entry((channel.to_string(), epoch)).or_default();
         pending.floor = Some((member, started, now, reason, emergency));
         pending.deadline.get_or_insert(now + BURST_WAIT);
+        pending.recorded = recorded;
         self.write_burst_if_complete(channel, epoch, now);
     }
 
@@ -84,6 +88,25 @@ impl HubCore {
         }
     }
 
+    /// Whether `channel`'s local bursts are recorded.
+    pub(super) fn is_recorded(&self, channel: &str) -> bool {
+        match self.config.record_all {
+            None => false,
+            Some(all) => self.recorded.get(channel).copied().unwrap_or(all),
+        }
+    }
+
+    /// The admin API turns a channel's recording on or off (now, and for when it is opened again).
+    pub(super) fn set_recording(&mut self, channel: String, on: bool) {
+        if self.config.record_all.is_none() {
+            return;
+        }
+        self.recorded.insert(channel.clone(), on);
+        if let Some(shard) = self.channels.get(&channel).map(|ch| ch.shard) {
+            self.shard_command(shard, crate::shard::Command::SetRecording { channel, on });
+        }
+    }
+
     /// The earliest deadline of a waiting burst.
     pub(super) fn bursts_timeout(&self) -> Option<Instant> {
         self.bursts.values().filter_map(|p| p.deadline).min()
@@ -104,7 +127,9 @@ impl HubCore {
             end_reason: reason.to_string(),
             packets: p.packets.unwrap_or(0),
             emergency,
-            recording: None,
+            recording: p
+                .recorded
+                .then(|| crate::record::recording_url(channel, epoch)),
         };
         self.counters.bursts += 1;
         self.call(StoreCall::RecordBurst(Box::new(burst)), Purpose::None, now);

@@ -162,7 +162,16 @@ impl HubCore {
             },
         );
         let shard = ch.shard;
+        let first = ch.members.len() == 1;
         self.shard_command(shard, command);
+        if first && self.is_recorded(&join.channel) {
+            // The shard made the channel with this member: say it is recorded.
+            let command = Command::SetRecording {
+                channel: join.channel.clone(),
+                on: true,
+            };
+            self.shard_command(shard, command);
+        }
         if !listens {
             let command = Command::SetListens {
                 channel: join.channel.clone(),

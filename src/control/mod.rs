@@ -99,6 +99,9 @@ pub struct HubConfig {
     pub rtp_any_ip: bool,
     /// How long a dropped connection's memberships wait for a `resume` (zero: never).
     pub resume_window: Duration,
+    /// Recording: `None` off (no recorder); `Some(true)` every channel; `Some(false)` the channels the
+    /// admin API turns on.
+    pub record_all: Option<bool>,
 }
 
 /// Inputs of the core.
@@ -159,6 +162,13 @@ pub enum Input {
     StoreEvent(StoreEvent),
     /// Stop: floors given back and announced idle, members told `left`, shards stopped.
     Shutdown,
+    /// The admin API turns a channel's recording on or off.
+    SetRecording {
+        /// The channel.
+        channel: String,
+        /// Whether to record its local bursts.
+        on: bool,
+    },
 }
 
 /// Outputs of the core, drained with [`HubCore::poll_output`].
@@ -310,6 +320,8 @@ pub struct HubCore {
     sessions: HashMap<String, ConnId>,
     /// (end of the resume window, connection) of dropped connections; lazily cleaned.
     detached: BinaryHeap<Reverse<(Instant, ConnId)>>,
+    /// Channels whose recording the admin API turned on or off (over `record_all`).
+    recorded: HashMap<String, bool>,
     /// Local bursts that ended, waiting for the rest of their record: (channel, epoch) → what is known.
     bursts: HashMap<(String, u64), history::PendingBurst>,
     /// Plain-RTP media addresses: the connection that owns each, and how many memberships use it.
@@ -348,6 +360,7 @@ impl HubCore {
             ips: HashMap::new(),
             media_addrs: HashMap::new(),
             bursts: HashMap::new(),
+            recorded: HashMap::new(),
             sessions: HashMap::new(),
             detached: BinaryHeap::new(),
             wall: (now, Duration::ZERO),
@@ -394,6 +407,7 @@ impl HubCore {
             Input::Store { id, reply } => self.on_store_reply(id, reply, now),
             Input::StoreEvent(event) => self.on_store_event(event, now),
             Input::Shutdown => self.shutdown(now),
+            Input::SetRecording { channel, on } => self.set_recording(channel, on),
         }
     }
 

@@ -78,6 +78,13 @@ pub enum HubMsg {
         /// Where the bursts (or the store's error) go.
         reply: oneshot::Sender<Result<Vec<crate::state::history::Burst>, crate::state::StateError>>,
     },
+    /// The admin API turns a channel's recording on or off.
+    SetRecording {
+        /// The channel.
+        channel: String,
+        /// Whether to record.
+        on: bool,
+    },
     /// `/metrics`.
     Counters {
         /// Where the counters go.
@@ -237,6 +244,9 @@ impl Runner {
             }
             HubMsg::Counters { reply } => {
                 let _ = reply.send(self.core.counters());
+            }
+            HubMsg::SetRecording { channel, on } => {
+                self.core.handle(Input::SetRecording { channel, on }, now)
             }
             HubMsg::History {
                 channel,

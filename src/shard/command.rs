@@ -76,6 +76,13 @@ pub enum Command {
         /// Whether it hears the channel.
         listens: bool,
     },
+    /// Record (or stop recording) the channel's local bursts.
+    SetRecording {
+        /// The channel.
+        channel: String,
+        /// Whether to record.
+        on: bool,
+    },
     /// A copy of the shard's counters, sent to `reply`.
     Stats {
         /// Where the copy goes (`try_send`: a gone asker is not waited for).

@@ -25,6 +25,7 @@ use crate::forward::{Batch, OutStream};
 use crate::ids::{MemberKey, PeerId};
 use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcConfig};
 use crate::peer::Peers;
+use crate::record::RecordEvent;
 use crate::rtp::{self, Kind, RtpView, MAX_DATAGRAM, SR_LEN};
 
 use super::command::{Command, Event};
@@ -71,6 +72,8 @@ pub struct ShardConfig {
     /// Seeds the shard's random numbers (listener streams' initial sequence numbers and timestamps, ICE
     /// credentials) so that a test gets the same run twice; `None` (the server) seeds from the OS.
     pub seed: Option<u64>,
+    /// The recorder thread's queue (`--record`): recorded channels' local bursts go there.
+    pub recorder: Option<flume::Sender<RecordEvent>>,
 }
 
 impl Default for ShardConfig {
@@ -81,6 +84,7 @@ impl Default for ShardConfig {
             webrtc: None,
             tick: Duration::from_millis(50),
             seed: None,
+            recorder: None,
         }
     }
 }
@@ -297,6 +301,7 @@ impl ShardCore {
                     self.write_peers(batch, Arc::from(pkt.payload), now, None);
                 }
                 let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
+                self.record(slot, pkt.timestamp, pkt.payload);
                 self.relay_copy(slot, data, batch);
                 Verdict::Forward(start..start + pkt.payload.len())
             }
@@ -334,6 +339,11 @@ impl ShardCore {
                 name,
                 offer,
             } => Some(self.add_peer(channel, key, name, *offer, now)),
+            Command::SetRecording { channel, on } => {
+                let slot = *self.by_name.get(&channel)?;
+                self.channels[slot].as_mut()?.recording = on && self.config.recorder.is_some();
+                None
+            }
             Command::SetListens {
                 channel,
                 key,
@@ -378,6 +388,17 @@ impl ShardCore {
                     Some(ch) => {
                         let applied = ch.apply(change, now);
                         if let Some((epoch, packets)) = ch.take_ended_burst() {
+                            if ch.recording {
+                                let end = RecordEvent::End {
+                                    channel: channel.clone(),
+                                    epoch,
+                                };
+                                if let Some(rec) = &self.config.recorder {
+                                    if rec.try_send(end).is_err() {
+                                        self.stats.record_dropped += 1;
+                                    }
+                                }
+                            }
                             self.events.push(Event::BurstEnded {
                                 channel: channel.clone(),
                                 epoch,
@@ -426,6 +447,26 @@ impl ShardCore {
         let seq = self.rng.random::<u16>() & 0x7fff;
         let ts = self.rng.random();
         OutStream::new(ssrc, payload_type, seq, ts)
+    }
+
+    /// A forwarded packet of a local burst, copied once for the recorder when its channel is recorded.
+    /// Never waits: a full queue is counted and the packet is missing from the file.
+    pub(super) fn record(&mut self, slot: usize, timestamp: u32, payload: &[u8]) {
+        let (Some(rec), Some(ch)) = (&self.config.recorder, self.channels[slot].as_ref()) else {
+            return;
+        };
+        if !ch.recording {
+            return;
+        }
+        let event = RecordEvent::Packet {
+            channel: ch.name.clone(),
+            epoch: ch.epoch(),
+            timestamp,
+            payload: payload.to_vec(),
+        };
+        if rec.try_send(event).is_err() {
+            self.stats.record_dropped += 1;
+        }
     }
 
     /// The slot of `channel`, created if new.

@@ -102,4 +102,6 @@ pub struct ShardStats {
     pub peers_closed: u64,
     /// WebRTC peers that never sent a connectivity check, closed to make room for a new one.
     pub peers_evicted: u64,
+    /// Recorded packets (or burst ends) lost to the recorder's full queue.
+    pub record_dropped: u64,
 }

@@ -41,6 +41,8 @@ pub struct AppState {
     pub allowed_origins: Arc<Vec<String>>,
     /// Per-client limits (the WebSocket's send timeout and queue).
     pub limits: Limits,
+    /// Where recordings are (`--record`/`--record-dir`), if anywhere.
+    pub record_dir: Option<std::path::PathBuf>,
 }
 
 /// The public router: the page, the WebSocket, health — and, unless `admin` is separate, the admin
@@ -56,6 +58,11 @@ pub fn router(state: AppState, admin_separate: bool) -> Router {
         r.route("/metrics", get(metrics_route))
             .route("/api/channels", get(channels))
             .route("/api/channels/{channel}/history", get(history))
+            .route(
+                "/api/channels/{channel}/recording",
+                axum::routing::post(set_recording),
+            )
+            .route("/api/recordings/{channel}/{file}", get(recording))
     };
     r.with_state(state)
 }
@@ -71,6 +78,11 @@ pub fn admin_router(state: AppState) -> Router {
         .route("/metrics", get(metrics_route))
         .route("/api/channels", get(channels))
         .route("/api/channels/{channel}/history", get(history))
+        .route(
+            "/api/channels/{channel}/recording",
+            axum::routing::post(set_recording),
+        )
+        .route("/api/recordings/{channel}/{file}", get(recording))
         .with_state(state)
 }
 
@@ -220,6 +232,68 @@ async fn history(
         Some(Ok(bursts)) => Json(bursts).into_response(),
         Some(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response(),
+    }
+}
+
+/// Body of `POST /api/channels/{channel}/recording`.
+#[derive(serde::Deserialize)]
+struct RecordingSwitch {
+    record: bool,
+}
+
+/// Turns a channel's recording on or off (`{"record": true}`).
+async fn set_recording(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<RecordingSwitch>,
+) -> Response {
+    if let Err(refused) = check_admin(&state, &headers) {
+        return refused.into_response();
+    }
+    if let Err(e) = super::protocol::validate_name("channel", &channel) {
+        return (StatusCode::BAD_REQUEST, e.message).into_response();
+    }
+    if state.record_dir.is_none() {
+        return (
+            StatusCode::CONFLICT,
+            "recording is off on this node: start it with --record DIR or --record-dir DIR",
+        )
+            .into_response();
+    }
+    let msg = HubMsg::SetRecording {
+        channel,
+        on: body.record,
+    };
+    match state.hub.send(msg).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "control thread gone").into_response(),
+    }
+}
+
+/// `GET /api/recordings/{channel}/{epoch}.ogg`: a finished recording.
+async fn recording(
+    State(state): State<AppState>,
+    Path((channel, file)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refused) = check_admin(&state, &headers) {
+        return refused.into_response();
+    }
+    let Some(dir) = &state.record_dir else {
+        return (StatusCode::NOT_FOUND, "recording is off on this node").into_response();
+    };
+    // Only `{epoch}.ogg` of a valid channel name: nothing else of the disk is reachable.
+    let epoch = file
+        .strip_suffix(".ogg")
+        .and_then(|e| e.parse::<u64>().ok());
+    let (Ok(()), Some(epoch)) = (super::protocol::validate_name("channel", &channel), epoch) else {
+        return (StatusCode::NOT_FOUND, "no such recording").into_response();
+    };
+    let path = crate::record::recording_path(dir, &channel, epoch);
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "audio/ogg")], bytes).into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "no such recording (on this node)").into_response(),
     }
 }
 

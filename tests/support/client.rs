@@ -224,6 +224,14 @@ impl RtpMember {
         self.sock.send_to(&p, self.server).await.expect("send rtp");
     }
 
+    /// Sends one packet with RTP timestamp `ts` (and the sequence number it implies at 20 ms a packet),
+    /// so a test can leave gaps as uplink loss would.
+    pub async fn send_rtp_at(&mut self, payload: &[u8], ts: u32) {
+        let seq = (ts / 960) as u16;
+        let p = talkgroup::rtp::build_packet(false, 111, seq, ts, self.own_ssrc, payload);
+        self.sock.send_to(&p, self.server).await.expect("send rtp");
+    }
+
     pub async fn send_raw(&self, data: &[u8]) {
         self.sock
             .send_to(data, self.server)
@@ -261,6 +269,36 @@ fn rand_ssrc(name: &str) -> u32 {
 /// A tiny HTTP/1.1 GET (no client crate needed for three routes).
 pub async fn http_get(http: SocketAddr, path: &str) -> (u16, String) {
     http_get_with(http, path, &[]).await
+}
+
+/// `http_get` returning the body's bytes (e.g. a recording).
+pub async fn http_get_bytes(http: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(STEP, TcpStream::connect(http))
+        .await
+        .expect("timeout")
+        .expect("connect");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
+        .await
+        .expect("timeout")
+        .expect("read");
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(buf.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, buf[head_end..].to_vec())
 }
 
 /// `http_get` with extra request headers (e.g. `("Authorization", "Bearer …")`).

@@ -258,6 +258,7 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         limits: crate::auth::Limits::default(),
         rtp_any_ip: false,
         resume_window: Duration::from_secs(30),
+        record_all: None,
     }
 }
 

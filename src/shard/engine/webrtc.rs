@@ -241,6 +241,7 @@ impl ShardCore {
             Err(ForwardDrop::LeaseExpired) => return Err(DropReason::LeaseExpired),
             Err(ForwardDrop::TooOld | ForwardDrop::PaddingOnly) => return Err(DropReason::Stale),
         }
+        self.record(channel, view.timestamp, view.payload);
         if self.relays(channel) {
             // Other nodes take plain RTP inside the relay envelope: rebuild the packet with the plain
             // legs' Opus payload type (header extensions and CSRCs are never forwarded anyway).
