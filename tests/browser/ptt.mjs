@@ -80,6 +80,12 @@ try {
     return s;
   });
   check(samples > 0, `bob decoded audio (${samples} samples)`);
+  const energy = await bob.evaluate(async () => {
+    let e = 0;
+    (await window.tg.pc.getStats()).forEach((r) => { if (r.type === "inbound-rtp" && r.kind === "audio") e += r.totalAudioEnergy || 0; });
+    return e;
+  });
+  check(energy > 1e-4, `bob's audio is alice's speech, not silence (total audio energy ${energy.toFixed(4)})`);
   await bob.screenshot({ path: path.join(outDir, "ptt.png") });
   await alice.screenshot({ path: path.join(outDir, "ptt-speaker.png") });
 

@@ -17,7 +17,8 @@ if [ ! -d "$here/node_modules/playwright-core" ]; then
 fi
 (cd "$repo" && cargo build --quiet --bin talkgroup)
 
-wav="$repo/../shared/data/speech-48k-mono.wav"
+# Resolved: Chromium does not read a capture file whose path has `..` in it (the microphone is then silent).
+wav="$(realpath -m "$repo/../shared/data/speech-48k-mono.wav")"
 [ -f "$wav" ] || wav=""
 port=18080
 log="$out/server.log"
