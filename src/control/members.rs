@@ -347,7 +347,14 @@ impl HubCore {
             Event::Applied {
                 channel,
                 epoch,
+                idle: true,
+                ..
+            } => self.floor_input(&channel, FloorInput::ShardIdle { epoch }, now),
+            Event::Applied {
+                channel,
+                epoch,
                 applied,
+                idle: false,
             } => {
                 if applied {
                     self.floor_input(&channel, FloorInput::ShardApplied { epoch }, now);

@@ -241,11 +241,6 @@ impl Floor {
             return;
         };
         self.burst_ended(&h, reason.as_str());
-        self.out.push_back(Output::Apply {
-            speaker: None,
-            epoch: h.epoch,
-            until: None,
-        });
         // With T3 grace the holder was already told; otherwise tell it now.
         if h.preempt_at.is_none() || reason != RevokeReason::Preempted {
             self.notify(
@@ -258,8 +253,48 @@ impl Floor {
                 },
             );
         }
-        self.state = State::Releasing { epoch: h.epoch };
-        self.out.push_back(Output::Release { epoch: h.epoch });
+        self.release_after_shard(h.epoch, h.renewed_at);
+    }
+
+    /// The shard is told nobody speaks; the lock is given back at once without a lease (one node: the
+    /// shard takes commands in order, so no later grant can overtake the idle), or, with one, once the
+    /// shard has stopped forwarding — its acknowledgement, or the end of the lease confirmed at
+    /// `lease_from` (the shard's own fence stops it then).
+    fn release_after_shard(&mut self, epoch: u64, lease_from: Instant) {
+        self.out.push_back(Output::Apply {
+            speaker: None,
+            epoch,
+            until: None,
+        });
+        match self.config.lease {
+            Some(lease) => {
+                self.state = State::Releasing {
+                    epoch,
+                    shard_stops_by: Some(lease.end(lease_from)),
+                };
+            }
+            None => {
+                self.state = State::Releasing {
+                    epoch,
+                    shard_stops_by: None,
+                };
+                self.out.push_back(Output::Release { epoch });
+            }
+        }
+    }
+
+    /// The shard took the idle of `epoch`: the lock may go back now.
+    pub(super) fn on_shard_idle(&mut self, epoch: u64) {
+        if let State::Releasing {
+            epoch: e,
+            shard_stops_by: waiting @ Some(_),
+        } = &mut self.state
+        {
+            if *e == epoch {
+                *waiting = None;
+                self.out.push_back(Output::Release { epoch });
+            }
+        }
     }
 
     pub(super) fn on_release(&mut self, member: &str, leaving: Option<RevokeReason>) {
@@ -272,16 +307,9 @@ impl Floor {
                 if let Some(reason) = leaving {
                     self.revoke(reason);
                 } else {
-                    let epoch = h.epoch;
                     let h = h.clone();
                     self.burst_ended(&h, "released");
-                    self.out.push_back(Output::Apply {
-                        speaker: None,
-                        epoch,
-                        until: None,
-                    });
-                    self.state = State::Releasing { epoch };
-                    self.out.push_back(Output::Release { epoch });
+                    self.release_after_shard(h.epoch, h.renewed_at);
                 }
             }
             State::Acquiring {
@@ -290,16 +318,13 @@ impl Floor {
                 ..
             } if m == member => *cancelled = true,
             State::Applying {
-                member: m, epoch, ..
+                member: m,
+                epoch,
+                asked_at,
+                ..
             } if m == member => {
-                let epoch = *epoch;
-                self.out.push_back(Output::Apply {
-                    speaker: None,
-                    epoch,
-                    until: None,
-                });
-                self.state = State::Releasing { epoch };
-                self.out.push_back(Output::Release { epoch });
+                let (epoch, asked_at) = (*epoch, *asked_at);
+                self.release_after_shard(epoch, asked_at);
             }
             _ => {
                 if dequeued {
@@ -319,7 +344,11 @@ impl Floor {
                 asked_at,
             } if *m == member => {
                 if *cancelled {
-                    self.state = State::Releasing { epoch };
+                    // Never applied: nothing to stop in the shard.
+                    self.state = State::Releasing {
+                        epoch,
+                        shard_stops_by: None,
+                    };
                     self.out.push_back(Output::Release { epoch });
                 } else {
                     let asked_at = *asked_at;
@@ -451,7 +480,8 @@ impl Floor {
     }
 
     pub(super) fn on_store_released(&mut self, epoch: u64, now: Instant) {
-        if self.state != (State::Releasing { epoch }) {
+        if !matches!(self.state, State::Releasing { epoch: e, shard_stops_by: None } if e == epoch)
+        {
             return;
         }
         self.state = State::Idle;
@@ -564,17 +594,30 @@ impl Floor {
 
     pub(super) fn on_tick(&mut self, now: Instant) {
         let lease = self.config.lease;
+        if let State::Releasing {
+            epoch,
+            shard_stops_by: Some(at),
+        } = &self.state
+        {
+            if now >= *at {
+                // No acknowledgement, but the lease is over: the shard's own fence has stopped the holder.
+                let epoch = *epoch;
+                self.on_shard_idle(epoch);
+            }
+            return;
+        }
         if let State::Applying {
             member,
             epoch,
             deadline,
+            asked_at,
             ..
         } = &self.state
         {
             if now >= *deadline {
                 // The shard never acknowledged: the member is told it did not get the floor (nothing was
                 // forwarded), the shard is told again that nobody speaks, and the lock goes back.
-                let (member, epoch) = (member.clone(), *epoch);
+                let (member, epoch, asked_at) = (member.clone(), *epoch, *asked_at);
                 tracing::warn!(epoch, "the shard did not acknowledge a grant: giving it up");
                 self.notify(
                     To::Member(member),
@@ -583,13 +626,7 @@ impl Floor {
                         reason: DenyReason::Unavailable,
                     },
                 );
-                self.out.push_back(Output::Apply {
-                    speaker: None,
-                    epoch,
-                    until: None,
-                });
-                self.state = State::Releasing { epoch };
-                self.out.push_back(Output::Release { epoch });
+                self.release_after_shard(epoch, asked_at);
             }
             return;
         }

@@ -194,6 +194,10 @@ pub enum Input {
     ShardApplied {
         epoch: u64,
     },
+    /// The shard no longer forwards the holder of `epoch` (it took the idle).
+    ShardIdle {
+        epoch: u64,
+    },
     /// The shard saw no media from the holder of `epoch` for T1.
     MediaSilence {
         epoch: u64,
@@ -295,9 +299,13 @@ enum State {
         deadline: Instant,
     },
     Held(Held),
-    /// The lock is being given back; then the queue's head is granted, or idle announced.
+    /// The lock is being given back; then the queue's head is granted, or idle announced. With a lease,
+    /// the lock is given back only once the shard has stopped forwarding the holder (`shard_stops_by`:
+    /// its acknowledgement, or the lease's end, when the shard's own fence stops it): a lock freed while
+    /// the shard still forwards could be granted to another node's member — two speakers.
     Releasing {
         epoch: u64,
+        shard_stops_by: Option<Instant>,
     },
     /// Held by a member of another node (`priority` is [`EMERGENCY`] for an emergency burst, else 0:
     /// a remote holder's priority is not known).
@@ -408,6 +416,10 @@ impl Floor {
         let h = match &self.state {
             State::Held(h) => h,
             State::Applying { deadline, .. } => return Some(*deadline),
+            State::Releasing {
+                shard_stops_by: Some(at),
+                ..
+            } => return Some(*at),
             _ => return None,
         };
         let mut at = h.t2_at;
@@ -452,6 +464,7 @@ impl Floor {
                 outcome,
             } => self.on_renewed(epoch, sent_at, outcome),
             Input::ShardApplied { epoch } => self.on_applied(epoch, now),
+            Input::ShardIdle { epoch } => self.on_shard_idle(epoch),
             Input::MediaSilence { epoch } => {
                 if matches!(&self.state, State::Held(h) if h.epoch == epoch) {
                     self.revoke(RevokeReason::Silence);

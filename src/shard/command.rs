@@ -108,6 +108,9 @@ pub enum Event {
         epoch: u64,
         /// Whether it changed the shard's cached speaker.
         applied: bool,
+        /// The change was an idle: the shard no longer forwards the holder of `epoch` (whether or not it
+        /// changed anything — a newer epoch already stopped it).
+        idle: bool,
     },
     /// T1: no media from the holder of `epoch`.
     Silence {

@@ -380,6 +380,7 @@ impl ShardCore {
                 let epoch = change.epoch();
                 // A lease extension needs no acknowledgement: the floor does not wait for it.
                 let lease = matches!(change, SpeakerChange::Lease { .. });
+                let idle = matches!(change, SpeakerChange::Idle { .. });
                 let applied = match self
                     .by_name
                     .get(&channel)
@@ -419,6 +420,7 @@ impl ShardCore {
                     channel,
                     epoch,
                     applied,
+                    idle,
                 })
             }
             Command::RelayTargets { channel, targets } => {

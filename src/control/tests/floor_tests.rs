@@ -51,6 +51,7 @@ fn a_press_is_granted_only_after_the_shard_forwards_and_others_see_taken() {
         channel: "ops".into(),
         epoch,
         applied: true,
+        idle: false,
     }));
     let g = hub.floor(a, "granted");
     assert_eq!(
@@ -289,6 +290,7 @@ fn a_speaker_change_lost_to_a_full_shard_queue_is_sent_again_not_dropped() {
         channel: "ops".into(),
         epoch: change.epoch(),
         applied: true,
+        idle: false,
     }));
     hub.floor(a, "granted");
 }

@@ -7,6 +7,7 @@ mod auth_tests;
 mod cluster_tests;
 mod floor_tests;
 mod member_tests;
+mod model_tests;
 mod session_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -46,10 +47,18 @@ pub struct ModelStore {
     member_node: HashMap<(String, String), String>,
     /// The transmission log, in write order.
     pub history: Vec<crate::state::history::Burst>,
+    /// What the store published (grants and releases), in order, for a harness to deliver.
+    pub published: Vec<StoreEvent>,
 }
 
 impl ModelStore {
-    fn answer(&mut self, call: &StoreCall, node: &str, now: Instant, t0: Instant) -> StoreReply {
+    pub(super) fn answer(
+        &mut self,
+        call: &StoreCall,
+        node: &str,
+        now: Instant,
+        t0: Instant,
+    ) -> StoreReply {
         match call {
             StoreCall::Acquire(req) => {
                 let held = self.locks.get(&req.channel).filter(|(_, exp)| *exp > now);
@@ -68,7 +77,12 @@ impl ModelStore {
                     emergency: req.emergency,
                 };
                 self.locks
-                    .insert(req.channel.clone(), (holder, now + req.ttl));
+                    .insert(req.channel.clone(), (holder.clone(), now + req.ttl));
+                self.published.push(StoreEvent::Floor {
+                    channel: req.channel.clone(),
+                    holder: Some(holder),
+                    epoch,
+                });
                 StoreReply::Acquired(Ok(Acquired::Granted { epoch }))
             }
             StoreCall::Renew {
@@ -92,6 +106,11 @@ impl ModelStore {
                     .is_some_and(|(h, _)| h.epoch == *epoch);
                 if ok {
                     self.locks.remove(channel);
+                    self.published.push(StoreEvent::Floor {
+                        channel: channel.clone(),
+                        holder: None,
+                        epoch: *epoch,
+                    });
                 }
                 StoreReply::Flag(Ok(ok))
             }
@@ -457,6 +476,7 @@ fn ack(command: &Command) -> Option<Event> {
                 channel: channel.clone(),
                 epoch,
                 applied: true,
+                idle: matches!(change, crate::channel::SpeakerChange::Idle { .. }),
             })
         }
         _ => None,

@@ -44,7 +44,8 @@ fn shard() -> (ShardCore, Instant) {
         Some(Event::Applied {
             channel: "ops".into(),
             epoch: 9,
-            applied: true
+            applied: true,
+            idle: false,
         })
     );
     (s, now)

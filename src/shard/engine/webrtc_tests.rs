@@ -156,7 +156,8 @@ impl Harness {
             Some(Event::Applied {
                 channel: "mix".into(),
                 epoch,
-                applied: true
+                applied: true,
+                idle: false,
             })
         );
     }
