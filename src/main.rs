@@ -1,8 +1,7 @@
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use talkgroup::auth::Rights;
-use talkgroup::config::{Cli, CommandLine, TokenArgs};
+use talkgroup::config::{self, CliError, CommandLine, ConfigCommand, TokenArgs};
 use talkgroup::server::Server;
 
 fn main() {
@@ -13,7 +12,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match config::parse_cli(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("talkgroup: {e}");
+            std::process::exit(2);
+        }
+    };
     match cli.command {
         CommandLine::Serve(args) => {
             // Signal handlers go in before the server says it serves: a SIGTERM right after "talkgroup
@@ -30,6 +36,14 @@ fn main() {
             tracing::info!("signal received: stopping");
             server.shutdown();
         }
+        CommandLine::Config(ConfigCommand::Check { file }) => match config::check_file(&file) {
+            Ok(text) => print!("{text}"),
+            Err(CliError::Clap(e)) => e.exit(),
+            Err(e) => {
+                eprintln!("talkgroup config check: {e}");
+                std::process::exit(1);
+            }
+        },
         CommandLine::Token(args) => match mint(&args) {
             Ok(token) => println!("{token}"),
             Err(e) => {
