@@ -38,6 +38,12 @@ pub struct ControlCounters {
     pub limited: BTreeMap<&'static str, u64>,
     /// Joins refused for their token, by reason.
     pub auth_failures: BTreeMap<&'static str, u64>,
+    /// `goaway` frames sent (draining).
+    pub goaways: u64,
+    /// Joins refused because the node drains.
+    pub joins_refused_draining: u64,
+    /// Shard threads that died with a panic.
+    pub shard_panics: u64,
 }
 
 /// A per-shard metric: name, help text, how to read it.
@@ -185,6 +191,16 @@ pub fn render(hub: &ControlCounters, shards: &[ShardStats]) -> String {
             "shard_queue_full_total",
             "Commands lost to a full shard queue",
             hub.shard_queue_full,
+        ),
+        (
+            "shard_panics_total",
+            "Shard threads that died with a panic",
+            hub.shard_panics,
+        ),
+        (
+            "goaways_total",
+            "goaway frames sent (draining)",
+            hub.goaways,
         ),
     ];
     for (name, help, v) in counters {

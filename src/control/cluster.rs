@@ -21,6 +21,7 @@ impl HubCore {
         self.config.relay_addrs.as_ref().map(|relay| NodeInfo {
             node: self.config.node.clone(),
             relay: relay.clone(),
+            draining: self.drain.is_some(),
         })
     }
 

@@ -44,7 +44,9 @@ impl HubCore {
             return Ok(());
         }
         let input = match ptt.action {
-            PttAction::Press if !self.store_up => {
+            // Draining: a new talk burst would only be cut when the node goes (the client is sent on
+            // with `goaway` once its channels are idle).
+            PttAction::Press if !self.store_up || self.drain.is_some() => {
                 let event = FloorEvent::Denied {
                     speaker: None,
                     reason: DenyReason::Unavailable,

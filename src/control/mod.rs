@@ -11,11 +11,13 @@
 //!   (the floor machine itself is [`crate::floor`]); store replies and published floor events;
 //! - `cluster.rs`: node liveness, which nodes serve a channel, relay targets, re-registration;
 //! - `presence.rs`: `presence` frames, and remote members whose node has gone;
+//! - `drain.rs`: leaving service without cutting a talk burst (`goaway`, the drain deadline);
 //! - [`runner`]: the tokio task that moves bytes and time in and out of the core.
 
 pub mod calls;
 mod cluster;
 mod conns;
+mod drain;
 mod floors;
 mod history;
 mod members;
@@ -102,6 +104,8 @@ pub struct HubConfig {
     /// Recording: `None` off (no recorder); `Some(true)` every channel; `Some(false)` the channels the
     /// admin API turns on.
     pub record_all: Option<bool>,
+    /// How long a drain lets talk bursts in progress go on before it closes everyone left.
+    pub drain_timeout: Duration,
 }
 
 /// Inputs of the core.
@@ -169,6 +173,17 @@ pub enum Input {
         /// Whether to record its local bursts.
         on: bool,
     },
+    /// Leave service gracefully (see `drain.rs`): refuse joins, let talk bursts end, `goaway` to every
+    /// client once its channels are idle, everyone closed at the drain deadline.
+    Drain,
+    /// A shard's thread ended with a panic: its channels are lost. The node drains (the other shards'
+    /// talk bursts end) and reports it in `/healthz`.
+    ShardDied {
+        /// The shard.
+        shard: usize,
+        /// The panic's message.
+        reason: String,
+    },
 }
 
 /// Outputs of the core, drained with [`HubCore::poll_output`].
@@ -218,6 +233,18 @@ pub struct ChannelInfo {
     pub epoch: u64,
     /// The shard that owns the channel.
     pub shard: usize,
+}
+
+/// What `/healthz` and `/readyz` need from the control core.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Health {
+    /// The node is draining: not ready for new clients.
+    pub draining: bool,
+    /// With a shared store: whether its subscription is up (floors can be decided). Always true on the
+    /// embedded store.
+    pub store_up: bool,
+    /// Shards whose thread died, with the panic's message.
+    pub dead_shards: Vec<(usize, String)>,
 }
 
 /// One WebSocket connection.
@@ -328,6 +355,10 @@ pub struct HubCore {
     media_addrs: HashMap<SocketAddr, (ConnId, usize)>,
     /// The wall clock at an instant of the core's clock: tokens' `exp`/`nbf` are Unix times.
     wall: (Instant, Duration),
+    /// Set once the node drains.
+    drain: Option<drain::Drain>,
+    /// Shards whose thread died, with the panic's message.
+    dead_shards: BTreeMap<usize, String>,
     rng: StdRng,
     out: VecDeque<Output>,
 }
@@ -364,6 +395,8 @@ impl HubCore {
             sessions: HashMap::new(),
             detached: BinaryHeap::new(),
             wall: (now, Duration::ZERO),
+            drain: None,
+            dead_shards: BTreeMap::new(),
             out: VecDeque::new(),
         }
     }
@@ -408,6 +441,32 @@ impl HubCore {
             Input::StoreEvent(event) => self.on_store_event(event, now),
             Input::Shutdown => self.shutdown(now),
             Input::SetRecording { channel, on } => self.set_recording(channel, on),
+            Input::Drain => self.start_drain(now),
+            Input::ShardDied { shard, reason } => {
+                tracing::error!(shard, reason, "shard died: draining the node");
+                self.counters.shard_panics += 1;
+                self.dead_shards.insert(shard, reason);
+                self.start_drain(now);
+                // Its connections' channels may be idle now.
+                let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+                for conn in conns {
+                    self.close_if_idle(conn, now);
+                }
+            }
+        }
+        self.drain_step(now);
+    }
+
+    /// What `/healthz` and `/readyz` report of the control core.
+    pub fn health(&self) -> Health {
+        Health {
+            draining: self.drain.is_some(),
+            store_up: self.store_up,
+            dead_shards: self
+                .dead_shards
+                .iter()
+                .map(|(s, r)| (*s, r.clone()))
+                .collect(),
         }
     }
 
@@ -449,6 +508,9 @@ impl HubCore {
         if let Some(t) = self.bursts_timeout() {
             at = at.min(t);
         }
+        if let Some(d) = self.drain.as_ref().filter(|_| !self.conns.is_empty()) {
+            at = at.min(d.deadline);
+        }
         Some(at)
     }
 
@@ -472,6 +534,7 @@ impl HubCore {
             self.refresh_sessions(now, 0);
         }
         self.tick_relay(now);
+        self.drain_step(now);
     }
 
     /// Every channel with members here, sorted by name.

@@ -123,11 +123,16 @@ pub trait SessionStore: Send + Sync + 'static {
     fn channels_of<'a>(&'a self, member: &'a str) -> StoreFuture<'a, Vec<String>>;
 }
 
-/// A node as the cluster registry knows it: its id and one relay address per shard (index = shard).
+/// A node as the cluster registry knows it: its id, one relay address per shard (index = shard), and
+/// whether it is draining (leaving service: it takes no new clients, so placement should not pick it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
+    /// The node's id.
     pub node: String,
+    /// Its relay address per shard.
     pub relay: Vec<std::net::SocketAddr>,
+    /// The node is draining.
+    pub draining: bool,
 }
 
 /// Which nodes have members in which channel, and which nodes are alive — what the relay needs to send a

@@ -34,6 +34,7 @@ fn node_b_joins(hub: &mut TestHub) {
     let info = NodeInfo {
         node: "b".into(),
         relay: relay(52000),
+        draining: false,
     };
     let calls = [
         StoreCall::Announce {

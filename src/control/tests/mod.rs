@@ -5,6 +5,7 @@
 
 mod auth_tests;
 mod cluster_tests;
+mod drain_tests;
 mod floor_tests;
 mod member_tests;
 mod session_tests;
@@ -40,7 +41,8 @@ pub struct ModelStore {
     locks: HashMap<String, (Holder, Instant)>,
     last_epoch: HashMap<String, u64>,
     members: BTreeMap<String, BTreeSet<String>>,
-    nodes: HashMap<String, (Vec<SocketAddr>, Instant)>,
+    /// Node → (relay addresses, draining, liveness expiry).
+    pub nodes: HashMap<String, (Vec<SocketAddr>, bool, Instant)>,
     channel_nodes: BTreeMap<String, BTreeSet<String>>,
     /// Which node each session belongs to: `(channel, member)` → node.
     member_node: HashMap<(String, String), String>,
@@ -131,8 +133,10 @@ impl ModelStore {
                 StoreReply::Done(Ok(()))
             }
             StoreCall::Announce { info, ttl } => {
-                self.nodes
-                    .insert(info.node.clone(), (info.relay.clone(), now + *ttl));
+                self.nodes.insert(
+                    info.node.clone(),
+                    (info.relay.clone(), info.draining, now + *ttl),
+                );
                 StoreReply::Done(Ok(()))
             }
             StoreCall::Withdraw { node } => {
@@ -156,10 +160,11 @@ impl ModelStore {
                 let ids = self.channel_nodes.get(channel).cloned().unwrap_or_default();
                 let (mut live, mut dead) = (vec![], vec![]);
                 for id in ids {
-                    match self.nodes.get(&id).filter(|(_, exp)| *exp > now) {
-                        Some((relay, _)) => live.push(NodeInfo {
+                    match self.nodes.get(&id).filter(|(_, _, exp)| *exp > now) {
+                        Some((relay, draining, _)) => live.push(NodeInfo {
                             node: id,
                             relay: relay.clone(),
+                            draining: *draining,
                         }),
                         None => dead.push(id),
                     }
@@ -259,6 +264,7 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         rtp_any_ip: false,
         resume_window: Duration::from_secs(30),
         record_all: None,
+        drain_timeout: Duration::from_secs(30),
     }
 }
 
