@@ -258,3 +258,77 @@ async fn readyz_follows_the_store() {
     redis.restart();
     assert_eq!(ready(200).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_the_operators_questions_and_the_dashboard_uses_only_them() {
+    let (_guard, http) = spawn_server(&["--shards", "2"]);
+    let (mut sa, _sb, mut alice, _bob) = burst(http).await;
+    for frame in speech_frames().iter().take(20) {
+        alice.send_rtp(frame).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sa.release("ops").await;
+    sa.expect_floor("ops", "idle").await;
+    let (status, text) = http_get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    for (name, at_least) in [
+        ("talkgroup_press_to_grant_seconds_count", 1),
+        ("talkgroup_ws_send_queue_bytes_count", 1),
+        ("talkgroup_packets_forwarded_total", 20),
+        ("talkgroup_shard_up", 2),
+        ("talkgroup_build_info", 1),
+        ("talkgroup_members", 2),
+    ] {
+        let v = client::metric(&text, name);
+        assert!(
+            v >= at_least,
+            "{name} = {v}, want at least {at_least}\n{text}"
+        );
+    }
+    let shard_cpu: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("talkgroup_shard_cpu_seconds_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(shard_cpu > 0.0, "shard threads' CPU from /proc: {text}");
+
+    // Every metric the Grafana dashboard queries is one the server exports.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/talkgroup.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    // A sample's name, or a declared family (labelled families have no sample before their first
+    // event, e.g. no denial yet).
+    let exported: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| match l.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split(' ').next(),
+            None if l.starts_with('#') => None,
+            None => l.split(['{', ' ']).next(),
+        })
+        .collect();
+    let mut queried = std::collections::BTreeSet::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("id")),
+            "panel ids are unique"
+        );
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("talkgroup_") || word.starts_with("process_") {
+                    queried.insert(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(queried.len() >= 20, "{queried:?}");
+    let missing: Vec<&String> = queried
+        .iter()
+        .filter(|m| !exported.contains(m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries metrics the server does not export: {missing:?}"
+    );
+}

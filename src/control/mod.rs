@@ -289,6 +289,9 @@ struct MemberCtl {
     rights: Rights,
     /// Presses per second.
     presses: TokenBucket,
+    /// When its press now being decided arrived (for the press → granted histogram; `None` for a
+    /// queued press, whose wait is another member's talk time).
+    pressed_at: Option<Instant>,
     /// A WebRTC member whose ICE and DTLS are not done yet (counted against the pending limits).
     webrtc_pending: bool,
     /// A plain-RTP member's media address (owned by its connection while any membership uses it).
@@ -563,6 +566,8 @@ impl HubCore {
             .filter(|c| c.detached_until.is_some())
             .count() as u64;
         c.connections = self.conns.len() as u64 - c.detached;
+        c.draining = self.drain.is_some();
+        c.store_up = self.store_up;
         c.channels = self.channels.len() as u64;
         c.members = self
             .channels

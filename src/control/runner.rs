@@ -16,7 +16,7 @@ use tracing::debug;
 use super::calls::{CallId, StoreCall, StoreReply};
 use super::{ChannelInfo, Health, HubCore, Input, Output};
 use crate::ids::ConnId;
-use crate::metrics::ControlCounters;
+use crate::metrics::{self, ControlCounters};
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
 use crate::state::history::History;
@@ -136,16 +136,21 @@ impl Outbound {
         self.tx.closed().await;
     }
 
-    /// Queues a frame unless that would put more than `limit` bytes in the queue; `false`: the client is
-    /// not reading (or gone).
-    pub fn try_send(&self, text: String, limit: usize) -> bool {
+    /// Queues a frame unless that would put more than `limit` bytes in the queue: the bytes queued
+    /// with it, or `None` when the client is not reading (or gone).
+    pub fn try_send(&self, text: String, limit: usize) -> Option<usize> {
         let len = text.len();
         let before = self.queued.fetch_add(len, Ordering::Relaxed);
         if before + len > limit || self.tx.send(text).is_err() {
             self.queued.fetch_sub(len, Ordering::Relaxed);
-            return false;
+            return None;
         }
-        true
+        Some(before + len)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -182,6 +187,8 @@ pub struct Runner {
     closing: Vec<Outbound>,
     /// The core was told to stop.
     stopping: bool,
+    /// Bytes in a client's queue after each frame was queued (the queues are the runner's, so is this).
+    ws_queue_depth: metrics::Buckets<8>,
 }
 
 impl Runner {
@@ -199,6 +206,7 @@ impl Runner {
             replies,
             closing: Vec::new(),
             stopping: false,
+            ws_queue_depth: Default::default(),
         }
     }
 
@@ -285,7 +293,14 @@ impl Runner {
                 let _ = reply.send(self.core.channels());
             }
             HubMsg::Counters { reply } => {
-                let _ = reply.send(self.core.counters());
+                let mut c = self.core.counters();
+                c.ws_queue_depth = self.ws_queue_depth;
+                for conn in self.conns.values() {
+                    let q = conn.out.queued() as u64;
+                    c.ws_queued_bytes += q;
+                    c.ws_queued_max_bytes = c.ws_queued_max_bytes.max(q);
+                }
+                let _ = reply.send(c);
             }
             HubMsg::SetRecording { channel, on } => {
                 self.core.handle(Input::SetRecording { channel, on }, now)
@@ -320,8 +335,11 @@ impl Runner {
                     let Some(c) = self.conns.get(&conn) else {
                         continue;
                     };
-                    if !c.out.try_send(text, self.queued_bytes) {
-                        self.core.handle(Input::Unwritable { conn }, Instant::now());
+                    match c.out.try_send(text, self.queued_bytes) {
+                        Some(depth) => self
+                            .ws_queue_depth
+                            .observe(&metrics::WS_QUEUE_BYTES, depth as u64),
+                        None => self.core.handle(Input::Unwritable { conn }, Instant::now()),
                     }
                 }
                 Output::Close { conn } => {

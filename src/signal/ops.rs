@@ -140,8 +140,15 @@ pub(super) async fn metrics_route(State(state): State<AppState>, headers: Header
         .into_iter()
         .filter_map(Result::ok)
         .collect();
-    let body = metrics::render(&control, &shards);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    let snapshot = metrics::Snapshot {
+        control,
+        shards,
+        shard_count: state.shards.len(),
+        // A few dozen reads of /proc: in-memory files, microseconds; not worth a blocking task.
+        process: metrics::ProcessStats::read(),
+    };
+    let body = metrics::render(snapshot);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// `POST /admin/drain`: the node drains (as on SIGTERM) and its process exits when the last client is

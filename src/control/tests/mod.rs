@@ -8,6 +8,7 @@ mod cluster_tests;
 mod drain_tests;
 mod floor_tests;
 mod member_tests;
+mod metrics_tests;
 mod session_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
