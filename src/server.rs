@@ -188,13 +188,24 @@ impl Server {
                 args.media_ip
             }
         });
-        let relay_key = match (args.store, &args.cluster_secret) {
-            (StoreKind::Redis, Some(secret)) => Some(RelayKey::new(secret.as_bytes())),
-            (StoreKind::Redis, None) => {
-                warn!("no --cluster-secret: relay off, speakers are heard on their own node only");
-                None
+        let redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
+        // The relay needs a shared key: the configured secret, or one the nodes agree on through the
+        // store they already trust with every floor (see `Registry::cluster_key`).
+        let (relay_key, agreed_key) = match (args.store, &args.cluster_secret) {
+            (StoreKind::Redis, Some(secret)) => {
+                info!("relay on: packets between nodes are authenticated with --cluster-secret");
+                (Some(RelayKey::new(secret.as_bytes())), None)
             }
-            (StoreKind::Memory, _) => None,
+            (StoreKind::Redis, None) => {
+                let key = agree_cluster_key(redis.clone())?;
+                info!(
+                    "relay on: packets between nodes are authenticated with the key the nodes keep in \
+                     Redis ({}:tg:cluster_key)",
+                    args.key_prefix
+                );
+                (Some(RelayKey::new(key.as_bytes())), Some(key))
+            }
+            (StoreKind::Memory, _) => (None, None),
         };
         let relay_base = args.relay_port.unwrap_or(if args.media_port == 0 {
             0
@@ -304,6 +315,7 @@ impl Server {
                 (None, None) => None,
             },
             drain_timeout: args.drain_timeout,
+            cluster_key: agreed_key,
         };
 
         let listener =
@@ -347,11 +359,6 @@ impl Server {
             warn!("--fault-injection is on: POST /admin/fault/panic-shard makes a shard panic (testing only)");
         }
         let store_kind = args.store;
-        let redis = RedisConfig::new(
-            args.redis_url(),
-            args.key_prefix.clone(),
-            hub_config.node.clone(),
-        );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (life_tx, life_rx) = mpsc::unbounded_channel();
         let stopped_tx = life_tx.clone();
@@ -475,6 +482,32 @@ impl Server {
         });
         let _ = stopper.join();
     }
+}
+
+/// The relay key of a cluster without a configured secret: a fresh random one is proposed, and the key
+/// already in Redis (the first node's) wins. Asked on a runtime of its own before the shards start (they
+/// need the key; the control thread's store connection comes later), on a thread of its own (a runtime
+/// cannot be started from within one: tests and embedders start nodes from async code).
+fn agree_cluster_key(redis: RedisConfig) -> Result<String, ServerError> {
+    let proposed: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let url = redis.url.clone();
+    let ask = move || -> Result<String, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let store = RedisStore::connect(redis).await?;
+            store.cluster_key(&proposed).await
+        })
+        .map_err(|e| e.to_string())
+    };
+    std::thread::scope(|s| s.spawn(ask).join())
+        .map_err(|_| ServerError::Start("the relay key agreement panicked".into()))?
+        .map_err(|e| ServerError::Start(format!("redis at {url}: agreeing on the relay key: {e}")))
 }
 
 /// Waits for shard `index`'s thread on a thread of its own; a panic is told to the control plane (which

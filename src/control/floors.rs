@@ -485,6 +485,7 @@ impl HubCore {
             (Purpose::Nodes { channel }, StoreReply::Nodes(Ok((live, dead)))) => {
                 self.on_nodes(&channel, live, dead, now)
             }
+            (Purpose::ClusterKey, StoreReply::Key(Ok(stored))) => self.on_cluster_key(&stored),
             _ => {}
         }
     }

@@ -106,6 +106,9 @@ pub struct HubConfig {
     pub record_all: Option<bool>,
     /// How long a drain lets talk bursts in progress go on before it closes everyone left.
     pub drain_timeout: Duration,
+    /// The relay key the nodes agreed on through the store (no cluster secret configured): put back
+    /// when the store comes back empty, so nodes started later agree with this one.
+    pub cluster_key: Option<String>,
 }
 
 /// Inputs of the core.

@@ -456,6 +456,7 @@ pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
         StoreCall::EvictNode { channel, node } => {
             StoreReply::Evicted(stores.registry.evict_node(&channel, &node).await)
         }
+        StoreCall::ClusterKey { key } => StoreReply::Key(stores.registry.cluster_key(&key).await),
     }
 }
 

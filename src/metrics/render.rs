@@ -371,6 +371,11 @@ impl Snapshot {
                 "Joins refused with goaway because the node drains",
                 c.joins_refused_draining,
             ),
+            (
+                "talkgroup_cluster_key_mismatch",
+                "Times the relay key in the store was found not to be this node's",
+                c.cluster_key_mismatch,
+            ),
         ] {
             f.counter(name, help, [(none(), v.into())])?;
         }

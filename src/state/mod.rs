@@ -158,6 +158,10 @@ pub trait Registry: Send + Sync + 'static {
     /// Removes the session entries of a dead node's members in `channel` (publishing `leave` for each);
     /// returns their names.
     fn evict_node<'a>(&'a self, channel: &'a str, node: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// The key that authenticates relay packets when no cluster secret is configured: `proposed` is
+    /// stored unless a key already is (the first node makes it, every later one adopts it); returns the
+    /// stored key. Whoever can read it could already write every floor and session in the store.
+    fn cluster_key<'a>(&'a self, proposed: &'a str) -> StoreFuture<'a, String>;
 }
 
 /// Microseconds since the Unix epoch: the floor of every new epoch, so epochs survive a store restart.

@@ -45,6 +45,8 @@ pub struct ModelStore {
     /// Node → (relay addresses, draining, liveness expiry).
     pub nodes: HashMap<String, (Vec<SocketAddr>, bool, Instant)>,
     channel_nodes: BTreeMap<String, BTreeSet<String>>,
+    /// The agreed relay key.
+    pub cluster_key: Option<String>,
     /// Which node each session belongs to: `(channel, member)` → node.
     member_node: HashMap<(String, String), String>,
     /// The transmission log, in write order.
@@ -179,6 +181,9 @@ impl ModelStore {
                 self.history.push((**burst).clone());
                 StoreReply::Done(Ok(()))
             }
+            StoreCall::ClusterKey { key } => {
+                StoreReply::Key(Ok(self.cluster_key.get_or_insert(key.clone()).clone()))
+            }
             StoreCall::EvictNode { channel, node } => {
                 let gone: Vec<String> = self
                     .member_node
@@ -266,6 +271,7 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         resume_window: Duration::from_secs(30),
         record_all: None,
         drain_timeout: Duration::from_secs(30),
+        cluster_key: None,
     }
 }
 
@@ -480,6 +486,7 @@ pub fn failure(call: &StoreCall) -> StoreReply {
         StoreCall::Join { .. } => StoreReply::Joined(Err(e)),
         StoreCall::ChannelNodes { .. } => StoreReply::Nodes(Err(e)),
         StoreCall::EvictNode { .. } => StoreReply::Evicted(Err(e)),
+        StoreCall::ClusterKey { .. } => StoreReply::Key(Err(e)),
         _ => StoreReply::Done(Err(e)),
     }
 }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{encode, millis, RedisStore, Wire};
-use crate::state::{NodeInfo, Registry, StoreFuture};
+use crate::state::{NodeInfo, Registry, StateError, StoreFuture};
 
 /// The item of a node's liveness value that says it is draining.
 const DRAINING: &str = "draining";
@@ -153,6 +153,33 @@ impl Registry for RedisStore {
             self.call("evict node", pipe.query_async::<()>(&mut conn))
                 .await?;
             Ok(gone)
+        })
+    }
+
+    fn cluster_key<'a>(&'a self, proposed: &'a str) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let key = self.keys.cluster_key();
+            // SET NX then GET: the first node's key stays; the value never changes once set, so the
+            // two steps need no script.
+            let set = redis::cmd("SET")
+                .arg(&key)
+                .arg(proposed)
+                .arg("NX")
+                .to_owned();
+            self.call(
+                "SET NX cluster key",
+                set.query_async::<Option<String>>(&mut conn),
+            )
+            .await?;
+            let stored: Option<String> = self
+                .call(
+                    "GET cluster key",
+                    redis::cmd("GET").arg(&key).query_async(&mut conn),
+                )
+                .await?;
+            stored
+                .ok_or_else(|| StateError::Protocol("the cluster key vanished after SET NX".into()))
         })
     }
 }
