@@ -307,6 +307,30 @@ pub async fn http_get_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    http_request(http, "GET", path, headers).await
+}
+
+/// A tiny HTTP/1.1 POST without a body: (status, body).
+pub async fn http_post(http: SocketAddr, path: &str) -> (u16, String) {
+    http_request(http, "POST", path, &[]).await
+}
+
+/// `http_post` with extra request headers.
+pub async fn http_post_with(
+    http: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    http_request(http, "POST", path, headers).await
+}
+
+/// One HTTP/1.1 request without a body, the connection closed after it: (status, body).
+async fn http_request(
+    http: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(STEP, TcpStream::connect(http))
         .await
@@ -317,7 +341,10 @@ pub async fn http_get_with(
         .map(|(k, v)| format!("{k}: {v}\r\n"))
         .collect();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .expect("write");
@@ -430,39 +457,6 @@ pub fn speech_frames() -> Vec<Vec<u8>> {
     }
     assert!(!frames.is_empty(), "{path} holds no frames");
     frames
-}
-
-/// A tiny HTTP/1.1 POST without a body: (status, body).
-pub async fn http_post(http: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(STEP, TcpStream::connect(http))
-        .await
-        .expect("timeout")
-        .expect("connect");
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
-        .await
-        .expect("timeout")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// Sends `signal` to the child.
