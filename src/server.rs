@@ -449,9 +449,16 @@ impl Server {
 
     /// Starts draining (see [`crate::control`]'s `drain.rs`): joins refused, talk bursts in progress
     /// end, every client sent `goaway`; the node stops when the last one is gone (a [`Lifecycle::Stopped`]
-    /// follows). `false` if the control thread could not be told (gone, or its queue full).
-    pub fn drain(&self) -> bool {
-        self.hub.try_send(HubMsg::Drain).is_ok()
+    /// follows). Never blocks the caller.
+    pub fn drain(&self) {
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.hub.try_send(HubMsg::Drain) {
+            // The control thread is busy: wait for room on a thread of its own (`blocking_send` must
+            // not run inside the caller's runtime).
+            let hub = self.hub.clone();
+            std::thread::spawn(move || {
+                let _ = hub.blocking_send(msg);
+            });
+        }
     }
 
     /// Stops cleanly: floors released and announced idle, members told `left`, shards stopped.

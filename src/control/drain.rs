@@ -27,6 +27,18 @@ use super::HubCore;
 use crate::ids::ConnId;
 use crate::signal::protocol::{Message, GOAWAY_RETRY_AFTER_MS};
 
+/// What `/healthz` and `/readyz` need from the control core.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Health {
+    /// The node is draining: not ready for new clients.
+    pub draining: bool,
+    /// With a shared store: whether its subscription is up (floors can be decided). Always true on the
+    /// embedded store.
+    pub store_up: bool,
+    /// Shards whose thread died, with the panic's message.
+    pub dead_shards: Vec<(usize, String)>,
+}
+
 /// A drain in progress.
 #[derive(Debug)]
 pub(super) struct Drain {
@@ -46,6 +58,33 @@ impl HubCore {
     /// Whether a drain is complete: no client is left. The runner then stops the node.
     pub fn is_drained(&self) -> bool {
         self.drain.is_some() && self.conns.is_empty()
+    }
+
+    /// What `/healthz` and `/readyz` report of the control core.
+    pub fn health(&self) -> Health {
+        Health {
+            draining: self.drain.is_some(),
+            store_up: self.store_up,
+            dead_shards: self
+                .dead_shards
+                .iter()
+                .map(|(s, r)| (*s, r.clone()))
+                .collect(),
+        }
+    }
+
+    /// A shard's thread died: its channels are lost (they count as idle from now on), and the node
+    /// drains so that its process can be restarted.
+    pub(super) fn on_shard_died(&mut self, shard: usize, reason: String, now: Instant) {
+        tracing::error!(shard, reason, "shard died: draining the node");
+        self.counters.shard_panics += 1;
+        self.dead_shards.insert(shard, reason);
+        self.start_drain(now);
+        // Connections kept for a channel of that shard may be idle now.
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for conn in conns {
+            self.close_if_idle(conn, now);
+        }
     }
 
     /// Starts draining (once; later calls change nothing).
@@ -118,31 +157,28 @@ impl HubCore {
     pub(super) fn refuse_join_draining(&mut self, conn: ConnId, id: Option<Value>, now: Instant) {
         self.send_goaway(conn, id);
         self.counters.joins_refused_draining += 1;
-        self.close_if_idle_quietly(conn, now);
+        if !self.still_talking(conn) {
+            self.disconnect(conn, now);
+        }
     }
 
-    /// Sends `goaway` and closes `conn` unless one of its channels is still talking (that channel is
-    /// then watched).
+    /// Sends `goaway` and closes `conn` unless one of its channels is still talking.
     pub(super) fn close_if_idle(&mut self, conn: ConnId, now: Instant) {
-        if let Some(channel) = self.busy_channel_of(conn) {
-            if let Some(d) = &mut self.drain {
-                d.busy.insert(channel);
-            }
-            return;
+        if !self.still_talking(conn) {
+            self.goaway(conn, None, now);
         }
-        self.goaway(conn, None, now);
     }
 
-    /// Like [`HubCore::close_if_idle`] after a `goaway` was already sent.
-    fn close_if_idle_quietly(&mut self, conn: ConnId, now: Instant) {
-        match self.busy_channel_of(conn) {
-            Some(channel) => {
-                if let Some(d) = &mut self.drain {
-                    d.busy.insert(channel);
-                }
-            }
-            None => self.disconnect(conn, now),
+    /// Whether a channel of `conn` is still talking; that channel is then watched, so that the
+    /// connection is looked at again when it goes idle.
+    fn still_talking(&mut self, conn: ConnId) -> bool {
+        let Some(channel) = self.busy_channel_of(conn) else {
+            return false;
+        };
+        if let Some(d) = &mut self.drain {
+            d.busy.insert(channel);
         }
+        true
     }
 
     /// `goaway`, then the connection is closed (its memberships end as on a disconnect).

@@ -18,6 +18,8 @@ pub mod calls;
 mod cluster;
 mod conns;
 mod drain;
+
+pub use self::drain::Health;
 mod floors;
 mod history;
 mod members;
@@ -238,18 +240,6 @@ pub struct ChannelInfo {
     pub shard: usize,
 }
 
-/// What `/healthz` and `/readyz` need from the control core.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Health {
-    /// The node is draining: not ready for new clients.
-    pub draining: bool,
-    /// With a shared store: whether its subscription is up (floors can be decided). Always true on the
-    /// embedded store.
-    pub store_up: bool,
-    /// Shards whose thread died, with the panic's message.
-    pub dead_shards: Vec<(usize, String)>,
-}
-
 /// One WebSocket connection.
 struct Conn {
     ip: IpAddr,
@@ -448,32 +438,9 @@ impl HubCore {
             Input::Shutdown => self.shutdown(now),
             Input::SetRecording { channel, on } => self.set_recording(channel, on),
             Input::Drain => self.start_drain(now),
-            Input::ShardDied { shard, reason } => {
-                tracing::error!(shard, reason, "shard died: draining the node");
-                self.counters.shard_panics += 1;
-                self.dead_shards.insert(shard, reason);
-                self.start_drain(now);
-                // Its connections' channels may be idle now.
-                let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-                for conn in conns {
-                    self.close_if_idle(conn, now);
-                }
-            }
+            Input::ShardDied { shard, reason } => self.on_shard_died(shard, reason, now),
         }
         self.drain_step(now);
-    }
-
-    /// What `/healthz` and `/readyz` report of the control core.
-    pub fn health(&self) -> Health {
-        Health {
-            draining: self.drain.is_some(),
-            store_up: self.store_up,
-            dead_shards: self
-                .dead_shards
-                .iter()
-                .map(|(s, r)| (*s, r.clone()))
-                .collect(),
-        }
     }
 
     /// The next output to act on.
