@@ -1,9 +1,11 @@
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use talkgroup::auth::Rights;
-use talkgroup::config::{Cli, CommandLine, TokenArgs};
-use talkgroup::server::Server;
+use talkgroup::config::{self, CliError, CommandLine, ConfigCommand, TokenArgs};
+use talkgroup::server::{Lifecycle, Server};
+
+/// The exit status after a shard panicked (EX_SOFTWARE): not 0, so a supervisor restarts the node.
+const EXIT_SHARD_DIED: i32 = 70;
 
 fn main() {
     tracing_subscriber::fmt()
@@ -13,23 +15,38 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match config::parse_cli(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("talkgroup: {e}");
+            std::process::exit(2);
+        }
+    };
     match cli.command {
         CommandLine::Serve(args) => {
             // Signal handlers go in before the server says it serves: a SIGTERM right after "talkgroup
             // serving" must stop it cleanly, not kill it.
             let signals = Signals::install();
-            let server = match Server::start(args) {
+            let mut server = match Server::start(args) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("talkgroup: {e}");
                     std::process::exit(1);
                 }
             };
-            signals.wait();
-            tracing::info!("signal received: stopping");
+            let code = signals.run(&mut server);
             server.shutdown();
+            std::process::exit(code);
         }
+        CommandLine::Config(ConfigCommand::Check { file }) => match config::check_file(&file) {
+            Ok(text) => print!("{text}"),
+            Err(CliError::Clap(e)) => e.exit(),
+            Err(e) => {
+                eprintln!("talkgroup config check: {e}");
+                std::process::exit(1);
+            }
+        },
         CommandLine::Token(args) => match mint(&args) {
             Ok(token) => println!("{token}"),
             Err(e) => {
@@ -96,20 +113,54 @@ impl Signals {
         Signals { rt, term }
     }
 
-    /// Blocks until SIGINT or SIGTERM.
-    fn wait(mut self) {
+    /// Runs the node's life: the first SIGTERM or SIGINT drains it (talk bursts in progress end, every
+    /// client is sent `goaway`), a second one stops it at once; a drain that completes (also one asked
+    /// for with `POST /admin/drain`) ends it. Returns the exit status: 0, or [`EXIT_SHARD_DIED`] when a
+    /// shard panicked (the node drains, then exits so that its supervisor restarts it).
+    fn run(mut self, server: &mut Server) -> i32 {
+        let Some(mut life) = server.take_lifecycle() else {
+            return 0;
+        };
         self.rt.block_on(async {
-            match self.term.as_mut() {
-                Some(term) => {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
+            let mut code = 0;
+            let mut draining = false;
+            loop {
+                let signal = async {
+                    match self.term.as_mut() {
+                        Some(term) => {
+                            tokio::select! {
+                                _ = tokio::signal::ctrl_c() => {}
+                                _ = term.recv() => {}
+                            }
+                        }
+                        None => {
+                            let _ = tokio::signal::ctrl_c().await;
+                        }
                     }
-                }
-                None => {
-                    let _ = tokio::signal::ctrl_c().await;
+                };
+                tokio::select! {
+                    _ = signal => {
+                        if draining {
+                            tracing::info!("second signal: stopping now");
+                            return code;
+                        }
+                        tracing::info!("signal received: draining (a second signal stops at once)");
+                        draining = true;
+                        server.drain();
+                    }
+                    event = life.recv() => match event {
+                        Some(Lifecycle::ShardDied { shard, reason }) => {
+                            tracing::error!(shard, reason, "a shard died: draining, then exiting non-zero");
+                            code = EXIT_SHARD_DIED;
+                            draining = true;
+                        }
+                        Some(Lifecycle::Stopped) | None => {
+                            tracing::info!("stopped");
+                            return code;
+                        }
+                    },
                 }
             }
-        });
+        })
     }
 }

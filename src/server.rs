@@ -1,4 +1,5 @@
-//! Wiring: start the shards, the control thread (the control core's runner + HTTP), and stop them cleanly.
+//! Wiring: start the shards, the control thread (the control core's runner + HTTP), watch the shards'
+//! threads, and stop them — at once, or by draining.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -25,18 +26,40 @@ use crate::state::memory::{MemoryFloorStore, MemoryRegistry, MemorySessionStore}
 use crate::state::redis::{RedisConfig, RedisStore};
 use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
 
+/// Why a node did not start.
 #[derive(Debug, Error)]
 pub enum ServerError {
+    /// The options do not make a node (e.g. a port range that overflows, an unreadable key file).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A socket could not be bound.
     #[error("cannot bind {what} {addr}: {source}")]
     Bind {
+        /// Which socket.
         what: &'static str,
+        /// Its address.
         addr: SocketAddr,
+        /// The system's error.
         source: std::io::Error,
     },
+    /// Something else failed at start-up (a thread, the store).
     #[error("cannot start: {0}")]
     Start(String),
+}
+
+/// What happens to a running node that its owner (`main`) must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// A shard's thread panicked: the node drains and should then exit non-zero, so its supervisor
+    /// restarts it.
+    ShardDied {
+        /// The shard.
+        shard: usize,
+        /// The panic's message.
+        reason: String,
+    },
+    /// The control plane has stopped (a drain completed, or a shutdown): the process may exit.
+    Stopped,
 }
 
 /// How long the control core waits for a store call before treating it as failed (the Redis backend
@@ -105,11 +128,15 @@ async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router) {
 
 /// A running node.
 pub struct Server {
+    /// Where it serves HTTP and WebSocket.
     pub http_addr: SocketAddr,
+    /// Each shard's media address.
     pub media_addrs: Vec<SocketAddr>,
     hub: mpsc::Sender<HubMsg>,
     control: Option<JoinHandle<()>>,
+    /// One watcher per shard: waits for the shard's thread and reports a panic.
     shards: Vec<JoinHandle<()>>,
+    lifecycle: Option<mpsc::UnboundedReceiver<Lifecycle>>,
 }
 
 /// CPUs this process may run on (sched_getaffinity), to pin shards.
@@ -161,13 +188,24 @@ impl Server {
                 args.media_ip
             }
         });
-        let relay_key = match (args.store, &args.cluster_secret) {
-            (StoreKind::Redis, Some(secret)) => Some(RelayKey::new(secret.as_bytes())),
-            (StoreKind::Redis, None) => {
-                warn!("no --cluster-secret: relay off, speakers are heard on their own node only");
-                None
+        let redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
+        // The relay needs a shared key: the configured secret, or one the nodes agree on through the
+        // store they already trust with every floor (see `Registry::cluster_key`).
+        let (relay_key, agreed_key) = match (args.store, &args.cluster_secret) {
+            (StoreKind::Redis, Some(secret)) => {
+                info!("relay on: packets between nodes are authenticated with --cluster-secret");
+                (Some(RelayKey::new(secret.as_bytes())), None)
             }
-            (StoreKind::Memory, _) => None,
+            (StoreKind::Redis, None) => {
+                let key = agree_cluster_key(redis.clone())?;
+                info!(
+                    "relay on: packets between nodes are authenticated with the key the nodes keep in \
+                     Redis ({}:tg:cluster_key)",
+                    args.key_prefix
+                );
+                (Some(RelayKey::new(key.as_bytes())), Some(key))
+            }
+            (StoreKind::Memory, _) => (None, None),
         };
         let relay_base = args.relay_port.unwrap_or(if args.media_port == 0 {
             0
@@ -191,6 +229,8 @@ impl Server {
         let (event_tx, event_rx) = flume::bounded(65_536);
         let mut handles: Vec<ShardHandle> = Vec::new();
         let mut shard_threads = Vec::new();
+        // Testing only (`--fault-injection`): a way to make each shard panic.
+        let mut faults = Vec::new();
         for i in 0..n {
             let port = if args.media_port == 0 {
                 0
@@ -219,6 +259,11 @@ impl Server {
                 }
                 None => None,
             };
+            let fault = args.fault_injection.then(|| {
+                let (tx, rx) = flume::bounded(1);
+                faults.push(tx);
+                rx
+            });
             let (handle, join) = shard::spawn(
                 i,
                 bind,
@@ -231,6 +276,7 @@ impl Server {
                 },
                 relay,
                 event_tx.clone(),
+                fault,
             )
             .map_err(|source| ServerError::Bind {
                 what: "media port",
@@ -268,6 +314,8 @@ impl Server {
                 (None, Some(_)) => Some(false),
                 (None, None) => None,
             },
+            drain_timeout: args.drain_timeout,
+            cluster_key: agreed_key,
         };
 
         let listener =
@@ -305,14 +353,15 @@ impl Server {
             allowed_origins: Arc::new(args.allowed_origin.clone()),
             limits: args.limits.limits(),
             record_dir,
+            faults: args.fault_injection.then(|| Arc::new(faults)),
         };
+        if args.fault_injection {
+            warn!("--fault-injection is on: POST /admin/fault/panic-shard makes a shard panic (testing only)");
+        }
         let store_kind = args.store;
-        let redis = RedisConfig::new(
-            args.redis_url(),
-            args.key_prefix.clone(),
-            hub_config.node.clone(),
-        );
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (life_tx, life_rx) = mpsc::unbounded_channel();
+        let stopped_tx = life_tx.clone();
         let control = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -369,20 +418,47 @@ impl Server {
                     let _ = ready_tx.send(Ok(()));
                     let _ = hub_task.await;
                 });
+                let _ = stopped_tx.send(Lifecycle::Stopped);
             })
             .map_err(|e| ServerError::Start(e.to_string()))?;
         ready_rx
             .recv()
             .map_err(|_| ServerError::Start("control thread died".into()))?
             .map_err(ServerError::Start)?;
+        let shards = shard_threads
+            .into_iter()
+            .enumerate()
+            .map(|(i, join)| watch_shard(i, join, hub_tx.clone(), life_tx.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
         info!(%http_addr, ?media_addrs, shards = n, "talkgroup serving");
         Ok(Server {
             http_addr,
             media_addrs,
             hub: hub_tx,
             control: Some(control),
-            shards: shard_threads,
+            shards,
+            lifecycle: Some(life_rx),
         })
+    }
+
+    /// What happens to the node (a shard died; it stopped), for its owner to act on; `None` after the
+    /// first call.
+    pub fn take_lifecycle(&mut self) -> Option<mpsc::UnboundedReceiver<Lifecycle>> {
+        self.lifecycle.take()
+    }
+
+    /// Starts draining (see [`crate::control`]'s `drain.rs`): joins refused, talk bursts in progress
+    /// end, every client sent `goaway`; the node stops when the last one is gone (a [`Lifecycle::Stopped`]
+    /// follows). Never blocks the caller.
+    pub fn drain(&self) {
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.hub.try_send(HubMsg::Drain) {
+            // The control thread is busy: wait for room on a thread of its own (`blocking_send` must
+            // not run inside the caller's runtime).
+            let hub = self.hub.clone();
+            std::thread::spawn(move || {
+                let _ = hub.blocking_send(msg);
+            });
+        }
     }
 
     /// Stops cleanly: floors released and announced idle, members told `left`, shards stopped.
@@ -413,6 +489,61 @@ impl Server {
         });
         let _ = stopper.join();
     }
+}
+
+/// The relay key of a cluster without a configured secret: a fresh random one is proposed, and the key
+/// already in Redis (the first node's) wins. Asked on a runtime of its own before the shards start (they
+/// need the key; the control thread's store connection comes later), on a thread of its own (a runtime
+/// cannot be started from within one: tests and embedders start nodes from async code).
+fn agree_cluster_key(redis: RedisConfig) -> Result<String, ServerError> {
+    let proposed: String = rand::random::<[u8; 32]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let url = redis.url.clone();
+    let ask = move || -> Result<String, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let store = RedisStore::connect(redis).await?;
+            store.cluster_key(&proposed).await
+        })
+        .map_err(|e| e.to_string())
+    };
+    std::thread::scope(|s| s.spawn(ask).join())
+        .map_err(|_| ServerError::Start("the relay key agreement panicked".into()))?
+        .map_err(|e| ServerError::Start(format!("redis at {url}: agreeing on the relay key: {e}")))
+}
+
+/// Waits for shard `index`'s thread on a thread of its own; a panic is told to the control plane (which
+/// drains the node and reports it in `/healthz`) and to the node's owner (which exits non-zero).
+fn watch_shard(
+    index: usize,
+    join: JoinHandle<Result<(), String>>,
+    hub: mpsc::Sender<HubMsg>,
+    life: mpsc::UnboundedSender<Lifecycle>,
+) -> Result<JoinHandle<()>, ServerError> {
+    std::thread::Builder::new()
+        .name(format!("shard-{index}-watch"))
+        .spawn(move || {
+            let reason = match join.join() {
+                Ok(Ok(())) => return,
+                Ok(Err(reason)) => reason,
+                Err(_) => "its watcher thread panicked".to_string(),
+            };
+            tracing::error!(shard = index, reason, "shard thread died");
+            let _ = hub.blocking_send(HubMsg::ShardDied {
+                shard: index,
+                reason: reason.clone(),
+            });
+            let _ = life.send(Lifecycle::ShardDied {
+                shard: index,
+                reason,
+            });
+        })
+        .map_err(|e| ServerError::Start(e.to_string()))
 }
 
 impl Drop for Server {

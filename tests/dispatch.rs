@@ -114,8 +114,17 @@ async fn an_emergency_preempts_a_priority_255_holder_at_once() {
     se.release("ops").await;
     let idle = sl.expect_floor("ops", "idle").await;
     assert_eq!(idle["emergency"], true, "every event of the burst says so");
-    let (_, body) = http_get(srv.http_addr, "/api/channels/ops/history").await;
-    let rows: Vec<Value> = serde_json::from_str(&body).unwrap();
+    // The log is written off the packet path, once the shard has counted the burst's packets.
+    let t0 = Instant::now();
+    let (rows, body) = loop {
+        let (_, body) = http_get(srv.http_addr, "/api/channels/ops/history").await;
+        let rows: Vec<Value> = serde_json::from_str(&body).unwrap();
+        if rows.len() >= 2 {
+            break (rows, body);
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "two bursts never logged: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(rows[0]["emergency"], true, "{body}");
     assert_eq!(rows[1]["end_reason"], "preempted", "{body}");
     srv.shutdown();

@@ -367,3 +367,71 @@ async fn a_node_that_dies_during_a_redis_outage_leaves_presence() {
         back.elapsed()
     );
 }
+
+/// Two nodes started as the README says, with no cluster secret: they agree on a relay key through Redis
+/// and hear each other. (An explicit `--cluster-secret` still wins: `three_nodes_one_channel` signs
+/// forged packets with `SECRET` and sees them refused for their sender, not their tag.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_without_a_secret_agree_on_a_key_and_hear_each_other() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let node = |id: &'static str| {
+        spawn_server(&[
+            "--shards",
+            "2",
+            "--store",
+            "redis",
+            "--redis-url",
+            &url,
+            "--key-prefix",
+            "auto",
+            "--node-id",
+            id,
+        ])
+    };
+    let (_a, http_a) = node("node-a");
+    let (_b, http_b) = node("node-b");
+    let mut sa = Signal::connect(http_a).await;
+    let mut sb = Signal::connect(http_b).await;
+    let mut ann = RtpMember::join(&mut sa, "ops", "ann").await;
+    let ben = RtpMember::join(&mut sb, "ops", "ben").await;
+    take_floor(&mut sa, "ops", Duration::from_secs(10)).await;
+    floor_any(&mut sb, "ops", &["taken"]).await;
+    // Until the nodes have read each other from the registry (≤ 1 s), the first packets go nowhere.
+    let frames = client::speech_frames();
+    let start = Instant::now();
+    loop {
+        ann.send_rtp(&frames[0]).await;
+        if !ben.recv_rtp(1, Duration::from_millis(20)).await.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "ben never heard ann across nodes"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ben.recv_rtp(10_000, Duration::from_millis(100)).await;
+    for frame in frames.iter().take(100) {
+        ann.send_rtp(frame).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let heard = ben.recv_rtp(100, Duration::from_secs(5)).await;
+    assert_eq!(heard.len(), 100, "every packet crossed the relay");
+    assert!(heard
+        .iter()
+        .zip(frames.iter())
+        .all(|(got, sent)| got.4 == *sent));
+
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key: String = redis::cmd("GET")
+        .arg("auto:tg:cluster_key")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(key.len(), 64, "256 random bits, hex");
+}

@@ -8,7 +8,9 @@ mod client;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use client::{http_get, http_get_with, metric, spawn_server, RtpMember, Signal};
+use client::{
+    http_get, http_get_with, http_post, http_post_with, metric, spawn_server, RtpMember, Signal,
+};
 use futures_util::SinkExt;
 use rtpio::testing::RedisServer;
 use serde_json::{json, Value};
@@ -123,6 +125,22 @@ async fn admin_routes_need_an_admin_token_or_the_admin_address() {
     assert!(body.contains("talkgroup_auth_failures_total"));
     let (status, _) = http_get(http, "/healthz").await;
     assert_eq!(status, 200, "health stays public");
+    assert_eq!(http_get(http, "/readyz").await.0, 200, "readiness too");
+    // Draining the node is an operator's act.
+    assert_eq!(http_post(http, "/admin/drain").await.0, 401);
+    let (status, _) = http_post_with(
+        http,
+        "/admin/drain",
+        &[("Authorization", &format!("Bearer {member}"))],
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(http_get(http, "/readyz").await.0, 200, "still serving");
+    assert_eq!(
+        http_post(http, "/admin/fault/panic-shard?shard=0").await.0,
+        404,
+        "fault injection is off by default"
+    );
 
     // With --admin-http the admin routes move there (no token) and leave the public address.
     let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -136,6 +154,7 @@ async fn admin_routes_need_an_admin_token_or_the_admin_address() {
         &admin_port.to_string(),
     ]);
     assert_eq!(http_get(http2, "/metrics").await.0, 404);
+    assert_eq!(http_post(http2, "/admin/drain").await.0, 404);
     let (status, _) = http_get(admin_port, "/metrics").await;
     assert_eq!(status, 200);
 }

@@ -13,7 +13,7 @@ use talkgroup::state::history::{Burst, History, MemoryHistory};
 use talkgroup::state::memory::{MemoryFloorStore, MemorySessionStore};
 use talkgroup::state::redis::{RedisConfig, RedisStore};
 use talkgroup::state::{
-    AcquireRequest, Acquired, FloorStore, Holder, SessionStore, StateError, StoreEvent,
+    AcquireRequest, Acquired, FloorStore, Holder, Registry, SessionStore, StateError, StoreEvent,
 };
 use tokio::sync::mpsc;
 
@@ -637,4 +637,17 @@ async fn redis_warns_about_evicting_policies() {
         .unwrap()
         .expect("a warning");
     assert!(warning.contains("volatile-lru"), "{warning}");
+}
+
+#[tokio::test]
+async fn redis_nodes_agree_on_one_cluster_key() {
+    let server = RedisServer::start();
+    let (a, b) = (connect(&server, "a").await, connect(&server, "b").await);
+    assert_eq!(a.cluster_key("key-of-a").await.unwrap(), "key-of-a");
+    assert_eq!(
+        b.cluster_key("key-of-b").await.unwrap(),
+        "key-of-a",
+        "the first node's key wins"
+    );
+    assert_eq!(a.cluster_key("key-of-a").await.unwrap(), "key-of-a");
 }

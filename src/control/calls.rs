@@ -111,6 +111,11 @@ pub enum StoreCall {
         /// The dead node.
         node: String,
     },
+    /// Put this node's relay key back if the store lost it (it came back empty); answers the stored one.
+    ClusterKey {
+        /// The key this node's shards use.
+        key: String,
+    },
 }
 
 impl StoreCall {
@@ -130,6 +135,7 @@ impl StoreCall {
             StoreCall::ChannelNodes { .. } => "channel_nodes",
             StoreCall::EvictNode { .. } => "evict_node",
             StoreCall::RecordBurst(_) => "record_burst",
+            StoreCall::ClusterKey { .. } => "cluster_key",
         }
     }
 }
@@ -150,6 +156,8 @@ pub enum StoreReply {
     Nodes(Result<(Vec<NodeInfo>, Vec<String>), StateError>),
     /// [`StoreCall::EvictNode`]: the members removed.
     Evicted(Result<Vec<String>, StateError>),
+    /// [`StoreCall::ClusterKey`]: the key in the store.
+    Key(Result<String, StateError>),
     /// The calls that return nothing.
     Done(Result<(), StateError>),
 }
@@ -164,6 +172,7 @@ impl StoreReply {
             StoreReply::Joined(r) => r.is_err(),
             StoreReply::Nodes(r) => r.is_err(),
             StoreReply::Evicted(r) => r.is_err(),
+            StoreReply::Key(r) => r.is_err(),
             StoreReply::Done(r) => r.is_err(),
         }
     }
@@ -222,6 +231,8 @@ pub enum Purpose {
         /// The channel.
         channel: String,
     },
+    /// The relay key put back after the store came back: the answer says whether it is still ours.
+    ClusterKey,
     /// Nothing depends on the answer.
     None,
 }

@@ -21,6 +21,7 @@ impl HubCore {
         self.config.relay_addrs.as_ref().map(|relay| NodeInfo {
             node: self.config.node.clone(),
             relay: relay.clone(),
+            draining: self.drain.is_some(),
         })
     }
 
@@ -59,6 +60,16 @@ impl HubCore {
     /// After a store reconnect (it may have come back empty): liveness, then channel registrations, and
     /// the sessions of every local member, each retried while the command connection comes back.
     pub(super) fn reregister(&mut self, now: Instant) {
+        if let Some(key) = self.config.cluster_key.clone() {
+            let timeout = self.config.store_timeout;
+            self.calls.start_with_retries(
+                StoreCall::ClusterKey { key },
+                Purpose::ClusterKey,
+                now,
+                timeout,
+                REREGISTER_RETRIES,
+            );
+        }
         if let Some(info) = self.node_info() {
             self.periodic.announce = now + ANNOUNCE_EVERY;
             let then_register = self.channels.keys().cloned().collect();
@@ -187,6 +198,19 @@ impl HubCore {
                 };
                 self.shard_command(shard, command);
             }
+        }
+    }
+
+    /// The store's relay key after a reconnect: another key means a node started while the store had
+    /// lost ours and made a new one — relay between it and this node fails until one of them restarts.
+    pub(super) fn on_cluster_key(&mut self, stored: &str) {
+        if self.config.cluster_key.as_deref() != Some(stored) {
+            tracing::error!(
+                "the relay key in the store is not this node's (the store lost it and another node made \
+                 a new one): relay with nodes started since fails until this node restarts; set \
+                 --cluster-secret on every node to avoid this"
+            );
+            self.counters.cluster_key_mismatch += 1;
         }
     }
 

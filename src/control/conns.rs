@@ -75,6 +75,9 @@ impl HubCore {
             self.limit_hit("connections_per_ip");
             self.send_error(conn, &e, None);
             self.disconnect(conn, now);
+        } else if self.drain.is_some() {
+            // The load balancer has not seen `/readyz` yet: send the client on at once.
+            self.close_if_idle(conn, now);
         }
     }
 
@@ -136,6 +139,10 @@ impl HubCore {
         now: Instant,
     ) -> Result<(), SignalError> {
         match request {
+            Request::Join(_) if self.drain.is_some() => {
+                self.refuse_join_draining(conn, id, now);
+                Ok(())
+            }
             Request::Join(join) => self.on_join(conn, join, id, now),
             Request::Ptt(ptt) => self.on_ptt(conn, ptt, now),
             Request::Leave { channel } => {

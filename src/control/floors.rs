@@ -44,7 +44,9 @@ impl HubCore {
             return Ok(());
         }
         let input = match ptt.action {
-            PttAction::Press if !self.store_up => {
+            // Draining: a new talk burst would only be cut when the node goes (the client is sent on
+            // with `goaway` once its channels are idle).
+            PttAction::Press if !self.store_up || self.drain.is_some() => {
                 let event = FloorEvent::Denied {
                     speaker: None,
                     reason: DenyReason::Unavailable,
@@ -68,13 +70,17 @@ impl HubCore {
                         "an emergency press needs the `emergency` right in the token",
                     ));
                 }
+                m.pressed_at = Some(now);
                 FloorInput::Emergency { member }
             }
-            PttAction::Press => FloorInput::Request {
-                priority: m.priority,
-                member,
-                queue: ptt.queue,
-            },
+            PttAction::Press => {
+                m.pressed_at = (!ptt.queue).then_some(now);
+                FloorInput::Request {
+                    priority: m.priority,
+                    member,
+                    queue: ptt.queue,
+                }
+            }
             PttAction::Release => FloorInput::Release { member },
         };
         self.floor_input(&ptt.channel, input, now);
@@ -184,7 +190,10 @@ impl HubCore {
                     };
                     self.speaker_change(channel, change);
                 }
-                FloorOutput::Notify { to, event } => self.notify(channel, to, event),
+                FloorOutput::Notify { to, event } => {
+                    self.time_press(channel, &to, &event, now);
+                    self.notify(channel, to, event);
+                }
                 FloorOutput::BurstEnded {
                     member,
                     epoch,
@@ -254,6 +263,31 @@ impl HubCore {
                 };
                 self.shard_command(shard, command);
             }
+        }
+    }
+
+    /// Press → granted: observed when the press's `granted` leaves; a press answered otherwise, or that
+    /// waits in the queue, is not timed.
+    fn time_press(&mut self, channel: &str, to: &To, event: &FloorEvent, now: Instant) {
+        let member = match (event, to) {
+            (FloorEvent::Granted { speaker, .. }, _) => speaker,
+            (FloorEvent::Denied { .. } | FloorEvent::Queued { .. }, To::Member(m)) => m,
+            _ => return,
+        };
+        let Some(m) = self
+            .channels
+            .get_mut(channel)
+            .and_then(|ch| ch.members.get_mut(member))
+        else {
+            return;
+        };
+        let pressed = m.pressed_at.take();
+        if let (FloorEvent::Granted { .. }, Some(at)) = (event, pressed) {
+            let us =
+                u64::try_from(now.saturating_duration_since(at).as_micros()).unwrap_or(u64::MAX);
+            self.counters
+                .press_to_grant
+                .observe(&crate::metrics::PRESS_TO_GRANT_US, us);
         }
     }
 
@@ -451,6 +485,7 @@ impl HubCore {
             (Purpose::Nodes { channel }, StoreReply::Nodes(Ok((live, dead)))) => {
                 self.on_nodes(&channel, live, dead, now)
             }
+            (Purpose::ClusterKey, StoreReply::Key(Ok(stored))) => self.on_cluster_key(&stored),
             _ => {}
         }
     }

@@ -157,6 +157,7 @@ impl HubCore {
                 answer: None,
                 rights,
                 presses: crate::auth::TokenBucket::new(press_burst, now),
+                pressed_at: None,
                 webrtc_pending,
                 rtp_addr,
             },

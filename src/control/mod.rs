@@ -11,11 +11,15 @@
 //!   (the floor machine itself is [`crate::floor`]); store replies and published floor events;
 //! - `cluster.rs`: node liveness, which nodes serve a channel, relay targets, re-registration;
 //! - `presence.rs`: `presence` frames, and remote members whose node has gone;
+//! - `drain.rs`: leaving service without cutting a talk burst (`goaway`, the drain deadline);
 //! - [`runner`]: the tokio task that moves bytes and time in and out of the core.
 
 pub mod calls;
 mod cluster;
 mod conns;
+mod drain;
+
+pub use self::drain::Health;
 mod floors;
 mod history;
 mod members;
@@ -102,6 +106,11 @@ pub struct HubConfig {
     /// Recording: `None` off (no recorder); `Some(true)` every channel; `Some(false)` the channels the
     /// admin API turns on.
     pub record_all: Option<bool>,
+    /// How long a drain lets talk bursts in progress go on before it closes everyone left.
+    pub drain_timeout: Duration,
+    /// The relay key the nodes agreed on through the store (no cluster secret configured): put back
+    /// when the store comes back empty, so nodes started later agree with this one.
+    pub cluster_key: Option<String>,
 }
 
 /// Inputs of the core.
@@ -168,6 +177,17 @@ pub enum Input {
         channel: String,
         /// Whether to record its local bursts.
         on: bool,
+    },
+    /// Leave service gracefully (see `drain.rs`): refuse joins, let talk bursts end, `goaway` to every
+    /// client once its channels are idle, everyone closed at the drain deadline.
+    Drain,
+    /// A shard's thread ended with a panic: its channels are lost. The node drains (the other shards'
+    /// talk bursts end) and reports it in `/healthz`.
+    ShardDied {
+        /// The shard.
+        shard: usize,
+        /// The panic's message.
+        reason: String,
     },
 }
 
@@ -262,6 +282,9 @@ struct MemberCtl {
     rights: Rights,
     /// Presses per second.
     presses: TokenBucket,
+    /// When its press now being decided arrived (for the press → granted histogram; `None` for a
+    /// queued press, whose wait is another member's talk time).
+    pressed_at: Option<Instant>,
     /// A WebRTC member whose ICE and DTLS are not done yet (counted against the pending limits).
     webrtc_pending: bool,
     /// A plain-RTP member's media address (owned by its connection while any membership uses it).
@@ -328,6 +351,10 @@ pub struct HubCore {
     media_addrs: HashMap<SocketAddr, (ConnId, usize)>,
     /// The wall clock at an instant of the core's clock: tokens' `exp`/`nbf` are Unix times.
     wall: (Instant, Duration),
+    /// Set once the node drains.
+    drain: Option<drain::Drain>,
+    /// Shards whose thread died, with the panic's message.
+    dead_shards: BTreeMap<usize, String>,
     rng: StdRng,
     out: VecDeque<Output>,
 }
@@ -364,6 +391,8 @@ impl HubCore {
             sessions: HashMap::new(),
             detached: BinaryHeap::new(),
             wall: (now, Duration::ZERO),
+            drain: None,
+            dead_shards: BTreeMap::new(),
             out: VecDeque::new(),
         }
     }
@@ -408,7 +437,10 @@ impl HubCore {
             Input::StoreEvent(event) => self.on_store_event(event, now),
             Input::Shutdown => self.shutdown(now),
             Input::SetRecording { channel, on } => self.set_recording(channel, on),
+            Input::Drain => self.start_drain(now),
+            Input::ShardDied { shard, reason } => self.on_shard_died(shard, reason, now),
         }
+        self.drain_step(now);
     }
 
     /// The next output to act on.
@@ -449,6 +481,9 @@ impl HubCore {
         if let Some(t) = self.bursts_timeout() {
             at = at.min(t);
         }
+        if let Some(d) = self.drain.as_ref().filter(|_| !self.conns.is_empty()) {
+            at = at.min(d.deadline);
+        }
         Some(at)
     }
 
@@ -472,6 +507,7 @@ impl HubCore {
             self.refresh_sessions(now, 0);
         }
         self.tick_relay(now);
+        self.drain_step(now);
     }
 
     /// Every channel with members here, sorted by name.
@@ -500,6 +536,8 @@ impl HubCore {
             .filter(|c| c.detached_until.is_some())
             .count() as u64;
         c.connections = self.conns.len() as u64 - c.detached;
+        c.draining = self.drain.is_some();
+        c.store_up = self.store_up;
         c.channels = self.channels.len() as u64;
         c.members = self
             .channels

@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
 use super::calls::{CallId, StoreCall, StoreReply};
-use super::{ChannelInfo, HubCore, Input, Output};
+use super::{ChannelInfo, Health, HubCore, Input, Output};
 use crate::ids::ConnId;
-use crate::metrics::ControlCounters;
+use crate::metrics::{self, ControlCounters};
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
 use crate::state::history::History;
@@ -27,6 +27,8 @@ use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
 const LATE_ANSWER: Duration = Duration::from_secs(5);
 /// Longest wait for store calls at shutdown (floor releases, session leaves).
 const SHUTDOWN_WAIT: Duration = Duration::from_millis(1500);
+/// Longest wait at the end for the last frames (`goaway`, `left`) to reach the clients being closed.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// Messages to the runner from the WebSocket tasks and HTTP routes.
 pub enum HubMsg {
@@ -90,6 +92,21 @@ pub enum HubMsg {
         /// Where the counters go.
         reply: oneshot::Sender<ControlCounters>,
     },
+    /// `/healthz`, `/readyz`.
+    Health {
+        /// Where the report goes.
+        reply: oneshot::Sender<Health>,
+    },
+    /// Start draining (SIGTERM, `POST /admin/drain`); the runner stops the node when the drain is
+    /// complete.
+    Drain,
+    /// A shard's thread died with a panic.
+    ShardDied {
+        /// The shard.
+        shard: usize,
+        /// The panic's message.
+        reason: String,
+    },
     /// Stop the node cleanly; `done` fires when it has.
     Shutdown {
         /// Fired once floors are released and members told.
@@ -114,16 +131,26 @@ impl Outbound {
         Outbound { tx, queued }
     }
 
-    /// Queues a frame unless that would put more than `limit` bytes in the queue; `false`: the client is
-    /// not reading (or gone).
-    pub fn try_send(&self, text: String, limit: usize) -> bool {
+    /// Resolves once the connection's writer has ended (its last frames written, or given up).
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    /// Queues a frame unless that would put more than `limit` bytes in the queue: the bytes queued
+    /// with it, or `None` when the client is not reading (or gone).
+    pub fn try_send(&self, text: String, limit: usize) -> Option<usize> {
         let len = text.len();
         let before = self.queued.fetch_add(len, Ordering::Relaxed);
         if before + len > limit || self.tx.send(text).is_err() {
             self.queued.fetch_sub(len, Ordering::Relaxed);
-            return false;
+            return None;
         }
-        true
+        Some(before + len)
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -156,6 +183,12 @@ pub struct Runner {
     queued_bytes: usize,
     replies_tx: mpsc::UnboundedSender<(CallId, StoreReply)>,
     replies: mpsc::UnboundedReceiver<(CallId, StoreReply)>,
+    /// Connections closed while the node drains or stops: their last frames are waited for at the end.
+    closing: Vec<Outbound>,
+    /// The core was told to stop.
+    stopping: bool,
+    /// Bytes in a client's queue after each frame was queued (the queues are the runner's, so is this).
+    ws_queue_depth: metrics::Buckets<8>,
 }
 
 impl Runner {
@@ -171,22 +204,33 @@ impl Runner {
             conns: HashMap::new(),
             replies_tx,
             replies,
+            closing: Vec::new(),
+            stopping: false,
+            ws_queue_depth: Default::default(),
         }
     }
 
-    /// Runs until [`HubMsg::Shutdown`] (or until every sender of `inbox` is gone).
+    /// Runs until [`HubMsg::Shutdown`], or a drain is complete (or every sender of `inbox` is gone).
     pub async fn run(
         mut self,
         mut inbox: mpsc::Receiver<HubMsg>,
         shard_events: flume::Receiver<Event>,
         mut store_events: Option<mpsc::Receiver<StoreEvent>>,
     ) {
-        let mut stopping: Option<(Instant, oneshot::Sender<()>)> = None;
+        let mut stopping: Option<(Instant, Option<oneshot::Sender<()>>)> = None;
         loop {
             self.perform_outputs();
+            if stopping.is_none() && self.core.is_drained() {
+                // Every client is gone: stop the usual way (floors, registry, shards).
+                self.stopping = true;
+                self.core.handle(Input::Shutdown, Instant::now());
+                self.perform_outputs();
+                stopping = Some((Instant::now() + SHUTDOWN_WAIT, None));
+            }
             if let Some((until, _)) = &stopping {
                 if self.core.calls_in_flight() == 0 || Instant::now() >= *until {
-                    if let Some((_, done)) = stopping.take() {
+                    self.flush_closing().await;
+                    if let Some((_, Some(done))) = stopping.take() {
                         let _ = done.send(());
                     }
                     return;
@@ -196,8 +240,14 @@ impl Runner {
             tokio::select! {
                 msg = inbox.recv() => match msg {
                     Some(HubMsg::Shutdown { done }) => {
-                        self.core.handle(Input::Shutdown, Instant::now());
-                        stopping = Some((Instant::now() + SHUTDOWN_WAIT, done));
+                        if stopping.is_none() {
+                            self.stopping = true;
+                            self.core.handle(Input::Shutdown, Instant::now());
+                            stopping = Some((Instant::now() + SHUTDOWN_WAIT, Some(done)));
+                        } else if let Some((_, waiting)) = &mut stopping {
+                            // Already stopping (a drain completed): answer when that is done.
+                            waiting.get_or_insert(done);
+                        }
                     }
                     Some(msg) => self.on_msg(msg),
                     None => return,
@@ -243,7 +293,14 @@ impl Runner {
                 let _ = reply.send(self.core.channels());
             }
             HubMsg::Counters { reply } => {
-                let _ = reply.send(self.core.counters());
+                let mut c = self.core.counters();
+                c.ws_queue_depth = self.ws_queue_depth;
+                for conn in self.conns.values() {
+                    let q = conn.out.queued() as u64;
+                    c.ws_queued_bytes += q;
+                    c.ws_queued_max_bytes = c.ws_queued_max_bytes.max(q);
+                }
+                let _ = reply.send(c);
             }
             HubMsg::SetRecording { channel, on } => {
                 self.core.handle(Input::SetRecording { channel, on }, now)
@@ -259,6 +316,13 @@ impl Runner {
                     let _ = reply.send(history.list(&channel, limit, before).await);
                 });
             }
+            HubMsg::Health { reply } => {
+                let _ = reply.send(self.core.health());
+            }
+            HubMsg::Drain => self.core.handle(Input::Drain, now),
+            HubMsg::ShardDied { shard, reason } => {
+                self.core.handle(Input::ShardDied { shard, reason }, now)
+            }
             HubMsg::Shutdown { .. } => {}
         }
     }
@@ -271,12 +335,19 @@ impl Runner {
                     let Some(c) = self.conns.get(&conn) else {
                         continue;
                     };
-                    if !c.out.try_send(text, self.queued_bytes) {
-                        self.core.handle(Input::Unwritable { conn }, Instant::now());
+                    match c.out.try_send(text, self.queued_bytes) {
+                        Some(depth) => self
+                            .ws_queue_depth
+                            .observe(&metrics::WS_QUEUE_BYTES, depth as u64),
+                        None => self.core.handle(Input::Unwritable { conn }, Instant::now()),
                     }
                 }
                 Output::Close { conn } => {
-                    self.conns.remove(&conn);
+                    if let Some(c) = self.conns.remove(&conn) {
+                        if self.core.is_draining() || self.stopping {
+                            self.closing.push(c.out.clone());
+                        }
+                    }
                 }
                 Output::Store { id, call, deadline } => self.spawn_call(id, call, deadline),
                 Output::Shard { shard, command } => {
@@ -291,6 +362,16 @@ impl Runner {
                     }
                 }
             }
+        }
+    }
+
+    /// Waits (bounded) for the writers of the connections closed while draining or stopping, so their
+    /// `goaway` and `left` reach the clients before the process ends.
+    async fn flush_closing(&mut self) {
+        let closing = std::mem::take(&mut self.closing);
+        let all = futures_util::future::join_all(closing.iter().map(Outbound::closed));
+        if tokio::time::timeout(FLUSH_WAIT, all).await.is_err() {
+            debug!("some clients did not take their last frames in time");
         }
     }
 
@@ -375,6 +456,7 @@ pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
         StoreCall::EvictNode { channel, node } => {
             StoreReply::Evicted(stores.registry.evict_node(&channel, &node).await)
         }
+        StoreCall::ClusterKey { key } => StoreReply::Key(stores.registry.cluster_key(&key).await),
     }
 }
 

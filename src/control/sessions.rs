@@ -54,7 +54,12 @@ impl HubCore {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if window.is_zero() || c.joined.is_empty() || c.detached_until.is_some() {
+        // A draining node keeps nothing for a resume: the client comes back elsewhere.
+        if window.is_zero()
+            || c.joined.is_empty()
+            || c.detached_until.is_some()
+            || self.drain.is_some()
+        {
             return self.disconnect(conn, now);
         }
         let until = now + window;

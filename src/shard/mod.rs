@@ -54,7 +54,9 @@ pub fn shard_of(channel: &str, shards: usize) -> usize {
     (h % shards.max(1) as u64) as usize
 }
 
-/// Binds the socket and starts shard `index` on its own thread, pinned to `cpu` (if given).
+/// Binds the socket and starts shard `index` on its own thread, pinned to `cpu` (if given). The returned
+/// thread ends when the shard does: `Err` with the panic's message if it panicked. `fault` is testing
+/// only (`--fault-injection`): a message on it makes the shard panic.
 pub fn spawn(
     index: usize,
     bind: SocketAddr,
@@ -62,7 +64,8 @@ pub fn spawn(
     mut config: ShardConfig,
     relay: Option<(SocketAddr, RelayState)>,
     events: flume::Sender<Event>,
-) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
+    fault: Option<flume::Receiver<()>>,
+) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<Result<(), String>>)> {
     let socket = udp::bind(bind)?;
     let media_addr = socket.local_addr()?.as_socket().unwrap_or(bind);
     if let Some(w) = config.webrtc.as_mut() {
@@ -91,6 +94,14 @@ pub fn spawn(
             let relay_socket =
                 relay_fd.map(|fd| unsafe { glommio::net::UdpSocket::from_raw_fd(fd) });
             let core = ShardCore::with_relay(index, config, relay_state, Instant::now());
+            if let Some(fault) = fault {
+                glommio::spawn_local(async move {
+                    if fault.recv_async().await.is_ok() {
+                        panic!("fault injection: shard {index} was told to panic");
+                    }
+                })
+                .detach();
+            }
             run(index, socket, relay_socket, core, rx, events).await;
         })
         .map_err(|e| std::io::Error::other(format!("shard {index}: {e}")))?;
@@ -100,11 +111,20 @@ pub fn spawn(
         relay_addr,
         commands: tx,
     };
-    // glommio's join handle is not std's; wrap it in a thread that waits for it.
+    // glommio's join handle is not std's; wrap it in a thread that waits for it and says how the shard
+    // ended (a panic is the node's to report and act on).
     let join = std::thread::Builder::new()
         .name(format!("shard-{index}-join"))
-        .spawn(move || {
-            let _ = join.join();
+        .spawn(move || match join.join() {
+            Ok(()) => Ok(()),
+            Err(glommio::GlommioError::BuilderError(glommio::BuilderErrorKind::ThreadPanic(p))) => {
+                Err(p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panicked".to_string()))
+            }
+            Err(e) => Err(e.to_string()),
         })?;
     Ok((handle, join))
 }

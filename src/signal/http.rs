@@ -1,4 +1,5 @@
-//! HTTP routes: `/ws`, `/healthz`, `/metrics`, `/api/channels`, and the web page at `/`.
+//! HTTP routes: `/ws`, `/api/channels`, the web page at `/`, and the operator's routes of [`super::ops`]
+//! (`/healthz`, `/readyz`, `/metrics`, `/admin/drain`).
 //!
 //! With tokens on, `/api/*` and `/metrics` need `Authorization: Bearer <token>` with the `admin` right —
 //! or they move to a separate `--admin-http` listener (reachable only from the operator's network) and
@@ -12,16 +13,16 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Path, Query, State, WebSocketUpgrade};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::ops::{self, ask};
 use super::protocol::MAX_FRAME;
 use crate::auth::{Limits, Verifier};
 use crate::control::runner::HubMsg;
 use crate::floor::FloorConfig;
-use crate::metrics;
-use crate::shard::{Command, ShardHandle};
+use crate::shard::ShardHandle;
 
 /// What the routes need. Cloned per request (all handles).
 #[derive(Clone)]
@@ -43,6 +44,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Where recordings are (`--record`/`--record-dir`), if anywhere.
     pub record_dir: Option<std::path::PathBuf>,
+    /// Testing only (`--fault-injection`): a message to shard i's sender makes it panic.
+    pub faults: Option<Arc<Vec<flume::Sender<()>>>>,
 }
 
 /// The public router: the page, the WebSocket, health — and, unless `admin` is separate, the admin
@@ -51,20 +54,30 @@ pub fn router(state: AppState, admin_separate: bool) -> Router {
     let r = Router::new()
         .route("/", get(index))
         .route("/ws", get(ws))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz));
     let r = if admin_separate {
         r
     } else {
-        r.route("/metrics", get(metrics_route))
-            .route("/api/channels", get(channels))
-            .route("/api/channels/{channel}/history", get(history))
-            .route(
-                "/api/channels/{channel}/recording",
-                axum::routing::post(set_recording),
-            )
-            .route("/api/recordings/{channel}/{file}", get(recording))
+        admin_routes(r, &state)
     };
     r.with_state(state)
+}
+
+/// The routes that need the admin right (or the separate admin address).
+fn admin_routes(r: Router<AppState>, state: &AppState) -> Router<AppState> {
+    let r = r
+        .route("/metrics", get(ops::metrics_route))
+        .route("/api/channels", get(channels))
+        .route("/api/channels/{channel}/history", get(history))
+        .route("/api/channels/{channel}/recording", post(set_recording))
+        .route("/api/recordings/{channel}/{file}", get(recording))
+        .route("/admin/drain", post(ops::drain));
+    if state.faults.is_some() {
+        r.route("/admin/fault/panic-shard", post(ops::panic_shard))
+    } else {
+        r
+    }
 }
 
 /// The `--admin-http` router: metrics and the API without a token (the address is the protection).
@@ -73,17 +86,10 @@ pub fn admin_router(state: AppState) -> Router {
         auth: None,
         ..state
     };
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics_route))
-        .route("/api/channels", get(channels))
-        .route("/api/channels/{channel}/history", get(history))
-        .route(
-            "/api/channels/{channel}/recording",
-            axum::routing::post(set_recording),
-        )
-        .route("/api/recordings/{channel}/{file}", get(recording))
-        .with_state(state)
+    let r = Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz));
+    admin_routes(r, &state).with_state(state)
 }
 
 async fn index() -> Html<&'static str> {
@@ -101,7 +107,7 @@ fn unix_now() -> u64 {
 type Refusal = (StatusCode, String);
 
 /// With tokens on, an admin route needs a bearer token with the `admin` right.
-fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
+pub(super) fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(verifier) = &state.auth else {
         return Ok(());
     };
@@ -177,23 +183,15 @@ async fn ws(
         .on_upgrade(move |socket| super::ws::serve(socket, conn, peer.ip(), state.hub, limits))
 }
 
-async fn ask_hub<T>(
-    hub: &mpsc::Sender<HubMsg>,
-    make: impl FnOnce(oneshot::Sender<T>) -> HubMsg,
-) -> Option<T> {
-    let (tx, rx) = oneshot::channel();
-    hub.send(make(tx)).await.ok()?;
-    tokio::time::timeout(Duration::from_secs(2), rx)
-        .await
-        .ok()?
-        .ok()
-}
-
 async fn channels(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(refused) = check_admin(&state, &headers) {
         return refused.into_response();
     }
-    match ask_hub(&state.hub, |reply| HubMsg::Channels { reply }).await {
+    match ask(&state.hub, Duration::from_secs(2), |reply| {
+        HubMsg::Channels { reply }
+    })
+    .await
+    {
         Some(rows) => Json(rows).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response(),
     }
@@ -228,7 +226,7 @@ async fn history(
         before: q.before,
         reply,
     };
-    match ask_hub(&state.hub, ask).await {
+    match ops::ask(&state.hub, Duration::from_secs(2), ask).await {
         Some(Ok(bursts)) => Json(bursts).into_response(),
         Some(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response(),
@@ -295,26 +293,4 @@ async fn recording(
         Ok(bytes) => ([(header::CONTENT_TYPE, "audio/ogg")], bytes).into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "no such recording (on this node)").into_response(),
     }
-}
-
-async fn metrics_route(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(refused) = check_admin(&state, &headers) {
-        return refused.into_response();
-    }
-    let Some(counters) = ask_hub(&state.hub, |reply| HubMsg::Counters { reply }).await else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "control thread busy").into_response();
-    };
-    let mut shard_stats = Vec::new();
-    for s in &state.shards {
-        let (tx, rx) = flume::bounded(1);
-        if s.commands.try_send(Command::Stats { reply: tx }).is_ok() {
-            if let Ok(Ok(stats)) =
-                tokio::time::timeout(Duration::from_secs(1), rx.recv_async()).await
-            {
-                shard_stats.push(stats);
-            }
-        }
-    }
-    let body = metrics::render(&counters, &shard_stats);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

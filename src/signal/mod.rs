@@ -2,5 +2,6 @@
 //! is decided by the control plane ([`crate::control`]).
 
 pub mod http;
+pub mod ops;
 pub mod protocol;
 pub mod ws;

@@ -258,7 +258,23 @@ pub enum Message {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// v1.1 (placement and draining): the server is about to close this connection; the client
+    /// reconnects — to any node — after `retry_after_ms` and joins again. `id` echoes a `join` the
+    /// draining node refused (an optional field this server adds).
+    Goaway {
+        /// Why: `"draining"`.
+        reason: &'static str,
+        /// How long the client should wait before it reconnects.
+        retry_after_ms: u64,
+        /// The refused request's `id`, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
+    },
 }
+
+/// How long a client told `goaway` waits before it reconnects (protocol v1.1's example value: long
+/// enough for the load balancer to see the node is not ready, short enough not to be noticed).
+pub const GOAWAY_RETRY_AFTER_MS: u64 = 2000;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {

@@ -253,4 +253,9 @@ impl Registry for MemoryRegistry {
     fn evict_node<'a>(&'a self, _channel: &'a str, _node: &'a str) -> StoreFuture<'a, Vec<String>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
+
+    fn cluster_key<'a>(&'a self, proposed: &'a str) -> StoreFuture<'a, String> {
+        // One node, no relay: nothing to agree with.
+        Box::pin(std::future::ready(Ok(proposed.to_string())))
+    }
 }

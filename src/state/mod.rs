@@ -123,11 +123,16 @@ pub trait SessionStore: Send + Sync + 'static {
     fn channels_of<'a>(&'a self, member: &'a str) -> StoreFuture<'a, Vec<String>>;
 }
 
-/// A node as the cluster registry knows it: its id and one relay address per shard (index = shard).
+/// A node as the cluster registry knows it: its id, one relay address per shard (index = shard), and
+/// whether it is draining (leaving service: it takes no new clients, so placement should not pick it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
+    /// The node's id.
     pub node: String,
+    /// Its relay address per shard.
     pub relay: Vec<std::net::SocketAddr>,
+    /// The node is draining.
+    pub draining: bool,
 }
 
 /// Which nodes have members in which channel, and which nodes are alive — what the relay needs to send a
@@ -153,6 +158,10 @@ pub trait Registry: Send + Sync + 'static {
     /// Removes the session entries of a dead node's members in `channel` (publishing `leave` for each);
     /// returns their names.
     fn evict_node<'a>(&'a self, channel: &'a str, node: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// The key that authenticates relay packets when no cluster secret is configured: `proposed` is
+    /// stored unless a key already is (the first node makes it, every later one adopts it); returns the
+    /// stored key. Whoever can read it could already write every floor and session in the store.
+    fn cluster_key<'a>(&'a self, proposed: &'a str) -> StoreFuture<'a, String>;
 }
 
 /// Microseconds since the Unix epoch: the floor of every new epoch, so epochs survive a store restart.

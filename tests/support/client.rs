@@ -307,6 +307,30 @@ pub async fn http_get_with(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    http_request(http, "GET", path, headers).await
+}
+
+/// A tiny HTTP/1.1 POST without a body: (status, body).
+pub async fn http_post(http: SocketAddr, path: &str) -> (u16, String) {
+    http_request(http, "POST", path, &[]).await
+}
+
+/// `http_post` with extra request headers.
+pub async fn http_post_with(
+    http: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    http_request(http, "POST", path, headers).await
+}
+
+/// One HTTP/1.1 request without a body, the connection closed after it: (status, body).
+async fn http_request(
+    http: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(STEP, TcpStream::connect(http))
         .await
@@ -317,7 +341,10 @@ pub async fn http_get_with(
         .map(|(k, v)| format!("{k}: {v}\r\n"))
         .collect();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await
     .expect("write");
@@ -409,4 +436,48 @@ pub fn spawn_server(extra: &[&str]) -> (ChildGuard, SocketAddr) {
         .expect("spawn talkgroup");
     let http = read_http_addr(&mut child);
     (ChildGuard(child), http)
+}
+
+/// The real Opus frames of `shared/data/speech.opus20` (`[u16 BE length][packet]`…: 431 frames of
+/// 20 ms, 8.6 s of speech). Fails, naming the file, when it is missing.
+pub fn speech_frames() -> Vec<Vec<u8>> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/speech.opus20");
+    let data = std::fs::read(path).unwrap_or_else(|e| {
+        panic!("{path}: {e} (the project's shared test data, beside the repository)")
+    });
+    let mut frames = vec![];
+    let mut at = 0;
+    while at + 2 <= data.len() {
+        let len = usize::from(u16::from_be_bytes([data[at], data[at + 1]]));
+        let Some(p) = data.get(at + 2..at + 2 + len) else {
+            break;
+        };
+        frames.push(p.to_vec());
+        at += 2 + len;
+    }
+    assert!(!frames.is_empty(), "{path} holds no frames");
+    frames
+}
+
+/// Sends `signal` to the child.
+pub fn kill(child: &std::process::Child, signal: i32) {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, signal) };
+}
+
+/// Waits up to `within` for the child to exit; its status, or `None` if it is still running.
+pub async fn exited(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

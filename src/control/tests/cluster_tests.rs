@@ -34,6 +34,7 @@ fn node_b_joins(hub: &mut TestHub) {
     let info = NodeInfo {
         node: "b".into(),
         relay: relay(52000),
+        draining: false,
     };
     let calls = [
         StoreCall::Announce {
@@ -180,4 +181,26 @@ fn a_store_that_comes_back_empty_is_filled_again_by_re_registration() {
         hub.store.members["ops"].contains("alice"),
         "session re-added"
     );
+}
+
+#[test]
+fn an_agreed_relay_key_is_put_back_when_the_store_comes_back_empty() {
+    let mut c = config("a", true);
+    c.relay_addrs = Some(relay(51000));
+    c.cluster_key = Some("k1".into());
+    let mut hub = TestHub::with_config(c);
+    hub.store_event(StoreEvent::Resync);
+    assert_eq!(hub.store.cluster_key.as_deref(), Some("k1"));
+    // Redis restarts empty: the key comes back with the node's other registrations.
+    hub.store_event(StoreEvent::Down);
+    hub.store.wipe();
+    hub.store_event(StoreEvent::Resync);
+    assert_eq!(hub.store.cluster_key.as_deref(), Some("k1"));
+    assert_eq!(hub.core.counters().cluster_key_mismatch, 0);
+    // A node that started meanwhile made another key: this node says relay with it will fail.
+    hub.store_event(StoreEvent::Down);
+    hub.store.wipe();
+    hub.store.cluster_key = Some("k2".into());
+    hub.store_event(StoreEvent::Resync);
+    assert_eq!(hub.core.counters().cluster_key_mismatch, 1);
 }

@@ -5,8 +5,10 @@
 
 mod auth_tests;
 mod cluster_tests;
+mod drain_tests;
 mod floor_tests;
 mod member_tests;
+mod metrics_tests;
 mod model_tests;
 mod session_tests;
 
@@ -41,8 +43,11 @@ pub struct ModelStore {
     locks: HashMap<String, (Holder, Instant)>,
     last_epoch: HashMap<String, u64>,
     members: BTreeMap<String, BTreeSet<String>>,
-    nodes: HashMap<String, (Vec<SocketAddr>, Instant)>,
+    /// Node → (relay addresses, draining, liveness expiry).
+    pub nodes: HashMap<String, (Vec<SocketAddr>, bool, Instant)>,
     channel_nodes: BTreeMap<String, BTreeSet<String>>,
+    /// The agreed relay key.
+    pub cluster_key: Option<String>,
     /// Which node each session belongs to: `(channel, member)` → node.
     member_node: HashMap<(String, String), String>,
     /// The transmission log, in write order.
@@ -150,8 +155,10 @@ impl ModelStore {
                 StoreReply::Done(Ok(()))
             }
             StoreCall::Announce { info, ttl } => {
-                self.nodes
-                    .insert(info.node.clone(), (info.relay.clone(), now + *ttl));
+                self.nodes.insert(
+                    info.node.clone(),
+                    (info.relay.clone(), info.draining, now + *ttl),
+                );
                 StoreReply::Done(Ok(()))
             }
             StoreCall::Withdraw { node } => {
@@ -175,10 +182,11 @@ impl ModelStore {
                 let ids = self.channel_nodes.get(channel).cloned().unwrap_or_default();
                 let (mut live, mut dead) = (vec![], vec![]);
                 for id in ids {
-                    match self.nodes.get(&id).filter(|(_, exp)| *exp > now) {
-                        Some((relay, _)) => live.push(NodeInfo {
+                    match self.nodes.get(&id).filter(|(_, _, exp)| *exp > now) {
+                        Some((relay, draining, _)) => live.push(NodeInfo {
                             node: id,
                             relay: relay.clone(),
+                            draining: *draining,
                         }),
                         None => dead.push(id),
                     }
@@ -191,6 +199,9 @@ impl ModelStore {
             StoreCall::RecordBurst(burst) => {
                 self.history.push((**burst).clone());
                 StoreReply::Done(Ok(()))
+            }
+            StoreCall::ClusterKey { key } => {
+                StoreReply::Key(Ok(self.cluster_key.get_or_insert(key.clone()).clone()))
             }
             StoreCall::EvictNode { channel, node } => {
                 let gone: Vec<String> = self
@@ -278,6 +289,8 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         rtp_any_ip: false,
         resume_window: Duration::from_secs(30),
         record_all: None,
+        drain_timeout: Duration::from_secs(30),
+        cluster_key: None,
     }
 }
 
@@ -493,6 +506,7 @@ pub fn failure(call: &StoreCall) -> StoreReply {
         StoreCall::Join { .. } => StoreReply::Joined(Err(e)),
         StoreCall::ChannelNodes { .. } => StoreReply::Nodes(Err(e)),
         StoreCall::EvictNode { .. } => StoreReply::Evicted(Err(e)),
+        StoreCall::ClusterKey { .. } => StoreReply::Key(Err(e)),
         _ => StoreReply::Done(Err(e)),
     }
 }

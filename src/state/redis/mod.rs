@@ -14,6 +14,7 @@
 //! | `P:tg:{ch}:members` | sorted set: member → expiry (Unix ms) | session TTL | who is in `ch`, expiring one by one |
 //! | `P:tg:{ch}:member_nodes` | hash: member → node | session TTL | the node serving each member (for presence) |
 //! | `P:tg:member:{name}:channels` | sorted set: channel → expiry (Unix ms) | session TTL | where a name is joined |
+//! | `P:tg:cluster_key` | string | none | the relay key the nodes agreed on (when no cluster secret is configured) |
 //!
 //! A member is `(channel, name)`: a name is unique only within a channel, so the reverse index is keyed by
 //! name and lists every channel where that name is joined. Scores are expiry times, so one member that
@@ -117,6 +118,10 @@ impl Keys {
 
     fn node(&self, node: &str) -> String {
         format!("{}:tg:node:{node}", self.prefix)
+    }
+
+    fn cluster_key(&self) -> String {
+        format!("{}:tg:cluster_key", self.prefix)
     }
 
     fn channel_nodes(&self, channel: &str) -> String {

@@ -2,22 +2,40 @@
 //!
 //! | key | type | expiry | holds |
 //! |---|---|---|---|
-//! | `P:tg:node:ID` | string `addr,addr,…` (relay address per shard) | liveness TTL (≈ 10 s), renewed | the node is alive |
+//! | `P:tg:node:ID` | string `addr,addr,…[,draining]` (relay address per shard) | liveness TTL (≈ 10 s), renewed | the node is alive (and draining, when the last item says so) |
 //! | `P:tg:{ch}:nodes` | set of node ids | none | nodes with members in `ch` |
 //!
-//! A node that dies stops renewing its key; the next node that reads the channel's set finds the key gone,
+//! `draining` is one more comma-separated item rather than a key of its own: one `MGET` still reads every
+//! node, and a node of an older version, which skips items that are not addresses, reads the value as
+//! before. A node that dies stops renewing its key; the next node that reads the channel's set finds the key gone,
 //! removes the id, and cleans up the dead node's members (`evict_node`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::{encode, millis, RedisStore, Wire};
-use crate::state::{NodeInfo, Registry, StoreFuture};
+use crate::state::{NodeInfo, Registry, StateError, StoreFuture};
+
+/// The item of a node's liveness value that says it is draining.
+const DRAINING: &str = "draining";
+
+/// A node's liveness value: its relay addresses, and whether it drains.
+fn parse_node(node: String, value: &str) -> NodeInfo {
+    let items = value.split(',');
+    NodeInfo {
+        node,
+        draining: items.clone().any(|i| i == DRAINING),
+        relay: items.filter_map(|a| a.parse().ok()).collect(),
+    }
+}
 
 impl Registry for RedisStore {
     fn announce<'a>(&'a self, node: &'a NodeInfo, ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let value: Vec<String> = node.relay.iter().map(SocketAddr::to_string).collect();
+            let mut value: Vec<String> = node.relay.iter().map(SocketAddr::to_string).collect();
+            if node.draining {
+                value.push(DRAINING.to_string());
+            }
             let mut conn = self.conn.clone();
             let cmd = redis::cmd("SET")
                 .arg(self.keys.node(&node.node))
@@ -82,10 +100,7 @@ impl Registry for RedisStore {
             let (mut live, mut dead) = (Vec::new(), Vec::new());
             for (id, value) in ids.into_iter().zip(values) {
                 match value {
-                    Some(v) => {
-                        let relay = v.split(',').filter_map(|a| a.parse().ok()).collect();
-                        live.push(NodeInfo { node: id, relay });
-                    }
+                    Some(v) => live.push(parse_node(id, &v)),
                     None => dead.push(id),
                 }
             }
@@ -139,5 +154,47 @@ impl Registry for RedisStore {
                 .await?;
             Ok(gone)
         })
+    }
+
+    fn cluster_key<'a>(&'a self, proposed: &'a str) -> StoreFuture<'a, String> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let key = self.keys.cluster_key();
+            // SET NX then GET: the first node's key stays; the value never changes once set, so the
+            // two steps need no script.
+            let set = redis::cmd("SET")
+                .arg(&key)
+                .arg(proposed)
+                .arg("NX")
+                .to_owned();
+            self.call(
+                "SET NX cluster key",
+                set.query_async::<Option<String>>(&mut conn),
+            )
+            .await?;
+            let stored: Option<String> = self
+                .call(
+                    "GET cluster key",
+                    redis::cmd("GET").arg(&key).query_async(&mut conn),
+                )
+                .await?;
+            stored
+                .ok_or_else(|| StateError::Protocol("the cluster key vanished after SET NX".into()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_draining_node_reads_back_as_draining_and_its_addresses_are_kept() {
+        let n = parse_node("a".into(), "127.0.0.1:41000,127.0.0.1:41001,draining");
+        assert!(n.draining);
+        assert_eq!(n.relay.len(), 2);
+        let n = parse_node("a".into(), "127.0.0.1:41000");
+        assert!(!n.draining);
+        assert_eq!(n.relay.len(), 1);
     }
 }

@@ -1,11 +1,14 @@
-//! Command line and environment. Every option has a default that runs a single node on the embedded
-//! store, so `talkgroup serve` needs nothing else.
+//! Command line, environment and configuration file. Every option has a default that runs a single node
+//! on the embedded store, so `talkgroup serve` needs nothing else. A file given with `--config` sets the
+//! same options by their long names ([`file`]); the environment and the command line win over it.
+
+pub mod file;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::auth::Limits;
@@ -36,6 +39,20 @@ pub enum CommandLine {
     Serve(ServeArgs),
     /// Mint a member token from the configured key (as LiveKit's `lk token create`).
     Token(TokenArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `talkgroup config …`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Check a configuration file and print the effective configuration (the file, with the
+    /// environment over it, and the defaults of everything it leaves out).
+    Check {
+        /// The file (TOML; keys are the long options of `serve`, with `_` for `-`).
+        file: PathBuf,
+    },
 }
 
 /// `talkgroup token`: what the token allows, and the key to sign it with.
@@ -155,8 +172,14 @@ pub enum StoreKind {
     Redis,
 }
 
+/// `talkgroup serve`: every option of a node. Each is also an environment variable and a key of the
+/// `--config` file; precedence: flags > environment > file > defaults.
 #[derive(Debug, Clone, Parser)]
 pub struct ServeArgs {
+    /// Read options from this TOML file (keys: the long options, with `_` for `-`, e.g.
+    /// `media_port = 40000`); the environment and flags override it.
+    #[arg(long, env = "TALKGROUP_CONFIG")]
+    pub config: Option<PathBuf>,
     /// HTTP and WebSocket listen address.
     #[arg(long, default_value = "0.0.0.0:8080", env = "TALKGROUP_HTTP")]
     pub http: SocketAddr,
@@ -174,13 +197,13 @@ pub struct ServeArgs {
     #[arg(long, alias = "public-ip", env = "TALKGROUP_ANNOUNCE_IP")]
     pub announce_ip: Option<IpAddr>,
     /// T1: release the floor after this many ms without media from the holder.
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 4000, env = "TALKGROUP_T1_MS")]
     pub t1_ms: u64,
     /// T2: maximum talk time in ms.
-    #[arg(long, default_value_t = 30000)]
+    #[arg(long, default_value_t = 30000, env = "TALKGROUP_T2_MS")]
     pub t2_ms: u64,
     /// T3: grace in ms for a pre-empted holder.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, env = "TALKGROUP_T3_MS")]
     pub t3_ms: u64,
     /// Floor and session store.
     #[arg(long, value_enum, default_value = "memory", env = "TALKGROUP_STORE")]
@@ -188,10 +211,13 @@ pub struct ServeArgs {
     /// Redis URL (wins over host/port/password).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Redis host (without `--redis-url`).
     #[arg(long, default_value = "127.0.0.1", env = "REDIS_HOST")]
     pub redis_host: String,
+    /// Redis port (without `--redis-url`).
     #[arg(long, default_value_t = 6379, env = "REDIS_PORT")]
     pub redis_port: u16,
+    /// Redis password (without `--redis-url`).
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
@@ -209,11 +235,20 @@ pub struct ServeArgs {
     #[arg(long, env = "TALKGROUP_RELAY_PORT")]
     pub relay_port: Option<u16>,
     /// Shared secret that authenticates relay packets between the nodes of a cluster (HMAC-SHA256).
+    /// Default: a key the nodes agree on through Redis (made once by the first node, kept in the store).
     #[arg(long, env = "TALKGROUP_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
     /// Do not pin shards to CPUs.
-    #[arg(long)]
+    #[arg(long, env = "TALKGROUP_NO_PIN")]
     pub no_pin: bool,
+    /// On SIGTERM (or `POST /admin/drain`): how long talk bursts in progress may go on before the node
+    /// stops anyway (e.g. `30s`).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "TALKGROUP_DRAIN_TIMEOUT")]
+    pub drain_timeout: Duration,
+    /// Testing only, off by default: serve `POST /admin/fault/panic-shard?shard=N`, which makes a shard
+    /// panic (how a test sees what a crashed shard does to the node). Never set in production.
+    #[arg(long, hide = true, env = "TALKGROUP_FAULT_INJECTION")]
+    pub fault_injection: bool,
     /// Check signed member tokens with this HS256 shared secret (any `kid`). Without a key the server
     /// runs open: anyone may join any channel under any name (development only).
     #[arg(long, env = "TALKGROUP_AUTH_KEY", hide_env_values = true)]
@@ -256,6 +291,7 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The Redis URL: `--redis-url`, or one made of host, port and password.
     pub fn redis_url(&self) -> String {
         if let Some(url) = &self.redis_url {
             return url.clone();
@@ -266,6 +302,7 @@ impl ServeArgs {
         }
     }
 
+    /// This node's id: `--node-id`, or `hostname-pid`.
     pub fn node_id(&self) -> String {
         self.node_id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -274,6 +311,7 @@ impl ServeArgs {
         })
     }
 
+    /// T1, T2, T3.
     pub fn timers(&self) -> (Duration, Duration, Duration) {
         (
             Duration::from_millis(self.t1_ms),
@@ -296,6 +334,55 @@ impl ServeArgs {
         a.limits.max_frames_per_second = 100_000;
         a
     }
+}
+
+/// Why the command line could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// clap's own (usage, `--help`, `--version`): print it with [`clap::Error::exit`].
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    /// The `--config` file.
+    #[error(transparent)]
+    File(#[from] file::ConfigError),
+}
+
+/// Parses the command line; for `serve --config FILE` (or `TALKGROUP_CONFIG`), the file's values become
+/// the defaults of the options they name, then the command line is parsed again over them, so flags
+/// and the environment win.
+pub fn parse_cli<I, T>(argv: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    let cli = Cli::try_parse_from(&argv)?;
+    let CommandLine::Serve(ServeArgs {
+        config: Some(path), ..
+    }) = &cli.command
+    else {
+        return Ok(cli);
+    };
+    let file = file::FileConfig::load(path, &ServeArgs::command())?;
+    let cmd = Cli::command().mut_subcommand("serve", |serve| file.apply(serve));
+    let matches = cmd.try_get_matches_from(&argv)?;
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// `talkgroup config check FILE`: the effective configuration of `serve` with this file (and the
+/// environment), as TOML that names where each value came from; an error names the key and the line.
+pub fn check_file(path: &std::path::Path) -> Result<String, CliError> {
+    let file = file::FileConfig::load(path, &ServeArgs::command())?;
+    let matches = file
+        .apply(ServeArgs::command())
+        .try_get_matches_from(["serve"])?;
+    // Everything must also convert (what `serve` would do next).
+    ServeArgs::from_arg_matches(&matches)?;
+    Ok(file::render_effective(
+        &ServeArgs::command(),
+        &matches,
+        Some(&file),
+    ))
 }
 
 /// The address to announce when bound to the unspecified address: the one the kernel would use to reach

@@ -1,0 +1,206 @@
+//! Metrics that answer an operator's questions: is the node up and ready, how loaded is each shard (packets,
+//! CPU, members), how long does a press take to be granted, are clients keeping up with their frames, what
+//! is dropped and why.
+//!
+//! Nothing here is on the packet path. The shards keep plain integer counters ([`ShardStats`]) and hand
+//! copies to the control thread on `Command::Stats`; the control core keeps its own
+//! ([`ControlCounters`], including [`Buckets`] histograms, plain integers too); at each scrape the values
+//! are encoded with `prometheus-client` ([`render`]) together with per-thread CPU from `/proc`
+//! ([`ProcessStats`]). Names follow Prometheus conventions: `talkgroup_` prefix, `_total` counters, base
+//! units (seconds, bytes).
+//!
+//! # Metrics the shard does not report yet
+//!
+//! Two questions need the shard's packet path, which is being reworked: how long a packet spends in the
+//! server, and what listeners report back. Their names, types and buckets are fixed here, so the shard
+//! only has to fill these [`ShardStats`] fields (plain integers, copied like the others):
+//!
+//! | metric | type | `ShardStats` field to add | how the shard fills it |
+//! |---|---|---|---|
+//! | `talkgroup_forward_latency_seconds{shard}` | histogram, [`FORWARD_LATENCY_NS`] | `forward_latency: Buckets<11>` (ns) | 1 packet in [`FORWARD_LATENCY_SAMPLE`]: from the `recvmmsg` that read it to the end of the `sendmmsg` that sent its last copy |
+//! | `talkgroup_listener_reports_total{shard}` | counter | `rr_reports: u64` | RTCP receiver reports from listeners (plain RTP and WebRTC) |
+//! | `talkgroup_listener_loss_ratio{shard}` | histogram, [`LOSS_PER_256`] | `rr_loss: Buckets<8>` (fraction lost × 256, as in the RR) | one observation per report block |
+//! | `talkgroup_listener_jitter_seconds{shard}` | histogram, [`JITTER_US`] | `rr_jitter: Buckets<9>` (µs: interarrival jitter ÷ 48 kHz) | one observation per report block |
+//!
+//! Once a field exists, exporting it is one entry in `render.rs` (its counter and histogram encoders are
+//! there).
+
+mod process;
+mod render;
+
+use std::collections::BTreeMap;
+
+pub use self::process::ProcessStats;
+pub use self::render::{render, CONTENT_TYPE};
+use crate::shard::ShardStats;
+
+/// A histogram of integer observations (µs, ns, bytes) in fixed buckets. Plain integers, no atomics and no
+/// allocation, so a shard's [`ShardStats`] can carry one and hand over a copy like its counters; the
+/// bounds are passed in (constants beside each use), so it is `Default` and `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buckets<const N: usize> {
+    /// Observations ≤ `bounds[i]` and > `bounds[i - 1]`.
+    counts: [u64; N],
+    /// Observations above the last bound.
+    over: u64,
+    /// Sum of all observations.
+    sum: u64,
+}
+
+impl<const N: usize> Default for Buckets<N> {
+    fn default() -> Self {
+        Buckets {
+            counts: [0; N],
+            over: 0,
+            sum: 0,
+        }
+    }
+}
+
+impl<const N: usize> Buckets<N> {
+    /// Counts `value` in the first bucket whose bound is ≥ it (`bounds` ascending).
+    pub fn observe(&mut self, bounds: &[u64; N], value: u64) {
+        match bounds.iter().position(|b| value <= *b) {
+            Some(i) => self.counts[i] += 1,
+            None => self.over += 1,
+        }
+        self.sum = self.sum.saturating_add(value);
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum::<u64>() + self.over
+    }
+
+    /// Sum of the observations.
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+
+    /// Cumulative `(upper bound, count)` pairs ending with `+Inf`, as Prometheus histograms are exposed;
+    /// the bounds in base units (`per_unit` observation units make one: 1e6 for µs → seconds).
+    pub fn cumulative(&self, bounds: &[u64; N], per_unit: f64) -> Vec<(f64, u64)> {
+        let mut total = 0;
+        let mut out: Vec<(f64, u64)> = bounds
+            .iter()
+            .zip(self.counts)
+            .map(|(b, c)| {
+                total += c;
+                // A division, not a multiplication by 1e-6, so 250 µs prints as 0.00025.
+                (*b as f64 / per_unit, total)
+            })
+            .collect();
+        out.push((f64::INFINITY, total + self.over));
+        out
+    }
+}
+
+/// Press → granted, in µs: the target is p99 < 1 ms on the embedded store, < 2 ms on Redis.
+pub const PRESS_TO_GRANT_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+/// Bytes in a client's send queue when a frame is queued (the limit is 1 MiB by default).
+pub const WS_QUEUE_BYTES: [u64; 8] = [
+    256, 1_024, 4_096, 16_384, 65_536, 262_144, 524_288, 1_048_576,
+];
+/// In-server forwarding latency, in ns (target p99 < 250 µs at 70 % load).
+pub const FORWARD_LATENCY_NS: [u64; 11] = [
+    10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    25_000_000,
+];
+/// One packet in this many is timed for [`FORWARD_LATENCY_NS`] (two clock reads per sample).
+pub const FORWARD_LATENCY_SAMPLE: u64 = 64;
+/// A receiver report's fraction lost, in 1/256 (as on the wire): 0.4 %, 1 %, 2 %, 5 %, 10 %, 20 %, 50 %, 100 %.
+pub const LOSS_PER_256: [u64; 8] = [1, 3, 5, 13, 26, 51, 128, 256];
+/// A receiver report's interarrival jitter, in µs.
+pub const JITTER_US: [u64; 9] = [
+    1_000, 2_500, 5_000, 10_000, 20_000, 40_000, 80_000, 160_000, 500_000,
+];
+
+/// Counters and histograms of the control plane, filled by [`crate::control::HubCore`] (and, for the
+/// WebSocket queues, by its runner at scrape time).
+#[derive(Debug, Clone, Default)]
+pub struct ControlCounters {
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Sessions whose connection dropped, waiting for a `resume`.
+    pub detached: u64,
+    /// Channels with members on this node.
+    pub channels: u64,
+    /// Memberships on this node.
+    pub members: u64,
+    /// Floor grants.
+    pub floor_grants: u64,
+    /// Floor denials by reason.
+    pub floor_denials: BTreeMap<&'static str, u64>,
+    /// Floor revocations by reason.
+    pub floor_revokes: BTreeMap<&'static str, u64>,
+    /// Error replies by code.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Floor store calls that failed.
+    pub store_errors: u64,
+    /// Clients disconnected for not reading.
+    pub slow_clients: u64,
+    /// Commands a full shard queue refused.
+    pub shard_queue_full: u64,
+    /// Talk bursts written to the transmission log.
+    pub bursts: u64,
+    /// Requests refused or clients dropped by a limit, by limit.
+    pub limited: BTreeMap<&'static str, u64>,
+    /// Joins refused for their token, by reason.
+    pub auth_failures: BTreeMap<&'static str, u64>,
+    /// `goaway` frames sent (draining).
+    pub goaways: u64,
+    /// Joins refused because the node drains.
+    pub joins_refused_draining: u64,
+    /// Shard threads that died with a panic.
+    pub shard_panics: u64,
+    /// The store's relay key was found not to be this node's (see `cluster.rs`).
+    pub cluster_key_mismatch: u64,
+    /// The node is draining.
+    pub draining: bool,
+    /// The floor store can decide presses (Redis: its subscription is up).
+    pub store_up: bool,
+    /// Press → granted (µs, [`PRESS_TO_GRANT_US`]): from the `ptt` frame to the `granted` frame, for
+    /// presses granted without waiting in the queue.
+    pub press_to_grant: Buckets<12>,
+    /// Bytes in the client's send queue after each frame was queued ([`WS_QUEUE_BYTES`]).
+    pub ws_queue_depth: Buckets<8>,
+    /// Bytes queued to all clients and not yet written, at the scrape.
+    pub ws_queued_bytes: u64,
+    /// The largest send queue of one client, at the scrape.
+    pub ws_queued_max_bytes: u64,
+}
+
+/// Every value one scrape reports.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The control plane's.
+    pub control: ControlCounters,
+    /// Each shard's that answered (a shard that did not is `talkgroup_shard_up 0`).
+    pub shards: Vec<ShardStats>,
+    /// How many shards the node runs.
+    pub shard_count: usize,
+    /// The process's and its threads' CPU and memory.
+    pub process: ProcessStats,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_count_where_values_fall_and_expose_cumulative_counts() {
+        let bounds = [10, 100, 1000];
+        let mut b = Buckets::<3>::default();
+        for v in [0, 10, 11, 100, 5000] {
+            b.observe(&bounds, v);
+        }
+        assert_eq!(b.count(), 5);
+        assert_eq!(b.sum(), 5121);
+        assert_eq!(
+            b.cumulative(&bounds, 1000.0),
+            vec![(0.01, 2), (0.1, 4), (1.0, 4), (f64::INFINITY, 5)]
+        );
+    }
+}
