@@ -122,7 +122,10 @@ async fn an_emergency_preempts_a_priority_255_holder_at_once() {
         if rows.len() >= 2 {
             break (rows, body);
         }
-        assert!(t0.elapsed() < Duration::from_secs(5), "two bursts never logged: {body}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "two bursts never logged: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(rows[0]["emergency"], true, "{body}");
