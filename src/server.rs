@@ -24,7 +24,7 @@ use crate::signal::http::{self, AppState};
 use crate::state::history::{History, MemoryHistory};
 use crate::state::memory::{MemoryFloorStore, MemoryRegistry, MemorySessionStore};
 use crate::state::redis::{RedisConfig, RedisStore};
-use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
+use crate::state::{FloorStore, Registry, SessionStore, StoreEvent, Watcher};
 
 /// Why a node did not start.
 #[derive(Debug, Error)]
@@ -81,6 +81,8 @@ pub struct Stores {
     pub registry: Arc<dyn Registry>,
     pub history: Arc<dyn History>,
     pub events: Option<mpsc::Receiver<StoreEvent>>,
+    /// Which channels' events the subscriber follows (shared stores only).
+    pub watcher: Option<Watcher>,
 }
 
 /// Opens the stores on the control thread's runtime (the Redis client spawns its tasks there).
@@ -92,6 +94,7 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             registry: Arc::new(MemoryRegistry),
             history: Arc::new(MemoryHistory::default()),
             events: None,
+            watcher: None,
         }),
         StoreKind::Redis => {
             let url = redis.url.clone();
@@ -101,7 +104,7 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             if let Ok(Some(warning)) = store.check_maxmemory_policy().await {
                 warn!("{warning}");
             }
-            let events = store.subscribe();
+            let (watcher, events) = store.subscribe();
             let store = Arc::new(store);
             Ok(Stores {
                 floors: store.clone(),
@@ -109,6 +112,7 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
                 registry: store.clone(),
                 history: store,
                 events: Some(events),
+                watcher: Some(watcher),
             })
         }
     }
@@ -316,6 +320,8 @@ impl Server {
             },
             drain_timeout: args.drain_timeout,
             cluster_key: agreed_key,
+            placement: args.placement,
+            public_url: args.public_url.clone(),
         };
 
         let listener =
@@ -330,6 +336,12 @@ impl Server {
         let http_addr = listener
             .local_addr()
             .map_err(|e| ServerError::Start(e.to_string()))?;
+        let mut hub_config = hub_config;
+        if hub_config.public_url.is_none() {
+            // Where other nodes send this node's channels' members (placement by redirect).
+            let public = SocketAddr::new(announce_ip, http_addr.port());
+            hub_config.public_url = Some(format!("ws://{public}/ws"));
+        }
         let (hub_tx, hub_rx) = mpsc::channel(65_536);
         let admin_listener = match args.admin_http {
             Some(addr) => {
@@ -391,6 +403,7 @@ impl Server {
                             sessions: stores.sessions,
                             registry: stores.registry,
                             history: stores.history,
+                            watcher: stores.watcher,
                         },
                         handles,
                     );

@@ -238,6 +238,15 @@ pub struct ServeArgs {
     /// Default: a key the nodes agree on through Redis (made once by the first node, kept in the store).
     #[arg(long, env = "TALKGROUP_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Where a channel's members are served: `relay` (wherever they join; nodes relay each speaker once
+    /// per node) or `redirect` (on the channel's home node, chosen by load on its first join; other nodes
+    /// answer `join` with `redirect`). Takes effect with `--store redis`.
+    #[arg(long, default_value = "relay", env = "TALKGROUP_PLACEMENT")]
+    pub placement: crate::control::Placement,
+    /// The WebSocket URL clients are redirected to when a channel lives on this node (default:
+    /// `ws://ANNOUNCE_IP:HTTP_PORT/ws`; set it when clients reach the node through a proxy or TLS).
+    #[arg(long, env = "TALKGROUP_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Do not pin shards to CPUs.
     #[arg(long, env = "TALKGROUP_NO_PIN")]
     pub no_pin: bool,

@@ -482,8 +482,12 @@ impl HubCore {
                 },
                 StoreReply::Done(Ok(())),
             ) => self.register_channels(then_register, retries, now),
-            (Purpose::Nodes { channel }, StoreReply::Nodes(Ok((live, dead)))) => {
-                self.on_nodes(&channel, live, dead, now)
+            (Purpose::Nodes { channel }, StoreReply::Nodes(Ok(ids))) => {
+                self.on_channel_nodes(&channel, ids, now)
+            }
+            (Purpose::NodeTable, StoreReply::Table(Ok(table))) => self.on_table(table, now),
+            (purpose @ Purpose::Place { .. }, StoreReply::Home(result)) => {
+                self.on_placed(purpose, result, now)
             }
             (Purpose::ClusterKey, StoreReply::Key(Ok(stored))) => self.on_cluster_key(&stored),
             _ => {}
@@ -498,6 +502,8 @@ impl HubCore {
             Purpose::Renew { .. } | Purpose::Release { .. } => StoreReply::Flag(Err(failed())),
             // `joined` goes out without the remote names.
             Purpose::Join { .. } => StoreReply::Joined(Err(failed())),
+            // The join is served here.
+            Purpose::Place { .. } => StoreReply::Home(Err(failed())),
             _ => return,
         };
         self.on_answer(purpose, reply, now);
@@ -546,14 +552,22 @@ impl HubCore {
         }
     }
 
+    /// Re-reads one channel's floor from the store.
+    pub(super) fn read_holder(&mut self, channel: &str, now: Instant) {
+        let call = StoreCall::Holder {
+            channel: channel.to_string(),
+        };
+        let purpose = Purpose::Resync {
+            channel: channel.to_string(),
+        };
+        self.call(call, purpose, now);
+    }
+
     /// Re-reads every local channel's floor from the store.
     pub(super) fn resync(&mut self, now: Instant) {
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         for channel in channels {
-            let call = StoreCall::Holder {
-                channel: channel.clone(),
-            };
-            self.call(call, Purpose::Resync { channel }, now);
+            self.read_holder(&channel, now);
         }
     }
 
@@ -610,6 +624,13 @@ impl HubCore {
                 }
                 self.store_up = false;
             }
+            StoreEvent::Watching { channel } => self.on_watching(&channel, now),
+            StoreEvent::ChannelNode {
+                channel,
+                node,
+                present,
+            } => self.on_channel_node(&channel, &node, present, now),
+            StoreEvent::Node { node, live } => self.on_node_event(&node, live, now),
         }
     }
 

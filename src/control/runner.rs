@@ -20,7 +20,7 @@ use crate::metrics::{self, ControlCounters};
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
 use crate::state::history::History;
-use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
+use crate::state::{FloorStore, Registry, SessionStore, StoreEvent, Watcher};
 
 /// How long after its deadline a store call may still answer: the core has already treated it as failed,
 /// but a late grant must be seen to be given back.
@@ -165,6 +165,8 @@ pub struct Stores {
     pub registry: Arc<dyn Registry>,
     /// The transmission log.
     pub history: Arc<dyn History>,
+    /// Which channels' events the store's subscriber follows (`None`: the store publishes nothing).
+    pub watcher: Option<Watcher>,
 }
 
 struct ConnHandle {
@@ -350,6 +352,11 @@ impl Runner {
                     }
                 }
                 Output::Store { id, call, deadline } => self.spawn_call(id, call, deadline),
+                Output::Watch { channel, on } => {
+                    if let Some(w) = &self.stores.watcher {
+                        w.watch(&channel, on);
+                    }
+                }
                 Output::Shard { shard, command } => {
                     let Some(handle) = self.shards.get(shard) else {
                         continue;
@@ -451,6 +458,21 @@ pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
         ),
         StoreCall::ChannelNodes { channel } => {
             StoreReply::Nodes(stores.registry.channel_nodes(&channel).await)
+        }
+        StoreCall::Nodes => StoreReply::Table(stores.registry.nodes().await),
+        StoreCall::Place {
+            channel,
+            candidate,
+            usable,
+            ttl,
+        } => StoreReply::Home(
+            stores
+                .registry
+                .place(&channel, &candidate, &usable, ttl)
+                .await,
+        ),
+        StoreCall::Unplace { channel, node } => {
+            StoreReply::Done(stores.registry.unplace(&channel, &node).await)
         }
         StoreCall::RecordBurst(burst) => StoreReply::Done(stores.history.record(&burst).await),
         StoreCall::EvictNode { channel, node } => {

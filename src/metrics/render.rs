@@ -376,6 +376,11 @@ impl Snapshot {
                 "Times the relay key in the store was found not to be this node's",
                 c.cluster_key_mismatch,
             ),
+            (
+                "talkgroup_redirects",
+                "Joins answered redirect to the channel's home node (--placement redirect)",
+                c.redirects,
+            ),
         ] {
             f.counter(name, help, [(none(), v.into())])?;
         }

@@ -258,6 +258,16 @@ pub enum Message {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// v1.1 (placement and draining): the channel lives on another node; the client joins there.
+    Redirect {
+        /// The channel.
+        channel: String,
+        /// The home node's WebSocket URL.
+        url: String,
+        /// The `join`'s `id`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
+    },
     /// v1.1 (placement and draining): the server is about to close this connection; the client
     /// reconnects — to any node — after `retry_after_ms` and joins again. `id` echoes a `join` the
     /// draining node refused (an optional field this server adds).

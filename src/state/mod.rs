@@ -80,6 +80,28 @@ pub enum StoreEvent {
     },
     /// The subscription is up again after a (re)connect: resynchronise from the keys.
     Resync,
+    /// The subscription to `channel`'s events is confirmed (after [`Watcher::watch`]): from now on
+    /// nothing published about it is missed, so one read of its keys brings the node up to date.
+    Watching {
+        /// The channel.
+        channel: String,
+    },
+    /// `node` started (`present`) or stopped serving `channel` (published on the channel's events).
+    ChannelNode {
+        /// The channel.
+        channel: String,
+        /// The node.
+        node: String,
+        /// Whether it serves the channel now.
+        present: bool,
+    },
+    /// A node arrived (`live`) or left (published on the nodes' events): read the node table.
+    Node {
+        /// The node.
+        node: String,
+        /// Whether it is alive.
+        live: bool,
+    },
     /// The subscription is down: deny presses until `Resync`.
     Down,
 }
@@ -123,16 +145,70 @@ pub trait SessionStore: Send + Sync + 'static {
     fn channels_of<'a>(&'a self, member: &'a str) -> StoreFuture<'a, Vec<String>>;
 }
 
-/// A node as the cluster registry knows it: its id, one relay address per shard (index = shard), and
-/// whether it is draining (leaving service: it takes no new clients, so placement should not pick it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A node as the cluster registry knows it: its id, one relay address per shard (index = shard),
+/// whether it is draining (leaving service: it takes no new clients, so placement does not pick it), where
+/// clients reach it, and its load (what placement compares).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct NodeInfo {
     /// The node's id.
+    #[serde(skip)]
     pub node: String,
     /// Its relay address per shard.
     pub relay: Vec<std::net::SocketAddr>,
     /// The node is draining.
+    #[serde(default)]
     pub draining: bool,
+    /// The WebSocket URL clients are redirected to (`None`: the node takes no redirected clients).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Its load when it last announced.
+    #[serde(default)]
+    pub load: NodeLoad,
+}
+
+/// A node's load, announced with its liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct NodeLoad {
+    /// Members joined on the node.
+    pub members: u64,
+    /// Media packets forwarded per second (all shards).
+    pub pps: u64,
+    /// CPU used by the process, in per mille of one core.
+    pub cpu_permille: u64,
+}
+
+/// The registry's node table: who is alive, and who was and has stopped announcing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeTable {
+    /// Nodes whose liveness holds.
+    pub live: Vec<NodeInfo>,
+    /// Nodes whose liveness has expired or that withdrew (remembered for an hour).
+    pub dead: Vec<String>,
+}
+
+/// Asks the store's subscriber to follow (or stop following) one channel's events. Cheap to clone; the
+/// queue is unbounded but holds at most one entry per channel open or close, which the control thread
+/// makes at human pace.
+#[derive(Debug, Clone)]
+pub struct Watcher {
+    tx: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
+}
+
+impl Watcher {
+    /// A watcher and the queue its subscriber reads.
+    pub fn new() -> (
+        Watcher,
+        tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Watcher { tx }, rx)
+    }
+
+    /// Follow `channel`'s events (`on`) or stop; [`StoreEvent::Watching`] confirms a watch. Ignored once
+    /// the subscriber has ended.
+    pub fn watch(&self, channel: &str, on: bool) {
+        let _ = self.tx.send((channel.to_string(), on));
+    }
 }
 
 /// Which nodes have members in which channel, and which nodes are alive — what the relay needs to send a
@@ -149,14 +225,25 @@ pub trait Registry: Send + Sync + 'static {
         node: &'a str,
         present: bool,
     ) -> StoreFuture<'a, ()>;
-    /// The live nodes with members in `channel`, and the ids of registered nodes whose liveness is gone
-    /// (those are removed from the channel on the way).
-    fn channel_nodes<'a>(
+    /// The ids of the nodes registered in `channel` (alive or not: the node table says which).
+    fn channel_nodes<'a>(&'a self, channel: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// The node table: every live node with its addresses and load, and the ids of nodes that have
+    /// stopped announcing. One read for the whole cluster, whatever the number of channels.
+    fn nodes(&self) -> StoreFuture<'_, NodeTable>;
+    /// Chooses `channel`'s home node: the current home if it is in `usable` (alive, not draining, as the
+    /// caller's node table has it), else `candidate`; atomic in the store, so two nodes placing one
+    /// channel at once agree. The home lives `ttl` unless [`Registry::place`]d again by its node.
+    fn place<'a>(
         &'a self,
         channel: &'a str,
-    ) -> StoreFuture<'a, (Vec<NodeInfo>, Vec<String>)>;
-    /// Removes the session entries of a dead node's members in `channel` (publishing `leave` for each);
-    /// returns their names.
+        candidate: &'a str,
+        usable: &'a [String],
+        ttl: Duration,
+    ) -> StoreFuture<'a, String>;
+    /// `node` no longer serves `channel`: forget the home if it is `node`.
+    fn unplace<'a>(&'a self, channel: &'a str, node: &'a str) -> StoreFuture<'a, ()>;
+    /// Removes the session entries of a dead node's members in `channel` (publishing `leave` for each)
+    /// and the node from the channel's registrations; returns their names.
     fn evict_node<'a>(&'a self, channel: &'a str, node: &'a str) -> StoreFuture<'a, Vec<String>>;
     /// The key that authenticates relay packets when no cluster secret is configured: `proposed` is
     /// stored unless a key already is (the first node makes it, every later one adopts it); returns the

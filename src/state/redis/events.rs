@@ -1,6 +1,12 @@
 //! Pub/sub: what the scripts and the session store publish, and the subscriber task that turns it into
 //! [`StoreEvent`]s (with `Resync` after every (re)connection and `Down` when the link drops).
+//!
+//! The task follows the node channel always and each talkgroup's channel while the control thread
+//! watches it; a watch is confirmed with [`StoreEvent::Watching`] once Redis has confirmed the
+//! subscription, so the control thread reads the channel's keys after that and misses nothing between
+//! its read and the first event.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -49,6 +55,15 @@ pub(super) enum Wire {
         channel: String,
         member: String,
         node: String,
+    },
+    ChannelNode {
+        channel: String,
+        node: String,
+        present: bool,
+    },
+    Node {
+        node: String,
+        live: bool,
     },
 }
 
@@ -116,20 +131,51 @@ fn decode(payload: &[u8]) -> Option<StoreEvent> {
             node,
             joined: false,
         },
+        Wire::ChannelNode {
+            channel,
+            node,
+            present,
+        } => StoreEvent::ChannelNode {
+            channel,
+            node,
+            present,
+        },
+        Wire::Node { node, live } => StoreEvent::Node { node, live },
     })
 }
 
-/// The subscriber: connect, `Resync`, forward messages, `Down` when the link drops, back off, again.
+/// The pub/sub channel names the subscriber needs.
+pub(crate) struct Names {
+    /// Node arrivals and departures.
+    pub nodes: String,
+    /// A talkgroup's events channel.
+    pub channel: Box<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+/// Channels subscribed in one command at (re)connection.
+const SUBSCRIBE_BATCH: usize = 1000;
+
+/// The subscriber: connect, subscribe to everything watched, `Resync`, forward messages and apply watches,
+/// `Down` when the link drops, back off, again.
 pub(super) async fn run_subscriber(
     client: Client,
-    events_channel: String,
+    names: Names,
+    mut watches: mpsc::UnboundedReceiver<(String, bool)>,
     tx: mpsc::Sender<StoreEvent>,
 ) {
+    let mut watched: BTreeSet<String> = BTreeSet::new();
     let mut backoff = BACKOFF_MIN;
     loop {
+        // Watches made while the link was down need no confirmation: `Resync` re-reads everything.
+        while let Ok((channel, on)) = watches.try_recv() {
+            apply(&mut watched, channel, on);
+        }
+        let all: Vec<String> = std::iter::once(names.nodes.clone())
+            .chain(watched.iter().map(|c| (names.channel)(c)))
+            .collect();
         let opened = tokio::select! {
             _ = tx.closed() => return,
-            opened = tokio::time::timeout(LINK_TIMEOUT, open_subscription(&client, &events_channel)) => opened,
+            opened = tokio::time::timeout(LINK_TIMEOUT * 4, open_subscription(&client, &all)) => opened,
         };
         match opened {
             Ok(Ok((sink, stream))) => {
@@ -137,7 +183,14 @@ pub(super) async fn run_subscriber(
                 if tx.send(StoreEvent::Resync).await.is_err() {
                     return;
                 }
-                if !forward(sink, stream, &tx).await {
+                let link = Link {
+                    sink,
+                    stream,
+                    names: &names,
+                    watched: &mut watched,
+                    watches: &mut watches,
+                };
+                if !link.forward(&tx).await {
                     return;
                 }
                 tracing::warn!("redis subscription lost; reconnecting");
@@ -156,42 +209,79 @@ pub(super) async fn run_subscriber(
     }
 }
 
-/// A dedicated connection subscribed to the events channel (`subscribe` returns once Redis confirmed it).
+/// Adds or removes a watched channel; whether the set changed.
+fn apply(watched: &mut BTreeSet<String>, channel: String, on: bool) -> bool {
+    if on {
+        watched.insert(channel)
+    } else {
+        watched.remove(&channel)
+    }
+}
+
+/// A dedicated connection subscribed to `channels` (returns once Redis confirmed them all).
 async fn open_subscription(
     client: &Client,
-    channel: &str,
+    channels: &[String],
 ) -> RedisResult<(PubSubSink, PubSubStream)> {
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
+    for batch in channels.chunks(SUBSCRIBE_BATCH) {
+        pubsub.subscribe(batch).await?;
+    }
     Ok(pubsub.split())
 }
 
-/// Forwards messages until the link drops (`true`) or the receiver is gone (`false`).
-async fn forward(
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
-    tx: &mpsc::Sender<StoreEvent>,
-) -> bool {
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    loop {
-        tokio::select! {
-            _ = tx.closed() => return false,
-            msg = stream.next() => match msg {
-                None => return true,
-                Some(msg) => {
-                    if let Some(event) = decode(msg.get_payload_bytes()) {
-                        if tx.send(event).await.is_err() {
-                            return false;
+/// One live subscription.
+struct Link<'a> {
+    sink: PubSubSink,
+    stream: PubSubStream,
+    names: &'a Names,
+    watched: &'a mut BTreeSet<String>,
+    watches: &'a mut mpsc::UnboundedReceiver<(String, bool)>,
+}
+
+impl Link<'_> {
+    /// Forwards messages and applies watches until the link drops (`true`) or the receiver is gone
+    /// (`false`).
+    async fn forward(mut self, tx: &mpsc::Sender<StoreEvent>) -> bool {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return false,
+                msg = self.stream.next() => match msg {
+                    None => return true,
+                    Some(msg) => {
+                        if let Some(event) = decode(msg.get_payload_bytes()) {
+                            if tx.send(event).await.is_err() {
+                                return false;
+                            }
                         }
                     }
+                },
+                watch = self.watches.recv() => {
+                    let Some((channel, on)) = watch else { return false };
+                    if !apply(self.watched, channel.clone(), on) {
+                        continue;
+                    }
+                    let name = (self.names.channel)(&channel);
+                    let done = if on {
+                        tokio::time::timeout(LINK_TIMEOUT, self.sink.subscribe(&name)).await
+                    } else {
+                        tokio::time::timeout(LINK_TIMEOUT, self.sink.unsubscribe(&name)).await
+                    };
+                    if !matches!(done, Ok(Ok(()))) {
+                        return true;
+                    }
+                    if on && tx.send(StoreEvent::Watching { channel }).await.is_err() {
+                        return false;
+                    }
                 }
-            },
-            _ = ping.tick() => {
-                let pong = tokio::time::timeout(LINK_TIMEOUT, sink.ping::<redis::Value>()).await;
-                if !matches!(pong, Ok(Ok(_))) {
-                    return true;
+                _ = ping.tick() => {
+                    let pong = tokio::time::timeout(LINK_TIMEOUT, self.sink.ping::<redis::Value>()).await;
+                    if !matches!(pong, Ok(Ok(_))) {
+                        return true;
+                    }
                 }
             }
         }
@@ -227,6 +317,21 @@ mod tests {
                 channel: "c".into(),
                 holder: None,
                 epoch: 7
+            })
+        );
+        assert_eq!(
+            decode(br#"{"kind":"channel_node","channel":"c","node":"n","present":true}"#),
+            Some(StoreEvent::ChannelNode {
+                channel: "c".into(),
+                node: "n".into(),
+                present: true
+            })
+        );
+        assert_eq!(
+            decode(br#"{"kind":"node","node":"n","live":false}"#),
+            Some(StoreEvent::Node {
+                node: "n".into(),
+                live: false
             })
         );
         assert_eq!(decode(b"not json"), None);

@@ -73,7 +73,7 @@ impl FloorStore for RedisStore {
                 .arg(&self.node)
                 .arg(req.priority)
                 .arg(millis(req.ttl).max(1))
-                .arg(self.keys.events())
+                .arg(self.keys.events(&req.channel))
                 .arg(if req.emergency { "1" } else { "0" })
                 .arg(millis(EPOCH_TTL));
             let reply: Vec<Option<String>> = self
@@ -120,7 +120,7 @@ impl FloorStore for RedisStore {
                 .key(self.keys.floor(channel))
                 .arg(epoch)
                 .arg(channel)
-                .arg(self.keys.events());
+                .arg(self.keys.events(channel));
             let matched: i64 = self
                 .call("release", invocation.invoke_async(&mut conn))
                 .await?;

@@ -14,7 +14,10 @@
 //! | `P:tg:{ch}:members` | sorted set: member → expiry (Unix ms) | session TTL | who is in `ch`, expiring one by one |
 //! | `P:tg:{ch}:member_nodes` | hash: member → node | session TTL | the node serving each member (for presence) |
 //! | `P:tg:member:{name}:channels` | sorted set: channel → expiry (Unix ms) | session TTL | where a name is joined |
+//! | `P:tg:{ch}:home` | string: node id | session TTL, refreshed by the home node | the node a channel is placed on (`--placement`) |
 //! | `P:tg:cluster_key` | string | none | the relay key the nodes agreed on (when no cluster secret is configured) |
+//!
+//! The node registry's keys are in [`registry`].
 //!
 //! A member is `(channel, name)`: a name is unique only within a channel, so the reverse index is keyed by
 //! name and lists every channel where that name is joined. Scores are expiry times, so one member that
@@ -24,12 +27,14 @@
 //!
 //! # Events
 //!
-//! Every change is published as one JSON object on the single pub/sub channel `P:tg:events`:
+//! Every change is published as one JSON object on its channel's own pub/sub channel `P:tg:{ch}:events`:
 //! `{"kind":"grant","channel":..,"epoch":"..","member":..,"node":..,"priority":n}`,
-//! `{"kind":"idle","channel":..,"epoch":".."}`, and `{"kind":"join"|"leave","channel":..,"member":..,
-//! "node":..}`. Epochs travel as decimal strings because Lua numbers print with 14 digits and an epoch has
-//! 16. One channel for everything keeps the subscriber to one `SUBSCRIBE`; on Redis Cluster, sharded pub/sub
-//! would need one channel per talkgroup (`P:tg:{ch}:events`) instead.
+//! `{"kind":"idle","channel":..,"epoch":".."}`, `{"kind":"join"|"leave","channel":..,"member":..,
+//! "node":..}` and `{"kind":"channel_node","channel":..,"node":..,"present":bool}`; node arrivals and
+//! departures go on `P:tg:{nodes}:events` as `{"kind":"node","node":..,"live":bool}`. Epochs travel as
+//! decimal strings because Lua numbers print with 14 digits and an epoch has 16. A node subscribes to the
+//! channels it serves only ([`crate::state::Watcher`]), so one busy channel's events reach only the nodes
+//! that serve it, and a subscriber never reads the whole cluster's traffic.
 //!
 //! # Failure
 //!
@@ -53,7 +58,7 @@ mod registry;
 mod sessions;
 
 use self::events::{Wire, BACKOFF_MAX, BACKOFF_MIN, EVENT_QUEUE, LINK_TIMEOUT};
-use super::{StateError, StoreEvent};
+use super::{StateError, StoreEvent, Watcher};
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,8 +121,26 @@ impl Keys {
         format!("{}:tg:member:{{{member}}}:channels", self.prefix)
     }
 
+    /// A node's liveness value. Every node key shares the `{nodes}` hash tag with the live set, so one
+    /// script reads the whole table on Redis Cluster too.
     fn node(&self, node: &str) -> String {
-        format!("{}:tg:node:{node}", self.prefix)
+        format!("{}:tg:{{nodes}}:node:{node}", self.prefix)
+    }
+
+    /// Sorted set: node id → liveness expiry (Unix ms); expired entries are kept an hour so every node
+    /// sees who died.
+    fn live(&self) -> String {
+        format!("{}:tg:{{nodes}}:live", self.prefix)
+    }
+
+    /// Node arrivals and departures.
+    fn node_events(&self) -> String {
+        format!("{}:tg:{{nodes}}:events", self.prefix)
+    }
+
+    /// The node a channel is placed on.
+    fn home(&self, channel: &str) -> String {
+        self.channel(channel, "home")
     }
 
     fn cluster_key(&self) -> String {
@@ -128,8 +151,10 @@ impl Keys {
         self.channel(channel, "nodes")
     }
 
-    fn events(&self) -> String {
-        format!("{}:tg:events", self.prefix)
+    /// One pub/sub channel per talkgroup, so a busy channel's events reach only the nodes that serve it
+    /// (and, on Redis Cluster, stay in its slot's shard).
+    fn events(&self, channel: &str) -> String {
+        self.channel(channel, "events")
     }
 }
 
@@ -147,6 +172,12 @@ pub struct RedisStore {
     renew: Script,
     release: Script,
     claim: Script,
+    announce: Script,
+    nodes: Script,
+    withdraw: Script,
+    set_channel_node: Script,
+    place: Script,
+    unplace: Script,
 }
 
 impl RedisStore {
@@ -194,21 +225,41 @@ impl RedisStore {
             renew: Script::new(floor::RENEW),
             release: Script::new(floor::RELEASE),
             claim: Script::new(sessions::CLAIM),
+            announce: Script::new(registry::ANNOUNCE),
+            nodes: Script::new(registry::NODES),
+            withdraw: Script::new(registry::WITHDRAW),
+            set_channel_node: Script::new(registry::SET_CHANNEL_NODE),
+            place: Script::new(registry::PLACE),
+            unplace: Script::new(registry::UNPLACE),
         })
     }
 
     /// Starts a subscriber task with its own connection and returns its events: floor grants and releases
-    /// (this node's too, the caller filters), presence, `Resync` after every (re)connection and `Down` when
-    /// the connection drops. The receiver starts in the down state: deny presses until the first `Resync`.
-    /// The task reconnects by itself with backoff and ends when the receiver is dropped.
-    pub fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
+    /// (this node's too, the caller filters), presence and registrations of the channels the [`Watcher`]
+    /// asks for, node arrivals and departures, `Resync` after every (re)connection and `Down` when the
+    /// connection drops. The receiver starts in the down state: deny presses until the first `Resync`.
+    /// The task reconnects by itself with backoff (subscribing to every watched channel again) and ends
+    /// when the receiver is dropped.
+    pub fn subscribe(&self) -> (Watcher, mpsc::Receiver<StoreEvent>) {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let (watcher, watches) = Watcher::new();
+        let prefix = self.keys.prefix.clone();
+        let names = events::Names {
+            nodes: self.keys.node_events(),
+            channel: Box::new(move |ch| {
+                Keys {
+                    prefix: prefix.clone(),
+                }
+                .events(ch)
+            }),
+        };
         self.runtime.spawn(events::run_subscriber(
             self.client.clone(),
-            self.keys.events(),
+            names,
+            watches,
             tx,
         ));
-        rx
+        (watcher, rx)
     }
 
     /// A warning when Redis may evict keys that have a TTL (`volatile-*`, `allkeys-*`): an evicted lease is a
@@ -289,6 +340,8 @@ mod tests {
         assert_eq!(keys.members("ops"), "p:tg:{ops}:members");
         assert_eq!(keys.member_nodes("ops"), "p:tg:{ops}:member_nodes");
         assert_eq!(keys.member_channels("ann"), "p:tg:member:{ann}:channels");
-        assert_eq!(keys.events(), "p:tg:events");
+        assert_eq!(keys.events("ops"), "p:tg:{ops}:events");
+        assert_eq!(keys.node("n1"), "p:tg:{nodes}:node:n1");
+        assert_eq!(keys.live(), "p:tg:{nodes}:live");
     }
 }

@@ -61,7 +61,7 @@ impl RedisStore {
             .arg(now_ms)
             .arg(expiry)
             .arg(ttl_ms)
-            .arg(self.keys.events())
+            .arg(self.keys.events(channel))
             .arg(event);
         let claimed: i64 = self.call(what, invocation.invoke_async(&mut conn)).await?;
         if claimed != 1 {
@@ -129,7 +129,7 @@ impl SessionStore for RedisStore {
                 .ignore()
                 .zrem(self.keys.member_channels(member), channel)
                 .ignore()
-                .publish(self.keys.events(), encode(&event)?)
+                .publish(self.keys.events(channel), encode(&event)?)
                 .ignore();
             let mut conn = self.conn.clone();
             self.call("leave", pipe.query_async::<()>(&mut conn)).await
