@@ -374,6 +374,8 @@ impl Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (life_tx, life_rx) = mpsc::unbounded_channel();
         let stopped_tx = life_tx.clone();
+        let load_shards: Vec<_> = handles.iter().map(|h| h.commands.clone()).collect();
+        let load_hub = hub_tx.clone();
         let control = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -414,6 +416,7 @@ impl Server {
                             return;
                         }
                     };
+                    tokio::spawn(crate::control::load::sample_load(load_shards, load_hub));
                     let hub_task = tokio::spawn(runner.run(hub_rx, event_rx, stores.events));
                     if let Some(admin) = admin_listener {
                         match tokio::net::TcpListener::from_std(admin) {

@@ -26,6 +26,7 @@ mod drain;
 pub use self::drain::Health;
 mod floors;
 mod history;
+pub mod load;
 mod members;
 mod placement;
 mod presence;

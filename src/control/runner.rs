@@ -32,6 +32,13 @@ const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// Messages to the runner from the WebSocket tasks and HTTP routes.
 pub enum HubMsg {
+    /// The node's load, sampled by [`super::load::sample_load`].
+    Load {
+        /// Media packets forwarded per second.
+        pps: u64,
+        /// Process CPU, per mille of one core.
+        cpu_permille: u64,
+    },
     /// A connection opened: where to queue its frames, and the handle whose drop closes it.
     Connect {
         /// The connection.
@@ -284,6 +291,9 @@ impl Runner {
                 self.core.handle(Input::Connect { conn, ip }, now);
             }
             HubMsg::Frame { conn, frame } => self.core.handle(Input::Frame { conn, frame }, now),
+            HubMsg::Load { pps, cpu_permille } => {
+                self.core.handle(Input::Load { pps, cpu_permille }, now)
+            }
             HubMsg::TooLarge { conn } => self.core.handle(Input::TooLarge { conn }, now),
             HubMsg::Disconnect { conn, clean: true } => {
                 self.core.handle(Input::Disconnect { conn }, now)

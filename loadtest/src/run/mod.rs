@@ -97,6 +97,12 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         }
     }
 
+    if let (Some(r), Some((t0, n0))) = (&rig.redis, rig.redis_mark) {
+        if let Some(n1) = r.total_commands() {
+            let secs = (crate::sys::mono_ns() - t0) as f64 / 1e9;
+            report.setup.redis_run_commands_per_s = Some(n1.saturating_sub(n0) as f64 / secs);
+        }
+    }
     let gone = rig.shut_down(&mut report).await;
     crashed = crashed.or(gone);
     finish(cfg, &mut report, done, crashed.as_deref());
