@@ -76,10 +76,15 @@ pub const LEASE: Lease = Lease {
 
 /// Floor store, session store, cluster registry, and the store's published events (shared stores only).
 pub struct Stores {
+    /// Floor locks.
     pub floors: Arc<dyn FloorStore>,
+    /// Membership and presence.
     pub sessions: Arc<dyn SessionStore>,
+    /// Node liveness, channel registrations, placement.
     pub registry: Arc<dyn Registry>,
+    /// The transmission log.
     pub history: Arc<dyn History>,
+    /// What the store publishes (shared stores only).
     pub events: Option<mpsc::Receiver<StoreEvent>>,
     /// Which channels' events the subscriber follows (shared stores only).
     pub watcher: Option<Watcher>,

@@ -36,6 +36,7 @@ pub struct MemoryFloorStore {
 }
 
 impl MemoryFloorStore {
+    /// An empty store for node `node` (recorded as every lock's node).
     pub fn new(node: impl Into<String>) -> Self {
         MemoryFloorStore {
             node: node.into(),

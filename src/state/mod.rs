@@ -33,8 +33,11 @@ pub enum StateError {
 /// A request for a channel's floor lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcquireRequest {
+    /// The channel.
     pub channel: String,
+    /// The member pressing.
     pub member: String,
+    /// Its priority (MCPTT: higher pre-empts; here it is recorded with the lock).
     pub priority: u8,
     /// An emergency press: the lock is taken from any holder not itself in an emergency burst.
     pub emergency: bool,
@@ -45,9 +48,13 @@ pub struct AcquireRequest {
 /// Who holds a channel's floor, as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
+    /// The member holding the floor.
     pub member: String,
+    /// The node serving it.
     pub node: String,
+    /// The grant's fencing epoch.
     pub epoch: u64,
+    /// Its priority.
     pub priority: u8,
     /// The burst is an emergency.
     pub emergency: bool,
@@ -57,7 +64,10 @@ pub struct Holder {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Acquired {
     /// The lock is ours, at this fencing epoch (greater than every epoch before it on this channel).
-    Granted { epoch: u64 },
+    Granted {
+        /// The grant's epoch.
+        epoch: u64,
+    },
     /// Someone holds it.
     Busy(Holder),
 }
@@ -67,15 +77,22 @@ pub enum Acquired {
 pub enum StoreEvent {
     /// `channel`'s floor was granted (`holder: Some`) or released at `epoch` (`None`).
     Floor {
+        /// The channel.
         channel: String,
+        /// The new holder, or `None` when the floor went idle.
         holder: Option<Holder>,
+        /// The epoch of the grant or of the release.
         epoch: u64,
     },
     /// A member joined or left a channel on some node.
     Presence {
+        /// The channel.
         channel: String,
+        /// The member.
         member: String,
+        /// Its node.
         node: String,
+        /// Joined (`true`) or left.
         joined: bool,
     },
     /// The subscription is up again after a (re)connect: resynchronise from the keys.
@@ -130,6 +147,7 @@ pub trait SessionStore: Send + Sync + 'static {
         member: &'a str,
         node: &'a str,
     ) -> StoreFuture<'a, bool>;
+    /// Removes `member` of `node` from `channel` (publishes `leave`).
     fn leave<'a>(&'a self, channel: &'a str, member: &'a str, node: &'a str)
         -> StoreFuture<'a, ()>;
     /// Heartbeat: the member is still there.

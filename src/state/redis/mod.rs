@@ -76,7 +76,9 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// Bound on a call unless configured: a press waits at most this for Redis.
     pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(250);
+    /// How long an unrefreshed member stays (heartbeats come every 5 minutes).
     pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(3600);
 
     /// A configuration with the default timeouts.
