@@ -300,7 +300,7 @@ impl Rig {
             .as_ref()
             .and_then(|r| r.total_commands().map(|n| (mono_ns(), n)));
         // A cluster idles longer: its registry works in periods of a second or more.
-        let idle = idle_cpu(&pids, if cfg.cluster { 6 } else { 1 }).await;
+        let idle = idle_cpu(&pids, if cfg.cluster { 10 } else { 1 }).await;
         report.setup.server_idle_cpu_pct = idle_total(&idle).map(|x| x / 1e7);
         let redis_mark = redis
             .as_ref()
