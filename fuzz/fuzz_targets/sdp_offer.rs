@@ -12,7 +12,10 @@ fuzz_target!(|data: &[u8]| {
     match parse_offer(text) {
         Ok(offer) => {
             assert!(text.len() <= MAX_OFFER);
-            assert_eq!(text.lines().filter(|l| l.trim().starts_with("m=")).count(), 1);
+            assert_eq!(
+                text.lines().filter(|l| l.trim().starts_with("m=")).count(),
+                1
+            );
             let _ = offer.listen_only;
         }
         Err(OfferError::TooLarge) => assert!(text.len() > MAX_OFFER),

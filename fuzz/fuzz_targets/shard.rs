@@ -75,7 +75,10 @@ enum Payload {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Datagram { from: u8, payload: Payload },
+    Datagram {
+        from: u8,
+        payload: Payload,
+    },
     Relay {
         from: u8,
         channel: u8,
@@ -84,21 +87,52 @@ enum Op {
         speaker: String,
         payload: Payload,
     },
-    RelayRaw { from: u8, data: Vec<u8> },
+    RelayRaw {
+        from: u8,
+        data: Vec<u8>,
+    },
     Grant {
         channel: u8,
         member: Option<u8>,
         epoch: Epoch,
         lease_ms: Option<u16>,
     },
-    Remote { channel: u8, epoch: Epoch, node: u8 },
-    Lease { channel: u8, epoch: Epoch, lease_ms: u16 },
-    Idle { channel: u8, epoch: Epoch },
-    Add { channel: u8, member: u8, addr: u8, ssrc: u32 },
-    Remove { channel: u8, member: u8 },
-    Listens { channel: u8, member: u8, listens: bool },
-    Targets { channel: u8, n: u8 },
-    Tick { advance_ms: u16 },
+    Remote {
+        channel: u8,
+        epoch: Epoch,
+        node: u8,
+    },
+    Lease {
+        channel: u8,
+        epoch: Epoch,
+        lease_ms: u16,
+    },
+    Idle {
+        channel: u8,
+        epoch: Epoch,
+    },
+    Add {
+        channel: u8,
+        member: u8,
+        addr: u8,
+        ssrc: u32,
+    },
+    Remove {
+        channel: u8,
+        member: u8,
+    },
+    Listens {
+        channel: u8,
+        member: u8,
+        listens: bool,
+    },
+    Targets {
+        channel: u8,
+        n: u8,
+    },
+    Tick {
+        advance_ms: u16,
+    },
 }
 
 /// What the target knows of the shard's state from the commands it sent.
@@ -170,7 +204,9 @@ fn speaker(
     change: SpeakerChange,
     now: Instant,
 ) {
-    let before = core.channel(CHANNELS[channel]).map(|c| (c.epoch(), c.speaker()));
+    let before = core
+        .channel(CHANNELS[channel])
+        .map(|c| (c.epoch(), c.speaker()));
     let model_change = match &change {
         SpeakerChange::Granted {
             speaker: Some(_),
@@ -209,13 +245,24 @@ fn speaker(
     }
 }
 
-fn add(core: &mut ShardCore, model: &mut Model, channel: usize, member: u8, addr: SocketAddr, ssrc: u32, now: Instant) {
+fn add(
+    core: &mut ShardCore,
+    model: &mut Model,
+    channel: usize,
+    member: u8,
+    addr: SocketAddr,
+    ssrc: u32,
+    now: Instant,
+) {
     let key = key(channel, member);
     // The control thread never adds a membership twice, nor two memberships of one channel at one
     // address (a second join of a channel on the same connection is refused `already_joined`, and an
     // address is owned by one connection).
     if model.members.contains_key(&key)
-        || model.members.values().any(|&(c, a)| c == channel && a == addr)
+        || model
+            .members
+            .values()
+            .any(|&(c, a)| c == channel && a == addr)
     {
         return;
     }
@@ -255,7 +302,15 @@ fn setup(now: Instant) -> (ShardCore, Model) {
     };
     // alpha: members 1..=3 at ports 6001..=6003; bravo: a dispatcher sharing 6001, and 6004.
     for m in 0..3u8 {
-        add(&mut core, &mut model, 0, m, source(m), u32::from(m) + 1, now);
+        add(
+            &mut core,
+            &mut model,
+            0,
+            m,
+            source(m),
+            u32::from(m) + 1,
+            now,
+        );
     }
     add(&mut core, &mut model, 1, 0, source(0), 21, now);
     add(&mut core, &mut model, 1, 1, source(3), 22, now);
@@ -288,7 +343,13 @@ fn setup(now: Instant) -> (ShardCore, Model) {
     (core, model)
 }
 
-fn check_local_forward(core: &ShardCore, model: &Model, src: SocketAddr, batch: &Batch, now: Instant) {
+fn check_local_forward(
+    core: &ShardCore,
+    model: &Model,
+    src: SocketAddr,
+    batch: &Batch,
+    now: Instant,
+) {
     let holders: Vec<usize> = (0..CHANNELS.len())
         .filter(|&c| {
             core.channel(CHANNELS[c])
@@ -314,7 +375,11 @@ fn check_local_forward(core: &ShardCore, model: &Model, src: SocketAddr, batch: 
         "forwarded from {src} at or after the lease end of every floor it holds"
     );
     for d in &batch.dests {
-        assert_ne!(d.to_socket_addr(), src, "the speaker was sent its own packet");
+        assert_ne!(
+            d.to_socket_addr(),
+            src,
+            "the speaker was sent its own packet"
+        );
     }
 }
 
@@ -362,12 +427,22 @@ fuzz_target!(|ops: Vec<Op>| {
                 {
                     assert!(range.end <= relay_buf.len());
                     let ch = core.channel(CHANNELS[c]).expect("forwarded into a channel");
-                    assert_eq!(ch.speaker(), None, "relayed while a local member holds the floor");
-                    assert_eq!(ch.epoch(), epoch, "relayed at another epoch than the grant's");
+                    assert_eq!(
+                        ch.speaker(),
+                        None,
+                        "relayed while a local member holds the floor"
+                    );
+                    assert_eq!(
+                        ch.epoch(),
+                        epoch,
+                        "relayed at another epoch than the grant's"
+                    );
                 }
             }
             Op::RelayRaw { from, data } => {
-                if let Verdict::Forward(_) = core.handle_relay_datagram(source(*from), data, now, &mut batch) {
+                if let Verdict::Forward(_) =
+                    core.handle_relay_datagram(source(*from), data, now, &mut batch)
+                {
                     panic!("an unsigned relay datagram was forwarded");
                 }
             }
@@ -385,7 +460,11 @@ fuzz_target!(|ops: Vec<Op>| {
                 };
                 speaker(&mut core, &mut model, c, change, now);
             }
-            Op::Remote { channel, epoch, node } => {
+            Op::Remote {
+                channel,
+                epoch,
+                node,
+            } => {
                 let c = usize::from(*channel) % CHANNELS.len();
                 let change = SpeakerChange::Remote {
                     epoch: epoch_of(&core, c, epoch),

@@ -22,4 +22,3 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = validate_name("member", text);
 });
-
