@@ -490,6 +490,28 @@ async fn pubsub_connection_blackholed_for_5_s() {
     assert!(r.proxy.pubsub_connections >= 2, "{r:#?}");
 }
 
+/// The media-level measure can fail: two speakers interleaved at a listener count as two, a clean
+/// hand-over (one stops, the other starts) as one.
+#[test]
+fn the_speaker_overlap_measure_sees_interleaving() {
+    let t0 = Instant::now();
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let handover = Heard(
+        (0..10)
+            .map(|i| (at(20 * i), ALICE, i as u32))
+            .chain((0..10).map(|i| (at(200 + 20 * i), BOB, i as u32)))
+            .collect(),
+    );
+    assert_eq!(handover.max_concurrent_speakers(), 1);
+    let split = Heard(
+        (0..20)
+            .map(|i| (at(10 * i), if i % 2 == 0 { ALICE } else { BOB }, i as u32))
+            .collect(),
+    );
+    assert_eq!(split.max_concurrent_speakers(), 2);
+    assert_eq!(split.missing("test", ALICE, &[0, 1, 2]), 1);
+}
+
 // A full shard command queue: the queue into a shard holds `COMMAND_QUEUE` (8192) commands and the shard
 // drains it between datagram batches, so no sequence of requests from outside the process fills it
 // reliably — the control thread would have to outrun a shard by thousands of commands. The model-based
