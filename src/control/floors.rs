@@ -388,8 +388,7 @@ impl HubCore {
                 // The press was already denied when this grant came back: nobody uses the lock, so give
                 // it back now rather than let it block the channel until the lease runs out.
                 if let Acquired::Granted { epoch } = got {
-                    warn!(channel, epoch, "late grant: releasing it");
-                    self.call(StoreCall::Release { channel, epoch }, Purpose::None, now);
+                    self.give_back_orphan(&channel, epoch, now);
                 }
             }
             Answered::Late(..) | Answered::WillRetry | Answered::Unknown => {}
@@ -403,6 +402,11 @@ impl HubCore {
                 let input = match result {
                     Ok(Acquired::Granted { epoch }) => FloorInput::StoreGranted { member, epoch },
                     Ok(Acquired::Busy(holder)) => {
+                        if holder.node == self.config.node {
+                            // A lock of this node that its floor does not hold (a press goes to the
+                            // store only when nobody local holds): a grant whose answer was lost.
+                            self.give_back_orphan(&channel, holder.epoch, now);
+                        }
                         self.note_remote_holder(&channel, holder.epoch, &holder.node);
                         if holder.emergency {
                             // Its events are flagged here too (pub/sub may not have told us yet).
@@ -520,6 +524,10 @@ impl HubCore {
             return;
         };
         let input = match result {
+            Ok(Some(h)) if h.node == self.config.node && !ch.floor.owns(h.epoch) => {
+                self.give_back_orphan(channel, h.epoch, now);
+                return;
+            }
             Ok(Some(h)) if h.node != self.config.node => {
                 self.note_remote_holder(channel, h.epoch, &h.node);
                 FloorInput::Remote {
@@ -541,6 +549,23 @@ impl HubCore {
         };
         self.floor_input(channel, input, now);
         self.forget_if_empty(channel, now);
+    }
+
+    /// Gives back a lock this node holds in the store but none of its floors owns — a grant whose answer
+    /// came too late or never (the press was denied meanwhile). Releasing by epoch is safe whatever the
+    /// lock's state: it frees nothing but that grant. Without this the channel would stay busy until
+    /// the lease ran out.
+    fn give_back_orphan(&mut self, channel: &str, epoch: u64, now: Instant) {
+        warn!(
+            channel,
+            epoch, "a grant of this node that no floor holds: giving it back"
+        );
+        self.counters.orphan_locks_released += 1;
+        let call = StoreCall::Release {
+            channel: channel.to_string(),
+            epoch,
+        };
+        self.call(call, Purpose::None, now);
     }
 
     /// Remembers which node holds a remote grant, for the shard's relay check.
@@ -581,6 +606,15 @@ impl HubCore {
                 epoch,
             } => {
                 if holder.as_ref().is_some_and(|h| h.node == self.config.node) {
+                    // Our own grants come back too. One the floor does not own is an orphan: the
+                    // answer to its press was lost (a timeout), but Redis granted it.
+                    let owned = self
+                        .channels
+                        .get(&channel)
+                        .is_some_and(|ch| ch.floor.owns(epoch));
+                    if !owned {
+                        self.give_back_orphan(&channel, epoch, now);
+                    }
                     return;
                 }
                 if epoch >= crate::floor::MAX_EPOCH {

@@ -476,6 +476,18 @@ impl Floor {
         self.emergency == Some(epoch)
     }
 
+    /// Whether this machine knows the grant of `epoch` as its own: asked for (the store's answer is
+    /// awaited), being applied, held, or being released. A lock of this node in the store that the
+    /// machine does not own is an orphan — a grant whose answer was lost — and is given back.
+    pub fn owns(&self, epoch: u64) -> bool {
+        match &self.state {
+            State::Acquiring { .. } => true,
+            State::Applying { epoch: e, .. } | State::Releasing { epoch: e, .. } => *e == epoch,
+            State::Held(h) => h.epoch == epoch,
+            _ => false,
+        }
+    }
+
     /// True when nothing is pending, held or queued: the channel needs no ticks.
     pub fn is_quiet(&self) -> bool {
         matches!(self.state, State::Idle | State::Remote { .. })
