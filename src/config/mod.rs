@@ -12,6 +12,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::auth::Limits;
+use crate::state::redis::Topology;
 
 /// Loopback and private ranges: the default of `--rtp-allow`.
 pub const DEFAULT_RTP_ALLOW: &str =
@@ -220,6 +221,24 @@ pub struct ServeArgs {
     /// Redis password (without `--redis-url`).
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// Redis Cluster seed nodes (comma-separated `host:port`); the cluster is found through them. The
+    /// password comes from `--redis-url` or `--redis-password`.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", value_delimiter = ',',
+          conflicts_with_all = ["redis_sentinels", "redis_sentinel_master"])]
+    pub redis_cluster_nodes: Vec<String>,
+    /// Redis Sentinels (comma-separated `host:port`) that name the master (with
+    /// `--redis-sentinel-master`). The master's password and database come from `--redis-url` or
+    /// `--redis-password`.
+    #[arg(
+        long,
+        env = "REDIS_SENTINELS",
+        value_delimiter = ',',
+        requires = "redis_sentinel_master"
+    )]
+    pub redis_sentinels: Vec<String>,
+    /// The master's name in the sentinels' configuration (with `--redis-sentinels`).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", requires = "redis_sentinels")]
+    pub redis_sentinel_master: Option<String>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, default_value = "talkgroup", env = "TALKGROUP_KEY_PREFIX")]
     pub key_prefix: String,
@@ -299,6 +318,21 @@ impl ServeArgs {
         match &self.redis_password {
             Some(p) => format!("redis://:{p}@{}:{}/", self.redis_host, self.redis_port),
             None => format!("redis://{}:{}/", self.redis_host, self.redis_port),
+        }
+    }
+
+    /// Where Redis is: a Cluster (`--redis-cluster-nodes`), a master behind Sentinel
+    /// (`--redis-sentinels` and `--redis-sentinel-master`), or the one server of [`Self::redis_url`].
+    pub fn redis_topology(&self) -> Topology {
+        match (&self.redis_cluster_nodes[..], &self.redis_sentinel_master) {
+            ([], Some(master)) if !self.redis_sentinels.is_empty() => Topology::Sentinel {
+                sentinels: self.redis_sentinels.clone(),
+                master: master.clone(),
+            },
+            ([], _) => Topology::Single,
+            (nodes, _) => Topology::Cluster {
+                nodes: nodes.to_vec(),
+            },
         }
     }
 

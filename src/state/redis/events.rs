@@ -1,15 +1,15 @@
 //! Pub/sub: what the scripts and the session store publish, and the subscriber task that turns it into
 //! [`StoreEvent`]s (with `Resync` after every (re)connection and `Down` when the link drops).
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, RedisResult};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::state::{Holder, StoreEvent};
+use super::conn::{Connector, Link};
+use crate::state::{Holder, StateError, StoreEvent};
 
 /// Events a subscriber may queue before its task stops reading; Redis then buffers, and past its pub/sub
 /// output limit drops the connection, which the task reports as `Down` and repairs with `Resync`.
@@ -119,25 +119,59 @@ fn decode(payload: &[u8]) -> Option<StoreEvent> {
     })
 }
 
+/// What a subscriber listens to: the one events channel, or (sharded pub/sub on a Cluster) the events
+/// channels of the talkgroups this node serves, followed as they open and close.
+#[derive(Clone)]
+pub(super) enum Subscriptions {
+    /// One channel for every event (`P:tg:events`).
+    One(String),
+    /// One channel per talkgroup (`P:tg:{ch}:events`): the set this node serves.
+    Watched(Arc<watch::Sender<BTreeSet<String>>>),
+}
+
+impl Subscriptions {
+    /// An empty watched set.
+    pub(super) fn watched() -> Subscriptions {
+        Subscriptions::Watched(Arc::new(watch::Sender::new(BTreeSet::new())))
+    }
+
+    /// Adds or removes an events channel of the watched set (nothing for `One`).
+    pub(super) fn watch(&self, events: String, present: bool) {
+        if let Subscriptions::Watched(set) = self {
+            set.send_if_modified(|set| {
+                if present {
+                    set.insert(events)
+                } else {
+                    set.remove(&events)
+                }
+            });
+        }
+    }
+}
+
 /// The subscriber: connect, `Resync`, forward messages, `Down` when the link drops, back off, again.
 pub(super) async fn run_subscriber(
-    client: Client,
-    events_channel: String,
+    connector: Connector,
+    subscriptions: Subscriptions,
     tx: mpsc::Sender<StoreEvent>,
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
+        let mut watched = match &subscriptions {
+            Subscriptions::One(_) => None,
+            Subscriptions::Watched(set) => Some(set.subscribe()),
+        };
         let opened = tokio::select! {
             _ = tx.closed() => return,
-            opened = tokio::time::timeout(LINK_TIMEOUT, open_subscription(&client, &events_channel)) => opened,
+            opened = open_subscription(&connector, &subscriptions) => opened,
         };
         match opened {
-            Ok(Ok((sink, stream))) => {
+            Ok((link, subscribed)) => {
                 backoff = BACKOFF_MIN;
                 if tx.send(StoreEvent::Resync).await.is_err() {
                     return;
                 }
-                if !forward(sink, stream, &tx).await {
+                if !forward(link, subscribed, watched.as_mut(), &tx).await {
                     return;
                 }
                 tracing::warn!("redis subscription lost; reconnecting");
@@ -145,8 +179,7 @@ pub(super) async fn run_subscriber(
                     return;
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "redis subscription: connect failed"),
-            Err(_) => tracing::debug!("redis subscription: connect timed out"),
+            Err(e) => tracing::debug!(error = %e, "redis subscription: connect failed"),
         }
         tokio::select! {
             _ = tx.closed() => return,
@@ -156,32 +189,47 @@ pub(super) async fn run_subscriber(
     }
 }
 
-/// A dedicated connection subscribed to the events channel (`subscribe` returns once Redis confirmed it).
+/// A link subscribed to every channel of `subscriptions` (each `subscribe` returns once Redis confirmed
+/// it), and the channels it is subscribed to.
 async fn open_subscription(
-    client: &Client,
-    channel: &str,
-) -> RedisResult<(PubSubSink, PubSubStream)> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub.split())
+    connector: &Connector,
+    subscriptions: &Subscriptions,
+) -> Result<(Link, BTreeSet<String>), StateError> {
+    let mut link = Link::open(connector).await?;
+    let channels = match subscriptions {
+        Subscriptions::One(channel) => BTreeSet::from([channel.clone()]),
+        Subscriptions::Watched(set) => set.borrow().clone(),
+    };
+    for channel in &channels {
+        link.subscribe(channel).await?;
+    }
+    Ok((link, channels))
 }
 
-/// Forwards messages until the link drops (`true`) or the receiver is gone (`false`).
+/// Forwards messages until the link drops (`true`) or the receiver is gone (`false`), following the
+/// watched set when there is one.
 async fn forward(
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
+    mut link: Link,
+    mut subscribed: BTreeSet<String>,
+    mut watched: Option<&mut watch::Receiver<BTreeSet<String>>>,
     tx: &mpsc::Sender<StoreEvent>,
 ) -> bool {
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     loop {
+        let changed = async {
+            match watched.as_mut() {
+                Some(w) => w.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tx.closed() => return false,
-            msg = stream.next() => match msg {
+            msg = link.next() => match msg {
                 None => return true,
-                Some(msg) => {
-                    if let Some(event) = decode(msg.get_payload_bytes()) {
+                Some((_, payload)) => {
+                    if let Some(event) = decode(&payload) {
                         if tx.send(event).await.is_err() {
                             return false;
                         }
@@ -189,10 +237,24 @@ async fn forward(
                 }
             },
             _ = ping.tick() => {
-                let pong = tokio::time::timeout(LINK_TIMEOUT, sink.ping::<redis::Value>()).await;
-                if !matches!(pong, Ok(Ok(_))) {
+                if link.ping().await.is_err() {
                     return true;
                 }
+            }
+            alive = changed => {
+                let Some(w) = watched.as_mut().filter(|_| alive) else { return false };
+                let wanted = w.borrow_and_update().clone();
+                for gone in subscribed.difference(&wanted) {
+                    if link.unsubscribe(gone).await.is_err() {
+                        return true;
+                    }
+                }
+                for new in wanted.difference(&subscribed) {
+                    if link.subscribe(new).await.is_err() {
+                        return true;
+                    }
+                }
+                subscribed = wanted;
             }
         }
     }

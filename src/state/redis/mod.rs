@@ -42,24 +42,29 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisResult, Script};
+use redis::{RedisResult, Script};
 use tokio::sync::mpsc;
 
+mod conn;
 mod events;
 mod floor;
 mod history;
 mod registry;
 mod sessions;
 
-use self::events::{Wire, BACKOFF_MAX, BACKOFF_MIN, EVENT_QUEUE, LINK_TIMEOUT};
+use self::conn::{Conn, Connector};
+pub use self::conn::{Link, Topology};
+use self::events::{Subscriptions, Wire, EVENT_QUEUE, LINK_TIMEOUT};
 use super::{StateError, StoreEvent};
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
+    /// `redis://[:password@]host:port/db`; with Sentinel or Cluster only its password, user and database
+    /// are used.
     pub url: String,
+    /// One server at `url`, a master behind Sentinel, or a Cluster.
+    pub topology: Topology,
     /// Namespace of every key, so several deployments can share one Redis.
     pub prefix: String,
     /// This node's name, recorded in the locks it takes.
@@ -78,6 +83,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>, node: impl Into<String>) -> Self {
         RedisConfig {
             url: url.into(),
+            topology: Topology::Single,
             prefix: prefix.into(),
             node: node.into(),
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
@@ -131,12 +137,19 @@ impl Keys {
     fn events(&self) -> String {
         format!("{}:tg:events", self.prefix)
     }
+
+    /// A talkgroup's own events channel (sharded pub/sub: it hashes to the channel's slot).
+    fn channel_events(&self, channel: &str) -> String {
+        self.channel(channel, "events")
+    }
 }
 
 /// Both stores on one Redis. Cheap to share behind an `Arc`; commands are multiplexed on one connection.
 pub struct RedisStore {
-    client: Client,
-    conn: ConnectionManager,
+    connector: Connector,
+    conn: Conn,
+    /// What the subscribers listen to (one channel, or on a Cluster the channels this node serves).
+    subscriptions: Subscriptions,
     /// The runtime `connect` ran on, where subscriber tasks are spawned.
     runtime: tokio::runtime::Handle,
     keys: Keys,
@@ -153,40 +166,31 @@ impl RedisStore {
     /// Connects (bounded by 2 s) and fails if Redis cannot be reached now, so a wrong URL shows
     /// at start-up. Later outages are repaired in the background.
     pub async fn connect(config: RedisConfig) -> Result<RedisStore, StateError> {
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| StateError::Unavailable(format!("bad redis url {:?}: {e}", config.url)))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_min_delay(BACKOFF_MIN)
-            .set_max_delay(BACKOFF_MAX)
-            .set_connection_timeout(Some(LINK_TIMEOUT))
-            .set_response_timeout(Some(config.response_timeout));
-        let conn = match tokio::time::timeout(
-            LINK_TIMEOUT,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        {
+        let connector = Connector::new(&config.url, &config.topology, config.response_timeout)?;
+        let target = config.topology.describe(&config.url);
+        let conn = match tokio::time::timeout(LINK_TIMEOUT, connector.command()).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(StateError::Unavailable(format!(
-                    "connect to {}: {e}",
-                    config.url
-                )))
-            }
+            Ok(Err(e)) => return Err(StateError::Unavailable(format!("connect to {target}: {e}"))),
             Err(_) => {
                 return Err(StateError::Unavailable(format!(
-                    "connect to {}: no answer within {LINK_TIMEOUT:?}",
-                    config.url
+                    "connect to {target}: no answer within {LINK_TIMEOUT:?}"
                 )))
             }
         };
+        let keys = Keys {
+            prefix: config.prefix,
+        };
+        let subscriptions = if connector.sharded() {
+            Subscriptions::watched()
+        } else {
+            Subscriptions::One(keys.events())
+        };
         Ok(RedisStore {
-            client,
+            connector,
             conn,
+            subscriptions,
             runtime: tokio::runtime::Handle::current(),
-            keys: Keys {
-                prefix: config.prefix,
-            },
+            keys,
             node: config.node,
             response_timeout: config.response_timeout,
             session_ttl: config.session_ttl,
@@ -204,11 +208,40 @@ impl RedisStore {
     pub fn subscribe(&self) -> mpsc::Receiver<StoreEvent> {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         self.runtime.spawn(events::run_subscriber(
-            self.client.clone(),
-            self.keys.events(),
+            self.connector.clone(),
+            self.subscriptions.clone(),
             tx,
         ));
         rx
+    }
+
+    /// Opens a pub/sub link of this store's topology (see [`Link`]).
+    pub async fn open_link(&self) -> Result<Link, StateError> {
+        Link::open(&self.connector).await
+    }
+
+    /// The verb that publishes an event: `PUBLISH`, or `SPUBLISH` (sharded pub/sub) on a Cluster.
+    pub fn publish_verb(&self) -> &'static str {
+        self.connector.publish_verb()
+    }
+
+    /// Where `channel`'s events are published: its own `P:tg:{ch}:events` on a Cluster (sharded pub/sub
+    /// must stay in the channel's slot), the one `P:tg:events` otherwise.
+    pub fn events_channel(&self, channel: &str) -> String {
+        if self.connector.sharded() {
+            self.keys.channel_events(channel)
+        } else {
+            self.keys.events()
+        }
+    }
+
+    /// On a Cluster, subscribes this node's subscribers to `channel`'s events while it serves the
+    /// channel (called with its registration in the registry).
+    fn watch(&self, channel: &str, node: &str, present: bool) {
+        if node == self.node {
+            self.subscriptions
+                .watch(self.keys.channel_events(channel), present);
+        }
     }
 
     /// A warning when Redis may evict keys that have a TTL (`volatile-*`, `allkeys-*`): an evicted lease is a

@@ -65,6 +65,7 @@ impl Registry for RedisStore {
     ) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             let mut conn = self.conn.clone();
+            self.watch(channel, node, present);
             let verb = if present { "SADD" } else { "SREM" };
             let cmd = redis::cmd(verb)
                 .arg(self.keys.channel_nodes(channel))
@@ -131,6 +132,8 @@ impl Registry for RedisStore {
             if gone.is_empty() {
                 return Ok(gone);
             }
+            // The channel's keys and events in one transaction (one Cluster slot); each member's
+            // reverse index is in a slot of its own, so it is cleaned after, one command per member.
             let mut pipe = redis::pipe();
             pipe.atomic();
             pipe.cmd("ZREM")
@@ -139,19 +142,26 @@ impl Registry for RedisStore {
                 .ignore();
             pipe.cmd("HDEL").arg(&nodes_key).arg(&gone).ignore();
             for m in &gone {
-                pipe.cmd("ZREM")
-                    .arg(self.keys.member_channels(m))
-                    .arg(channel)
-                    .ignore();
                 let event = Wire::Leave {
                     channel: channel.to_string(),
                     member: m.clone(),
                     node: node.to_string(),
                 };
-                pipe.publish(self.keys.events(), encode(&event)?).ignore();
+                pipe.cmd(self.publish_verb())
+                    .arg(self.events_channel(channel))
+                    .arg(encode(&event)?)
+                    .ignore();
             }
             self.call("evict node", pipe.query_async::<()>(&mut conn))
                 .await?;
+            for m in &gone {
+                let cmd = redis::cmd("ZREM")
+                    .arg(self.keys.member_channels(m))
+                    .arg(channel)
+                    .to_owned();
+                self.call("evict node", cmd.query_async::<()>(&mut conn))
+                    .await?;
+            }
             Ok(gone)
         })
     }
