@@ -79,6 +79,9 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 NODE_TIMEOUT_MS,
+                // A replica must have synced once to be promoted: no 5 s wait before the first sync.
+                "--repl-diskless-sync-delay",
+                "0",
             ]
             .map(String::from)
             .to_vec(),
@@ -93,6 +96,12 @@ impl RedisCluster {
         args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
         redis_cli(cluster.nodes[0].port(), &args)?;
         cluster.wait_ok()?;
+        wait_until("every replica in sync", FORM_TIMEOUT, || {
+            cluster.nodes.iter().all(|n| {
+                redis_cli(n.port(), &["INFO", "replication"])
+                    .is_ok_and(|i| i.contains("role:master") || i.contains("master_link_status:up"))
+            })
+        })?;
         Ok(cluster)
     }
 
@@ -212,7 +221,10 @@ impl RedisSentinels {
 
     /// Like [`RedisSentinels::start`], but says why it could not start.
     pub fn try_start() -> Result<RedisSentinels, String> {
-        let master = RedisServer::try_start()?;
+        let master = RedisServer::try_start_with(RedisOptions {
+            log_file: None,
+            args: vec!["--repl-diskless-sync-delay".into(), "0".into()],
+        })?;
         let replica = RedisServer::try_start_with(RedisOptions {
             log_file: None,
             args: vec![
