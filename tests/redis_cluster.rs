@@ -5,19 +5,19 @@
 
 #[path = "support/client.rs"]
 mod client;
+#[path = "support/replicated.rs"]
+mod replicated;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{floor_any, RtpMember, Signal};
+use replicated::{heard, is_floor, next_event, press, take_floor, PREFIX};
 use rtpio::testing::RedisCluster;
 use talkgroup::config::{ServeArgs, StoreKind};
 use talkgroup::server::{Server, LEASE};
 use talkgroup::state::redis::{RedisConfig, RedisStore, Topology};
-use talkgroup::state::{AcquireRequest, Acquired, FloorStore, Registry, SessionStore, StoreEvent};
-use tokio::sync::mpsc;
-
-const PREFIX: &str = "test";
+use talkgroup::state::{Acquired, FloorStore, Registry, SessionStore, StoreEvent};
 
 async fn store(cluster: &RedisCluster, node: &str) -> Arc<RedisStore> {
     let mut config = RedisConfig::new("redis://127.0.0.1/", PREFIX, node);
@@ -29,41 +29,6 @@ async fn store(cluster: &RedisCluster, node: &str) -> Arc<RedisStore> {
             .await
             .expect("connect to the test cluster"),
     )
-}
-
-fn press(channel: &str, member: &str) -> AcquireRequest {
-    AcquireRequest {
-        channel: channel.into(),
-        member: member.into(),
-        priority: 0,
-        ttl: LEASE.ttl,
-        emergency: false,
-    }
-}
-
-/// The next event matching `want` within `limit`, skipping others.
-async fn next_event(
-    rx: &mut mpsc::Receiver<StoreEvent>,
-    limit: Duration,
-    want: impl Fn(&StoreEvent) -> bool,
-) -> StoreEvent {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut skipped = Vec::new();
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(event)) if want(&event) => return event,
-            Ok(Some(event)) => skipped.push(event),
-            Ok(None) => panic!("subscription closed; skipped {skipped:?}"),
-            Err(_) => panic!("no matching event within {limit:?}; skipped {skipped:?}"),
-        }
-    }
-}
-
-fn is_floor(channel: &str, granted: bool) -> impl Fn(&StoreEvent) -> bool + '_ {
-    move |e| {
-        matches!(e, StoreEvent::Floor { channel: c, holder, .. }
-            if c == channel && holder.is_some() == granted)
-    }
 }
 
 /// Ten channels spread over the three masters' slots: every script and event stays in its channel's
@@ -260,41 +225,6 @@ fn node_args(cluster: &RedisCluster, name: &str) -> ServeArgs {
     a.node_id = Some(name.into());
     a.key_prefix = PREFIX.into();
     a
-}
-
-/// Presses until granted (the store subscription may not be up yet), within `limit`.
-async fn take_floor(s: &mut Signal, channel: &str, limit: Duration) -> serde_json::Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        s.press(channel).await;
-        let v = floor_any(s, channel, &["granted", "denied"]).await;
-        if v["state"] == "granted" {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never granted within {limit:?}: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Talks until `listener` hears `speaker` (relay targets and subscriptions settle), within `limit`.
-async fn heard(speaker: &mut RtpMember, listener: &RtpMember, limit: Duration) -> usize {
-    let deadline = Instant::now() + limit;
-    loop {
-        speaker.send_rtp(&[7, 7, 7]).await;
-        let got = listener.recv_rtp(1, Duration::from_millis(20)).await;
-        if !got.is_empty() {
-            return got.len();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never heard {} within {limit:?}",
-            listener.name,
-            speaker.name
-        );
-    }
 }
 
 /// Two talkgroup nodes on one cluster act as one: a press on A is seen on B and A's speaker is heard on

@@ -12,7 +12,7 @@
 //! the subscriber opens a new one, subscribes again and resynchronises from the store.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -66,6 +66,9 @@ impl Topology {
         }
     }
 }
+
+/// How often the connection to a master behind Sentinel is pinged when nothing else checks it.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// What a store needs to open connections and links: made once from the configuration, cheap to clone.
 #[derive(Clone)]
@@ -296,11 +299,14 @@ impl Sentinel {
 
     /// Connects to the master the sentinels name, checking it says it is one (right after a failover a
     /// sentinel may still name the old master, now a replica).
-    async fn connect_master(&self) -> RedisResult<(ConnectionAddr, Client)> {
+    async fn connect_master(
+        &self,
+        config: &AsyncConnectionConfig,
+    ) -> RedisResult<(ConnectionAddr, Client, MultiplexedConnection)> {
         let addr = self.master_addr().await?;
         let client = Client::open(self.data.clone().set_addr(addr.clone()))?;
         let mut conn = client
-            .get_multiplexed_async_connection_with_config(&self.config)
+            .get_multiplexed_async_connection_with_config(config)
             .await?;
         let role: Value = redis::cmd("ROLE").query_async(&mut conn).await?;
         if !is_master(&role) {
@@ -310,7 +316,44 @@ impl Sentinel {
                 addr.to_string(),
             )));
         }
-        Ok((addr, client))
+        Ok((addr, client, conn))
+    }
+
+    /// Forgets connection `generation` (not a newer one another call made meanwhile).
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().map(|(g, _)| *g) == Some(generation) {
+            *current = None;
+        }
+    }
+}
+
+/// Pings connection `generation` every [`WATCH_EVERY`] while it is the current one, and forgets it when
+/// a ping fails: a master that died (or hangs) is left before the next call has to fail on it. Ends when
+/// the store is gone or another connection replaced this one.
+async fn watch_master(sentinel: Weak<Sentinel>, generation: u64, mut conn: MultiplexedConnection) {
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Some(current) = sentinel.upgrade() else {
+            return;
+        };
+        if current
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(g, _)| *g)
+            != Some(generation)
+        {
+            return;
+        }
+        let ping = redis::cmd("PING");
+        let pong = tokio::time::timeout(LINK_TIMEOUT, ping.query_async::<Value>(&mut conn)).await;
+        if !matches!(pong, Ok(Ok(_))) {
+            tracing::warn!(name = %current.master, "redis: the master stopped answering; asking the sentinels again");
+            current.forget(generation);
+            return;
+        }
     }
 }
 
@@ -342,11 +385,13 @@ impl SentinelConn {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let (addr, client) = self.0.connect_master().await?;
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&self.0.config)
-            .await?;
+        let (addr, _, conn) = self.0.connect_master(&self.0.config).await?;
         *generation += 1;
+        tokio::spawn(watch_master(
+            Arc::downgrade(&self.0),
+            *generation,
+            conn.clone(),
+        ));
         tracing::info!(master = %addr, name = %self.0.master, "redis: connected to the master named by the sentinels");
         let current = (*generation, conn);
         *self.0.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(current.clone());
@@ -359,14 +404,6 @@ impl SentinelConn {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// Forgets connection `generation` (not a newer one another call made meanwhile).
-    fn forget(&self, generation: u64) {
-        let mut current = self.0.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().map(|(g, _)| *g) == Some(generation) {
-            *current = None;
-        }
     }
 
     /// The connection for one request, and the guard that forgets it unless the request settles well.
@@ -414,7 +451,7 @@ impl ForgetOnDrop {
 impl Drop for ForgetOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            self.conn.forget(self.generation);
+            self.conn.0.forget(self.generation);
         }
     }
 }
@@ -492,7 +529,7 @@ impl Link {
                 })
             }
             Kind::Sentinel(sentinel) => {
-                let (addr, client) = sentinel.connect_master().await?;
+                let (addr, client, _) = sentinel.connect_master(&sentinel.config).await?;
                 let (sink, stream) = client.get_async_pubsub().await?.split();
                 Ok(Link {
                     inner: LinkInner::Plain { sink, stream },
