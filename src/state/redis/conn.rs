@@ -1,36 +1,28 @@
-//! How the store reaches Redis: one server, a master found through Sentinel, or a Redis Cluster. Everything
-//! else in the store talks through the two types of this file — [`Conn`] for commands and [`Link`] for
-//! pub/sub — so the topology is decided here once.
+//! How the store reaches Redis: one server, a master found through Sentinel ([`super::sentinel`]), or a
+//! Redis Cluster. Everything else in the store talks through [`Conn`] for commands and [`Link`] for
+//! pub/sub ([`super::link`]), so the topology is decided here once.
 //!
 //! | topology | commands | pub/sub | publish verb |
 //! |---|---|---|---|
 //! | single | [`ConnectionManager`] (reconnects with backoff) | `SUBSCRIBE` on a dedicated connection | `PUBLISH` |
-//! | Sentinel | a multiplexed connection to the master the sentinels name; dropped on a connection error, a timeout or `READONLY`, so the next call asks the sentinels again | `SUBSCRIBE` on the master; the link fails once the sentinels name another master | `PUBLISH` |
+//! | Sentinel | a multiplexed connection to the master the sentinels name, pinged every second; dropped on a connection error, a timeout or `READONLY`, so the next call asks the sentinels again | `SUBSCRIBE` on the master; the link fails once the sentinels name another master | `PUBLISH` |
 //! | Cluster | the crate's cluster connection (slot map, `MOVED`, reconnection) | `SSUBSCRIBE` over RESP3 pushes; the link ends when a node's connection drops or a slot moves | `SPUBLISH` |
 //!
-//! A [`Link`] never repairs itself: when it returns `None` (or a ping fails) events may have been lost, so
-//! the subscriber opens a new one, subscribes again and resynchronises from the store.
+//! [`Link`]: super::link::Link
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection, PubSubSink,
-    PubSubStream,
-};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind,
-    IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisError, RedisFuture,
-    RedisResult, Value,
+    Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
+    RedisFuture, RedisResult, Value,
 };
-use tokio::sync::mpsc;
 
 use super::events::{BACKOFF_MAX, BACKOFF_MIN, LINK_TIMEOUT};
+use super::sentinel::{Sentinel, SentinelConn};
 use crate::state::StateError;
 
 /// Where Redis is. The URL of [`super::RedisConfig`] still carries the password, user and database; with
@@ -67,18 +59,16 @@ impl Topology {
     }
 }
 
-/// How often the connection to a master behind Sentinel is pinged when nothing else checks it.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
-
 /// What a store needs to open connections and links: made once from the configuration, cheap to clone.
 #[derive(Clone)]
 pub(super) struct Connector {
-    kind: Kind,
+    pub(super) kind: Kind,
     response_timeout: Duration,
 }
 
+/// The topology, ready to connect.
 #[derive(Clone)]
-enum Kind {
+pub(super) enum Kind {
     Single(Client),
     Sentinel(Arc<Sentinel>),
     Cluster(Vec<ConnectionInfo>),
@@ -97,16 +87,12 @@ impl Connector {
             Topology::Single => Kind::Single(Client::open(base).map_err(bad)?),
             Topology::Sentinel { sentinels, master } => {
                 let sentinels = addresses(sentinels, None)?;
-                Kind::Sentinel(Arc::new(Sentinel {
+                Kind::Sentinel(Arc::new(Sentinel::new(
                     sentinels,
-                    master: master.clone(),
-                    data: base,
-                    config: AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(LINK_TIMEOUT))
-                        .set_response_timeout(Some(response_timeout)),
-                    current: Mutex::new(None),
-                    resolving: tokio::sync::Mutex::new(0),
-                }))
+                    master.clone(),
+                    base,
+                    response_timeout,
+                )))
             }
             Topology::Cluster { nodes } => {
                 if base.redis_settings().db() != 0 {
@@ -158,11 +144,9 @@ impl Connector {
                     ConnectionManager::new_with_config(client.clone(), config).await?,
                 ))
             }
-            Kind::Sentinel(sentinel) => {
-                let conn = SentinelConn(sentinel.clone());
-                conn.get().await?;
-                Ok(Conn::Sentinel(conn))
-            }
+            Kind::Sentinel(sentinel) => Ok(Conn::Sentinel(
+                SentinelConn::connect(sentinel.clone()).await?,
+            )),
             Kind::Cluster(nodes) => {
                 let client = ClusterClientBuilder::new(nodes.clone())
                     .connection_timeout(LINK_TIMEOUT)
@@ -244,440 +228,6 @@ impl ConnectionLike for Conn {
     }
 }
 
-/// The sentinels, the master's name, and the connection to the master they named last.
-pub(super) struct Sentinel {
-    sentinels: Vec<ConnectionInfo>,
-    master: String,
-    /// Credentials and database of the master (its address comes from the sentinels).
-    data: ConnectionInfo,
-    config: AsyncConnectionConfig,
-    /// The connection in use and its generation; `None` after a failure, so the next call re-resolves.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
-    /// Held while resolving, so that one failure causes one resolution; counts generations.
-    resolving: tokio::sync::Mutex<u64>,
-}
-
-impl Sentinel {
-    /// The master's address as the first sentinel that answers reports it.
-    async fn master_addr(&self) -> RedisResult<ConnectionAddr> {
-        let mut last = None;
-        for sentinel in &self.sentinels {
-            let asked = async {
-                let client = Client::open(sentinel.clone())?;
-                let mut conn = client
-                    .get_multiplexed_async_connection_with_config(&self.config)
-                    .await?;
-                redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(&self.master)
-                    .query_async::<Option<(String, u16)>>(&mut conn)
-                    .await
-            };
-            match tokio::time::timeout(LINK_TIMEOUT, asked).await {
-                Ok(Ok(Some((host, port)))) => return Ok(ConnectionAddr::Tcp(host, port)),
-                Ok(Ok(None)) => {
-                    last = Some(RedisError::from((
-                        ErrorKind::InvalidClientConfig,
-                        "the sentinels do not know this master",
-                        self.master.clone(),
-                    )))
-                }
-                Ok(Err(e)) => last = Some(e),
-                Err(_) => {
-                    last = Some(RedisError::from((
-                        ErrorKind::Io,
-                        "a sentinel did not answer",
-                        sentinel.addr().to_string(),
-                    )))
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            RedisError::from((ErrorKind::InvalidClientConfig, "no sentinel configured"))
-        }))
-    }
-
-    /// Connects to the master the sentinels name, checking it says it is one (right after a failover a
-    /// sentinel may still name the old master, now a replica).
-    async fn connect_master(
-        &self,
-        config: &AsyncConnectionConfig,
-    ) -> RedisResult<(ConnectionAddr, Client, MultiplexedConnection)> {
-        let addr = self.master_addr().await?;
-        let client = Client::open(self.data.clone().set_addr(addr.clone()))?;
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(config)
-            .await?;
-        let role: Value = redis::cmd("ROLE").query_async(&mut conn).await?;
-        if !is_master(&role) {
-            return Err(RedisError::from((
-                ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
-                "the sentinels name a master that is not one (yet)",
-                addr.to_string(),
-            )));
-        }
-        Ok((addr, client, conn))
-    }
-
-    /// Forgets connection `generation` (not a newer one another call made meanwhile).
-    fn forget(&self, generation: u64) {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().map(|(g, _)| *g) == Some(generation) {
-            *current = None;
-        }
-    }
-}
-
-/// Pings connection `generation` every [`WATCH_EVERY`] while it is the current one, and forgets it when
-/// a ping fails: a master that died (or hangs) is left before the next call has to fail on it. Ends when
-/// the store is gone or another connection replaced this one.
-async fn watch_master(sentinel: Weak<Sentinel>, generation: u64, mut conn: MultiplexedConnection) {
-    loop {
-        tokio::time::sleep(WATCH_EVERY).await;
-        let Some(current) = sentinel.upgrade() else {
-            return;
-        };
-        if current
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(g, _)| *g)
-            != Some(generation)
-        {
-            return;
-        }
-        let ping = redis::cmd("PING");
-        let pong = tokio::time::timeout(LINK_TIMEOUT, ping.query_async::<Value>(&mut conn)).await;
-        if !matches!(pong, Ok(Ok(_))) {
-            tracing::warn!(name = %current.master, "redis: the master stopped answering; asking the sentinels again");
-            current.forget(generation);
-            return;
-        }
-    }
-}
-
-/// Whether a `ROLE` reply starts with `master`.
-fn is_master(role: &Value) -> bool {
-    let first = match role {
-        Value::Array(items) => items.first(),
-        _ => None,
-    };
-    match first {
-        Some(Value::BulkString(b)) => b.as_slice() == b"master",
-        Some(Value::SimpleString(s)) => s == "master",
-        _ => false,
-    }
-}
-
-/// Commands to the master behind Sentinel. A connection error, a timed-out or abandoned call, `READONLY`
-/// (the old master, demoted) or `MASTERDOWN` drop the connection; the next call asks the sentinels again.
-#[derive(Clone)]
-pub(super) struct SentinelConn(Arc<Sentinel>);
-
-impl SentinelConn {
-    /// The current connection, resolving the master first when there is none.
-    async fn get(&self) -> RedisResult<(u64, MultiplexedConnection)> {
-        if let Some(current) = self.current() {
-            return Ok(current);
-        }
-        let mut generation = self.0.resolving.lock().await;
-        if let Some(current) = self.current() {
-            return Ok(current);
-        }
-        let (addr, _, conn) = self.0.connect_master(&self.0.config).await?;
-        *generation += 1;
-        tokio::spawn(watch_master(
-            Arc::downgrade(&self.0),
-            *generation,
-            conn.clone(),
-        ));
-        tracing::info!(master = %addr, name = %self.0.master, "redis: connected to the master named by the sentinels");
-        let current = (*generation, conn);
-        *self.0.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(current.clone());
-        Ok(current)
-    }
-
-    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
-        self.0
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The connection for one request, and the guard that forgets it unless the request settles well.
-    async fn begin(&self) -> RedisResult<(ForgetOnDrop, MultiplexedConnection)> {
-        let (generation, conn) = self.get().await?;
-        // Armed until the reply: dropped before it (the caller's timeout), the master may be gone
-        // without a reset.
-        let guard = ForgetOnDrop {
-            conn: self.clone(),
-            generation,
-            armed: true,
-        };
-        Ok((guard, conn))
-    }
-}
-
-/// Whether an error means the connection no longer reaches a usable master.
-fn master_lost(e: &RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-                | ErrorKind::Server(redis::ServerErrorKind::MasterDown)
-        )
-        // A write refused inside a script comes back as the script's error.
-        || e.to_string().contains("READONLY")
-}
-
-struct ForgetOnDrop {
-    conn: SentinelConn,
-    generation: u64,
-    armed: bool,
-}
-
-impl ForgetOnDrop {
-    /// Disarms the guard unless `result` says the master is lost.
-    fn settle<T>(&mut self, result: &RedisResult<T>) {
-        self.armed = matches!(result, Err(e) if master_lost(e));
-    }
-}
-
-impl Drop for ForgetOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            self.conn.0.forget(self.generation);
-        }
-    }
-}
-
-impl ConnectionLike for SentinelConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            let (mut guard, mut conn) = self.begin().await?;
-            let result = conn.req_packed_command(cmd).await;
-            guard.settle(&result);
-            result
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let (mut guard, mut conn) = self.begin().await?;
-            let result = conn.req_packed_commands(cmd, offset, count).await;
-            guard.settle(&result);
-            result
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.0.data.redis_settings().db()
-    }
-}
-
-/// A pub/sub connection: subscribe and unsubscribe while messages keep flowing. It does not repair
-/// itself: `next` returning `None` or a failed `ping` means messages may have been lost — open another.
-pub struct Link {
-    inner: LinkInner,
-    /// Behind Sentinel: who to ask whether the master is still the one this link listens to.
-    sentinel: Option<(Arc<Sentinel>, ConnectionAddr)>,
-}
-
-enum LinkInner {
-    Plain {
-        sink: PubSubSink,
-        stream: PubSubStream,
-    },
-    Cluster {
-        conn: ClusterConnection,
-        pushes: mpsc::UnboundedReceiver<PushInfo>,
-        /// The channels subscribed and not since unsubscribed by us: a `sunsubscribe` push for one of
-        /// them comes from the server (its slot moved).
-        channels: HashSet<String>,
-    },
-}
-
-impl Link {
-    /// Opens a link (bounded by [`LINK_TIMEOUT`]) with no subscription yet.
-    pub(super) async fn open(connector: &Connector) -> Result<Link, StateError> {
-        match tokio::time::timeout(LINK_TIMEOUT, Self::open_unbounded(connector)).await {
-            Ok(Ok(link)) => Ok(link),
-            Ok(Err(e)) => Err(StateError::Unavailable(format!("pub/sub link: {e}"))),
-            Err(_) => Err(StateError::Unavailable(format!(
-                "pub/sub link: no answer within {LINK_TIMEOUT:?}"
-            ))),
-        }
-    }
-
-    async fn open_unbounded(connector: &Connector) -> RedisResult<Link> {
-        match &connector.kind {
-            Kind::Single(client) => {
-                let (sink, stream) = client.get_async_pubsub().await?.split();
-                Ok(Link {
-                    inner: LinkInner::Plain { sink, stream },
-                    sentinel: None,
-                })
-            }
-            Kind::Sentinel(sentinel) => {
-                let (addr, client, _) = sentinel.connect_master(&sentinel.config).await?;
-                let (sink, stream) = client.get_async_pubsub().await?.split();
-                Ok(Link {
-                    inner: LinkInner::Plain { sink, stream },
-                    sentinel: Some((sentinel.clone(), addr)),
-                })
-            }
-            Kind::Cluster(nodes) => {
-                let (tx, pushes) = mpsc::unbounded_channel();
-                let client = ClusterClientBuilder::new(nodes.clone())
-                    .use_protocol(ProtocolVersion::RESP3)
-                    .push_sender(tx)
-                    .connection_timeout(LINK_TIMEOUT)
-                    .response_timeout(LINK_TIMEOUT)
-                    .build()?;
-                let conn = client.get_async_connection().await?;
-                Ok(Link {
-                    inner: LinkInner::Cluster {
-                        conn,
-                        pushes,
-                        channels: HashSet::new(),
-                    },
-                    sentinel: None,
-                })
-            }
-        }
-    }
-
-    /// Subscribes to `channel` (`SSUBSCRIBE` on a Cluster); returns once the server confirmed it.
-    pub async fn subscribe(&mut self, channel: &str) -> Result<(), StateError> {
-        let done = match &mut self.inner {
-            LinkInner::Plain { sink, .. } => {
-                tokio::time::timeout(LINK_TIMEOUT, sink.subscribe(channel)).await
-            }
-            LinkInner::Cluster { conn, channels, .. } => {
-                channels.insert(channel.to_string());
-                tokio::time::timeout(LINK_TIMEOUT, conn.ssubscribe(channel)).await
-            }
-        };
-        settled("subscribe", done)
-    }
-
-    /// Unsubscribes from `channel`; messages already on their way may still arrive.
-    pub async fn unsubscribe(&mut self, channel: &str) -> Result<(), StateError> {
-        let done = match &mut self.inner {
-            LinkInner::Plain { sink, .. } => {
-                tokio::time::timeout(LINK_TIMEOUT, sink.unsubscribe(channel)).await
-            }
-            LinkInner::Cluster { conn, channels, .. } => {
-                channels.remove(channel);
-                tokio::time::timeout(LINK_TIMEOUT, conn.sunsubscribe(channel)).await
-            }
-        };
-        settled("unsubscribe", done)
-    }
-
-    /// The next message as (channel, payload); `None` once the link dropped (on a Cluster: a node's
-    /// connection dropped, or the server moved a subscribed slot away, as after a failover).
-    pub async fn next(&mut self) -> Option<(String, Vec<u8>)> {
-        match &mut self.inner {
-            LinkInner::Plain { stream, .. } => {
-                let msg = stream.next().await?;
-                Some((
-                    msg.get_channel_name().to_string(),
-                    msg.get_payload_bytes().to_vec(),
-                ))
-            }
-            LinkInner::Cluster {
-                pushes, channels, ..
-            } => loop {
-                let push = pushes.recv().await?;
-                match push.kind {
-                    PushKind::Message | PushKind::SMessage => {
-                        if let [channel, payload] = push.data.as_slice() {
-                            if let (Some(c), Some(p)) = (bytes(channel), bytes(payload)) {
-                                return Some((String::from_utf8_lossy(c).into_owned(), p.to_vec()));
-                            }
-                        }
-                        tracing::warn!(kind = %push.kind, "ignoring an unreadable pub/sub message");
-                    }
-                    PushKind::Disconnection => return None,
-                    PushKind::SUnsubscribe => {
-                        let channel = push.data.first().and_then(bytes);
-                        if channel.is_some_and(|c| channels.contains(&*String::from_utf8_lossy(c)))
-                        {
-                            tracing::info!("redis cluster: a subscribed slot moved; reopening");
-                            return None;
-                        }
-                    }
-                    _ => {}
-                }
-            },
-        }
-    }
-
-    /// Checks the link still works: a `PING` (every master on a Cluster), and behind Sentinel that the
-    /// sentinels still name the master this link listens to (a demoted master keeps its subscribers but
-    /// no longer receives what is published).
-    pub async fn ping(&mut self) -> Result<(), StateError> {
-        let pong = match &mut self.inner {
-            LinkInner::Plain { sink, .. } => {
-                tokio::time::timeout(LINK_TIMEOUT, sink.ping::<Value>()).await
-            }
-            LinkInner::Cluster { conn, .. } => {
-                let route = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::AllSucceeded),
-                ));
-                tokio::time::timeout(LINK_TIMEOUT, conn.route_command(redis::cmd("PING"), route))
-                    .await
-            }
-        };
-        settled("ping", pong.map(|r| r.map(|_| ())))?;
-        if let Some((sentinel, addr)) = &self.sentinel {
-            // Sentinels that do not answer say nothing about the master: the PING above decides.
-            if let Ok(now) = sentinel.master_addr().await {
-                if &now != addr {
-                    return Err(StateError::Unavailable(format!(
-                        "the sentinels now name {now} as the master, not {addr}"
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The bytes of a bulk or simple string.
-fn bytes(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
-fn settled(
-    what: &str,
-    done: Result<RedisResult<()>, tokio::time::error::Elapsed>,
-) -> Result<(), StateError> {
-    match done {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(StateError::Unavailable(format!("pub/sub {what}: {e}"))),
-        Err(_) => Err(StateError::Unavailable(format!(
-            "pub/sub {what}: no answer within {LINK_TIMEOUT:?}"
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -711,14 +261,5 @@ mod tests {
         let single =
             Connector::new("redis://127.0.0.1/", &Topology::Single, timeout).expect("valid");
         assert_eq!(single.publish_verb(), "PUBLISH");
-    }
-
-    #[test]
-    fn only_a_master_role_is_a_master() {
-        let master = Value::Array(vec![Value::BulkString(b"master".to_vec()), Value::Int(0)]);
-        let replica = Value::Array(vec![Value::BulkString(b"slave".to_vec())]);
-        assert!(is_master(&master));
-        assert!(!is_master(&replica));
-        assert!(!is_master(&Value::Nil));
     }
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::conn::{Connector, Link};
+use super::conn::Connector;
+use super::link::Link;
 use crate::state::{Holder, StateError, StoreEvent};
 
 /// Events a subscriber may queue before its task stops reading; Redis then buffers, and past its pub/sub

@@ -49,12 +49,15 @@ mod conn;
 mod events;
 mod floor;
 mod history;
+mod link;
 mod registry;
+mod sentinel;
 mod sessions;
 
+pub use self::conn::Topology;
 use self::conn::{Conn, Connector};
-pub use self::conn::{Link, Topology};
 use self::events::{Subscriptions, Wire, EVENT_QUEUE, LINK_TIMEOUT};
+pub use self::link::Link;
 use super::{StateError, StoreEvent};
 
 /// Where and how to reach Redis.
