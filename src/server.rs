@@ -189,7 +189,7 @@ impl Server {
             }
         });
         let mut redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
-        redis.topology = args.redis_topology();
+        redis.topology = args.redis_topology().map_err(ServerError::Config)?;
         // The relay needs a shared key: the configured secret, or one the nodes agree on through the
         // store they already trust with every floor (see `Registry::cluster_key`).
         let (relay_key, agreed_key) = match (args.store, &args.cluster_secret) {
