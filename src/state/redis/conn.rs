@@ -16,6 +16,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{
     Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
     RedisFuture, RedisResult, Value,
@@ -154,6 +155,30 @@ impl Connector {
                     .build()?;
                 Ok(Conn::Cluster(client.get_async_connection().await?))
             }
+        }
+    }
+}
+
+impl Conn {
+    /// `WAIT 1 timeout_ms` on the master holding `key` (on a Cluster, that slot's master only: the
+    /// others have nothing of ours to replicate, and one without a replica would hold every grant for
+    /// the whole timeout). The number of replicas that acknowledged this connection's writes.
+    pub(super) async fn wait_for_replica(
+        &mut self,
+        key: &str,
+        timeout_ms: i64,
+    ) -> RedisResult<i64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(1).arg(timeout_ms);
+        match self {
+            Conn::Cluster(c) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(key, SlotAddr::Master),
+                ));
+                let reply = c.route_command(wait, route).await?;
+                Ok(redis::from_redis_value(reply)?)
+            }
+            Conn::Single(_) | Conn::Sentinel(_) => wait.query_async(self).await,
         }
     }
 }

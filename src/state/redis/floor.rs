@@ -1,6 +1,7 @@
 //! The floor lock on Redis: one Lua script per operation, so no node ever reads a lock and writes it in
 //! two steps.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{millis, parse_epoch, RedisStore};
@@ -65,6 +66,10 @@ return 0
 
 /// How long a grant waits for one replica to acknowledge it (Sentinel, Cluster).
 const REPLICATION_WAIT: Duration = Duration::from_millis(50);
+/// After a `WAIT` that no replica answered (none connected, e.g. after a failover until the old master
+/// comes back as a replica), grants skip `WAIT` this long: a master without a replica would otherwise
+/// hold every grant, and the connection it shares with every other call, for [`REPLICATION_WAIT`].
+const NO_REPLICA_BACKOFF: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     /// `WAIT 1`: holds the grant's answer until one replica has it, or [`REPLICATION_WAIT`] passed.
@@ -73,21 +78,36 @@ impl RedisStore {
     /// greater epoch (the clock floor of [`ACQUIRE`]); the first holder's renewals then fail and its node
     /// revokes it. `WAIT` narrows that window from the replication lag of the moment to one round trip in
     /// the common case. It blocks the shared connection while it waits (one replication round trip,
-    /// [`REPLICATION_WAIT`] at worst); a failed or short `WAIT` does not fail the grant.
-    async fn wait_for_replica(&self) {
-        if !self.connector.replicated() {
+    /// [`REPLICATION_WAIT`] at worst, then [`NO_REPLICA_BACKOFF`] without); a failed or short `WAIT`
+    /// does not fail the grant.
+    async fn wait_for_replica(&self, channel: &str) {
+        if !self.connector.replicated()
+            || self.skip_wait_until.load(Ordering::Relaxed) > self.now_ms()
+        {
             return;
         }
         let mut conn = self.conn.clone();
-        let wait = redis::cmd("WAIT")
-            .arg(1)
-            .arg(millis(REPLICATION_WAIT))
-            .to_owned();
-        match self.call("WAIT", wait.query_async::<i64>(&mut conn)).await {
+        let key = self.keys.floor(channel);
+        let waited = conn.wait_for_replica(&key, millis(REPLICATION_WAIT));
+        match self.call("WAIT", waited).await {
             Ok(n) if n >= 1 => {}
-            Ok(_) => tracing::debug!("a grant reached no replica within {REPLICATION_WAIT:?}"),
+            Ok(_) => {
+                tracing::info!(
+                    "a grant reached no replica within {REPLICATION_WAIT:?}; not waiting for one \
+                     for {NO_REPLICA_BACKOFF:?}"
+                );
+                self.skip_wait_until.store(
+                    self.now_ms() + millis(NO_REPLICA_BACKOFF).unsigned_abs(),
+                    Ordering::Relaxed,
+                );
+            }
             Err(e) => tracing::debug!(error = %e, "WAIT after a grant"),
         }
+    }
+
+    /// Milliseconds since the store was made (for [`Self::wait_for_replica`]'s backoff).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -114,7 +134,7 @@ impl FloorStore for RedisStore {
             match reply.as_slice() {
                 [Some(tag), Some(epoch)] if tag == "granted" => {
                     let epoch = parse_epoch(epoch)?;
-                    self.wait_for_replica().await;
+                    self.wait_for_replica(&req.channel).await;
                     Ok(Acquired::Granted { epoch })
                 }
                 [Some(tag), epoch, member, node, priority, emergency] if tag == "busy" => {

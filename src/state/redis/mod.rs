@@ -40,7 +40,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use redis::{RedisResult, Script};
 use tokio::sync::mpsc;
@@ -153,6 +154,10 @@ pub struct RedisStore {
     conn: Conn,
     /// What the subscribers listen to (one channel, or on a Cluster the channels this node serves).
     subscriptions: Subscriptions,
+    /// When the store was made, the base of `skip_wait_until`.
+    started: Instant,
+    /// Until when (ms after `started`) grants do not `WAIT` for a replica (see `floor.rs`).
+    skip_wait_until: AtomicU64,
     /// The runtime `connect` ran on, where subscriber tasks are spawned.
     runtime: tokio::runtime::Handle,
     keys: Keys,
@@ -192,6 +197,8 @@ impl RedisStore {
             connector,
             conn,
             subscriptions,
+            started: Instant::now(),
+            skip_wait_until: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
             keys,
             node: config.node,
