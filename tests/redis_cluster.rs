@@ -17,7 +17,7 @@ use rtpio::testing::RedisCluster;
 use talkgroup::config::{ServeArgs, StoreKind};
 use talkgroup::server::{Server, LEASE};
 use talkgroup::state::redis::{RedisConfig, RedisStore, Topology};
-use talkgroup::state::{Acquired, FloorStore, Registry, SessionStore, StoreEvent};
+use talkgroup::state::{Acquired, FloorStore, NodeInfo, Registry, SessionStore, StoreEvent};
 
 async fn store(cluster: &RedisCluster, node: &str) -> Arc<RedisStore> {
     let mut config = RedisConfig::new("redis://127.0.0.1/", PREFIX, node);
@@ -111,6 +111,23 @@ async fn floor_and_presence_through_a_cluster() {
     })
     .await;
     assert!(a.members(&channels[0]).await.expect("members").is_empty());
+    // The registry: node keys live in slots of their own; reading them all is one MGET split by slot.
+    for (store, id, port) in [(&a, "node-a", 41000), (&b, "node-b", 42000)] {
+        let info = NodeInfo {
+            node: id.into(),
+            relay: vec![([127, 0, 0, 1], port).into()],
+            draining: false,
+        };
+        store.announce(&info, LEASE.ttl).await.expect("announce");
+        store
+            .set_channel_node(&channels[2], id, true)
+            .await
+            .expect("register");
+    }
+    let (live, dead) = a.channel_nodes(&channels[2]).await.expect("channel_nodes");
+    let mut ids: Vec<&str> = live.iter().map(|n| n.node.as_str()).collect();
+    ids.sort();
+    assert_eq!((ids, dead.len()), (vec!["node-a", "node-b"], 0));
     // A node's members evicted from a channel: the channel's keys in one transaction, the index apart.
     let gone = b.evict_node(&channels[1], "node-a").await.expect("evict");
     assert_eq!(gone, vec!["ann".to_string()]);

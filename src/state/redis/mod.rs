@@ -15,6 +15,7 @@
 //! | `P:tg:{ch}:member_nodes` | hash: member → node | session TTL | the node serving each member (for presence) |
 //! | `P:tg:member:{name}:channels` | sorted set: channel → expiry (Unix ms) | session TTL | where a name is joined |
 //! | `P:tg:cluster_key` | string | none | the relay key the nodes agreed on (when no cluster secret is configured) |
+//! | `P:tg:events`, `P:tg:{ch}:events` | pub/sub channels | — | the events (see below) |
 //!
 //! A member is `(channel, name)`: a name is unique only within a channel, so the reverse index is keyed by
 //! name and lists every channel where that name is joined. Scores are expiry times, so one member that
@@ -24,19 +25,34 @@
 //!
 //! # Events
 //!
-//! Every change is published as one JSON object on the single pub/sub channel `P:tg:events`:
+//! Every change is published as one JSON object on the pub/sub channel [`RedisStore::events_channel`]
+//! names — `P:tg:events` for all talkgroups, or on a Redis Cluster the talkgroup's own `P:tg:{ch}:events`
+//! with sharded pub/sub (`SPUBLISH`, [`RedisStore::publish_verb`]; the scripts take the verb as an
+//! argument), which a script may publish to because it hashes to the channel's slot:
 //! `{"kind":"grant","channel":..,"epoch":"..","member":..,"node":..,"priority":n}`,
 //! `{"kind":"idle","channel":..,"epoch":".."}`, and `{"kind":"join"|"leave","channel":..,"member":..,
 //! "node":..}`. Epochs travel as decimal strings because Lua numbers print with 14 digits and an epoch has
-//! 16. One channel for everything keeps the subscriber to one `SUBSCRIBE`; on Redis Cluster, sharded pub/sub
-//! would need one channel per talkgroup (`P:tg:{ch}:events`) instead.
+//! 16. On a Cluster the subscriber follows the channels this node registers (`set_channel_node`) with one
+//! `SSUBSCRIBE` each.
+//!
+//! # Topologies
+//!
+//! [`RedisConfig::topology`]: one server, a master behind Sentinel, or a Cluster (see `conn.rs`). On a
+//! Cluster no script, transaction or pipeline touches two slots: a channel's keys share its hash tag,
+//! and the member's reverse index (`member:{name}`) is always written in a call of its own. (The one
+//! multi-key command, the registry's `MGET` of node keys, is split by slot by the cluster connection.)
 //!
 //! # Failure
 //!
-//! Commands go through the crate's [`ConnectionManager`], which reconnects by itself. Every call is bounded
+//! Commands go through a connection that reconnects by itself (and behind Sentinel asks the sentinels
+//! again, on a Cluster follows the slot map). Every call is bounded
 //! by [`RedisConfig::response_timeout`]; an error or a timeout is [`StateError::Unavailable`], and the floor
 //! denies the press. A grant whose reply times out may still have happened: its `grant` event names this
 //! node, so the caller can release it by epoch (otherwise the lease runs out).
+//!
+//! With replicas (Sentinel, Cluster) a grant waits for one replica to acknowledge it (`WAIT 1`, 50 ms at
+//! most) before it is answered; a master that dies in that window, or while no replica is connected, may
+//! lose the grant, and its promoted replica grants the floor again with a greater epoch (see `floor.rs`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -333,5 +349,6 @@ mod tests {
         assert_eq!(keys.member_nodes("ops"), "p:tg:{ops}:member_nodes");
         assert_eq!(keys.member_channels("ann"), "p:tg:member:{ann}:channels");
         assert_eq!(keys.events(), "p:tg:events");
+        assert_eq!(keys.channel_events("ops"), "p:tg:{ops}:events");
     }
 }
