@@ -124,6 +124,52 @@ async fn the_floor_follows_the_master_the_sentinels_name() {
     drop(redis);
 }
 
+/// The window `WAIT` narrows but cannot close: a grant the replica never got (here removed from the
+/// replica by hand, epoch key included, as if the master died before replicating it). The promoted
+/// replica grants the floor at once, with an epoch still greater than the lost one (the clock floor of
+/// the grant script), and the lost grant's holder can no longer renew: its node revokes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_lost_in_a_failover_is_granted_again_with_a_greater_epoch() {
+    let redis = tokio::task::spawn_blocking(RedisSentinels::start)
+        .await
+        .expect("sentinel thread");
+    let (a, b) = (store(&redis, "node-a").await, store(&redis, "node-b").await);
+    let lost = match a.acquire(press("ops", "ann")).await.expect("acquire") {
+        Acquired::Granted { epoch } => epoch,
+        other => panic!("{other:?}"),
+    };
+    let replica = redis.replica_port().expect("replica");
+    let floor = format!("{PREFIX}:tg:{{ops}}:floor");
+    let epoch_key = format!("{PREFIX}:tg:{{ops}}:epoch");
+    for args in [
+        &["CONFIG", "SET", "replica-read-only", "no"][..],
+        &["DEL", &floor, &epoch_key][..],
+    ] {
+        rtpio::testing::redis_cli(replica, args).expect("edit the replica");
+    }
+    let killed_at = Instant::now();
+    let (redis, failover) = kill_master(redis).await;
+    let bound = failover + Duration::from_secs(2);
+    let second = loop {
+        match b.acquire(press("ops", "bob")).await {
+            Ok(Acquired::Granted { epoch }) => break epoch,
+            Ok(Acquired::Busy(h)) => panic!("the replica had no lock, yet {h:?} holds it"),
+            Err(_) => {} // still failing over
+        }
+        assert!(
+            killed_at.elapsed() < bound,
+            "no grant within the failover ({bound:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(second > lost, "epochs never go back: {second} after {lost}");
+    assert!(
+        !a.renew("ops", lost, LEASE.ttl).await.expect("renew"),
+        "the lost grant's holder must not renew"
+    );
+    drop(redis);
+}
+
 fn node_args(redis: &RedisSentinels, name: &str) -> ServeArgs {
     let mut a = ServeArgs::local_test();
     a.store = StoreKind::Redis;

@@ -285,6 +285,16 @@ impl RedisSentinels {
             .ok_or_else(|| format!("unreadable master address {reply:?}"))
     }
 
+    /// The port of a data server that is not the master now (the replica), if one is running.
+    pub fn replica_port(&self) -> Result<u16, String> {
+        let master = self.master_port()?;
+        self.data
+            .iter()
+            .map(RedisServer::port)
+            .find(|p| *p != master)
+            .ok_or_else(|| "no replica running".to_string())
+    }
+
     /// Kills (SIGKILL) the master and waits until every sentinel names its replica instead; returns the
     /// time that took.
     pub fn kill_master(&mut self) -> Result<Duration, String> {
