@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
@@ -17,6 +18,9 @@ use super::conn::{Connector, Kind};
 use super::events::LINK_TIMEOUT;
 use super::sentinel::Sentinel;
 use crate::state::StateError;
+
+/// How long a ping waits for the sentinels to name the master before it lets the `PING` alone decide.
+const SENTINEL_CHECK: Duration = Duration::from_millis(500);
 
 /// A pub/sub connection: subscribe and unsubscribe while messages keep flowing. It does not repair
 /// itself: `next` returning `None` or a failed `ping` means messages may have been lost — open another.
@@ -176,8 +180,9 @@ impl Link {
         };
         settled("ping", pong.map(|r| r.map(|_| ())))?;
         if let Some((sentinel, addr)) = &self.sentinel {
-            // Sentinels that do not answer say nothing about the master: the PING above decides.
-            if let Ok(now) = sentinel.master_addr().await {
+            // Sentinels that do not answer (soon) say nothing about the master: the PING above decides.
+            if let Ok(Ok(now)) = tokio::time::timeout(SENTINEL_CHECK, sentinel.master_addr()).await
+            {
                 if &now != addr {
                     return Err(StateError::Unavailable(format!(
                         "the sentinels now name {now} as the master, not {addr}"

@@ -4,6 +4,7 @@
 // lives on the control thread's runtime, never in a shard (clippy.toml bans locks elsewhere).
 #![allow(clippy::disallowed_types)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -29,6 +30,8 @@ pub(super) struct Sentinel {
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Held while resolving, so that one failure causes one resolution; counts generations.
     resolving: tokio::sync::Mutex<u64>,
+    /// The index of the sentinel that answered last.
+    answered: AtomicUsize,
 }
 
 impl Sentinel {
@@ -48,6 +51,7 @@ impl Sentinel {
                 .set_response_timeout(Some(response_timeout)),
             current: Mutex::new(None),
             resolving: tokio::sync::Mutex::new(0),
+            answered: AtomicUsize::new(0),
         }
     }
 
@@ -59,7 +63,11 @@ impl Sentinel {
     /// The master's address as the first sentinel that answers reports it.
     pub(super) async fn master_addr(&self) -> RedisResult<ConnectionAddr> {
         let mut last = None;
-        for sentinel in &self.sentinels {
+        // The sentinel that answered last is asked first: a dead one costs one timeout, not one per call.
+        let first = self.answered.load(Ordering::Relaxed);
+        let n = self.sentinels.len();
+        for i in (0..n).map(|k| (first + k) % n) {
+            let sentinel = &self.sentinels[i];
             let asked = async {
                 let client = Client::open(sentinel.clone())?;
                 let mut conn = client
@@ -72,7 +80,10 @@ impl Sentinel {
                     .await
             };
             match tokio::time::timeout(LINK_TIMEOUT, asked).await {
-                Ok(Ok(Some((host, port)))) => return Ok(ConnectionAddr::Tcp(host, port)),
+                Ok(Ok(Some((host, port)))) => {
+                    self.answered.store(i, Ordering::Relaxed);
+                    return Ok(ConnectionAddr::Tcp(host, port));
+                }
                 Ok(Ok(None)) => {
                     last = Some(RedisError::from((
                         ErrorKind::InvalidClientConfig,
