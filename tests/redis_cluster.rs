@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{floor_any, RtpMember, Signal};
-use replicated::{heard, is_floor, next_event, press, take_floor, PREFIX};
+use replicated::{heard, is_floor, next_channel, next_event, press, take_floor, PREFIX};
 use rtpio::testing::RedisCluster;
 use talkgroup::config::{ServeArgs, StoreKind};
 use talkgroup::server::{Server, LEASE};
@@ -136,6 +136,27 @@ async fn floor_and_presence_through_a_cluster() {
         .await
         .expect("channels_of")
         .contains(&channels[1]));
+
+    // The link the subscriber is built on: sharded subscriptions made and dropped while it delivers.
+    let mut link = a.open_link().await.expect("link");
+    let (c3, c4) = (&channels[3], &channels[4]);
+    let (e3, e4) = (a.events_channel(c3), a.events_channel(c4));
+    assert_eq!(e3, format!("{PREFIX}:tg:{{{c3}}}:events"));
+    link.subscribe(&e3).await.expect("subscribe");
+    link.subscribe(&e4).await.expect("subscribe");
+    a.join(c3, "zed", "node-a").await.expect("join");
+    assert_eq!(next_channel(&mut link).await, Some(e3.clone()));
+    a.join(c4, "zed", "node-a").await.expect("join");
+    assert_eq!(next_channel(&mut link).await, Some(e4.clone()));
+    link.unsubscribe(&e3).await.expect("unsubscribe");
+    a.leave(c3, "zed", "node-a").await.expect("leave");
+    a.leave(c4, "zed", "node-a").await.expect("leave");
+    assert_eq!(
+        next_channel(&mut link).await,
+        Some(e4),
+        "nothing more from an unsubscribed channel"
+    );
+    link.ping().await.expect("ping every master");
 }
 
 /// Kills the master serving `key` on a blocking thread (the failover takes seconds, the runtime keeps

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use client::{floor_any, RtpMember, Signal};
-use replicated::{heard, is_floor, next_event, press, take_floor, PREFIX};
+use replicated::{heard, is_floor, next_channel, next_event, press, take_floor, PREFIX};
 use rtpio::testing::RedisSentinels;
 use serde_json::Value;
 use talkgroup::config::{ServeArgs, StoreKind};
@@ -75,14 +75,25 @@ async fn the_floor_follows_the_master_the_sentinels_name() {
     assert!(a.renew("ops", first, LEASE.ttl).await.expect("renew"));
     assert!(a.release("ops", first).await.expect("release"));
     next_event(&mut events, Duration::from_secs(2), is_floor("ops", false)).await;
+    // The link the subscriber is built on, on the master: it delivers, and ends with the master.
+    let mut link = a.open_link().await.expect("link");
+    let events_channel = a.events_channel("ops");
+    link.subscribe(&events_channel).await.expect("subscribe");
     let first = match a.acquire(press("ops", "ann")).await.expect("acquire") {
         Acquired::Granted { epoch } => epoch,
         other => panic!("{other:?}"),
     };
+    assert_eq!(next_channel(&mut link).await, Some(events_channel));
+    link.ping().await.expect("ping the master");
 
     let killed_at = Instant::now();
     let (redis, failover) = kill_master(redis).await;
     println!("sentinel failover took {failover:?} (2-core sandbox)");
+    let ended = tokio::time::timeout(Duration::from_secs(2), async {
+        link.next().await.is_none() || link.ping().await.is_err()
+    })
+    .await;
+    assert_eq!(ended, Ok(true), "the link ends with its master");
     next_event(&mut events, Duration::from_secs(5), |e| {
         *e == StoreEvent::Down
     })

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use talkgroup::server::LEASE;
+use talkgroup::state::redis::Link;
 use talkgroup::state::{AcquireRequest, StoreEvent};
 use tokio::sync::mpsc;
 
@@ -47,6 +48,14 @@ pub fn is_floor(channel: &str, granted: bool) -> impl Fn(&StoreEvent) -> bool + 
         matches!(e, StoreEvent::Floor { channel: c, holder, .. }
             if c == channel && holder.is_some() == granted)
     }
+}
+
+/// The channel of the next message on `link` within 2 s (`None`: the link dropped).
+pub async fn next_channel(link: &mut Link) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(2), link.next())
+        .await
+        .expect("a message within 2 s")
+        .map(|(channel, _)| channel)
 }
 
 /// Presses until granted (the store subscription may not be up yet), within `limit`.
