@@ -3,6 +3,7 @@
 //! subscriber opens a new one, subscribes again and resynchronises from the store.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,9 @@ use super::conn::{Connector, Kind};
 use super::events::LINK_TIMEOUT;
 use super::sentinel::Sentinel;
 use crate::state::StateError;
+
+/// Pushes (messages, confirmations) a Cluster link may queue before it counts as broken.
+const PUSH_QUEUE: usize = 4096;
 
 /// How long a ping waits for the sentinels to name the master before it lets the `PING` alone decide.
 const SENTINEL_CHECK: Duration = Duration::from_millis(500);
@@ -37,7 +41,9 @@ enum LinkInner {
     },
     Cluster {
         conn: ClusterConnection,
-        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        pushes: mpsc::Receiver<PushInfo>,
+        /// Set when a push found the queue full (and was dropped): the link has lost messages.
+        overflow: Arc<AtomicBool>,
         /// The channels subscribed and not since unsubscribed by us: a `sunsubscribe` push for one of
         /// them comes from the server (its slot moved).
         channels: HashSet<String>,
@@ -74,7 +80,15 @@ impl Link {
                 })
             }
             Kind::Cluster(nodes) => {
-                let (tx, pushes) = mpsc::unbounded_channel();
+                // Bounded: a reader that falls behind loses the link (and resynchronises) rather than
+                // grow the queue without end. The sender must not block the connection.
+                let (tx, pushes) = mpsc::channel(PUSH_QUEUE);
+                let overflow = Arc::new(AtomicBool::new(false));
+                let flag = overflow.clone();
+                let tx = move |push: PushInfo| {
+                    tx.try_send(push)
+                        .map_err(|_| flag.store(true, Ordering::Relaxed))
+                };
                 let client = ClusterClientBuilder::new(nodes.clone())
                     .use_protocol(ProtocolVersion::RESP3)
                     .push_sender(tx)
@@ -86,6 +100,7 @@ impl Link {
                     inner: LinkInner::Cluster {
                         conn,
                         pushes,
+                        overflow,
                         channels: HashSet::new(),
                     },
                     sentinel: None,
@@ -134,8 +149,17 @@ impl Link {
                 ))
             }
             LinkInner::Cluster {
-                pushes, channels, ..
+                pushes,
+                channels,
+                overflow,
+                ..
             } => loop {
+                if overflow.load(Ordering::Relaxed) {
+                    tracing::warn!(
+                        "redis cluster: pub/sub messages dropped (reader behind); reopening"
+                    );
+                    return None;
+                }
                 let push = pushes.recv().await?;
                 match push.kind {
                     PushKind::Message | PushKind::SMessage => {
