@@ -102,7 +102,7 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             watcher: None,
         }),
         StoreKind::Redis => {
-            let url = redis.url.clone();
+            let url = redis.topology.describe(&redis.url);
             let store = RedisStore::connect(redis)
                 .await
                 .map_err(|e| format!("redis at {url}: {e}"))?;
@@ -197,7 +197,8 @@ impl Server {
                 args.media_ip
             }
         });
-        let redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
+        let mut redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
+        redis.topology = args.redis_topology().map_err(ServerError::Config)?;
         // The relay needs a shared key: the configured secret, or one the nodes agree on through the
         // store they already trust with every floor (see `Registry::cluster_key`).
         let (relay_key, agreed_key) = match (args.store, &args.cluster_secret) {
@@ -521,7 +522,7 @@ fn agree_cluster_key(redis: RedisConfig) -> Result<String, ServerError> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let url = redis.url.clone();
+    let url = redis.topology.describe(&redis.url);
     let ask = move || -> Result<String, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -82,7 +82,8 @@ fn data_plane() -> Vec<PathBuf> {
     ] {
         files.extend(sources(rel));
     }
-    // `rtpio::testing` (and its `testing/` folder: the fault proxy) is test support, not data plane.
+    // `rtpio::testing` (a file and its folder: the fault proxy, the replicated topologies) is test
+    // support, not data plane.
     files.retain(|p| {
         !is_test_file(p)
             && !p.ends_with("testing.rs")

@@ -9,13 +9,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, RedisResult};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::state::{Holder, StoreEvent};
+use super::conn::Connector;
+use super::link::Link;
+use crate::state::{Holder, StateError, StoreEvent};
 
 /// Events a subscriber may queue before its task stops reading; Redis then buffers, and past its pub/sub
 /// output limit drops the connection, which the task reports as `Down` and repairs with `Resync`.
@@ -152,13 +151,10 @@ pub(crate) struct Names {
     pub channel: Box<dyn Fn(&str) -> String + Send + Sync>,
 }
 
-/// Channels subscribed in one command at (re)connection.
-const SUBSCRIBE_BATCH: usize = 1000;
-
 /// The subscriber: connect, subscribe to everything watched, `Resync`, forward messages and apply watches,
 /// `Down` when the link drops, back off, again.
 pub(super) async fn run_subscriber(
-    client: Client,
+    connector: Connector,
     names: Names,
     mut watches: mpsc::UnboundedReceiver<(String, bool)>,
     tx: mpsc::Sender<StoreEvent>,
@@ -175,22 +171,21 @@ pub(super) async fn run_subscriber(
             .collect();
         let opened = tokio::select! {
             _ = tx.closed() => return,
-            opened = tokio::time::timeout(LINK_TIMEOUT * 4, open_subscription(&client, &all)) => opened,
+            opened = open_subscription(&connector, &all) => opened,
         };
         match opened {
-            Ok(Ok((sink, stream))) => {
+            Ok(link) => {
                 backoff = BACKOFF_MIN;
                 if tx.send(StoreEvent::Resync).await.is_err() {
                     return;
                 }
-                let link = Link {
-                    sink,
-                    stream,
+                let live = Live {
+                    link,
                     names: &names,
                     watched: &mut watched,
                     watches: &mut watches,
                 };
-                if !link.forward(&tx).await {
+                if !live.forward(&tx).await {
                     return;
                 }
                 tracing::warn!("redis subscription lost; reconnecting");
@@ -198,8 +193,7 @@ pub(super) async fn run_subscriber(
                     return;
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "redis subscription: connect failed"),
-            Err(_) => tracing::debug!("redis subscription: connect timed out"),
+            Err(e) => tracing::debug!(error = %e, "redis subscription: connect failed"),
         }
         tokio::select! {
             _ = tx.closed() => return,
@@ -218,28 +212,24 @@ fn apply(watched: &mut BTreeSet<String>, channel: String, on: bool) -> bool {
     }
 }
 
-/// A dedicated connection subscribed to `channels` (returns once Redis confirmed them all).
-async fn open_subscription(
-    client: &Client,
-    channels: &[String],
-) -> RedisResult<(PubSubSink, PubSubStream)> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    for batch in channels.chunks(SUBSCRIBE_BATCH) {
-        pubsub.subscribe(batch).await?;
+/// A link subscribed to `channels` (each `subscribe` returns once Redis confirmed it).
+async fn open_subscription(connector: &Connector, channels: &[String]) -> Result<Link, StateError> {
+    let mut link = Link::open(connector).await?;
+    for channel in channels {
+        link.subscribe(channel).await?;
     }
-    Ok(pubsub.split())
+    Ok(link)
 }
 
 /// One live subscription.
-struct Link<'a> {
-    sink: PubSubSink,
-    stream: PubSubStream,
+struct Live<'a> {
+    link: Link,
     names: &'a Names,
     watched: &'a mut BTreeSet<String>,
     watches: &'a mut mpsc::UnboundedReceiver<(String, bool)>,
 }
 
-impl Link<'_> {
+impl Live<'_> {
     /// Forwards messages and applies watches until the link drops (`true`) or the receiver is gone
     /// (`false`).
     async fn forward(mut self, tx: &mpsc::Sender<StoreEvent>) -> bool {
@@ -249,10 +239,10 @@ impl Link<'_> {
         loop {
             tokio::select! {
                 _ = tx.closed() => return false,
-                msg = self.stream.next() => match msg {
+                msg = self.link.next() => match msg {
                     None => return true,
-                    Some(msg) => {
-                        if let Some(event) = decode(msg.get_payload_bytes()) {
+                    Some((_, payload)) => {
+                        if let Some(event) = decode(&payload) {
                             if tx.send(event).await.is_err() {
                                 return false;
                             }
@@ -266,11 +256,11 @@ impl Link<'_> {
                     }
                     let name = (self.names.channel)(&channel);
                     let done = if on {
-                        tokio::time::timeout(LINK_TIMEOUT, self.sink.subscribe(&name)).await
+                        self.link.subscribe(&name).await
                     } else {
-                        tokio::time::timeout(LINK_TIMEOUT, self.sink.unsubscribe(&name)).await
+                        self.link.unsubscribe(&name).await
                     };
-                    if !matches!(done, Ok(Ok(()))) {
+                    if done.is_err() {
                         return true;
                     }
                     if on && tx.send(StoreEvent::Watching { channel }).await.is_err() {
@@ -278,8 +268,7 @@ impl Link<'_> {
                     }
                 }
                 _ = ping.tick() => {
-                    let pong = tokio::time::timeout(LINK_TIMEOUT, self.sink.ping::<redis::Value>()).await;
-                    if !matches!(pong, Ok(Ok(_))) {
+                    if self.link.ping().await.is_err() {
                         return true;
                     }
                 }

@@ -16,6 +16,7 @@
 //! | `P:tg:member:{name}:channels` | sorted set: channel → expiry (Unix ms) | session TTL | where a name is joined |
 //! | `P:tg:{ch}:home` | string: node id | session TTL, refreshed by the home node | the node a channel is placed on (`--placement`) |
 //! | `P:tg:cluster_key` | string | none | the relay key the nodes agreed on (when no cluster secret is configured) |
+//! | `P:tg:{ch}:events`, `P:tg:{nodes}:events` | pub/sub channels | — | the events (see below) |
 //!
 //! The node registry's keys are in [`registry`].
 //!
@@ -35,36 +36,61 @@
 //! decimal strings because Lua numbers print with 14 digits and an epoch has 16. A node subscribes to the
 //! channels it serves only ([`crate::state::Watcher`]), so one busy channel's events reach only the nodes
 //! that serve it, and a subscriber never reads the whole cluster's traffic.
+//! On a Redis Cluster the events go by sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`,
+//! [`RedisStore::publish_verb`]; the scripts take the verb as an argument): each events channel hashes to
+//! its own slot — the talkgroup's, or `{nodes}` for the node events — so a script publishes only to a
+//! channel of the slot it runs in.
+//!
+//! # Topologies
+//!
+//! [`RedisConfig::topology`]: one server, a master behind Sentinel, or a Cluster (see `conn.rs`). On a
+//! Cluster no script, transaction or pipeline touches two slots: a channel's keys share its hash tag,
+//! the registry's keys share `{nodes}`, and the member's reverse index (`member:{name}`) is always
+//! written in a call of its own.
 //!
 //! # Failure
 //!
-//! Commands go through the crate's [`ConnectionManager`], which reconnects by itself. Every call is bounded
+//! Commands go through a connection that reconnects by itself (and behind Sentinel asks the sentinels
+//! again, on a Cluster follows the slot map). Every call is bounded
 //! by [`RedisConfig::response_timeout`]; an error or a timeout is [`StateError::Unavailable`], and the floor
 //! denies the press. A grant whose reply times out may still have happened: its `grant` event names this
 //! node, so the caller can release it by epoch (otherwise the lease runs out).
+//!
+//! With replicas (Sentinel, Cluster) a grant waits for one replica to acknowledge it (`WAIT 1`, 50 ms at
+//! most) before it is answered; a master that dies in that window, or while no replica is connected, may
+//! lose the grant, and its promoted replica grants the floor again with a greater epoch (see `floor.rs`).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisResult, Script};
+use redis::{RedisResult, Script};
 use tokio::sync::mpsc;
 
+mod conn;
 mod events;
 mod floor;
 mod history;
+mod link;
 mod registry;
+mod sentinel;
 mod sessions;
 
-use self::events::{Wire, BACKOFF_MAX, BACKOFF_MIN, EVENT_QUEUE, LINK_TIMEOUT};
+pub use self::conn::Topology;
+use self::conn::{Conn, Connector};
+use self::events::{Wire, EVENT_QUEUE, LINK_TIMEOUT};
+pub use self::link::Link;
 use super::{StateError, StoreEvent, Watcher};
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
+    /// `redis://[:password@]host:port/db`; with Sentinel or Cluster only its password, user and database
+    /// are used.
     pub url: String,
+    /// One server at `url`, a master behind Sentinel, or a Cluster.
+    pub topology: Topology,
     /// Namespace of every key, so several deployments can share one Redis.
     pub prefix: String,
     /// This node's name, recorded in the locks it takes.
@@ -85,6 +111,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>, prefix: impl Into<String>, node: impl Into<String>) -> Self {
         RedisConfig {
             url: url.into(),
+            topology: Topology::Single,
             prefix: prefix.into(),
             node: node.into(),
             response_timeout: Self::DEFAULT_RESPONSE_TIMEOUT,
@@ -162,8 +189,12 @@ impl Keys {
 
 /// Both stores on one Redis. Cheap to share behind an `Arc`; commands are multiplexed on one connection.
 pub struct RedisStore {
-    client: Client,
-    conn: ConnectionManager,
+    connector: Connector,
+    conn: Conn,
+    /// When the store was made, the base of `skip_wait_until`.
+    started: Instant,
+    /// Until when (ms after `started`) grants do not `WAIT` for a replica (see `floor.rs`).
+    skip_wait_until: AtomicU64,
     /// The runtime `connect` ran on, where subscriber tasks are spawned.
     runtime: tokio::runtime::Handle,
     keys: Keys,
@@ -186,40 +217,27 @@ impl RedisStore {
     /// Connects (bounded by 2 s) and fails if Redis cannot be reached now, so a wrong URL shows
     /// at start-up. Later outages are repaired in the background.
     pub async fn connect(config: RedisConfig) -> Result<RedisStore, StateError> {
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| StateError::Unavailable(format!("bad redis url {:?}: {e}", config.url)))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_min_delay(BACKOFF_MIN)
-            .set_max_delay(BACKOFF_MAX)
-            .set_connection_timeout(Some(LINK_TIMEOUT))
-            .set_response_timeout(Some(config.response_timeout));
-        let conn = match tokio::time::timeout(
-            LINK_TIMEOUT,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        {
+        let connector = Connector::new(&config.url, &config.topology, config.response_timeout)?;
+        let target = config.topology.describe(&config.url);
+        let conn = match tokio::time::timeout(LINK_TIMEOUT, connector.command()).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => {
-                return Err(StateError::Unavailable(format!(
-                    "connect to {}: {e}",
-                    config.url
-                )))
-            }
+            Ok(Err(e)) => return Err(StateError::Unavailable(format!("connect to {target}: {e}"))),
             Err(_) => {
                 return Err(StateError::Unavailable(format!(
-                    "connect to {}: no answer within {LINK_TIMEOUT:?}",
-                    config.url
+                    "connect to {target}: no answer within {LINK_TIMEOUT:?}"
                 )))
             }
         };
+        let keys = Keys {
+            prefix: config.prefix,
+        };
         Ok(RedisStore {
-            client,
+            connector,
             conn,
+            started: Instant::now(),
+            skip_wait_until: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
-            keys: Keys {
-                prefix: config.prefix,
-            },
+            keys,
             node: config.node,
             response_timeout: config.response_timeout,
             session_ttl: config.session_ttl,
@@ -256,12 +274,28 @@ impl RedisStore {
             }),
         };
         self.runtime.spawn(events::run_subscriber(
-            self.client.clone(),
+            self.connector.clone(),
             names,
             watches,
             tx,
         ));
         (watcher, rx)
+    }
+
+    /// Opens a pub/sub link of this store's topology (see [`Link`]).
+    pub async fn open_link(&self) -> Result<Link, StateError> {
+        Link::open(&self.connector).await
+    }
+
+    /// The verb that publishes an event: `PUBLISH`, or `SPUBLISH` (sharded pub/sub) on a Cluster.
+    pub fn publish_verb(&self) -> &'static str {
+        self.connector.publish_verb()
+    }
+
+    /// Where `channel`'s events are published: its own `P:tg:{ch}:events` (on a Cluster it hashes to the
+    /// channel's slot, as sharded pub/sub needs).
+    pub fn events_channel(&self, channel: &str) -> String {
+        self.keys.events(channel)
     }
 
     /// A warning when Redis may evict keys that have a TTL (`volatile-*`, `allkeys-*`): an evicted lease is a

@@ -24,7 +24,8 @@ use crate::state::{NodeInfo, NodeTable, Registry, StateError, StoreFuture};
 const DEAD_MEMORY_MS: i64 = 3_600_000;
 
 /// Renews a node's liveness; publishes its arrival when it was not alive.
-/// KEYS: node key, live set. ARGV: id, value, ttl ms, node events channel, forget-dead-after ms.
+/// KEYS: node key, live set. ARGV: id, value, ttl ms, node events channel, forget-dead-after ms, publish
+/// verb (`PUBLISH`, or `SPUBLISH` on a Cluster: the node events channel is in the `{nodes}` slot).
 pub(super) const ANNOUNCE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -33,7 +34,7 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[5]))
 if not before or tonumber(before) <= now then
-  redis.call('PUBLISH', ARGV[4], cjson.encode({kind = 'node', node = ARGV[1], live = true}))
+  redis.call(ARGV[6], ARGV[4], cjson.encode({kind = 'node', node = ARGV[1], live = true}))
 end
 return 1
 ";
@@ -55,18 +56,19 @@ return out
 ";
 
 /// A clean departure: the node is dead now for everyone.
-/// KEYS: node key, live set. ARGV: id, node events channel.
+/// KEYS: node key, live set. ARGV: id, node events channel, publish verb.
 pub(super) const WITHDRAW: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[1])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
-redis.call('PUBLISH', ARGV[2], cjson.encode({kind = 'node', node = ARGV[1], live = false}))
+redis.call(ARGV[3], ARGV[2], cjson.encode({kind = 'node', node = ARGV[1], live = false}))
 return 1
 ";
 
 /// Registers a node in a channel (or not), refreshing the set's TTL; publishes only a change.
-/// KEYS: channel's node set. ARGV: '1' present / '0', node, ttl ms, events channel, event JSON.
+/// KEYS: channel's node set. ARGV: '1' present / '0', node, ttl ms, events channel, event JSON, publish
+/// verb.
 pub(super) const SET_CHANNEL_NODE: &str = r"
 local changed
 if ARGV[1] == '1' then
@@ -75,7 +77,7 @@ else
   changed = redis.call('SREM', KEYS[1], ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if changed == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if changed == 1 then redis.call(ARGV[6], ARGV[4], ARGV[5]) end
 return changed
 ";
 
@@ -126,7 +128,8 @@ impl Registry for RedisStore {
                 .arg(value)
                 .arg(millis(ttl).max(1))
                 .arg(self.keys.node_events())
-                .arg(DEAD_MEMORY_MS);
+                .arg(DEAD_MEMORY_MS)
+                .arg(self.publish_verb());
             self.call("announce", invocation.invoke_async::<()>(&mut conn))
                 .await
         })
@@ -140,7 +143,8 @@ impl Registry for RedisStore {
                 .key(self.keys.node(node))
                 .key(self.keys.live())
                 .arg(node)
-                .arg(self.keys.node_events());
+                .arg(self.keys.node_events())
+                .arg(self.publish_verb());
             self.call("withdraw", invocation.invoke_async::<()>(&mut conn))
                 .await
         })
@@ -165,8 +169,9 @@ impl Registry for RedisStore {
                 .arg(if present { "1" } else { "0" })
                 .arg(node)
                 .arg(millis(self.session_ttl).max(1))
-                .arg(self.keys.events(channel))
-                .arg(event);
+                .arg(self.events_channel(channel))
+                .arg(event)
+                .arg(self.publish_verb());
             self.call("set_channel_node", invocation.invoke_async::<()>(&mut conn))
                 .await
         })
@@ -256,6 +261,8 @@ impl Registry for RedisStore {
                     .await?;
                 return Ok(gone);
             }
+            // The channel's keys and events in one transaction (one Cluster slot); each member's
+            // reverse index is in a slot of its own, so it is cleaned after, one command per member.
             let mut pipe = redis::pipe();
             pipe.atomic();
             pipe.cmd("ZREM")
@@ -268,20 +275,26 @@ impl Registry for RedisStore {
                 .arg(node)
                 .ignore();
             for m in &gone {
-                pipe.cmd("ZREM")
-                    .arg(self.keys.member_channels(m))
-                    .arg(channel)
-                    .ignore();
                 let event = Wire::Leave {
                     channel: channel.to_string(),
                     member: m.clone(),
                     node: node.to_string(),
                 };
-                pipe.publish(self.keys.events(channel), encode(&event)?)
+                pipe.cmd(self.publish_verb())
+                    .arg(self.events_channel(channel))
+                    .arg(encode(&event)?)
                     .ignore();
             }
             self.call("evict node", pipe.query_async::<()>(&mut conn))
                 .await?;
+            for m in &gone {
+                let cmd = redis::cmd("ZREM")
+                    .arg(self.keys.member_channels(m))
+                    .arg(channel)
+                    .to_owned();
+                self.call("evict node", cmd.query_async::<()>(&mut conn))
+                    .await?;
+            }
             Ok(gone)
         })
     }
