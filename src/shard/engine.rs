@@ -108,7 +108,6 @@ pub struct ShardCore {
     events: Vec<Event>,
     // Scratch space kept between calls so that the packet path does not allocate.
     peer_events: Vec<PeerEvent>,
-    listener_events: Vec<PeerEvent>,
     due: Vec<PeerId>,
     spill: Batch,
     tick_count: usize,
@@ -156,7 +155,6 @@ impl ShardCore {
             transmits: Vec::new(),
             events: Vec::new(),
             peer_events: Vec::new(),
-            listener_events: Vec::new(),
             due: Vec::new(),
             spill: Batch::default(),
             tick_count: 0,
@@ -297,8 +295,8 @@ impl ShardCore {
         match ch.forward(key, &pkt, now, batch) {
             Ok(()) => {
                 if !batch.peers.is_empty() {
-                    // WebRTC listeners: one copy of the payload into an `Arc`, shared by their `Rtc`s.
-                    self.write_peers(batch, Arc::from(pkt.payload), now, None);
+                    // WebRTC listeners: sealed by the shard, each into its own datagram.
+                    self.write_peers(batch, pkt.payload, now);
                 }
                 let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
                 self.record(slot, pkt.timestamp, pkt.payload);

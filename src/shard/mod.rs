@@ -237,8 +237,8 @@ enum Port {
 /// whole batch — under load a handful of system calls per 33 received datagrams instead of two each.
 /// Listeners always get their packets from the media socket (the address `joined` announced); relay
 /// copies (the batch's `relay` part, filled by the same calls) leave from the relay socket, which is what
-/// the receiving node accepts. What WebRTC peers produced (their `Rtc` encrypts each listener's packet)
-/// goes out in `flush`.
+/// the receiving node accepts. WebRTC listeners' packets, sealed by the shard, leave in the same drain;
+/// what their `Rtc`s produced (STUN, DTLS, RTCP) goes out in `flush`.
 async fn receive_loop(lp: Rc<Loop>, port: Port) {
     let media_fd = lp.socket.as_raw_fd();
     let relay_fd = lp.relay.as_ref().map(|r| r.as_raw_fd());
@@ -307,7 +307,15 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
             let sent = udp::send_relay(&mut sender, fd, &batch.relay);
             lp.core.borrow_mut().count_relayed(sent.sent);
         }
+        // What the peers produced first (a DTLS flight that completes a handshake must reach the client
+        // before the media sealed with its keys), then the listeners' datagrams sealed by the shard.
         lp.flush();
+        if !batch.sealed.is_empty() {
+            let sent = udp::send_sealed(&mut sender, media_fd, &batch.sealed);
+            let mut c = lp.core.borrow_mut();
+            c.count_sent(sent.sent, sent.failed + sent.would_block);
+            c.count_would_block(sent.would_block);
+        }
         if batch.is_empty() {
             continue;
         }
