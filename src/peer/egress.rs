@@ -162,3 +162,101 @@ impl Egress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::srtp::{master_half, Profile};
+    use webrtc::srtp::context::Context;
+    use webrtc::srtp::protection_profile::ProtectionProfile;
+
+    fn material(seed: u8) -> Vec<u8> {
+        (0..88u8)
+            .map(|i| i.wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn context(material: &[u8]) -> Context {
+        let (k, s) = master_half(Profile::AeadAes256Gcm, material, false).unwrap();
+        Context::new(k, s, ProtectionProfile::AeadAes256Gcm, None, None).unwrap()
+    }
+
+    fn egress(material: &[u8]) -> Egress {
+        let srtp = SrtpTx::from_material(Profile::AeadAes256Gcm, material, false).unwrap();
+        let mut e = Egress::new(srtp, 1, 0xabcd, 111);
+        e.dest = Some(RawAddr::new("127.0.0.1:9".parse().unwrap()));
+        e
+    }
+
+    fn seal_one(e: &mut Egress, seq: u16, now: Instant) -> Vec<u8> {
+        let mut out = RelayCopies::default();
+        let h = OutHeader {
+            seq,
+            timestamp: u32::from(seq) * 960,
+            marker: false,
+        };
+        assert!(e.seal(h, b"opus!", now, &mut out));
+        out.get(0).0.to_vec()
+    }
+
+    /// A new DTLS handshake re-keys: what follows is sealed with the new key, the stream goes on.
+    #[test]
+    fn a_new_handshake_rekeys_and_the_stream_goes_on() {
+        let (a, b) = (material(1), material(2));
+        let now = Instant::now();
+        let mut e = egress(&a);
+        let (mut rx_a, mut rx_b) = (context(&a), context(&b));
+        assert!(rx_a.decrypt_rtp(&seal_one(&mut e, 10, now)).is_ok());
+        e.rekey(
+            SrtpTx::from_material(Profile::AeadAes256Gcm, &b, false).unwrap(),
+            2,
+        );
+        let p = seal_one(&mut e, 11, now);
+        assert!(
+            rx_a.decrypt_rtp(&p).is_err(),
+            "the old key no longer opens it"
+        );
+        assert_eq!(rx_b.decrypt_rtp(&p).unwrap()[12..], b"opus!"[..]);
+        assert_eq!(e.ext_seq(), Some(11));
+    }
+
+    /// str0m's SRTCP (its own index 5) comes out under the egress's index, its SR on the listener's SSRC
+    /// counting what was sealed, everything else untouched.
+    #[test]
+    fn str0m_rtcp_is_resealed_with_an_honest_sender_report() {
+        let m = material(3);
+        let t0 = Instant::now();
+        let mut e = egress(&m);
+        for seq in 0..7 {
+            seal_one(&mut e, seq, t0);
+        }
+        // SR (ssrc 0xabcd, NTP, RTP ts 0, counts 0) + SDES, as str0m writes it.
+        let mut plain = vec![0x80, 200, 0, 6, 0, 0, 0xab, 0xcd];
+        plain.extend_from_slice(&[0x11; 8]);
+        plain.extend_from_slice(&[0; 12]);
+        plain.extend_from_slice(&[0x81, 202, 0, 2, 0, 0, 0xab, 0xcd, 1, 2, b'x', 0]);
+        let mut str0m = SrtpTx::from_material(Profile::AeadAes256Gcm, &m, false).unwrap();
+        for _ in 0..5 {
+            str0m.seal_rtcp(&plain).unwrap();
+        }
+        let theirs = str0m.seal_rtcp(&plain).unwrap();
+        let ours = e
+            .reseal_rtcp(&theirs, t0 + std::time::Duration::from_millis(100))
+            .unwrap();
+        assert_eq!(
+            ours[ours.len() - 4..],
+            [0x80, 0, 0, 0],
+            "our index 0, encrypted"
+        );
+        let opened = context(&m).decrypt_rtcp(&ours).unwrap();
+        assert_eq!(opened[..16], plain[..16], "header, SSRC and NTP kept");
+        let word = |i: usize| u32::from_be_bytes(opened[i..i + 4].try_into().unwrap());
+        assert_eq!(
+            word(16),
+            6 * 960 + 4800,
+            "the timestamp of the last packet + 100 ms"
+        );
+        assert_eq!((word(20), word(24)), (7, 35), "7 packets of 5 octets");
+        assert_eq!(opened[28..], plain[28..], "SDES untouched");
+    }
+}

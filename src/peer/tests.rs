@@ -74,8 +74,7 @@ impl Pair {
 
     /// Advances 10 ms; `link` false drops everything in both directions.
     fn step(&mut self, link: bool) {
-        let (server, client): (SocketAddr, SocketAddr) =
-            (SERVER.parse().unwrap(), CLIENT.parse().unwrap());
+        let server: SocketAddr = SERVER.parse().unwrap();
         self.now += Duration::from_millis(10);
         let mut out = vec![];
         self.client.handle_input(Input::Timeout(self.now)).unwrap();
@@ -85,7 +84,7 @@ impl Pair {
                 Output::Transmit(t) if link => {
                     self.peer.handle_receive(
                         self.now,
-                        client,
+                        t.source,
                         &t.contents,
                         &mut out,
                         &mut self.events,
@@ -105,9 +104,9 @@ impl Pair {
         }
         self.peer
             .handle_timeout(self.now, &mut out, &mut self.events);
-        for (data, _) in out.drain(..) {
+        for (data, to) in out.drain(..) {
             if link {
-                let r = Receive::new(Protocol::Udp, server, client, &data).unwrap();
+                let r = Receive::new(Protocol::Udp, server, to.to_socket_addr(), &data).unwrap();
                 let _ = self.client.handle_input(Input::Receive(self.now, r));
             }
         }
@@ -115,8 +114,12 @@ impl Pair {
 
     /// Seals one listener packet the way the shard does and hands it to the client.
     fn seal_and_deliver(&mut self, h: OutHeader, payload: &[u8]) {
-        let (server, client): (SocketAddr, SocketAddr) =
-            (SERVER.parse().unwrap(), CLIENT.parse().unwrap());
+        self.seal_and_deliver_to(h, payload, CLIENT.parse().unwrap());
+    }
+
+    /// The same, checking that it goes to `client` (the nominated address).
+    fn seal_and_deliver_to(&mut self, h: OutHeader, payload: &[u8], client: SocketAddr) {
+        let server: SocketAddr = SERVER.parse().unwrap();
         let mut sealed = RelayCopies::default();
         assert!(self.peer.seal(h, payload, self.now, &mut sealed));
         assert_eq!(sealed.len(), 1);
@@ -280,4 +283,46 @@ fn re_sealed_rtcp_is_accepted_by_the_client() {
     let &(packets, octets) = p.reports.last().unwrap();
     assert!(packets >= 400 && packets <= 600, "{packets}");
     assert_eq!(octets, packets * 4, "4-octet payloads");
+}
+
+/// The client moves to another address (a network change). str0m (ICE-lite, controlled) keeps sending on
+/// the old, higher-priority nominated pair until that pair expires (15 s without a check), then on the
+/// new one; the egress follows str0m's own choice — learnt from the next check that nominates the new
+/// path, not at the next RTCP report — and never runs ahead of it.
+#[test]
+fn media_follows_ice_renomination() {
+    let mut p = Pair::connected();
+    let moved: SocketAddr = "127.0.0.3:6000".parse().unwrap();
+    let old = Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap();
+    p.client
+        .add_local_candidate(Candidate::host(moved, "udp").unwrap());
+    p.client.direct_api().invalidate_candidate(&old);
+    let dest = |p: &Pair| {
+        p.peer
+            .egress()
+            .and_then(|e| e.dest)
+            .map(|d| d.to_socket_addr())
+    };
+    let start = p.now;
+    for _ in 0..3000 {
+        p.step(true);
+        if dest(&p) == Some(moved) {
+            break;
+        }
+    }
+    assert_eq!(dest(&p), Some(moved), "the egress followed the nomination");
+    let after = p.now - start;
+    assert!(
+        after >= Duration::from_secs(15) && after < Duration::from_secs(17),
+        "{after:?}"
+    );
+    let heard = p.heard;
+    let h = OutHeader {
+        seq: 7,
+        timestamp: 0,
+        marker: true,
+    };
+    p.seal_and_deliver_to(h, b"moved", moved);
+    p.step(true);
+    assert_eq!(p.heard, heard + 1);
 }
