@@ -29,7 +29,7 @@ pub enum Leg {
         /// The same address, ready for `sendmmsg`.
         dest: RawAddr,
     },
-    /// A WebRTC peer of the shard: the header goes to its `Rtc`, which encrypts and sends.
+    /// A WebRTC peer of the shard: the shard seals the header and payload with its SRTP keys.
     WebRtc {
         /// The peer in the shard's slab.
         peer: PeerId,

@@ -13,7 +13,11 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+// str0m requires a DTLS instance to be `Send + Sync`: the slot it writes is behind a lock, written and
+// read on the shard's own thread only, so never contended (no state is shared between shards).
+#[allow(clippy::disallowed_types)]
+use std::sync::Mutex;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use str0m::config::{CryptoProvider, DtlsCert};
@@ -50,6 +54,7 @@ impl std::fmt::Debug for Captured {
 #[derive(Debug, Default)]
 pub struct KeySlot {
     generation: AtomicU64,
+    #[allow(clippy::disallowed_types)] // see the `use`
     captured: Mutex<Option<Captured>>,
 }
 

@@ -281,7 +281,7 @@ fn re_sealed_rtcp_is_accepted_by_the_client() {
     assert_eq!(p.heard, 600);
     assert!(p.reports.len() >= 2, "a report every ~5 s: {:?}", p.reports);
     let &(packets, octets) = p.reports.last().unwrap();
-    assert!(packets >= 400 && packets <= 600, "{packets}");
+    assert!((400..=600).contains(&packets), "{packets}");
     assert_eq!(octets, packets * 4, "4-octet payloads");
 }
 
