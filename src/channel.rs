@@ -432,6 +432,18 @@ impl Channel {
         None
     }
 
+    /// When [`Self::poll_silence`] next has something to say: T1 after the last media of a local holder
+    /// not yet reported silent.
+    pub fn silence_due(&self, t1: Duration) -> Option<Instant> {
+        (self.speaker.is_some() && !self.silence_reported).then(|| self.last_media + t1)
+    }
+
+    /// True when the channel forwarded media within `window` before `now` (its listener streams may
+    /// need sender reports).
+    pub fn media_within(&self, now: Instant, window: Duration) -> bool {
+        now.saturating_duration_since(self.last_media) < window
+    }
+
     /// Sender reports for every latched listener stream that has carried media (RFC 3550 §6.4.1).
     /// Only streams that carried media within `recent` get one: an idle stream has nothing to report
     /// (RFC 3550 §6.4: SR from active senders).
