@@ -2,8 +2,13 @@
 //!
 //! str0m exposes no SRTP keys, but its crypto provider is pluggable: [`capturing_provider`] wraps the
 //! aws-lc-rs DTLS provider, and the DTLS instance it builds copies `DtlsOutput::KeyingMaterial` (and
-//! whether it is the DTLS client) into the peer's [`KeySlot`] before str0m sees it. A new handshake
-//! produces new material and bumps the slot's generation; the peer re-keys its egress then.
+//! whether it is the DTLS client) into the peer's [`KeySlot`] before str0m sees it. Should the instance
+//! export material again (a new handshake), it goes into the next link of the slot's chain and the
+//! peer re-keys its egress; a peer that joins again gets a new `Rtc`, a new slot and new keys anyway.
+//!
+//! The slot is write-once links (`OnceLock`), not a lock or an atomic counter: str0m wants the DTLS
+//! instance `Send + Sync`, but it is written and read on its shard's thread only, and nothing of it is
+//! shared between shards (tests/architecture.rs keeps locks and atomics out of the data plane).
 //!
 //! str0m builds the DTLS instance inside `RtcConfig::build`, on the calling thread, so the slot is handed
 //! over through a thread-local set just around that call ([`build_with_slot`]): each `Rtc` gets its own
@@ -12,11 +17,6 @@
 #![warn(missing_docs)]
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
-// str0m requires a DTLS instance to be `Send + Sync`: the slot it writes is behind a lock, written and
-// read on the shard's own thread only, so never contended (no state is shared between shards).
-#[allow(clippy::disallowed_types)]
-use std::sync::Mutex;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -49,30 +49,34 @@ impl std::fmt::Debug for Captured {
     }
 }
 
-/// Where one peer's DTLS instance leaves its keying material. The shard thread is the only reader; the
-/// lock is never contended (str0m requires the instance to be `Send + Sync`, hence not a `RefCell`).
+/// Where one peer's DTLS instance leaves its keying material: a chain of write-once links, one per
+/// export (in practice one: str0m runs a single handshake per `Rtc`).
 #[derive(Debug, Default)]
 pub struct KeySlot {
-    generation: AtomicU64,
-    #[allow(clippy::disallowed_types)] // see the `use`
-    captured: Mutex<Option<Captured>>,
+    captured: OnceLock<Captured>,
+    next: OnceLock<Arc<KeySlot>>,
 }
 
 impl KeySlot {
-    /// Bumped on every new keying material: 0 until the first handshake completes.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
-    }
-
-    /// The latest keying material, if any.
-    pub fn take(&self) -> Option<Captured> {
-        self.captured.lock().ok().and_then(|c| c.clone())
+    /// The latest keying material and its generation (1 for the first handshake's), if any.
+    pub fn latest(&self) -> Option<(u64, &Captured)> {
+        let (mut slot, mut generation, mut found) = (self, 0, None);
+        while let Some(c) = slot.captured.get() {
+            generation += 1;
+            found = Some((generation, c));
+            match slot.next.get() {
+                Some(next) => slot = next,
+                None => break,
+            }
+        }
+        found
     }
 
     fn store(&self, captured: Captured) {
-        if let Ok(mut c) = self.captured.lock() {
-            *c = Some(captured);
-            self.generation.fetch_add(1, Ordering::AcqRel);
+        let (mut slot, mut captured) = (self, captured);
+        while let Err(c) = slot.captured.set(captured) {
+            captured = c;
+            slot = slot.next.get_or_init(Default::default);
         }
     }
 }
@@ -193,5 +197,30 @@ pub fn capturing_provider() -> CryptoProvider {
     CryptoProvider {
         dtls_provider: dtls,
         ..base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(b: u8) -> Captured {
+        Captured {
+            profile: Profile::AeadAes128Gcm,
+            material: vec![b; 56],
+            active: false,
+        }
+    }
+
+    /// Each export of keying material is a new generation; the peer sees the latest.
+    #[test]
+    fn the_slot_keeps_the_latest_material_and_counts_generations() {
+        let slot = KeySlot::default();
+        assert!(slot.latest().is_none());
+        slot.store(captured(1));
+        assert_eq!(slot.latest().map(|(g, c)| (g, c.material[0])), Some((1, 1)));
+        slot.store(captured(2));
+        slot.store(captured(3));
+        assert_eq!(slot.latest().map(|(g, c)| (g, c.material[0])), Some((3, 3)));
     }
 }

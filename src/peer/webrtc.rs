@@ -360,17 +360,17 @@ impl WebRtcPeer {
 
     /// Builds (or re-keys) the egress once the DTLS instance has left new keying material in the slot.
     fn sync_keys(&mut self) {
-        let generation = self.keys.generation();
         let Some(ssrc) = self.tx else { return };
-        if generation == 0
-            || self
-                .egress
-                .as_ref()
-                .is_some_and(|e| e.generation == generation)
+        let Some((generation, c)) = self.keys.latest() else {
+            return;
+        };
+        if self
+            .egress
+            .as_ref()
+            .is_some_and(|e| e.generation == generation)
         {
             return;
         }
-        let Some(c) = self.keys.take() else { return };
         match SrtpTx::from_material(c.profile, &c.material, c.active) {
             Ok(srtp) => match self.egress.as_mut() {
                 Some(e) => e.rekey(srtp, generation),
