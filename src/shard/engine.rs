@@ -195,6 +195,11 @@ impl ShardCore {
         self.stats.send_errors += failed as u64;
     }
 
+    /// Counts listeners' media datagrams (plain fan-out, sealed WebRTC) among the ones sent.
+    pub fn count_media(&mut self, n: usize) {
+        self.stats.media_forwarded += n as u64;
+    }
+
     /// Counts datagrams that met a full socket buffer.
     pub fn count_would_block(&mut self, n: usize) {
         self.stats.send_would_block += n as u64;

@@ -323,6 +323,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
             let sent = udp::send_sealed(&mut sender, media_fd, &batch.sealed);
             let mut c = lp.core.borrow_mut();
             c.count_sent(sent.sent, sent.failed + sent.would_block);
+            c.count_media(sent.sent);
             c.count_would_block(sent.would_block);
         }
         if batch.is_empty() {
@@ -354,6 +355,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
         }
         let mut c = lp.core.borrow_mut();
         c.count_sent(sent.sent + slow, sent.failed + sent.would_block - slow);
+        c.count_media(sent.sent + slow);
         c.count_would_block(sent.would_block);
     }
 }
