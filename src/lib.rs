@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! talkgroup: a thread-per-core push-to-talk SFU for Opus audio channels.
 //!
 //! # Architecture (see `shared/design.md`)

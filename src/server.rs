@@ -24,7 +24,7 @@ use crate::signal::http::{self, AppState};
 use crate::state::history::{History, MemoryHistory};
 use crate::state::memory::{MemoryFloorStore, MemoryRegistry, MemorySessionStore};
 use crate::state::redis::{RedisConfig, RedisStore};
-use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
+use crate::state::{FloorStore, Registry, SessionStore, StoreEvent, Watcher};
 
 /// Why a node did not start.
 #[derive(Debug, Error)]
@@ -76,11 +76,18 @@ pub const LEASE: Lease = Lease {
 
 /// Floor store, session store, cluster registry, and the store's published events (shared stores only).
 pub struct Stores {
+    /// Floor locks.
     pub floors: Arc<dyn FloorStore>,
+    /// Membership and presence.
     pub sessions: Arc<dyn SessionStore>,
+    /// Node liveness, channel registrations, placement.
     pub registry: Arc<dyn Registry>,
+    /// The transmission log.
     pub history: Arc<dyn History>,
+    /// What the store publishes (shared stores only).
     pub events: Option<mpsc::Receiver<StoreEvent>>,
+    /// Which channels' events the subscriber follows (shared stores only).
+    pub watcher: Option<Watcher>,
 }
 
 /// Opens the stores on the control thread's runtime (the Redis client spawns its tasks there).
@@ -92,16 +99,17 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
             registry: Arc::new(MemoryRegistry),
             history: Arc::new(MemoryHistory::default()),
             events: None,
+            watcher: None,
         }),
         StoreKind::Redis => {
-            let url = redis.url.clone();
+            let url = redis.topology.describe(&redis.url);
             let store = RedisStore::connect(redis)
                 .await
                 .map_err(|e| format!("redis at {url}: {e}"))?;
             if let Ok(Some(warning)) = store.check_maxmemory_policy().await {
                 warn!("{warning}");
             }
-            let events = store.subscribe();
+            let (watcher, events) = store.subscribe();
             let store = Arc::new(store);
             Ok(Stores {
                 floors: store.clone(),
@@ -109,6 +117,7 @@ async fn open_stores(kind: StoreKind, redis: RedisConfig) -> Result<Stores, Stri
                 registry: store.clone(),
                 history: store,
                 events: Some(events),
+                watcher: Some(watcher),
             })
         }
     }
@@ -188,7 +197,8 @@ impl Server {
                 args.media_ip
             }
         });
-        let redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
+        let mut redis = RedisConfig::new(args.redis_url(), args.key_prefix.clone(), node.clone());
+        redis.topology = args.redis_topology().map_err(ServerError::Config)?;
         // The relay needs a shared key: the configured secret, or one the nodes agree on through the
         // store they already trust with every floor (see `Registry::cluster_key`).
         let (relay_key, agreed_key) = match (args.store, &args.cluster_secret) {
@@ -316,6 +326,8 @@ impl Server {
             },
             drain_timeout: args.drain_timeout,
             cluster_key: agreed_key,
+            placement: args.placement,
+            public_url: args.public_url.clone(),
         };
 
         let listener =
@@ -330,6 +342,12 @@ impl Server {
         let http_addr = listener
             .local_addr()
             .map_err(|e| ServerError::Start(e.to_string()))?;
+        let mut hub_config = hub_config;
+        if hub_config.public_url.is_none() {
+            // Where other nodes send this node's channels' members (placement by redirect).
+            let public = SocketAddr::new(announce_ip, http_addr.port());
+            hub_config.public_url = Some(format!("ws://{public}/ws"));
+        }
         let (hub_tx, hub_rx) = mpsc::channel(65_536);
         let admin_listener = match args.admin_http {
             Some(addr) => {
@@ -362,6 +380,8 @@ impl Server {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (life_tx, life_rx) = mpsc::unbounded_channel();
         let stopped_tx = life_tx.clone();
+        let load_shards: Vec<_> = handles.iter().map(|h| h.commands.clone()).collect();
+        let load_hub = hub_tx.clone();
         let control = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -391,6 +411,7 @@ impl Server {
                             sessions: stores.sessions,
                             registry: stores.registry,
                             history: stores.history,
+                            watcher: stores.watcher,
                         },
                         handles,
                     );
@@ -401,6 +422,7 @@ impl Server {
                             return;
                         }
                     };
+                    tokio::spawn(crate::control::load::sample_load(load_shards, load_hub));
                     let hub_task = tokio::spawn(runner.run(hub_rx, event_rx, stores.events));
                     if let Some(admin) = admin_listener {
                         match tokio::net::TcpListener::from_std(admin) {
@@ -500,7 +522,7 @@ fn agree_cluster_key(redis: RedisConfig) -> Result<String, ServerError> {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let url = redis.url.clone();
+    let url = redis.topology.describe(&redis.url);
     let ask = move || -> Result<String, String> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

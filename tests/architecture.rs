@@ -82,7 +82,13 @@ fn data_plane() -> Vec<PathBuf> {
     ] {
         files.extend(sources(rel));
     }
-    files.retain(|p| !is_test_file(p) && !p.ends_with("testing.rs"));
+    // `rtpio::testing` (a file and its folder: the fault proxy, the replicated topologies) is test
+    // support, not data plane.
+    files.retain(|p| {
+        !is_test_file(p)
+            && !p.ends_with("testing.rs")
+            && !p.components().any(|c| c.as_os_str() == "testing")
+    });
     files
 }
 

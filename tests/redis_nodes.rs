@@ -5,11 +5,12 @@
 #[path = "support/client.rs"]
 mod client;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use client::{floor_any, RtpMember, Signal};
+use client::{floor_any, http_get, RtpMember, Signal};
 use rtpio::testing::RedisServer;
-use serde_json::Value;
+use serde_json::{json, Value};
 use talkgroup::config::{ServeArgs, StoreKind};
 use talkgroup::server::Server;
 
@@ -267,7 +268,7 @@ async fn a_stale_event_changes_nothing() {
             let client = redis::Client::open(url).unwrap();
             let mut c = client.get_multiplexed_async_connection().await.unwrap();
             let _: i64 = redis::cmd("PUBLISH")
-                .arg("test:tg:events")
+                .arg("test:tg:{s}:events")
                 .arg(msg)
                 .query_async(&mut c)
                 .await
@@ -311,4 +312,75 @@ async fn a_stale_event_changes_nothing() {
     let rows: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(rows[0]["speaker"], "zed");
     assert_eq!(rows[0]["epoch"].as_u64(), Some(newer));
+}
+
+/// `--placement redirect`: a channel is placed on the less-loaded node at its first join; a join on the
+/// other node is answered `redirect` with the home's URL, and members who follow it hear each other.
+#[tokio::test]
+async fn joins_are_redirected_to_the_channels_home_node_and_members_there_hear_each_other() {
+    let redis = RedisServer::start();
+    let args = |name: &str| {
+        let mut a = node_args(&redis, name);
+        a.placement = talkgroup::control::Placement::Redirect;
+        a
+    };
+    let na = Server::start(args("node-a")).expect("node starts");
+    // Alone, node-a is the home of "busy" and carries its member: it is the busier node from now on.
+    let mut sa = Signal::connect(na.http_addr).await;
+    let _busy = RtpMember::join(&mut sa, "busy", "x").await;
+    let nb = Server::start(args("node-b")).expect("node starts");
+    // node-a reads the node table every second; node-b announces at start.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let follow = |v: &serde_json::Value| -> SocketAddr {
+        assert_eq!(v["type"], "redirect", "{v}");
+        let url = v["url"].as_str().expect("url");
+        let host = url
+            .strip_prefix("ws://")
+            .and_then(|u| u.strip_suffix("/ws"))
+            .expect("ws://HOST:PORT/ws");
+        host.parse().expect("an address")
+    };
+    let mut members = Vec::new();
+    for name in ["ann", "bob"] {
+        let mut s = Signal::connect(na.http_addr).await;
+        s.send(
+            json!({"type":"join","channel":"p","member":name,"transport":"rtp",
+            "rtp_addr":"127.0.0.1:9","id":1}),
+        )
+        .await;
+        let v = s
+            .expect("redirect", |v| {
+                v["type"] == "redirect" || v["type"] == "joined"
+            })
+            .await;
+        assert_eq!(v["id"], 1, "{v}");
+        let home = follow(&v);
+        assert_eq!(home, nb.http_addr, "placed on the idle node");
+        let mut s = Signal::connect(home).await;
+        let m = RtpMember::join(&mut s, "p", name).await;
+        members.push((s, m));
+    }
+    let (mut s_ann, mut ann) = members.remove(0);
+    let (_s_bob, bob) = members.remove(0);
+    wait_until_store_up(&mut s_ann, "p").await;
+    s_ann.press("p").await;
+    floor_any(&mut s_ann, "p", &["granted"]).await;
+    let t0 = Instant::now();
+    loop {
+        ann.send_rtp(b"home").await;
+        if !bob.recv_rtp(1, Duration::from_millis(100)).await.is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "bob never heard ann");
+    }
+    let metrics = http_get(na.http_addr, "/metrics").await.1;
+    assert!(
+        metrics.contains("talkgroup_redirects_total 2"),
+        "two joins redirected: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("redirect"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

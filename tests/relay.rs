@@ -206,11 +206,12 @@ async fn three_nodes_one_channel() {
     let registry = redis::Client::open(redis.url()).unwrap();
     let mut conn = registry.get_multiplexed_async_connection().await.unwrap();
     let relay_b: String = redis::cmd("GET")
-        .arg("relay:tg:node:node-b")
+        .arg("relay:tg:{nodes}:node:node-b")
         .query_async(&mut conn)
         .await
         .unwrap();
-    let relay_addrs: Vec<SocketAddr> = relay_b.split(',').map(|a| a.parse().unwrap()).collect();
+    let relay_b: serde_json::Value = serde_json::from_str(&relay_b).unwrap();
+    let relay_addrs: Vec<SocketAddr> = serde_json::from_value(relay_b["relay"].clone()).unwrap();
     let target = relay_addrs[talkgroup::shard::shard_of("ops", relay_addrs.len())];
     // (Counted as deltas: during warm-up a node may relay before the receiver has read its address.)
     let dropped_at = |body: &str, reason: &str| {

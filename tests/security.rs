@@ -426,16 +426,34 @@ async fn a_registered_node_that_does_not_hold_the_grant_cannot_inject_audio() {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SET")
-        .arg("inj:tg:node:mallory")
-        .arg(format!("{rogue_addr},{rogue_addr}"))
+        .arg("inj:tg:{nodes}:node:mallory")
+        .arg(serde_json::json!({"relay":[rogue_addr, rogue_addr]}).to_string())
         .arg("PX")
         .arg(60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000;
+    let _: () = redis::cmd("ZADD")
+        .arg("inj:tg:{nodes}:live")
+        .arg(far)
+        .arg("mallory")
         .query_async(&mut conn)
         .await
         .unwrap();
     let _: () = redis::cmd("SADD")
         .arg("inj:tg:{ops}:nodes")
         .arg("mallory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("inj:tg:{ops}:events")
+        .arg(r#"{"kind":"channel_node","channel":"ops","node":"mallory","present":true}"#)
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -465,12 +483,13 @@ async fn a_registered_node_that_does_not_hold_the_grant_cannot_inject_audio() {
             "the relay never carried alice"
         );
     }
-    let addrs: String = redis::cmd("GET")
-        .arg("inj:tg:node:node-b")
+    let entry: String = redis::cmd("GET")
+        .arg("inj:tg:{nodes}:node:node-b")
         .query_async(&mut conn)
         .await
         .unwrap();
-    let addrs: Vec<SocketAddr> = addrs.split(',').map(|a| a.parse().unwrap()).collect();
+    let entry: serde_json::Value = serde_json::from_str(&entry).unwrap();
+    let addrs: Vec<SocketAddr> = serde_json::from_value(entry["relay"].clone()).unwrap();
     let b_relay = addrs[talkgroup::shard::shard_of("ops", addrs.len())];
     let key = RelayKey::new(SECRET.as_bytes());
     let mut buf = Vec::new();

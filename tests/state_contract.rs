@@ -470,12 +470,21 @@ async fn redis_pubsub_delivers_floor_presence_and_resync() {
     let mut server = RedisServer::start();
     let a = connect(&server, NODE).await;
     let b = connect(&server, "node-b").await;
-    let mut own = a.subscribe();
-    let mut other = b.subscribe();
+    let (own_watch, mut own) = a.subscribe();
+    let (other_watch, mut other) = b.subscribe();
     let wait = Duration::from_secs(5);
     let resync = |e: &StoreEvent| *e == StoreEvent::Resync;
     next_event(&mut own, wait, resync).await;
     next_event(&mut other, wait, resync).await;
+    // Each node hears only the channels it watches: "quiet" is nobody's here.
+    let watching =
+        |e: &StoreEvent| matches!(e, StoreEvent::Watching { channel } if channel == "ops");
+    own_watch.watch("ops", true);
+    other_watch.watch("ops", true);
+    next_event(&mut own, wait, watching).await;
+    next_event(&mut other, wait, watching).await;
+    let quiet = granted(&*a, press("quiet", "ann", 0, LEASE)).await;
+    assert_eq!(a.release("quiet", quiet).await, Ok(true));
 
     let epoch = granted(&*a, press("ops", "ann", 4, LEASE)).await;
     let holder = Holder {
@@ -550,7 +559,7 @@ async fn redis_pubsub_delivers_floor_presence_and_resync() {
 async fn redis_subscription_stays_up_while_idle() {
     let server = RedisServer::start();
     let store = connect(&server, NODE).await;
-    let mut rx = store.subscribe();
+    let (_watcher, mut rx) = store.subscribe();
     next_event(&mut rx, Duration::from_secs(5), |e| {
         *e == StoreEvent::Resync
     })
@@ -650,4 +659,110 @@ async fn redis_nodes_agree_on_one_cluster_key() {
         "the first node's key wins"
     );
     assert_eq!(a.cluster_key("key-of-a").await.unwrap(), "key-of-a");
+}
+
+/// The registry pushes what changes and reads the node table in one call: a node's arrival and
+/// departure are published on the nodes' channel, a registration on the channel's own events (only to
+/// its watchers), a dead node stays visible as dead, and placement keeps a usable home.
+#[tokio::test]
+async fn redis_registry_pushes_arrivals_registrations_and_departures() {
+    use talkgroup::state::{NodeInfo, NodeLoad};
+    let server = RedisServer::start();
+    let a = connect(&server, "a").await;
+    let b = connect(&server, "b").await;
+    let (watch, mut rx) = a.subscribe();
+    let wait = Duration::from_secs(5);
+    next_event(&mut rx, wait, |e| *e == StoreEvent::Resync).await;
+    watch.watch("ops", true);
+    next_event(&mut rx, wait, |e| matches!(e, StoreEvent::Watching { .. })).await;
+
+    let info = NodeInfo {
+        node: "b".into(),
+        relay: vec!["127.0.0.1:42000".parse().unwrap()],
+        draining: false,
+        url: Some("ws://127.0.0.1:9/ws".into()),
+        load: NodeLoad {
+            members: 7,
+            pps: 100,
+            cpu_permille: 30,
+        },
+    };
+    b.announce(&info, Duration::from_millis(800)).await.unwrap();
+    let arrived = StoreEvent::Node {
+        node: "b".into(),
+        live: true,
+    };
+    assert_eq!(
+        next_event(&mut rx, wait, |e| matches!(e, StoreEvent::Node { .. })).await,
+        arrived
+    );
+    // A renewal is not news.
+    b.announce(&info, Duration::from_millis(800)).await.unwrap();
+    let table = a.nodes().await.unwrap();
+    assert_eq!(table.live, vec![info.clone()]);
+    assert!(table.dead.is_empty());
+
+    b.set_channel_node("ops", "b", true).await.unwrap();
+    b.set_channel_node("elsewhere", "b", true).await.unwrap();
+    assert_eq!(
+        next_event(&mut rx, wait, |e| matches!(
+            e,
+            StoreEvent::ChannelNode { .. }
+        ))
+        .await,
+        StoreEvent::ChannelNode {
+            channel: "ops".into(),
+            node: "b".into(),
+            present: true
+        }
+    );
+    assert_eq!(a.channel_nodes("ops").await.unwrap(), ["b"]);
+
+    // b dies without a word: after its TTL the table shows it dead, to every reader, more than once.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    for _ in 0..2 {
+        let table = a.nodes().await.unwrap();
+        assert!(table.live.is_empty(), "{table:?}");
+        assert_eq!(table.dead, ["b"]);
+    }
+    assert_eq!(
+        a.evict_node("ops", "b").await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(
+        a.channel_nodes("ops").await.unwrap().is_empty(),
+        "evicted from the channel"
+    );
+
+    // Placement: the first placement wins; a home that is no longer usable is replaced.
+    let both = ["a".to_string(), "b".to_string()];
+    assert_eq!(a.place("ops", "b", &both, LEASE).await.unwrap(), "b");
+    assert_eq!(a.place("ops", "a", &both, LEASE).await.unwrap(), "b");
+    assert_eq!(a.place("ops", "a", &both[..1], LEASE).await.unwrap(), "a");
+    a.unplace("ops", "b").await.unwrap();
+    assert_eq!(
+        a.place("ops", "b", &both, LEASE).await.unwrap(),
+        "a",
+        "only the home unplaces"
+    );
+    a.unplace("ops", "a").await.unwrap();
+    assert_eq!(a.place("ops", "b", &both, LEASE).await.unwrap(), "b");
+
+    // A clean departure is published and dead at once.
+    a.announce(
+        &NodeInfo {
+            node: "a".into(),
+            ..info.clone()
+        },
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    a.withdraw("a").await.unwrap();
+    let gone = StoreEvent::Node {
+        node: "a".into(),
+        live: false,
+    };
+    next_event(&mut rx, wait, |e| *e == gone).await;
+    assert!(a.nodes().await.unwrap().dead.contains(&"a".to_string()));
 }

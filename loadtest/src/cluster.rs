@@ -80,6 +80,29 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Commands Redis has processed since it started (`INFO stats`), or `None` when it does not say:
+    /// what the nodes cost the store, read before and after a window.
+    pub fn total_commands(&self) -> Option<u64> {
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+        s.write_all(b"INFO stats\r\n").ok()?;
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        // A bulk reply of a few kilobytes: read until the field is in.
+        for _ in 0..16 {
+            let n = s.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if let Some(v) = parse_total_commands(&text) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
     fn ping(&self) -> bool {
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
@@ -143,9 +166,25 @@ pub async fn spawn(
     Ok((redis, nodes))
 }
 
+/// `total_commands_processed` of an `INFO stats` reply (the INFO command itself included).
+fn parse_total_commands(info: &str) -> Option<u64> {
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))?;
+    line.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn total_commands_come_from_info_stats() {
+        let info =
+            "$120\r\n# Stats\r\ntotal_connections_received:3\r\ntotal_commands_processed:4211\r\n";
+        assert_eq!(parse_total_commands(info), Some(4211));
+        assert_eq!(parse_total_commands("# Stats\r\n"), None);
+    }
 
     #[test]
     fn members_go_round_robin_over_nodes() {

@@ -63,7 +63,9 @@ async fn next_json(ws: &mut Ws) -> Result<Value, String> {
     }
 }
 
-/// Connect, join `specs`, then serve commands until `Close`.
+/// Connect, join `specs` (following `redirect` to a channel's home node), then serve commands until
+/// `Close`. A connection whose channels live on several nodes holds one WebSocket per node; a command
+/// goes to the one that joined its channel.
 pub async fn run_conn(
     ctx: Arc<ConnCtx>,
     specs: Vec<JoinSpec>,
@@ -72,20 +74,50 @@ pub async fn run_conn(
     let permit = ctx.join_limit.clone().acquire_owned().await;
     let setup_result = setup(&ctx, &specs).await;
     drop(permit);
-    let mut ws = match setup_result {
-        Ok((ws, joined, timers)) => {
+    let (sockets, home) = match setup_result {
+        Ok((sockets, home, joined, timers)) => {
             let _ = ctx.notes.send(ConnNote::Joined(joined, timers));
-            ws
+            (sockets, home)
         }
         Err(e) => {
             let _ = ctx.notes.send(ConnNote::Failed(e));
             return;
         }
     };
+    // One reader per socket, all into one queue: (socket, text or why it ended).
+    let (in_tx, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Result<String, String>>();
+    let mut sinks = Vec::new();
+    for ws in sockets {
+        let (sink, mut stream) = ws.split();
+        sinks.push(sink);
+        let in_tx = in_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = match stream.next().await {
+                    Some(Ok(Message::Text(t))) => Ok(t.to_string()),
+                    Some(Ok(Message::Close(f))) => Err(format!("closed by server: {f:?}")),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => Err(format!("websocket: {e}")),
+                    None => Err("websocket closed".into()),
+                };
+                let end = item.is_err();
+                if in_tx.send(item).is_err() || end {
+                    return;
+                }
+            }
+        });
+    }
+    drop(in_tx);
     // channel name → (channel index, slot)
     let by_name: HashMap<String, (u32, u16)> = specs
         .iter()
         .map(|s| (channel_name(&ctx.prefix, s.channel), (s.channel, s.slot)))
+        .collect();
+    // channel index → the socket that joined it
+    let socket_of: HashMap<u32, usize> = specs
+        .iter()
+        .zip(&home)
+        .map(|(s, h)| (s.channel, *h))
         .collect();
     let mut pressed_at: HashMap<u32, u64> = HashMap::new();
     let mut released_at: HashMap<u32, u64> = HashMap::new();
@@ -101,11 +133,15 @@ pub async fn run_conn(
                         (ptt_frame(&ctx.prefix, channel, false), Some((channel, false, time_switch)))
                     }
                     ConnCmd::Close => {
-                        let _ = ws.close(None).await;
+                        for sink in &mut sinks {
+                            let _ = sink.close().await;
+                        }
                         return;
                     }
                 };
+                let mut to = 0;
                 if let Some((channel, press, time_switch)) = ch {
+                    to = socket_of.get(&channel).copied().unwrap_or(0);
                     let now = mono_ns();
                     if press {
                         pressed_at.insert(channel, now);
@@ -118,21 +154,16 @@ pub async fn run_conn(
                         }
                     }
                 }
-                if let Err(e) = ws.send(Message::text(frame)).await {
+                if let Err(e) = sinks[to].send(Message::text(frame)).await {
                     let _ = ctx.notes.send(ConnNote::Lost(format!("websocket send: {e}")));
                     return;
                 }
             }
-            msg = ws.next() => {
+            msg = incoming.recv() => {
                 let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(f))) => {
-                        let _ = ctx.notes.send(ConnNote::Lost(format!("closed by server: {f:?}")));
-                        return;
-                    }
-                    Some(Ok(_)) => continue,
+                    Some(Ok(t)) => t,
                     Some(Err(e)) => {
-                        let _ = ctx.notes.send(ConnNote::Lost(format!("websocket: {e}")));
+                        let _ = ctx.notes.send(ConnNote::Lost(e));
                         return;
                     }
                     None => {
@@ -176,10 +207,8 @@ pub async fn run_conn(
     }
 }
 
-async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>, Timers), String> {
-    // A connection carries one slot of several channels, so all its members are on one node.
-    let slot = specs.first().map(|s| s.slot).unwrap_or(0);
-    let url = &ctx.urls[crate::cluster::node_of(slot as u32, ctx.urls.len() as u32) as usize];
+/// Opens a WebSocket to `url` and reads its `hello`.
+async fn open(url: &str) -> Result<(Ws, Timers), String> {
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
@@ -209,19 +238,90 @@ async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>,
             .and_then(Value::as_u64)
             .unwrap_or(30_000),
     };
-    for (i, s) in specs.iter().enumerate() {
-        ws.send(Message::text(join_frame(&ctx.prefix, s, ctx.presence, i)))
-            .await
-            .map_err(|e| format!("send join: {e}"))?;
+    Ok((ws, timers))
+}
+
+/// Joins `specs` over sockets opened as needed: the first to the slot's node, then one per node a
+/// `redirect` names (one hop: a redirect from a node we were sent to is an error). Returns the sockets,
+/// the socket each spec joined on, what was joined, and the timers.
+async fn setup(
+    ctx: &ConnCtx,
+    specs: &[JoinSpec],
+) -> Result<(Vec<Ws>, Vec<usize>, Vec<JoinedRtp>, Timers), String> {
+    // A connection carries one slot of several channels: it starts on that slot's node.
+    let slot = specs.first().map(|s| s.slot).unwrap_or(0);
+    let url =
+        ctx.urls[crate::cluster::node_of(slot as u32, ctx.urls.len() as u32) as usize].clone();
+    let (ws, timers) = open(&url).await?;
+    let mut sockets = vec![ws];
+    let mut home = vec![0usize; specs.len()];
+    let mut joined: Vec<Option<JoinedRtp>> = vec![None; specs.len()];
+    let all: Vec<usize> = (0..specs.len()).collect();
+    let mut redirected = join_on(ctx, &mut sockets[0], specs, &all, &mut joined, true).await?;
+    let mut urls: Vec<String> = vec![url];
+    while let Some((to, _)) = redirected.first().cloned() {
+        let group: Vec<usize> = redirected
+            .iter()
+            .filter(|(u, _)| *u == to)
+            .map(|(_, i)| *i)
+            .collect();
+        redirected.retain(|(u, _)| *u != to);
+        let k = match urls.iter().position(|u| *u == to) {
+            Some(k) => k,
+            None => {
+                let (ws, _) = open(&to).await?;
+                sockets.push(ws);
+                urls.push(to.clone());
+                sockets.len() - 1
+            }
+        };
+        for &i in &group {
+            home[i] = k;
+        }
+        let again = join_on(ctx, &mut sockets[k], specs, &group, &mut joined, false).await?;
+        if let Some((u, i)) = again.first() {
+            return Err(format!(
+                "channel {} redirected twice (to {u} after {to})",
+                channel_name(&ctx.prefix, specs[*i].channel)
+            ));
+        }
+    }
+    Ok((
+        sockets,
+        home,
+        joined.into_iter().flatten().collect(),
+        timers,
+    ))
+}
+
+/// Sends the joins of `which` on `ws` and reads their answers: `joined` fills `joined`, a `redirect`
+/// (when `follow`) is returned as (url, spec), anything else refused is an error.
+async fn join_on(
+    ctx: &ConnCtx,
+    ws: &mut Ws,
+    specs: &[JoinSpec],
+    which: &[usize],
+    joined: &mut [Option<JoinedRtp>],
+    follow: bool,
+) -> Result<Vec<(String, usize)>, String> {
+    for &i in which {
+        ws.send(Message::text(join_frame(
+            &ctx.prefix,
+            &specs[i],
+            ctx.presence,
+            i,
+        )))
+        .await
+        .map_err(|e| format!("send join: {e}"))?;
     }
     let mut by_name: HashMap<String, usize> = HashMap::new();
-    for (i, s) in specs.iter().enumerate() {
-        by_name.insert(channel_name(&ctx.prefix, s.channel), i);
+    for &i in which {
+        by_name.insert(channel_name(&ctx.prefix, specs[i].channel), i);
     }
-    let mut joined: Vec<Option<JoinedRtp>> = vec![None; specs.len()];
-    let mut left = specs.len();
+    let mut redirected = Vec::new();
+    let mut left = which.len();
     // WebRTC joins wait for the shard's handshake slots: more time, and `unavailable` is retried.
-    let webrtc = specs.iter().filter(|s| s.offer.is_some()).count() as u64;
+    let webrtc = which.iter().filter(|&&i| specs[i].offer.is_some()).count() as u64;
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(20) + Duration::from_millis(200 * webrtc);
     let mut retries: Vec<(tokio::time::Instant, usize)> = Vec::new();
@@ -249,18 +349,32 @@ async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>,
             .min()
             .unwrap_or(deadline)
             .min(deadline);
-        let v = match tokio::time::timeout_at(wake, next_json(&mut ws)).await {
+        let v = match tokio::time::timeout_at(wake, next_json(ws)).await {
             Ok(v) => v?,
             Err(_) if wake < deadline => continue,
             Err(_) => {
                 return Err(format!(
                     "{left} of {} joins unanswered after {:.0} s",
-                    specs.len(),
+                    which.len(),
                     (deadline - now).as_secs_f64()
                 ))
             }
         };
         match v.get("type").and_then(Value::as_str) {
+            Some("redirect") if follow => {
+                let i = v
+                    .get("channel")
+                    .and_then(Value::as_str)
+                    .and_then(|n| by_name.get(n))
+                    .copied()
+                    .ok_or_else(|| format!("redirect for a channel not asked for: {v}"))?;
+                let url = v
+                    .get("url")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| format!("redirect without a url: {v}"))?;
+                redirected.push((url.to_string(), i));
+                left -= 1;
+            }
             Some("joined") => {
                 let Some(&i) = v
                     .get("channel")
@@ -313,5 +427,5 @@ async fn setup(ctx: &ConnCtx, specs: &[JoinSpec]) -> Result<(Ws, Vec<JoinedRtp>,
             _ => {}
         }
     }
-    Ok((ws, joined.into_iter().flatten().collect(), timers))
+    Ok(redirected)
 }

@@ -95,6 +95,13 @@ pub struct SetupInfo {
     /// From the first join to the last WebRTC member connected (ICE + DTLS), s.
     #[serde(default)]
     pub webrtc_connect_s: Option<f64>,
+    /// Commands per second the nodes sent the run's Redis over 10 s after the run, everyone joined and
+    /// silent (`--nodes > 1`): what an idle cluster costs the store.
+    #[serde(default)]
+    pub redis_idle_commands_per_s: Option<f64>,
+    /// … over the whole run after set-up (talking, and the tail of the joins' store work, included).
+    #[serde(default)]
+    pub redis_run_commands_per_s: Option<f64>,
 }
 
 /// The server over one phase. CPU per packet is per **delivered media packet** — what the harness's

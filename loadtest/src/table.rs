@@ -103,6 +103,17 @@ pub fn table(r: &Report) -> String {
                 .map(|b| format!("{:.0} B", b))
                 .unwrap_or_else(|| "n/a".into())
         );
+    if let Some(idle) = r.setup.redis_idle_commands_per_s {
+        let run = r
+            .setup
+            .redis_run_commands_per_s
+            .map(|c| format!("{c:.0}"))
+            .unwrap_or_else(|| "n/a".into());
+        let _ = writeln!(
+            s,
+            "redis commands/s from all nodes: {idle:.0} idle, {run} over the run"
+        );
+    }
     if let Some(c) = &r.ceiling {
         let _ = writeln!(
                 s,

@@ -12,6 +12,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 
 use crate::auth::Limits;
+use crate::state::redis::Topology;
 
 /// Loopback and private ranges: the default of `--rtp-allow`.
 pub const DEFAULT_RTP_ALLOW: &str =
@@ -220,6 +221,18 @@ pub struct ServeArgs {
     /// Redis password (without `--redis-url`).
     #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// Redis Cluster seed nodes (comma-separated `host:port`); the cluster is found through them. The
+    /// password comes from `--redis-url` or `--redis-password`. Not with `--redis-sentinels`.
+    #[arg(long, env = "REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
+    /// Redis Sentinels (comma-separated `host:port`) that name the master (with
+    /// `--redis-sentinel-master`). The master's password and database come from `--redis-url` or
+    /// `--redis-password`; the sentinels themselves are asked without a password.
+    #[arg(long, env = "REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+    /// The master's name in the sentinels' configuration (with `--redis-sentinels`).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, default_value = "talkgroup", env = "TALKGROUP_KEY_PREFIX")]
     pub key_prefix: String,
@@ -238,6 +251,15 @@ pub struct ServeArgs {
     /// Default: a key the nodes agree on through Redis (made once by the first node, kept in the store).
     #[arg(long, env = "TALKGROUP_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Where a channel's members are served: `relay` (wherever they join; nodes relay each speaker once
+    /// per node) or `redirect` (on the channel's home node, chosen by load on its first join; other nodes
+    /// answer `join` with `redirect`). Takes effect with `--store redis`.
+    #[arg(long, default_value = "relay", env = "TALKGROUP_PLACEMENT")]
+    pub placement: crate::control::Placement,
+    /// The WebSocket URL clients are redirected to when a channel lives on this node (default:
+    /// `ws://ANNOUNCE_IP:HTTP_PORT/ws`; set it when clients reach the node through a proxy or TLS).
+    #[arg(long, env = "TALKGROUP_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Do not pin shards to CPUs.
     #[arg(long, env = "TALKGROUP_NO_PIN")]
     pub no_pin: bool,
@@ -299,6 +321,28 @@ impl ServeArgs {
         match &self.redis_password {
             Some(p) => format!("redis://:{p}@{}:{}/", self.redis_host, self.redis_port),
             None => format!("redis://{}:{}/", self.redis_host, self.redis_port),
+        }
+    }
+
+    /// Where Redis is: a Cluster (`--redis-cluster-nodes`), a master behind Sentinel
+    /// (`--redis-sentinels` and `--redis-sentinel-master`), or the one server of [`Self::redis_url`].
+    /// (Checked here rather than by clap relations: a configuration file's values are checked one
+    /// option at a time.)
+    pub fn redis_topology(&self) -> Result<Topology, String> {
+        let nodes = &self.redis_cluster_nodes;
+        let sentinels = &self.redis_sentinels;
+        match (&nodes[..], &sentinels[..], &self.redis_sentinel_master) {
+            ([], [], None) => Ok(Topology::Single),
+            ([], [], Some(_)) => Err("--redis-sentinel-master needs --redis-sentinels".into()),
+            ([], _, None) => Err("--redis-sentinels needs --redis-sentinel-master".into()),
+            ([], _, Some(master)) => Ok(Topology::Sentinel {
+                sentinels: sentinels.clone(),
+                master: master.clone(),
+            }),
+            (_, [], None) => Ok(Topology::Cluster {
+                nodes: nodes.clone(),
+            }),
+            _ => Err("--redis-cluster-nodes or --redis-sentinels, not both".into()),
         }
     }
 
@@ -376,8 +420,11 @@ pub fn check_file(path: &std::path::Path) -> Result<String, CliError> {
     let matches = file
         .apply(ServeArgs::command())
         .try_get_matches_from(["serve"])?;
-    // Everything must also convert (what `serve` would do next).
-    ServeArgs::from_arg_matches(&matches)?;
+    // Everything must also convert (what `serve` would do next), and the options must go together.
+    let args = ServeArgs::from_arg_matches(&matches)?;
+    args.redis_topology().map_err(|e| {
+        clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, format!("{e}\n"))
+    })?;
     Ok(file::render_effective(
         &ServeArgs::command(),
         &matches,
@@ -409,6 +456,32 @@ pub fn parse_network(text: &str) -> Result<IpNet, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_redis_topology_comes_from_the_cluster_or_the_sentinel_options() {
+        let topology = |argv: &[&str]| {
+            ServeArgs::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+                .expect("parses")
+                .redis_topology()
+        };
+        assert_eq!(topology(&[]), Ok(Topology::Single));
+        assert_eq!(
+            topology(&["--redis-cluster-nodes", "a:1,b:2"]),
+            Ok(Topology::Cluster {
+                nodes: vec!["a:1".into(), "b:2".into()]
+            })
+        );
+        assert_eq!(
+            topology(&["--redis-sentinels", "s:1", "--redis-sentinel-master", "m"]),
+            Ok(Topology::Sentinel {
+                sentinels: vec!["s:1".into()],
+                master: "m".into()
+            })
+        );
+        assert!(topology(&["--redis-sentinels", "s:1"]).is_err());
+        assert!(topology(&["--redis-sentinel-master", "m"]).is_err());
+        assert!(topology(&["--redis-cluster-nodes", "a:1", "--redis-sentinels", "s:1"]).is_err());
+    }
 
     #[test]
     fn rtp_allow_takes_networks_and_bare_addresses() {

@@ -18,7 +18,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::ids::MemberKey;
-use crate::state::{AcquireRequest, Acquired, Holder, NodeInfo, StateError};
+use crate::state::{AcquireRequest, Acquired, Holder, NodeInfo, NodeTable, StateError};
 
 /// Identifies one store call, to match its answer.
 pub type CallId = u64;
@@ -97,10 +97,30 @@ pub enum StoreCall {
         /// Whether the node has members in the channel.
         present: bool,
     },
-    /// The live and dead nodes registered in `channel`.
+    /// The ids of the nodes registered in `channel`.
     ChannelNodes {
         /// The channel.
         channel: String,
+    },
+    /// The node table (every live node, and the dead ones remembered).
+    Nodes,
+    /// Choose `channel`'s home node ([`crate::state::Registry::place`]).
+    Place {
+        /// The channel.
+        channel: String,
+        /// The node to place it on if its home is missing or not usable.
+        candidate: String,
+        /// The nodes that may stay its home.
+        usable: Vec<String>,
+        /// How long the home lives unless placed again.
+        ttl: Duration,
+    },
+    /// Forget `channel`'s home if it is `node`.
+    Unplace {
+        /// The channel.
+        channel: String,
+        /// This node.
+        node: String,
     },
     /// Append a finished talk burst to its channel's history.
     RecordBurst(Box<crate::state::history::Burst>),
@@ -133,6 +153,9 @@ impl StoreCall {
             StoreCall::Withdraw { .. } => "withdraw",
             StoreCall::SetChannelNode { .. } => "set_channel_node",
             StoreCall::ChannelNodes { .. } => "channel_nodes",
+            StoreCall::Nodes => "nodes",
+            StoreCall::Place { .. } => "place",
+            StoreCall::Unplace { .. } => "unplace",
             StoreCall::EvictNode { .. } => "evict_node",
             StoreCall::RecordBurst(_) => "record_burst",
             StoreCall::ClusterKey { .. } => "cluster_key",
@@ -152,8 +175,12 @@ pub enum StoreReply {
     /// [`StoreCall::Join`]: everyone in the channel, or `None` when the name is joined there from
     /// another node.
     Joined(Result<Option<Vec<String>>, StateError>),
-    /// [`StoreCall::ChannelNodes`]: live nodes and the ids of dead ones.
-    Nodes(Result<(Vec<NodeInfo>, Vec<String>), StateError>),
+    /// [`StoreCall::ChannelNodes`]: the ids registered in the channel.
+    Nodes(Result<Vec<String>, StateError>),
+    /// [`StoreCall::Nodes`]: the node table.
+    Table(Result<NodeTable, StateError>),
+    /// [`StoreCall::Place`]: the channel's home node.
+    Home(Result<String, StateError>),
     /// [`StoreCall::EvictNode`]: the members removed.
     Evicted(Result<Vec<String>, StateError>),
     /// [`StoreCall::ClusterKey`]: the key in the store.
@@ -171,6 +198,8 @@ impl StoreReply {
             StoreReply::Holder(r) => r.is_err(),
             StoreReply::Joined(r) => r.is_err(),
             StoreReply::Nodes(r) => r.is_err(),
+            StoreReply::Table(r) => r.is_err(),
+            StoreReply::Home(r) => r.is_err(),
             StoreReply::Evicted(r) => r.is_err(),
             StoreReply::Key(r) => r.is_err(),
             StoreReply::Done(r) => r.is_err(),
@@ -230,6 +259,17 @@ pub enum Purpose {
     Nodes {
         /// The channel.
         channel: String,
+    },
+    /// The node table.
+    NodeTable,
+    /// A join waiting for its channel's placement.
+    Place {
+        /// The connection.
+        conn: crate::ids::ConnId,
+        /// The join.
+        join: Box<crate::signal::protocol::Join>,
+        /// Its request id.
+        id: Option<serde_json::Value>,
     },
     /// The relay key put back after the store came back: the answer says whether it is still ours.
     ClusterKey,

@@ -1,27 +1,49 @@
-//! The cluster registry and the relay: this node's liveness, which nodes serve which channel, where a
-//! local speaker's packets are relayed (once per other node), which nodes' relay packets the shards
-//! accept, and cleaning up after a dead node. All of it is off the packet path: the shards get values
-//! ([`Command::RelayTargets`], [`Command::RelayPeers`]) when something changed.
+//! The cluster registry and the relay: this node's liveness and load, the node table, which nodes serve
+//! each channel, where a local speaker's packets are relayed (once per other node), which nodes' relay
+//! packets the shards accept, and cleaning up after a dead node. All of it is off the packet path: the
+//! shards get values ([`Command::RelayTargets`], [`Command::RelayPeers`]) when something changed.
+//!
+//! Nothing here polls per channel. Registrations come as [`StoreEvent::ChannelNode`] on the channel's own
+//! events (which this node follows while it serves the channel), arrivals and departures as
+//! [`StoreEvent::Node`]; the node table — one read for the whole cluster — is read every
+//! [`NODES_EVERY`], which is also how a node that died without a word is found. A channel's nodes are read
+//! once when its subscription is confirmed, after a store reconnect, and by the slow sweep
+//! (`sweep.rs`) that repairs whatever pub/sub lost.
 //!
 //! Everything here is active only with the relay on (`relay_addrs` configured).
+//!
+//! [`StoreEvent::ChannelNode`]: crate::state::StoreEvent::ChannelNode
+//! [`StoreEvent::Node`]: crate::state::StoreEvent::Node
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
 use super::calls::{Purpose, StoreCall};
-use super::{HubCore, ANNOUNCE_EVERY, NODE_TTL, RELAY_REFRESH, REREGISTER_RETRIES};
+use super::{HubCore, ANNOUNCE_EVERY, NODE_TTL, REREGISTER_RETRIES};
 use crate::shard::{self, Command};
 use crate::signal::protocol::Message;
-use crate::state::NodeInfo;
+use crate::state::{NodeInfo, NodeTable};
+
+/// How often the node table is read: how soon a node that died without withdrawing is found once its
+/// liveness (≈ 10 s) has run out. One call per node per period, whatever the number of channels.
+pub(super) const NODES_EVERY: Duration = Duration::from_secs(1);
 
 impl HubCore {
-    fn node_info(&self) -> Option<NodeInfo> {
+    /// Whether this node keeps a node table (relay on, or placement by redirect).
+    pub(super) fn uses_registry(&self) -> bool {
+        self.config.relay_addrs.is_some()
+    }
+
+    pub(super) fn node_info(&self) -> Option<NodeInfo> {
         self.config.relay_addrs.as_ref().map(|relay| NodeInfo {
             node: self.config.node.clone(),
             relay: relay.clone(),
             draining: self.drain.is_some(),
+            url: self.config.public_url.clone(),
+            load: self.load(),
         })
     }
 
@@ -36,24 +58,67 @@ impl HubCore {
             .start_with_retries(call, Purpose::None, now, timeout, retries);
     }
 
-    /// This node now serves `channel`: other nodes relay its speakers here.
+    /// Keeps this node's registration in `channel` (and its TTL) in the store.
+    pub(super) fn refresh_registration(&mut self, channel: &str, now: Instant) {
+        self.set_channel_node(channel, true, 0, now);
+    }
+
+    /// This node now serves `channel`: follow its events, and other nodes relay its speakers here.
     pub(super) fn channel_opened(&mut self, channel: &str, now: Instant) {
-        if self.config.relay_addrs.is_some() {
+        if self.config.shared {
+            self.out.push_back(super::Output::Watch {
+                channel: channel.to_string(),
+                on: true,
+            });
+        }
+        if self.uses_registry() {
             self.set_channel_node(channel, true, 0, now);
         }
     }
 
     /// This node no longer serves `channel`.
     pub(super) fn channel_closed(&mut self, channel: &str, now: Instant) {
-        if self.config.relay_addrs.is_some() {
+        if self.config.shared {
+            self.out.push_back(super::Output::Watch {
+                channel: channel.to_string(),
+                on: false,
+            });
+        }
+        if self.uses_registry() {
             self.set_channel_node(channel, false, 0, now);
         }
+        self.unplace(channel, now);
+    }
+
+    /// The subscription to `channel`'s events is confirmed: read what may have been published before it.
+    pub(super) fn on_watching(&mut self, channel: &str, now: Instant) {
+        if !self.channels.contains_key(channel) {
+            return;
+        }
+        self.read_holder(channel, now);
+        if self.uses_registry() {
+            self.read_channel_nodes(channel, now);
+        }
+    }
+
+    pub(super) fn read_channel_nodes(&mut self, channel: &str, now: Instant) {
+        let call = StoreCall::ChannelNodes {
+            channel: channel.to_string(),
+        };
+        let purpose = Purpose::Nodes {
+            channel: channel.to_string(),
+        };
+        self.call(call, purpose, now);
     }
 
     /// After the liveness announce succeeded: the channels this node serves.
     pub(super) fn register_channels(&mut self, channels: Vec<String>, retries: u32, now: Instant) {
         for channel in channels {
             self.set_channel_node(&channel, true, retries, now);
+            if retries > 0 {
+                // Re-registration after a reconnect: who else serves the channel may have changed.
+                self.read_channel_nodes(&channel, now);
+            }
         }
     }
 
@@ -84,21 +149,20 @@ impl HubCore {
             let timeout = self.config.store_timeout;
             self.calls
                 .start_with_retries(call, purpose, now, timeout, REREGISTER_RETRIES);
+            self.periodic.nodes = now;
         }
         self.refresh_sessions(now, REREGISTER_RETRIES);
     }
 
-    /// Renews this node's liveness (then its channel registrations) and re-reads every channel's nodes.
-    pub(super) fn tick_relay(&mut self, now: Instant) {
+    /// Renews this node's liveness and reads the node table, each when due.
+    pub(super) fn tick_registry(&mut self, now: Instant) {
         let Some(info) = self.node_info() else {
             return;
         };
         if now >= self.periodic.announce {
             self.periodic.announce = now + ANNOUNCE_EVERY;
-            // Liveness first, then the channels: a node registered in a channel without a liveness key
-            // counts as dead for the others, so a registration must never land before the announce.
             let purpose = Purpose::Announce {
-                then_register: self.channels.keys().cloned().collect(),
+                then_register: Vec::new(),
                 retries: 0,
             };
             let call = StoreCall::Announce {
@@ -107,72 +171,140 @@ impl HubCore {
             };
             self.call(call, purpose, now);
         }
-        if now >= self.periodic.relay_refresh {
-            self.periodic.relay_refresh = now + RELAY_REFRESH;
-            let channels: Vec<String> = self.channels.keys().cloned().collect();
-            for channel in channels {
-                let call = StoreCall::ChannelNodes {
-                    channel: channel.clone(),
-                };
-                self.call(call, Purpose::Nodes { channel }, now);
-            }
+        if now >= self.periodic.nodes && self.store_up {
+            self.periodic.nodes = now + NODES_EVERY;
+            self.call(StoreCall::Nodes, Purpose::NodeTable, now);
         }
     }
 
-    /// The registry's view of a channel: relay to every other live node once, accept relay from every live
-    /// node, and clean up after the dead ones.
-    pub(super) fn on_nodes(
+    /// A node arrived (read the table now, for its addresses) or withdrew (it is gone now).
+    pub(super) fn on_node_event(&mut self, node: &str, live: bool, now: Instant) {
+        if node == self.config.node || !self.uses_registry() {
+            return;
+        }
+        if live {
+            self.periodic.nodes = now;
+            return;
+        }
+        self.table.remove(node);
+        let table = NodeTable {
+            live: self.table.values().cloned().collect(),
+            dead: vec![node.to_string()],
+        };
+        self.on_table(table, now);
+    }
+
+    /// `node` started or stopped serving `channel`.
+    pub(super) fn on_channel_node(
         &mut self,
         channel: &str,
-        live: Vec<NodeInfo>,
-        dead: Vec<String>,
+        node: &str,
+        present: bool,
         now: Instant,
     ) {
-        let live_ids: Vec<&str> = live.iter().map(|n| n.node.as_str()).collect();
-        let dead_ids: Vec<&str> = dead.iter().map(String::as_str).collect();
-        let gone = self.remote.nodes(channel, &live_ids, &dead_ids, now);
-        let mut gone_nodes: Vec<String> = Vec::new();
-        for (member, node) in gone {
+        if node == self.config.node || !self.uses_registry() {
+            return;
+        }
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if present {
+            ch.nodes.insert(node.to_string());
+            if !self.table.contains_key(node) {
+                // Its addresses are not known yet: read the table now.
+                self.periodic.nodes = now;
+            }
+        } else {
+            ch.nodes.remove(node);
+        }
+        self.update_relay(channel);
+    }
+
+    /// The ids registered in `channel`, read from the store.
+    pub(super) fn on_channel_nodes(&mut self, channel: &str, ids: Vec<String>, now: Instant) {
+        let me = self.config.node.clone();
+        let Some(ch) = self.channels.get_mut(channel) else {
+            return;
+        };
+        ch.nodes = ids.into_iter().filter(|n| *n != me).collect();
+        let unknown = ch.nodes.iter().any(|n| !self.table.contains_key(n));
+        if unknown {
+            self.periodic.nodes = now;
+        }
+        self.update_relay(channel);
+    }
+
+    /// The node table, read from the store (or a departure): relay targets and peers follow it, remote
+    /// members of nodes that are gone are told gone, and the store's entries of dead nodes are removed.
+    pub(super) fn on_table(&mut self, table: NodeTable, now: Instant) {
+        self.placed_seen();
+        self.table = table
+            .live
+            .into_iter()
+            .filter(|n| n.node != self.config.node)
+            .map(|n| (n.node.clone(), n))
+            .collect();
+        let live_ids: Vec<&str> = self.table.keys().map(String::as_str).collect();
+        let dead_ids: Vec<&str> = table.dead.iter().map(String::as_str).collect();
+        let mut evict: Vec<(String, String)> = Vec::new();
+        let mut told: Vec<(String, String, String)> = Vec::new();
+        for (name, ch) in self.channels.iter_mut() {
+            for (member, node) in self.remote.nodes(name, &live_ids, &dead_ids, now) {
+                told.push((name.clone(), member, node));
+            }
+            let dead_here: Vec<String> = ch
+                .nodes
+                .iter()
+                .filter(|n| dead_ids.contains(&n.as_str()))
+                .cloned()
+                .collect();
+            for node in dead_here {
+                ch.nodes.remove(&node);
+                evict.push((name.clone(), node));
+            }
+        }
+        for (channel, member, node) in told {
             warn!(
                 node,
                 channel, member, "member's node is gone: telling its channel"
             );
             let msg = Message::Presence {
-                channel: channel.to_string(),
+                channel: channel.clone(),
                 joined: None,
                 left: Some(member.clone()),
             };
-            self.broadcast_presence(channel, &member, &msg);
-            if !dead.contains(&node) && !gone_nodes.contains(&node) {
-                gone_nodes.push(node);
+            self.broadcast_presence(&channel, &member, &msg);
+            if !evict.contains(&(channel.clone(), node.clone())) {
+                evict.push((channel, node));
             }
         }
-        // Whatever the store still holds of a node found gone goes too (its liveness key expired long
-        // ago); a dead node's members are removed, which publishes `leave` for each: every node's
-        // presence follows.
-        for node in gone_nodes.into_iter().chain(dead.iter().cloned()) {
-            if dead.contains(&node) {
-                warn!(node, channel, "node is gone: removing its members");
-                self.known_nodes.remove(&node);
-            }
-            let call = StoreCall::EvictNode {
-                channel: channel.to_string(),
-                node,
-            };
-            self.call(call, Purpose::None, now);
+        // A dead node's members are removed from the store, which publishes `leave` for each: every
+        // node's presence follows.
+        for (channel, node) in evict {
+            warn!(node, channel, "node is gone: removing its members");
+            self.call(StoreCall::EvictNode { channel, node }, Purpose::None, now);
         }
+        let names: Vec<String> = self.channels.keys().cloned().collect();
+        for name in names {
+            self.update_relay(&name);
+        }
+        self.update_relay_peers();
+    }
+
+    /// Sends `channel`'s shard its relay targets when they changed: one address per other live node
+    /// serving it.
+    fn update_relay(&mut self, channel: &str) {
         let Some(ch) = self.channels.get_mut(channel) else {
             return;
         };
-        let mut targets = Vec::new();
-        for info in live {
-            if info.node == self.config.node || info.relay.is_empty() {
-                continue;
-            }
+        let mut targets: Vec<SocketAddr> = ch
+            .nodes
+            .iter()
+            .filter_map(|n| self.table.get(n))
+            .filter(|info| !info.relay.is_empty())
             // The channel lives on the same-named shard index on every node with that many shards.
-            targets.push(info.relay[shard::shard_of(channel, info.relay.len())]);
-            self.known_nodes.insert(info.node, info.relay);
-        }
+            .map(|info| info.relay[shard::shard_of(channel, info.relay.len())])
+            .collect();
         targets.sort();
         if targets != ch.relay_targets {
             ch.relay_targets = targets.clone();
@@ -183,10 +315,14 @@ impl HubCore {
             let shard = ch.shard;
             self.shard_command(shard, command);
         }
+    }
+
+    /// Every shard accepts relay packets from the live nodes' addresses only.
+    fn update_relay_peers(&mut self) {
         let mut peers: Vec<(SocketAddr, String)> = self
-            .known_nodes
-            .iter()
-            .flat_map(|(node, addrs)| addrs.iter().map(move |a| (*a, node.clone())))
+            .table
+            .values()
+            .flat_map(|info| info.relay.iter().map(move |a| (*a, info.node.clone())))
             .collect();
         peers.sort();
         peers.dedup();
@@ -216,7 +352,7 @@ impl HubCore {
 
     /// At shutdown: this node is gone now rather than when its liveness runs out, and serves nothing.
     pub(super) fn withdraw(&mut self, now: Instant) {
-        if self.config.relay_addrs.is_none() {
+        if !self.uses_registry() {
             return;
         }
         let call = StoreCall::Withdraw {
@@ -226,6 +362,10 @@ impl HubCore {
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         for channel in channels {
             self.set_channel_node(&channel, false, 0, now);
+            self.unplace(&channel, now);
         }
     }
 }
+
+/// The live nodes of the table, by id (this node excluded).
+pub(super) type Table = HashMap<String, NodeInfo>;

@@ -143,6 +143,9 @@ impl HubCore {
                 self.refuse_join_draining(conn, id, now);
                 Ok(())
             }
+            Request::Join(join) if self.needs_placement(&join) => {
+                self.place_join(conn, join, id, now)
+            }
             Request::Join(join) => self.on_join(conn, join, id, now),
             Request::Ptt(ptt) => self.on_ptt(conn, ptt, now),
             Request::Leave { channel } => {

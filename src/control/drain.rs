@@ -104,7 +104,7 @@ impl HubCore {
         });
         // Tell the registry now rather than at the next renewal.
         self.periodic.announce = now;
-        self.tick_relay(now);
+        self.tick_registry(now);
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
             self.close_if_idle(conn, now);

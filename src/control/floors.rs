@@ -388,8 +388,7 @@ impl HubCore {
                 // The press was already denied when this grant came back: nobody uses the lock, so give
                 // it back now rather than let it block the channel until the lease runs out.
                 if let Acquired::Granted { epoch } = got {
-                    warn!(channel, epoch, "late grant: releasing it");
-                    self.call(StoreCall::Release { channel, epoch }, Purpose::None, now);
+                    self.give_back_orphan(&channel, epoch, now);
                 }
             }
             Answered::Late(..) | Answered::WillRetry | Answered::Unknown => {}
@@ -403,6 +402,11 @@ impl HubCore {
                 let input = match result {
                     Ok(Acquired::Granted { epoch }) => FloorInput::StoreGranted { member, epoch },
                     Ok(Acquired::Busy(holder)) => {
+                        if holder.node == self.config.node {
+                            // A lock of this node that its floor does not hold (a press goes to the
+                            // store only when nobody local holds): a grant whose answer was lost.
+                            self.give_back_orphan(&channel, holder.epoch, now);
+                        }
                         self.note_remote_holder(&channel, holder.epoch, &holder.node);
                         if holder.emergency {
                             // Its events are flagged here too (pub/sub may not have told us yet).
@@ -482,8 +486,12 @@ impl HubCore {
                 },
                 StoreReply::Done(Ok(())),
             ) => self.register_channels(then_register, retries, now),
-            (Purpose::Nodes { channel }, StoreReply::Nodes(Ok((live, dead)))) => {
-                self.on_nodes(&channel, live, dead, now)
+            (Purpose::Nodes { channel }, StoreReply::Nodes(Ok(ids))) => {
+                self.on_channel_nodes(&channel, ids, now)
+            }
+            (Purpose::NodeTable, StoreReply::Table(Ok(table))) => self.on_table(table, now),
+            (purpose @ Purpose::Place { .. }, StoreReply::Home(result)) => {
+                self.on_placed(purpose, result, now)
             }
             (Purpose::ClusterKey, StoreReply::Key(Ok(stored))) => self.on_cluster_key(&stored),
             _ => {}
@@ -498,6 +506,8 @@ impl HubCore {
             Purpose::Renew { .. } | Purpose::Release { .. } => StoreReply::Flag(Err(failed())),
             // `joined` goes out without the remote names.
             Purpose::Join { .. } => StoreReply::Joined(Err(failed())),
+            // The join is served here.
+            Purpose::Place { .. } => StoreReply::Home(Err(failed())),
             _ => return,
         };
         self.on_answer(purpose, reply, now);
@@ -514,6 +524,10 @@ impl HubCore {
             return;
         };
         let input = match result {
+            Ok(Some(h)) if h.node == self.config.node && !ch.floor.owns(h.epoch) => {
+                self.give_back_orphan(channel, h.epoch, now);
+                return;
+            }
             Ok(Some(h)) if h.node != self.config.node => {
                 self.note_remote_holder(channel, h.epoch, &h.node);
                 FloorInput::Remote {
@@ -537,6 +551,23 @@ impl HubCore {
         self.forget_if_empty(channel, now);
     }
 
+    /// Gives back a lock this node holds in the store but none of its floors owns — a grant whose answer
+    /// came too late or never (the press was denied meanwhile). Releasing by epoch is safe whatever the
+    /// lock's state: it frees nothing but that grant. Without this the channel would stay busy until
+    /// the lease ran out.
+    fn give_back_orphan(&mut self, channel: &str, epoch: u64, now: Instant) {
+        warn!(
+            channel,
+            epoch, "a grant of this node that no floor holds: giving it back"
+        );
+        self.counters.orphan_locks_released += 1;
+        let call = StoreCall::Release {
+            channel: channel.to_string(),
+            epoch,
+        };
+        self.call(call, Purpose::None, now);
+    }
+
     /// Remembers which node holds a remote grant, for the shard's relay check.
     fn note_remote_holder(&mut self, channel: &str, epoch: u64, node: &str) {
         if let Some(ch) = self.channels.get_mut(channel) {
@@ -546,14 +577,22 @@ impl HubCore {
         }
     }
 
+    /// Re-reads one channel's floor from the store.
+    pub(super) fn read_holder(&mut self, channel: &str, now: Instant) {
+        let call = StoreCall::Holder {
+            channel: channel.to_string(),
+        };
+        let purpose = Purpose::Resync {
+            channel: channel.to_string(),
+        };
+        self.call(call, purpose, now);
+    }
+
     /// Re-reads every local channel's floor from the store.
     pub(super) fn resync(&mut self, now: Instant) {
         let channels: Vec<String> = self.channels.keys().cloned().collect();
         for channel in channels {
-            let call = StoreCall::Holder {
-                channel: channel.clone(),
-            };
-            self.call(call, Purpose::Resync { channel }, now);
+            self.read_holder(&channel, now);
         }
     }
 
@@ -567,6 +606,15 @@ impl HubCore {
                 epoch,
             } => {
                 if holder.as_ref().is_some_and(|h| h.node == self.config.node) {
+                    // Our own grants come back too. One the floor does not own is an orphan: the
+                    // answer to its press was lost (a timeout), but Redis granted it.
+                    let owned = self
+                        .channels
+                        .get(&channel)
+                        .is_some_and(|ch| ch.floor.owns(epoch));
+                    if !owned {
+                        self.give_back_orphan(&channel, epoch, now);
+                    }
                     return;
                 }
                 if epoch >= crate::floor::MAX_EPOCH {
@@ -610,6 +658,13 @@ impl HubCore {
                 }
                 self.store_up = false;
             }
+            StoreEvent::Watching { channel } => self.on_watching(&channel, now),
+            StoreEvent::ChannelNode {
+                channel,
+                node,
+                present,
+            } => self.on_channel_node(&channel, &node, present, now),
+            StoreEvent::Node { node, live } => self.on_node_event(&node, live, now),
         }
     }
 

@@ -142,6 +142,7 @@ impl HubCore {
                 floor: Floor::new(floor_config),
                 timer: None,
                 remote_holder: None,
+                nodes: Default::default(),
             });
         ch.members.insert(
             member.clone(),
@@ -191,7 +192,11 @@ impl HubCore {
 
     /// The join's member name and rights: from its token when the server checks tokens (the name then
     /// comes from `sub`), the name given and every right when the server runs open.
-    fn authorize(&mut self, join: &Join, now: Instant) -> Result<(String, Rights), SignalError> {
+    pub(super) fn authorize(
+        &mut self,
+        join: &Join,
+        now: Instant,
+    ) -> Result<(String, Rights), SignalError> {
         let Some(verifier) = self.config.auth.clone() else {
             let member = join.member.clone().ok_or_else(|| {
                 SignalError::bad_request("invalid 'join' message: missing field `member`")

@@ -9,7 +9,11 @@
 //! - `members.rs`: a `join` becomes a shard member and then `joined`; leaving and disconnecting;
 //! - `floors.rs`: a press becomes a store acquisition, then a shard speaker change, then `granted`
 //!   (the floor machine itself is [`crate::floor`]); store replies and published floor events;
-//! - `cluster.rs`: node liveness, which nodes serve a channel, relay targets, re-registration;
+//! - `cluster.rs`: node liveness and the node table, which nodes serve a channel, relay targets,
+//!   re-registration;
+//! - `placement.rs`: which node a channel lives on (`--placement redirect`), this node's load;
+//! - `sweep.rs`: re-reading floors and registrations that pub/sub may have lost, at a pace that costs
+//!   nothing per idle channel;
 //! - `presence.rs`: `presence` frames, and remote members whose node has gone;
 //! - `drain.rs`: leaving service without cutting a talk burst (`goaway`, the drain deadline);
 //! - [`runner`]: the tokio task that moves bytes and time in and out of the core.
@@ -22,10 +26,15 @@ mod drain;
 pub use self::drain::Health;
 mod floors;
 mod history;
+pub mod load;
 mod members;
+mod placement;
 mod presence;
 pub mod runner;
 mod sessions;
+mod sweep;
+
+pub use self::placement::Placement;
 
 #[cfg(test)]
 mod tests;
@@ -52,15 +61,14 @@ use crate::state::StoreEvent;
 use self::calls::{CallId, Calls, StoreCall, StoreReply};
 use self::presence::RemotePresence;
 
-/// Pub/sub is at-most-once and an expiring key publishes nothing: re-read the floors this often.
+/// An expiring key publishes nothing: the floors of channels held from another node are re-read this
+/// often (the holder's node may have died; its lease then ran out in silence).
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
 /// Session heartbeat: well inside the store's idle TTL (1 h).
 const REFRESH_EVERY: Duration = Duration::from_secs(300);
 /// Liveness of this node in the registry, and how often it is renewed (design: ≈ 10 s TTL).
 const NODE_TTL: Duration = Duration::from_secs(10);
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
-/// How often the relay targets of each channel are re-read (off the packet path).
-const RELAY_REFRESH: Duration = Duration::from_secs(1);
 /// Attempts of a re-registration call (liveness, channels, sessions) after the store came back, 250 ms
 /// apart: the command connection may still be in its reconnect backoff while the subscription is up.
 const REREGISTER_RETRIES: u32 = 11;
@@ -111,6 +119,11 @@ pub struct HubConfig {
     /// The relay key the nodes agreed on through the store (no cluster secret configured): put back
     /// when the store comes back empty, so nodes started later agree with this one.
     pub cluster_key: Option<String>,
+    /// Where a channel's members are served: wherever they join (relay), or on the channel's home node
+    /// (redirect).
+    pub placement: Placement,
+    /// The WebSocket URL other nodes redirect clients to (announced with this node's liveness).
+    pub public_url: Option<String>,
 }
 
 /// Inputs of the core.
@@ -189,6 +202,13 @@ pub enum Input {
         /// The panic's message.
         reason: String,
     },
+    /// The node's load, measured by the runner (announced with its liveness, compared by placement).
+    Load {
+        /// Media packets forwarded per second, all shards.
+        pps: u64,
+        /// CPU of the process, per mille of one core.
+        cpu_permille: u64,
+    },
 }
 
 /// Outputs of the core, drained with [`HubCore::poll_output`].
@@ -222,6 +242,14 @@ pub enum Output {
         shard: usize,
         /// The command.
         command: Command,
+    },
+    /// Follow a channel's published events (`on`) or stop ([`crate::state::Watcher`]); a watch is
+    /// confirmed by [`StoreEvent::Watching`].
+    Watch {
+        /// The channel.
+        channel: String,
+        /// Follow or stop.
+        on: bool,
     },
 }
 
@@ -302,6 +330,8 @@ struct ChannelCtl {
     timer: Option<Instant>,
     /// The node and epoch of the remote holder last heard of (the shard accepts relay from it only).
     remote_holder: Option<(u64, String)>,
+    /// The other nodes registered in the channel (its relay targets, where alive).
+    nodes: std::collections::BTreeSet<String>,
 }
 
 /// When the periodic work is next due.
@@ -309,7 +339,10 @@ struct Periodic {
     resync: Instant,
     refresh: Instant,
     announce: Instant,
-    relay_refresh: Instant,
+    /// The next read of the node table.
+    nodes: Instant,
+    /// The next step of the sweep.
+    sweep: Instant,
 }
 
 /// The control plane of one node, without I/O.
@@ -328,8 +361,15 @@ pub struct HubCore {
     /// (deadline, channel) of floors that need waking; lazily cleaned against `ChannelCtl::timer`.
     floor_timers: BinaryHeap<Reverse<(Instant, String)>>,
     periodic: Periodic,
-    /// Relay addresses of the live nodes seen in the registry; the shards accept relay only from these.
-    known_nodes: HashMap<String, Vec<SocketAddr>>,
+    /// The live nodes of the registry (not this one); the shards accept relay only from these.
+    table: cluster::Table,
+    /// Channels still to re-read in this round of the sweep.
+    sweep: VecDeque<String>,
+    /// Placement: the channels this node is the home of, and channels placed elsewhere since the
+    /// node table was read (their load is not in the table yet).
+    placement: placement::PlacementState,
+    /// The runner's last measure of this node's load.
+    load: (u64, u64),
     /// Remote members of our channels by node (see `presence.rs`).
     remote: RemotePresence,
     relay_peers: Vec<(SocketAddr, String)>,
@@ -377,9 +417,13 @@ impl HubCore {
                 resync: now + RESYNC_EVERY,
                 refresh: now + REFRESH_EVERY,
                 announce: now,
-                relay_refresh: now,
+                nodes: now,
+                sweep: now + sweep::SWEEP_STEP,
             },
-            known_nodes: HashMap::new(),
+            table: cluster::Table::new(),
+            sweep: VecDeque::new(),
+            placement: Default::default(),
+            load: (0, 0),
             remote: RemotePresence::default(),
             relay_peers: Vec::new(),
             speaker_retries: HashMap::new(),
@@ -439,6 +483,7 @@ impl HubCore {
             Input::SetRecording { channel, on } => self.set_recording(channel, on),
             Input::Drain => self.start_drain(now),
             Input::ShardDied { shard, reason } => self.on_shard_died(shard, reason, now),
+            Input::Load { pps, cpu_permille } => self.load = (pps, cpu_permille),
         }
         self.drain_step(now);
     }
@@ -461,10 +506,13 @@ impl HubCore {
         let p = &self.periodic;
         let mut at = p.refresh;
         if self.config.shared {
-            at = at.min(p.resync);
+            at = at.min(p.resync).min(p.sweep);
         }
-        if self.config.relay_addrs.is_some() {
-            at = at.min(p.announce).min(p.relay_refresh);
+        if self.uses_registry() {
+            at = at.min(p.announce);
+            if self.store_up {
+                at = at.min(p.nodes);
+            }
         }
         if let Some(Reverse((t, _))) = self.floor_timers.peek() {
             at = at.min(*t);
@@ -496,17 +544,14 @@ impl HubCore {
         self.retry_speaker_changes(now);
         self.expire_detached(now);
         self.flush_bursts(now);
-        if self.config.shared && now >= self.periodic.resync {
-            self.periodic.resync = now + RESYNC_EVERY;
-            if self.store_up {
-                self.resync(now);
-            }
+        if self.config.shared {
+            self.tick_sweep(now);
         }
         if now >= self.periodic.refresh {
             self.periodic.refresh = now + REFRESH_EVERY;
             self.refresh_sessions(now, 0);
         }
-        self.tick_relay(now);
+        self.tick_registry(now);
         self.drain_step(now);
     }
 

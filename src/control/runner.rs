@@ -20,7 +20,7 @@ use crate::metrics::{self, ControlCounters};
 use crate::shard::{Event, ShardHandle};
 use crate::signal::protocol::{Frame, SignalError};
 use crate::state::history::History;
-use crate::state::{FloorStore, Registry, SessionStore, StoreEvent};
+use crate::state::{FloorStore, Registry, SessionStore, StoreEvent, Watcher};
 
 /// How long after its deadline a store call may still answer: the core has already treated it as failed,
 /// but a late grant must be seen to be given back.
@@ -32,6 +32,13 @@ const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// Messages to the runner from the WebSocket tasks and HTTP routes.
 pub enum HubMsg {
+    /// The node's load, sampled by [`super::load::sample_load`].
+    Load {
+        /// Media packets forwarded per second.
+        pps: u64,
+        /// Process CPU, per mille of one core.
+        cpu_permille: u64,
+    },
     /// A connection opened: where to queue its frames, and the handle whose drop closes it.
     Connect {
         /// The connection.
@@ -165,6 +172,8 @@ pub struct Stores {
     pub registry: Arc<dyn Registry>,
     /// The transmission log.
     pub history: Arc<dyn History>,
+    /// Which channels' events the store's subscriber follows (`None`: the store publishes nothing).
+    pub watcher: Option<Watcher>,
 }
 
 struct ConnHandle {
@@ -282,6 +291,9 @@ impl Runner {
                 self.core.handle(Input::Connect { conn, ip }, now);
             }
             HubMsg::Frame { conn, frame } => self.core.handle(Input::Frame { conn, frame }, now),
+            HubMsg::Load { pps, cpu_permille } => {
+                self.core.handle(Input::Load { pps, cpu_permille }, now)
+            }
             HubMsg::TooLarge { conn } => self.core.handle(Input::TooLarge { conn }, now),
             HubMsg::Disconnect { conn, clean: true } => {
                 self.core.handle(Input::Disconnect { conn }, now)
@@ -350,6 +362,11 @@ impl Runner {
                     }
                 }
                 Output::Store { id, call, deadline } => self.spawn_call(id, call, deadline),
+                Output::Watch { channel, on } => {
+                    if let Some(w) = &self.stores.watcher {
+                        w.watch(&channel, on);
+                    }
+                }
                 Output::Shard { shard, command } => {
                     let Some(handle) = self.shards.get(shard) else {
                         continue;
@@ -451,6 +468,21 @@ pub async fn perform(stores: &Stores, call: StoreCall) -> StoreReply {
         ),
         StoreCall::ChannelNodes { channel } => {
             StoreReply::Nodes(stores.registry.channel_nodes(&channel).await)
+        }
+        StoreCall::Nodes => StoreReply::Table(stores.registry.nodes().await),
+        StoreCall::Place {
+            channel,
+            candidate,
+            usable,
+            ttl,
+        } => StoreReply::Home(
+            stores
+                .registry
+                .place(&channel, &candidate, &usable, ttl)
+                .await,
+        ),
+        StoreCall::Unplace { channel, node } => {
+            StoreReply::Done(stores.registry.unplace(&channel, &node).await)
         }
         StoreCall::RecordBurst(burst) => StoreReply::Done(stores.history.record(&burst).await),
         StoreCall::EvictNode { channel, node } => {

@@ -48,14 +48,19 @@ impl Floor {
     pub(super) fn on_request(&mut self, member: String, priority: Rank, queue: bool, now: Instant) {
         let emergency = priority == EMERGENCY;
         if let Some((holder, holder_priority)) = self.current() {
-            if holder == member {
-                // A repeated press by the holder: say again where it stands.
+            let orphan = holder == member && matches!(self.state, State::Remote { .. });
+            if holder == member && !orphan {
+                // A repeated press by the holder: say again where it stands (while applying, the
+                // answer to the first press is on its way).
                 if let State::Held(h) = &self.state {
                     let event = self.granted_event(h.member.clone(), h.epoch);
                     self.notify(To::Member(member), event);
                 }
                 return;
             }
+            // A "remote" holder with this member's name is a lock in the store that this node took for
+            // the member but never learned it got (its answer was lost): the store decides, and the
+            // control core gives that lock back (a name is one member per channel across nodes).
             let holder = holder.to_string();
             let is_remote = matches!(self.state, State::Remote { .. });
             // An emergency press against a remote holder asks the store, which takes the lock from any

@@ -28,7 +28,9 @@ pub struct FloorConfig {
 /// Lease timing for a store whose lock expires (Redis).
 #[derive(Debug, Clone, Copy)]
 pub struct Lease {
+    /// How long the store keeps the lock without a renewal.
     pub ttl: Duration,
+    /// How often the holder renews the lease.
     pub renew_every: Duration,
     /// The holder is revoked this long before the lease would run out, so it stops before anyone else can
     /// be granted.
@@ -72,14 +74,20 @@ impl Default for FloorConfig {
 /// Why a press was denied (protocol v1 `denied.reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DenyReason {
+    /// `busy`: another member holds the floor.
     Busy,
+    /// `unavailable`: the floor store cannot be reached, or the shard did not take the grant in time.
     Unavailable,
+    /// `not_joined`: the presser is not a member of the channel.
     NotJoined,
+    /// `listen_only`: the member may only listen (a `recvonly` offer, or a token without the `talk` right).
     ListenOnly,
+    /// `rate_limited`: too many presses per second.
     RateLimited,
 }
 
 impl DenyReason {
+    /// The reason as written on the wire (`denied.reason`).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::Busy => "busy",
@@ -94,14 +102,20 @@ impl DenyReason {
 /// Why a holder lost the floor (protocol v1 `revoked.reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevokeReason {
+    /// `max_talk_time`: T2 ran out.
     MaxTalkTime,
+    /// `preempted`: a higher-priority or emergency press took the floor.
     Preempted,
+    /// `silence`: no media from the holder for T1.
     Silence,
+    /// `lease_lost`: the lock was lost, or its lease was about to run out without a renewal.
     LeaseLost,
+    /// `left`: the holder left the channel.
     Left,
 }
 
 impl RevokeReason {
+    /// The reason as written on the wire (`revoked.reason`).
     pub fn as_str(self) -> &'static str {
         match self {
             RevokeReason::MaxTalkTime => "max_talk_time",
@@ -116,29 +130,48 @@ impl RevokeReason {
 /// A floor event for clients (protocol v1 `{"type":"floor", …}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FloorEvent {
+    /// The requester now holds the floor (sent to the requester).
     Granted {
+        /// The new holder.
         speaker: String,
+        /// The grant's epoch.
         epoch: u64,
+        /// The maximum talk time (T2), in milliseconds.
         duration_ms: u64,
     },
+    /// Someone else now holds the floor (sent to every other member).
     Taken {
+        /// The new holder.
         speaker: String,
+        /// The grant's epoch.
         epoch: u64,
     },
+    /// A press was refused (sent to the presser).
     Denied {
+        /// Who holds the floor, when known.
         speaker: Option<String>,
+        /// Why.
         reason: DenyReason,
     },
+    /// The press waits in line (sent to the waiting member, again on every change of its position).
     Queued {
+        /// Its place, counted from 1; 0 when it is about to pre-empt the holder.
         position: usize,
     },
+    /// The floor is free again (sent to all members).
     Idle {
+        /// The epoch of the burst that ended.
         epoch: u64,
     },
+    /// The holder lost the floor (sent to the holder only).
     Revoked {
+        /// The holder that lost it.
         speaker: String,
+        /// Its grant's epoch.
         epoch: u64,
+        /// Why.
         reason: RevokeReason,
+        /// How long it stays forwarded: T3 when pre-empted, else 0.
         grace_ms: u64,
     },
 }
@@ -146,8 +179,11 @@ pub enum FloorEvent {
 /// Who an event is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum To {
+    /// Only this member.
     Member(String),
+    /// Every member of the channel except this one.
     AllExcept(String),
+    /// Every member of the channel.
     All,
 }
 
@@ -157,61 +193,83 @@ pub enum To {
 pub enum Input {
     /// A press. `queue`: wait in the queue when busy instead of being denied.
     Request {
+        /// Who pressed.
         member: String,
+        /// The press's priority (0..=255); only a strictly higher one pre-empts.
         priority: u8,
+        /// Wait in the queue when busy instead of being denied.
         queue: bool,
     },
     /// A release: by the holder, a queued member (withdraws) or a pending requester (cancels).
     Release {
+        /// Who released.
         member: String,
     },
     /// The member left the channel.
     Leave {
+        /// Who left.
         member: String,
     },
+    /// The store granted the lock asked for on behalf of `member`, at a new `epoch`.
     StoreGranted {
+        /// Who the lock was asked for.
         member: String,
+        /// The new epoch.
         epoch: u64,
     },
     /// The store refused: `holder` is who holds it and since which epoch (`Busy`), or the store failed
     /// (`Unavailable`).
     StoreDenied {
+        /// Who the lock was asked for.
         member: String,
+        /// The current holder and its epoch, when known.
         holder: Option<(String, u64)>,
+        /// `Busy` or `Unavailable`.
         reason: DenyReason,
     },
     /// The store has released (or failed to release; the lease then runs out on its own).
     StoreReleased {
+        /// The epoch whose lock was released.
         epoch: u64,
     },
     /// The answer to the renewal sent at `sent_at`.
     Renewed {
+        /// The epoch whose lease the renewal was for.
         epoch: u64,
+        /// When the renewal was sent (a successful one extends the lease from then).
         sent_at: Instant,
+        /// How it went.
         outcome: Renewal,
     },
     /// The shard forwards the speaker of `epoch` now.
     ShardApplied {
+        /// The epoch the shard now forwards.
         epoch: u64,
     },
     /// The shard no longer forwards the holder of `epoch` (it took the idle).
     ShardIdle {
+        /// The epoch whose holder the shard stopped forwarding.
         epoch: u64,
     },
     /// The shard saw no media from the holder of `epoch` for T1.
     MediaSilence {
+        /// The epoch of the silent holder.
         epoch: u64,
     },
     /// Another node's member holds the floor at `epoch` (`Some`), or it was released (`None`);
     /// `emergency`: the grant is an emergency burst (it pre-empted whoever held).
     Remote {
+        /// The remote holder, or `None` when the floor was released.
         speaker: Option<String>,
+        /// The epoch of that grant or release.
         epoch: u64,
+        /// Whether the grant is an emergency burst.
         emergency: bool,
     },
     /// An emergency press (protocol v1.1): pre-empts any holder at once, whatever its priority, with no
     /// T3 grace; while an emergency burst holds, it is queued first in line.
     Emergency {
+        /// Who pressed.
         member: String,
     },
     /// Run the timers due at `now` (same as [`Floor::handle_timeout`]).
@@ -221,6 +279,7 @@ pub enum Input {
 /// How a lease renewal went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Renewal {
+    /// The lease was extended from the renewal's send time.
     Renewed,
     /// The lock is no longer ours (it expired and someone else took it).
     Lost,
@@ -234,47 +293,66 @@ pub enum Output {
     /// Ask the store for the lock on behalf of `member` (`emergency`: take it from any holder that is
     /// not itself in an emergency burst).
     Acquire {
+        /// Who the lock is for.
         member: String,
+        /// The press's priority.
         priority: u8,
+        /// Whether this is an emergency press.
         emergency: bool,
     },
     /// Renew the lease of `epoch`.
     Renew {
+        /// The epoch whose lease to renew.
         epoch: u64,
     },
     /// Release the lock of `epoch` in the store.
     Release {
+        /// The epoch whose lock to release.
         epoch: u64,
     },
     /// Tell the shard who to forward: the local member `speaker` of `epoch` (`None`: nobody), and for a
     /// store with leases, no later than `until` — the shard stops forwarding it then on its own, so a
     /// holder whose lease runs out is fenced even if this machine's revocation is late or lost.
     Apply {
+        /// The local member to forward, or `None` for nobody.
         speaker: Option<String>,
+        /// The epoch of the grant, or of the burst being ended when `speaker` is `None`.
         epoch: u64,
+        /// With a lease: the shard stops forwarding then unless extended; `None` without a lease.
         until: Option<Instant>,
     },
     /// A renewal succeeded: the shard may forward the holder of `epoch` until `until`.
     Extend {
+        /// The epoch of the held grant.
         epoch: u64,
+        /// The new instant up to which the holder may be forwarded.
         until: Instant,
     },
     /// Tell the shard that a member of another node holds `epoch`: forward its relayed media, and no
     /// local member — even one with the same name.
     ApplyRemote {
+        /// The remote grant's epoch.
         epoch: u64,
     },
+    /// Send a floor event to clients.
     Notify {
+        /// Who to send it to.
         to: To,
+        /// The event.
         event: FloorEvent,
     },
     /// A local member's talk burst ended (for the transmission log): granted at `started`, ended now for
     /// `reason` (`released`, or the revoke reason).
     BurstEnded {
+        /// The member who spoke.
         member: String,
+        /// The burst's epoch.
         epoch: u64,
+        /// When the burst began (the grant took effect).
         started: Instant,
+        /// `released`, or the revoke reason's wire name.
         reason: &'static str,
+        /// Whether it was an emergency burst.
         emergency: bool,
     },
 }
@@ -358,6 +436,7 @@ pub struct Floor {
 }
 
 impl Floor {
+    /// An idle floor at epoch 0 with `config`.
     pub fn new(config: FloorConfig) -> Self {
         Floor {
             config,
@@ -395,6 +474,18 @@ impl Floor {
     /// Whether the burst of `epoch` is an emergency (its events are flagged `"emergency": true`).
     pub fn is_emergency(&self, epoch: u64) -> bool {
         self.emergency == Some(epoch)
+    }
+
+    /// Whether this machine knows the grant of `epoch` as its own: asked for (the store's answer is
+    /// awaited), being applied, held, or being released. A lock of this node in the store that the
+    /// machine does not own is an orphan — a grant whose answer was lost — and is given back.
+    pub fn owns(&self, epoch: u64) -> bool {
+        match &self.state {
+            State::Acquiring { .. } => true,
+            State::Applying { epoch: e, .. } | State::Releasing { epoch: e, .. } => *e == epoch,
+            State::Held(h) => h.epoch == epoch,
+            _ => false,
+        }
     }
 
     /// True when nothing is pending, held or queued: the channel needs no ticks.

@@ -157,6 +157,10 @@ pub struct ControlCounters {
     pub shard_panics: u64,
     /// The store's relay key was found not to be this node's (see `cluster.rs`).
     pub cluster_key_mismatch: u64,
+    /// Locks of this node in the store that no floor held (grants whose answer was lost), given back.
+    pub orphan_locks_released: u64,
+    /// Joins answered `redirect` (placement).
+    pub redirects: u64,
     /// The node is draining.
     pub draining: bool,
     /// The floor store can decide presses (Redis: its subscription is up).

@@ -382,6 +382,16 @@ impl Snapshot {
                 "Times the relay key in the store was found not to be this node's",
                 c.cluster_key_mismatch,
             ),
+            (
+                "talkgroup_orphan_locks_released",
+                "Floor locks of this node that no floor held (a grant whose answer was lost), given back",
+                c.orphan_locks_released,
+            ),
+            (
+                "talkgroup_redirects",
+                "Joins answered redirect to the channel's home node (--placement redirect)",
+                c.redirects,
+            ),
         ] {
             f.counter(name, help, [(none(), v.into())])?;
         }

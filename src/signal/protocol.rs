@@ -17,17 +17,26 @@ pub const MAX_FRAME: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// `bad_request`: the message could not be understood or broke a rule (names, SDP, a late resume).
     BadRequest,
+    /// `not_joined`: the connection is not a member of the named channel.
     NotJoined,
+    /// `already_joined`: the member name is already joined to the channel, on this node or another.
     AlreadyJoined,
+    /// `unauthorized`: the token is missing, invalid, or does not grant the channel.
     Unauthorized,
+    /// `unavailable`: something the request needs (the floor store, a shard) cannot be reached.
     Unavailable,
+    /// `too_large`: the frame is larger than [`MAX_FRAME`]; the connection is closed.
     TooLarge,
+    /// `rate_limited`: a limit (frames or joins per second, connections, memberships) was exceeded.
     RateLimited,
+    /// `internal`: a fault of the server, not of the request.
     Internal,
 }
 
 impl ErrorCode {
+    /// The code as written on the wire (`error.code`).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "bad_request",
@@ -46,11 +55,14 @@ impl ErrorCode {
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 #[error("{message}")]
 pub struct SignalError {
+    /// What kind of error (`error.code`).
     pub code: ErrorCode,
+    /// What was wrong, in words (`error.message`).
     pub message: String,
 }
 
 impl SignalError {
+    /// An error with `code` and `message`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         SignalError {
             code,
@@ -58,6 +70,7 @@ impl SignalError {
         }
     }
 
+    /// A `bad_request` error with `message`.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
@@ -67,11 +80,16 @@ impl SignalError {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
+    /// `{"type":"join", …}`: become a member of a channel.
     Join(Join),
+    /// `{"type":"ptt", …}`: press or release the talk button.
     Ptt(Ptt),
+    /// `{"type":"leave","channel":…}`: stop being a member of a channel.
     Leave {
+        /// The channel to leave.
         channel: String,
     },
+    /// `{"type":"ping"}`: answered with `pong` (echoing the frame's `id`).
     Ping {},
     /// v1.1: take over a session whose connection dropped (the first frame of the new connection).
     Resume {
@@ -93,12 +111,17 @@ pub struct Join {
     /// A signed token (v1.1); required when the server checks tokens.
     #[serde(default)]
     pub token: Option<String>,
+    /// `"rtp"` (plain RTP) or `"webrtc"` (the default).
     #[serde(default = "default_transport")]
     pub transport: String,
+    /// Plain RTP: the `host:port` the member sends its RTP from and receives the channel's audio at.
     pub rtp_addr: Option<String>,
+    /// WebRTC: the SDP offer (exactly one audio m-line offering Opus).
     pub sdp: Option<String>,
+    /// Floor priority 0..=255 (default 0); only a strictly higher priority pre-empts.
     #[serde(default)]
     pub priority: u8,
+    /// `false` turns off presence events for this member (default `true`).
     #[serde(default = "yes")]
     pub presence: bool,
 }
@@ -126,17 +149,22 @@ pub struct Ptt {
     pub emergency: bool,
 }
 
+/// The `action` of a `ptt` request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PttAction {
+    /// `press`: ask for the floor.
     Press,
+    /// `release`: give the floor up, or withdraw a queued or pending request.
     Release,
 }
 
 /// A parsed frame: the request and the `id` to echo.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
+    /// The request's `id` when it is a number or string, echoed in its reply.
     pub id: Option<Value>,
+    /// The request itself.
     pub request: Request,
 }
 
@@ -202,11 +230,17 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), SignalError> {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
+    /// The first frame of every connection.
     Hello {
+        /// The protocol version: `1`.
         protocol: u32,
+        /// This connection's session id (presented with `resume_token` in a `resume`).
         session: String,
+        /// The limits the server enforces.
         limits: Limits,
+        /// The floor timers T1, T2 and T3.
         timers: Timers,
+        /// ICE servers for WebRTC clients; empty (the server is ICE-lite and offers its host candidate).
         ice_servers: Vec<Value>,
         /// v1.1: `"jwt"` when joins need a signed token, `"none"` when the server runs open.
         auth: &'static str,
@@ -215,46 +249,82 @@ pub enum Message {
     },
     /// v1.1: the answer to `resume`: the session goes on, with each channel's current floor.
     Resumed {
+        /// The resumed session's id.
         session: String,
+        /// Each channel the session is a member of, with its current floor.
         channels: Vec<ResumedChannel>,
+        /// The `resume`'s `id`.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// The answer to `join`: the member is in the channel; its floor now and where media goes.
     Joined {
+        /// The channel joined.
         channel: String,
+        /// The member's name (with tokens, the token's `sub`).
         member: String,
+        /// The channel's other members.
         members: Vec<String>,
+        /// Who holds the floor now, if anyone.
         speaker: Option<String>,
+        /// The channel's current epoch (fencing number).
         epoch: u64,
         /// v1.1: the effective floor priority (the join's, capped by the token's `max_priority`).
         priority: u8,
+        /// Plain RTP: where to send media and the stream the member receives.
         #[serde(skip_serializing_if = "Option::is_none")]
         rtp: Option<RtpInfo>,
+        /// WebRTC: the SDP answer.
         #[serde(skip_serializing_if = "Option::is_none")]
         sdp: Option<String>,
+        /// The `join`'s `id`.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// `{"type":"floor", …}`: a floor event.
     Floor(FloorMessage),
+    /// `{"type":"presence", …}`: a member joined or left a channel.
     Presence {
+        /// The channel.
         channel: String,
+        /// The member who joined.
         #[serde(skip_serializing_if = "Option::is_none")]
         joined: Option<String>,
+        /// The member who left.
         #[serde(skip_serializing_if = "Option::is_none")]
         left: Option<String>,
     },
+    /// The answer to `leave`: the connection is no longer a member of the channel.
     Left {
+        /// The channel left.
         channel: String,
+        /// The `leave`'s `id`.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// The answer to `ping`.
     Pong {
+        /// The `ping`'s `id`.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
+    /// A request that could not be served; the connection stays open (except after `too_large`).
     Error {
+        /// What kind of error.
         code: ErrorCode,
+        /// What was wrong, in words.
         message: String,
+        /// The failed request's `id`, if it could be read.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<Value>,
+    },
+    /// v1.1 (placement and draining): the channel lives on another node; the client joins there.
+    Redirect {
+        /// The channel.
+        channel: String,
+        /// The home node's WebSocket URL.
+        url: String,
+        /// The `join`'s `id`.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<Value>,
     },
@@ -276,15 +346,21 @@ pub enum Message {
 /// enough for the load balancer to see the node is not ready, short enough not to be noticed).
 pub const GOAWAY_RETRY_AFTER_MS: u64 = 2000;
 
+/// `hello.limits`: the limits the server enforces.
 #[derive(Debug, Clone, Serialize)]
 pub struct Limits {
+    /// The largest accepted frame, in bytes.
     pub max_frame: usize,
 }
 
+/// `hello.timers`: the floor timers, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
 pub struct Timers {
+    /// T1: the floor is released after this long without media from the holder.
     pub t1_ms: u64,
+    /// T2: the maximum talk time.
     pub t2_ms: u64,
+    /// T3: how long a pre-empted holder stays forwarded (0: not at all).
     pub t3_ms: u64,
 }
 
@@ -299,38 +375,52 @@ pub struct ResumedChannel {
     pub epoch: u64,
 }
 
+/// `joined.rtp`: media details for a plain-RTP member.
 #[derive(Debug, Clone, Serialize)]
 pub struct RtpInfo {
+    /// Where the member sends its RTP: the `host:port` of its channel's shard.
     pub server_addr: String,
+    /// The SSRC of the one stream the member receives.
     pub ssrc: u32,
+    /// The RTP payload type of Opus (111).
     pub payload_type: u8,
 }
 
 /// `{"type":"floor", …}`: fields present per state as in protocol v1.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct FloorMessage {
+    /// The channel.
     pub channel: String,
+    /// `granted`, `taken`, `denied`, `queued`, `idle` or `revoked`.
     pub state: &'static str,
+    /// The holder (`granted`, `taken`, `revoked`), or who holds the floor when `denied`, if known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speaker: Option<String>,
+    /// The grant's epoch (`granted`, `taken`, `revoked`), or the ended burst's (`idle`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// `granted`: the maximum talk time (T2), in milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// `denied` or `revoked`: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// `queued`: the place in line, counted from 1; 0 when about to pre-empt the holder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<usize>,
+    /// `revoked`: how long the holder stays forwarded (T3 when pre-empted, else 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
     /// v1.1: every event of an emergency burst (`granted`, `taken`, `idle`) says so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub emergency: Option<bool>,
+    /// The `id` of a request this event answers; never set today, so never sent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<Value>,
 }
 
 impl FloorMessage {
+    /// The `floor` message for `event` on `channel` (without `emergency` or `id`, which the caller sets).
     pub fn from_event(channel: &str, event: &FloorEvent) -> Self {
         let channel = channel.to_string();
         match event.clone() {
@@ -391,6 +481,7 @@ impl FloorMessage {
 }
 
 impl Message {
+    /// An `error` message for `err`, echoing `id`.
     pub fn error(err: &SignalError, id: Option<Value>) -> Self {
         Message::Error {
             code: err.code,
@@ -399,6 +490,7 @@ impl Message {
         }
     }
 
+    /// The message as the text of one WebSocket frame.
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: no maps with non-string keys, no foreign Serialize impls.
         serde_json::to_string(self).unwrap_or_else(|_| {

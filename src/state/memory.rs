@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{
-    wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, NodeInfo, Registry, SessionStore,
-    StoreFuture,
+    wall_clock_us, AcquireRequest, Acquired, FloorStore, Holder, NodeInfo, NodeTable, Registry,
+    SessionStore, StoreFuture,
 };
 
 /// How long (µs) a channel's last epoch is remembered after its grant.
@@ -36,6 +36,7 @@ pub struct MemoryFloorStore {
 }
 
 impl MemoryFloorStore {
+    /// An empty store for node `node` (recorded as every lock's node).
     pub fn new(node: impl Into<String>) -> Self {
         MemoryFloorStore {
             node: node.into(),
@@ -243,11 +244,27 @@ impl Registry for MemoryRegistry {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn channel_nodes<'a>(
+    fn channel_nodes<'a>(&'a self, _channel: &'a str) -> StoreFuture<'a, Vec<String>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    fn nodes(&self) -> StoreFuture<'_, NodeTable> {
+        Box::pin(std::future::ready(Ok(NodeTable::default())))
+    }
+
+    fn place<'a>(
         &'a self,
         _channel: &'a str,
-    ) -> StoreFuture<'a, (Vec<NodeInfo>, Vec<String>)> {
-        Box::pin(std::future::ready(Ok((Vec::new(), Vec::new()))))
+        candidate: &'a str,
+        _usable: &'a [String],
+        _ttl: Duration,
+    ) -> StoreFuture<'a, String> {
+        // One node: the channel is always here.
+        Box::pin(std::future::ready(Ok(candidate.to_string())))
+    }
+
+    fn unplace<'a>(&'a self, _channel: &'a str, _node: &'a str) -> StoreFuture<'a, ()> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn evict_node<'a>(&'a self, _channel: &'a str, _node: &'a str) -> StoreFuture<'a, Vec<String>> {

@@ -153,6 +153,18 @@ impl Signal {
         &self.backlog
     }
 
+    /// Everything kept so far and what arrives within `within`, taken out of the backlog.
+    pub async fn drain(&mut self, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, self.ws.next()).await {
+            if let Ws::Text(t) = frame {
+                self.backlog
+                    .push(serde_json::from_str(&t).expect("server sent bad JSON"));
+            }
+        }
+        std::mem::take(&mut self.backlog)
+    }
+
     pub async fn press(&mut self, channel: &str) {
         self.send(json!({"type":"ptt","channel":channel,"action":"press"}))
             .await;

@@ -6,7 +6,8 @@
 //!   batched I/O — `sendmmsg` with a header and a shared payload gathered per datagram, `recvmmsg` with
 //!   source (and optionally destination) addresses. Buffers are reused: steady-state I/O allocates
 //!   nothing.
-//! - `testing::RedisServer` (feature `testing`): a throwaway `redis-server` for tests and load runs.
+//! - `testing::RedisServer` (feature `testing`): a throwaway `redis-server` for tests and load runs, and
+//!   `testing::proxy::FaultProxy`, a TCP proxy that injects latency, blackholes and pub/sub cuts.
 //!
 //! Linux only (`sendmmsg`, `recvmmsg`, `IP_PKTINFO`).
 

@@ -5,12 +5,20 @@
 //! Tests need the real binary: when it is missing [`RedisServer::start`] fails with the command that
 //! installs it, rather than skip and pass without testing anything. A benchmark or the harness that can
 //! do without Redis uses [`RedisServer::try_start`] and reports the error.
+//!
+//! [`proxy::FaultProxy`] goes between the nodes and such a server to inject network faults.
+//! [`RedisCluster`] and [`RedisSentinels`] build the replicated topologies out of such servers.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod proxy;
+mod topology;
+
+pub use topology::{redis_cli, RedisCluster, RedisSentinels};
 
 /// How long a fresh server may take to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

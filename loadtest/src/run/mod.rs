@@ -97,6 +97,24 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
         }
     }
 
+    if let (Some(r), Some((t0, n0))) = (&rig.redis, rig.redis_mark) {
+        if let Some(n1) = r.total_commands() {
+            let secs = (crate::sys::mono_ns() - t0) as f64 / 1e9;
+            report.setup.redis_run_commands_per_s = Some(n1.saturating_sub(n0) as f64 / secs);
+        }
+        // The steady cost of the registry, once the talk has stopped and the joins' store work (claims,
+        // registrations, the first reads of each channel) has long drained: everyone joined, nobody
+        // talking.
+        tokio::time::sleep(REDIS_SETTLE).await;
+        let a = r.total_commands().map(|n| (crate::sys::mono_ns(), n));
+        tokio::time::sleep(REDIS_IDLE_WINDOW).await;
+        let b = r.total_commands().map(|n| (crate::sys::mono_ns(), n));
+        if let (Some((t0, n0)), Some((t1, n1))) = (a, b) {
+            // Less the two INFO commands of the measure itself.
+            let n = n1.saturating_sub(n0).saturating_sub(2);
+            report.setup.redis_idle_commands_per_s = Some(n as f64 / ((t1 - t0) as f64 / 1e9));
+        }
+    }
     let gone = rig.shut_down(&mut report).await;
     crashed = crashed.or(gone);
     finish(cfg, &mut report, done, crashed.as_deref());
@@ -111,6 +129,11 @@ pub async fn run(cfg: &Config) -> Result<Report, String> {
     rig.stop_servers(&mut report);
     Ok(report)
 }
+
+/// After the run, before the Redis idle window: talk bursts end, their store calls drain.
+const REDIS_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long the nodes' idle cost to Redis is measured (the registry works in periods of 1–3 s).
+const REDIS_IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Summary, ceiling, knee, curves and verdict.
 fn finish(cfg: &Config, report: &mut Report, done: Vec<Done>, crashed: Option<&str>) {

@@ -35,7 +35,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 pub struct Rig {
     pub servers: Vec<Server>,
     /// Redis (several nodes) outlives the nodes: fields drop in order, so it comes after `servers`.
-    _redis: Option<Redis>,
+    /// The run's Redis (`--nodes > 1`), kept alive for the run.
+    pub redis: Option<Redis>,
+    /// (when, Redis's command count) at the end of set-up.
+    pub redis_mark: Option<(u64, u64)>,
     pub pids: Vec<Option<i32>>,
     pub raw: Option<RawForwarder>,
     pub target: Arc<TargetCell>,
@@ -293,8 +296,21 @@ impl Rig {
         let _ = send_tx.send(SendCmd::Relatch);
         tokio::time::sleep(relatch_wait + Duration::from_millis(200)).await;
         report.setup.rss_after_join_bytes = rss(&pids);
-        let idle = idle_cpu(&pids, if cfg.cluster { 2 } else { 1 }).await;
+        let before = redis
+            .as_ref()
+            .and_then(|r| r.total_commands().map(|n| (mono_ns(), n)));
+        // A cluster idles longer: its registry works in periods of a second or more.
+        let idle = idle_cpu(&pids, if cfg.cluster { 10 } else { 1 }).await;
         report.setup.server_idle_cpu_pct = idle_total(&idle).map(|x| x / 1e7);
+        let redis_mark = redis
+            .as_ref()
+            .and_then(|r| r.total_commands().map(|n| (mono_ns(), n)));
+        if let (Some((t0, n0)), Some((t1, n1))) = (before, redis_mark) {
+            let secs = (t1 - t0) as f64 / 1e9;
+            // Less the two INFO commands of the measure itself.
+            let n = n1.saturating_sub(n0).saturating_sub(2);
+            report.setup.redis_idle_commands_per_s = Some(n as f64 / secs);
+        }
         if let (Some(a), Some(b)) = (
             report.setup.rss_before_bytes,
             report.setup.rss_after_join_bytes,
@@ -333,7 +349,8 @@ impl Rig {
             .collect();
         Ok(Rig {
             servers,
-            _redis: redis,
+            redis,
+            redis_mark,
             pids,
             raw,
             target,

@@ -34,7 +34,7 @@ fn node_b_joins(hub: &mut TestHub) {
     let info = NodeInfo {
         node: "b".into(),
         relay: relay(52000),
-        draining: false,
+        ..NodeInfo::default()
     };
     let calls = [
         StoreCall::Announce {
@@ -54,6 +54,10 @@ fn node_b_joins(hub: &mut TestHub) {
     ];
     for call in &calls {
         hub.store.answer(call, "b", hub.now, hub.t0);
+    }
+    // What b's calls published reaches a (which follows "ops").
+    for event in std::mem::take(&mut hub.store.published) {
+        hub.store_event(event);
     }
     hub.store_event(StoreEvent::Presence {
         channel: "ops".into(),

@@ -163,16 +163,16 @@ fn a_draining_node_says_so_in_the_registry_at_once() {
     let mut hub = TestHub::with_config(c);
     hub.store_event(StoreEvent::Resync);
     hub.advance(Duration::from_millis(10));
-    assert_eq!(hub.store.nodes.get("a").map(|n| n.1), Some(false));
+    assert_eq!(hub.store.nodes.get("a").map(|n| n.0.draining), Some(false));
     hub.input(Input::Drain);
     assert_eq!(
-        hub.store.nodes.get("a").map(|n| n.1),
+        hub.store.nodes.get("a").map(|n| n.0.draining),
         Some(true),
         "announced without waiting for the next renewal"
     );
     // And it stays so at every renewal.
     hub.advance(Duration::from_secs(4));
-    assert_eq!(hub.store.nodes.get("a").map(|n| n.1), Some(true));
+    assert_eq!(hub.store.nodes.get("a").map(|n| n.0.draining), Some(true));
 }
 
 #[test]

@@ -10,10 +10,11 @@ mod floor_tests;
 mod member_tests;
 mod metrics_tests;
 mod model_tests;
+mod placement_tests;
 mod session_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -43,9 +44,11 @@ pub struct ModelStore {
     locks: HashMap<String, (Holder, Instant)>,
     last_epoch: HashMap<String, u64>,
     members: BTreeMap<String, BTreeSet<String>>,
-    /// Node → (relay addresses, draining, liveness expiry).
-    pub nodes: HashMap<String, (Vec<SocketAddr>, bool, Instant)>,
-    channel_nodes: BTreeMap<String, BTreeSet<String>>,
+    /// Node → (what it announced, liveness expiry); dead nodes stay, expired.
+    pub nodes: HashMap<String, (NodeInfo, Instant)>,
+    pub channel_nodes: BTreeMap<String, BTreeSet<String>>,
+    /// Channel → home node (placement).
+    pub homes: HashMap<String, String>,
     /// The agreed relay key.
     pub cluster_key: Option<String>,
     /// Which node each session belongs to: `(channel, member)` → node.
@@ -155,14 +158,57 @@ impl ModelStore {
                 StoreReply::Done(Ok(()))
             }
             StoreCall::Announce { info, ttl } => {
-                self.nodes.insert(
-                    info.node.clone(),
-                    (info.relay.clone(), info.draining, now + *ttl),
-                );
+                let was_live = self.nodes.get(&info.node).is_some_and(|(_, e)| *e > now);
+                self.nodes
+                    .insert(info.node.clone(), (info.clone(), now + *ttl));
+                if !was_live {
+                    self.published.push(StoreEvent::Node {
+                        node: info.node.clone(),
+                        live: true,
+                    });
+                }
                 StoreReply::Done(Ok(()))
             }
             StoreCall::Withdraw { node } => {
-                self.nodes.remove(node);
+                if let Some((_, exp)) = self.nodes.get_mut(node) {
+                    *exp = now;
+                }
+                self.published.push(StoreEvent::Node {
+                    node: node.clone(),
+                    live: false,
+                });
+                StoreReply::Done(Ok(()))
+            }
+            StoreCall::Nodes => {
+                let mut table = crate::state::NodeTable::default();
+                for (id, (info, exp)) in &self.nodes {
+                    if *exp > now {
+                        table.live.push(info.clone());
+                    } else {
+                        table.dead.push(id.clone());
+                    }
+                }
+                table.live.sort_by(|a, b| a.node.cmp(&b.node));
+                table.dead.sort();
+                StoreReply::Table(Ok(table))
+            }
+            StoreCall::Place {
+                channel,
+                candidate,
+                usable,
+                ..
+            } => {
+                let home = match self.homes.get(channel) {
+                    Some(h) if usable.contains(h) => h.clone(),
+                    _ => candidate.clone(),
+                };
+                self.homes.insert(channel.clone(), home.clone());
+                StoreReply::Home(Ok(home))
+            }
+            StoreCall::Unplace { channel, node } => {
+                if self.homes.get(channel) == Some(node) {
+                    self.homes.remove(channel);
+                }
                 StoreReply::Done(Ok(()))
             }
             StoreCall::SetChannelNode {
@@ -171,30 +217,23 @@ impl ModelStore {
                 present,
             } => {
                 let set = self.channel_nodes.entry(channel.clone()).or_default();
-                if *present {
-                    set.insert(node.clone());
+                let changed = if *present {
+                    set.insert(node.clone())
                 } else {
-                    set.remove(node);
+                    set.remove(node)
+                };
+                if changed {
+                    self.published.push(StoreEvent::ChannelNode {
+                        channel: channel.clone(),
+                        node: node.clone(),
+                        present: *present,
+                    });
                 }
                 StoreReply::Done(Ok(()))
             }
             StoreCall::ChannelNodes { channel } => {
                 let ids = self.channel_nodes.get(channel).cloned().unwrap_or_default();
-                let (mut live, mut dead) = (vec![], vec![]);
-                for id in ids {
-                    match self.nodes.get(&id).filter(|(_, _, exp)| *exp > now) {
-                        Some((relay, draining, _)) => live.push(NodeInfo {
-                            node: id,
-                            relay: relay.clone(),
-                            draining: *draining,
-                        }),
-                        None => dead.push(id),
-                    }
-                }
-                if let Some(set) = self.channel_nodes.get_mut(channel) {
-                    set.retain(|n| !dead.contains(n));
-                }
-                StoreReply::Nodes(Ok((live, dead)))
+                StoreReply::Nodes(Ok(ids.into_iter().collect()))
             }
             StoreCall::RecordBurst(burst) => {
                 self.history.push((**burst).clone());
@@ -204,6 +243,9 @@ impl ModelStore {
                 StoreReply::Key(Ok(self.cluster_key.get_or_insert(key.clone()).clone()))
             }
             StoreCall::EvictNode { channel, node } => {
+                if let Some(set) = self.channel_nodes.get_mut(channel) {
+                    set.remove(node);
+                }
                 let gone: Vec<String> = self
                     .member_node
                     .iter()
@@ -291,6 +333,8 @@ pub fn config(node: &str, shared: bool) -> HubConfig {
         record_all: None,
         drain_timeout: Duration::from_secs(30),
         cluster_key: None,
+        placement: crate::control::Placement::Relay,
+        public_url: Some(format!("ws://{node}.test/ws")),
     }
 }
 
@@ -349,6 +393,13 @@ impl TestHub {
                             self.core.handle(Input::Store { id, reply }, self.now);
                         }
                         StoreMode::Hanging => self.hanging.push((id, call)),
+                    }
+                }
+                Output::Watch { channel, on } => {
+                    // A subscriber confirms a watch once Redis has: here, at once.
+                    if on {
+                        let event = StoreEvent::Watching { channel };
+                        self.core.handle(Input::StoreEvent(event), self.now);
                     }
                 }
                 Output::Shard { shard, command } => {

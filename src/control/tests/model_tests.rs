@@ -181,7 +181,8 @@ impl Model {
         while let Some(out) = self.nodes[node].core.poll_output() {
             let w = self.nodes[node].weather;
             match out {
-                Output::Send { .. } | Output::Close { .. } => {}
+                // Every published event reaches every node here, watched or not.
+                Output::Send { .. } | Output::Close { .. } | Output::Watch { .. } => {}
                 Output::Store { id, call, .. } => {
                     let back = (!w.store_hangs).then_some(w.store_rtt / 2);
                     self.schedule(

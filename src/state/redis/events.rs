@@ -1,15 +1,20 @@
 //! Pub/sub: what the scripts and the session store publish, and the subscriber task that turns it into
 //! [`StoreEvent`]s (with `Resync` after every (re)connection and `Down` when the link drops).
+//!
+//! The task follows the node channel always and each talkgroup's channel while the control thread
+//! watches it; a watch is confirmed with [`StoreEvent::Watching`] once Redis has confirmed the
+//! subscription, so the control thread reads the channel's keys after that and misses nothing between
+//! its read and the first event.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
-use redis::{Client, RedisResult};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::state::{Holder, StoreEvent};
+use super::conn::Connector;
+use super::link::Link;
+use crate::state::{Holder, StateError, StoreEvent};
 
 /// Events a subscriber may queue before its task stops reading; Redis then buffers, and past its pub/sub
 /// output limit drops the connection, which the task reports as `Down` and repairs with `Resync`.
@@ -49,6 +54,15 @@ pub(super) enum Wire {
         channel: String,
         member: String,
         node: String,
+    },
+    ChannelNode {
+        channel: String,
+        node: String,
+        present: bool,
+    },
+    Node {
+        node: String,
+        live: bool,
     },
 }
 
@@ -116,28 +130,62 @@ fn decode(payload: &[u8]) -> Option<StoreEvent> {
             node,
             joined: false,
         },
+        Wire::ChannelNode {
+            channel,
+            node,
+            present,
+        } => StoreEvent::ChannelNode {
+            channel,
+            node,
+            present,
+        },
+        Wire::Node { node, live } => StoreEvent::Node { node, live },
     })
 }
 
-/// The subscriber: connect, `Resync`, forward messages, `Down` when the link drops, back off, again.
+/// The pub/sub channel names the subscriber needs.
+pub(crate) struct Names {
+    /// Node arrivals and departures.
+    pub nodes: String,
+    /// A talkgroup's events channel.
+    pub channel: Box<dyn Fn(&str) -> String + Send + Sync>,
+}
+
+/// The subscriber: connect, subscribe to everything watched, `Resync`, forward messages and apply watches,
+/// `Down` when the link drops, back off, again.
 pub(super) async fn run_subscriber(
-    client: Client,
-    events_channel: String,
+    connector: Connector,
+    names: Names,
+    mut watches: mpsc::UnboundedReceiver<(String, bool)>,
     tx: mpsc::Sender<StoreEvent>,
 ) {
+    let mut watched: BTreeSet<String> = BTreeSet::new();
     let mut backoff = BACKOFF_MIN;
     loop {
+        // Watches made while the link was down need no confirmation: `Resync` re-reads everything.
+        while let Ok((channel, on)) = watches.try_recv() {
+            apply(&mut watched, channel, on);
+        }
+        let all: Vec<String> = std::iter::once(names.nodes.clone())
+            .chain(watched.iter().map(|c| (names.channel)(c)))
+            .collect();
         let opened = tokio::select! {
             _ = tx.closed() => return,
-            opened = tokio::time::timeout(LINK_TIMEOUT, open_subscription(&client, &events_channel)) => opened,
+            opened = open_subscription(&connector, &all) => opened,
         };
         match opened {
-            Ok(Ok((sink, stream))) => {
+            Ok(link) => {
                 backoff = BACKOFF_MIN;
                 if tx.send(StoreEvent::Resync).await.is_err() {
                     return;
                 }
-                if !forward(sink, stream, &tx).await {
+                let live = Live {
+                    link,
+                    names: &names,
+                    watched: &mut watched,
+                    watches: &mut watches,
+                };
+                if !live.forward(&tx).await {
                     return;
                 }
                 tracing::warn!("redis subscription lost; reconnecting");
@@ -145,8 +193,7 @@ pub(super) async fn run_subscriber(
                     return;
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "redis subscription: connect failed"),
-            Err(_) => tracing::debug!("redis subscription: connect timed out"),
+            Err(e) => tracing::debug!(error = %e, "redis subscription: connect failed"),
         }
         tokio::select! {
             _ = tx.closed() => return,
@@ -156,42 +203,74 @@ pub(super) async fn run_subscriber(
     }
 }
 
-/// A dedicated connection subscribed to the events channel (`subscribe` returns once Redis confirmed it).
-async fn open_subscription(
-    client: &Client,
-    channel: &str,
-) -> RedisResult<(PubSubSink, PubSubStream)> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    Ok(pubsub.split())
+/// Adds or removes a watched channel; whether the set changed.
+fn apply(watched: &mut BTreeSet<String>, channel: String, on: bool) -> bool {
+    if on {
+        watched.insert(channel)
+    } else {
+        watched.remove(&channel)
+    }
 }
 
-/// Forwards messages until the link drops (`true`) or the receiver is gone (`false`).
-async fn forward(
-    mut sink: PubSubSink,
-    mut stream: PubSubStream,
-    tx: &mpsc::Sender<StoreEvent>,
-) -> bool {
-    let mut ping = tokio::time::interval(PING_EVERY);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    loop {
-        tokio::select! {
-            _ = tx.closed() => return false,
-            msg = stream.next() => match msg {
-                None => return true,
-                Some(msg) => {
-                    if let Some(event) = decode(msg.get_payload_bytes()) {
-                        if tx.send(event).await.is_err() {
-                            return false;
+/// A link subscribed to `channels` (each `subscribe` returns once Redis confirmed it).
+async fn open_subscription(connector: &Connector, channels: &[String]) -> Result<Link, StateError> {
+    let mut link = Link::open(connector).await?;
+    for channel in channels {
+        link.subscribe(channel).await?;
+    }
+    Ok(link)
+}
+
+/// One live subscription.
+struct Live<'a> {
+    link: Link,
+    names: &'a Names,
+    watched: &'a mut BTreeSet<String>,
+    watches: &'a mut mpsc::UnboundedReceiver<(String, bool)>,
+}
+
+impl Live<'_> {
+    /// Forwards messages and applies watches until the link drops (`true`) or the receiver is gone
+    /// (`false`).
+    async fn forward(mut self, tx: &mpsc::Sender<StoreEvent>) -> bool {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return false,
+                msg = self.link.next() => match msg {
+                    None => return true,
+                    Some((_, payload)) => {
+                        if let Some(event) = decode(&payload) {
+                            if tx.send(event).await.is_err() {
+                                return false;
+                            }
                         }
                     }
+                },
+                watch = self.watches.recv() => {
+                    let Some((channel, on)) = watch else { return false };
+                    if !apply(self.watched, channel.clone(), on) {
+                        continue;
+                    }
+                    let name = (self.names.channel)(&channel);
+                    let done = if on {
+                        self.link.subscribe(&name).await
+                    } else {
+                        self.link.unsubscribe(&name).await
+                    };
+                    if done.is_err() {
+                        return true;
+                    }
+                    if on && tx.send(StoreEvent::Watching { channel }).await.is_err() {
+                        return false;
+                    }
                 }
-            },
-            _ = ping.tick() => {
-                let pong = tokio::time::timeout(LINK_TIMEOUT, sink.ping::<redis::Value>()).await;
-                if !matches!(pong, Ok(Ok(_))) {
-                    return true;
+                _ = ping.tick() => {
+                    if self.link.ping().await.is_err() {
+                        return true;
+                    }
                 }
             }
         }
@@ -227,6 +306,21 @@ mod tests {
                 channel: "c".into(),
                 holder: None,
                 epoch: 7
+            })
+        );
+        assert_eq!(
+            decode(br#"{"kind":"channel_node","channel":"c","node":"n","present":true}"#),
+            Some(StoreEvent::ChannelNode {
+                channel: "c".into(),
+                node: "n".into(),
+                present: true
+            })
+        );
+        assert_eq!(
+            decode(br#"{"kind":"node","node":"n","live":false}"#),
+            Some(StoreEvent::Node {
+                node: "n".into(),
+                live: false
             })
         );
         assert_eq!(decode(b"not json"), None);

@@ -1,6 +1,7 @@
 //! The floor lock on Redis: one Lua script per operation, so no node ever reads a lock and writes it in
 //! two steps.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{millis, parse_epoch, RedisStore};
@@ -11,7 +12,10 @@ use crate::state::{AcquireRequest, Acquired, FloorStore, Holder, StateError, Sto
 /// `max(last + 1, TIME in µs)`: `last + 1` orders grants on a running Redis, the clock keeps epochs going
 /// up when Redis restarts empty (an `INCR` counter would restart at 1 and every shard would ignore the new
 /// grants as stale) — and when the epoch key has expired (`ARGV[8]` ms after the last grant: one key per
-/// channel name ever used must not stay forever under `noeviction`). `%d` prints the epoch exactly (a Lua
+/// channel name ever used must not stay forever under `noeviction`). The clock also keeps epochs going up
+/// across a failover that lost the last grants (replication is asynchronous): the new master's `TIME` is
+/// past theirs as long as the servers' clocks differ by less than the failover takes. `ARGV[9]` is the
+/// publish verb (`PUBLISH`, or `SPUBLISH` on a Cluster, to `ARGV[6]` in the channel's slot). `%d` prints the epoch exactly (a Lua
 /// number printed plainly keeps 14 digits); 2^53 bounds it, beyond which the double would round.
 pub(super) const ACQUIRE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -30,7 +34,7 @@ redis.call('HSET', KEYS[1], 'epoch', es, 'member', ARGV[2], 'node', ARGV[3], 'pr
   'emergency', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('SET', KEYS[2], es, 'PX', ARGV[8])
-redis.call('PUBLISH', ARGV[6], cjson.encode({kind = 'grant', channel = ARGV[1], epoch = es,
+redis.call(ARGV[9], ARGV[6], cjson.encode({kind = 'grant', channel = ARGV[1], epoch = es,
   member = ARGV[2], node = ARGV[3], priority = tonumber(ARGV[4]), emergency = ARGV[7] == '1'}))
 return {'granted', es}
 ";
@@ -50,15 +54,62 @@ return 0
 ";
 
 /// Frees the lock only at the caller's epoch and announces `idle` with that epoch, which shards compare
-/// with the epoch they cached.
+/// with the epoch they cached. `ARGV[4]`: the publish verb.
 pub(super) const RELEASE: &str = r"
 if redis.call('HGET', KEYS[1], 'epoch') == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[3], cjson.encode({kind = 'idle', channel = ARGV[2], epoch = ARGV[1]}))
+  redis.call(ARGV[4], ARGV[3], cjson.encode({kind = 'idle', channel = ARGV[2], epoch = ARGV[1]}))
   return 1
 end
 return 0
 ";
+
+/// How long a grant waits for one replica to acknowledge it (Sentinel, Cluster).
+const REPLICATION_WAIT: Duration = Duration::from_millis(50);
+/// After a `WAIT` that no replica answered (none connected, e.g. after a failover until the old master
+/// comes back as a replica), grants skip `WAIT` this long: a master without a replica would otherwise
+/// hold every grant, and the connection it shares with every other call, for [`REPLICATION_WAIT`].
+const NO_REPLICA_BACKOFF: Duration = Duration::from_secs(5);
+
+impl RedisStore {
+    /// `WAIT 1`: holds the grant's answer until one replica has it, or [`REPLICATION_WAIT`] passed.
+    /// Replication stays asynchronous — a master that dies within that bound (or while no replica is
+    /// connected) may take the grant with it, and its replica, promoted, grants the floor again with a
+    /// greater epoch (the clock floor of [`ACQUIRE`]); the first holder's renewals then fail and its node
+    /// revokes it. `WAIT` narrows that window from the replication lag of the moment to one round trip in
+    /// the common case. It blocks the shared connection while it waits (one replication round trip,
+    /// [`REPLICATION_WAIT`] at worst, then [`NO_REPLICA_BACKOFF`] without); a failed or short `WAIT`
+    /// does not fail the grant.
+    async fn wait_for_replica(&self, channel: &str) {
+        if !self.connector.replicated()
+            || self.skip_wait_until.load(Ordering::Relaxed) > self.now_ms()
+        {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let key = self.keys.floor(channel);
+        let waited = conn.wait_for_replica(&key, millis(REPLICATION_WAIT));
+        match self.call("WAIT", waited).await {
+            Ok(n) if n >= 1 => {}
+            Ok(_) => {
+                tracing::info!(
+                    "a grant reached no replica within {REPLICATION_WAIT:?}; not waiting for one \
+                     for {NO_REPLICA_BACKOFF:?}"
+                );
+                self.skip_wait_until.store(
+                    self.now_ms() + millis(NO_REPLICA_BACKOFF).unsigned_abs(),
+                    Ordering::Relaxed,
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "WAIT after a grant"),
+        }
+    }
+
+    /// Milliseconds since the store was made (for [`Self::wait_for_replica`]'s backoff).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
 
 impl FloorStore for RedisStore {
     fn acquire(&self, req: AcquireRequest) -> StoreFuture<'_, Acquired> {
@@ -73,16 +124,19 @@ impl FloorStore for RedisStore {
                 .arg(&self.node)
                 .arg(req.priority)
                 .arg(millis(req.ttl).max(1))
-                .arg(self.keys.events())
+                .arg(self.events_channel(&req.channel))
                 .arg(if req.emergency { "1" } else { "0" })
-                .arg(millis(EPOCH_TTL));
+                .arg(millis(EPOCH_TTL))
+                .arg(self.publish_verb());
             let reply: Vec<Option<String>> = self
                 .call("acquire", invocation.invoke_async(&mut conn))
                 .await?;
             match reply.as_slice() {
-                [Some(tag), Some(epoch)] if tag == "granted" => Ok(Acquired::Granted {
-                    epoch: parse_epoch(epoch)?,
-                }),
+                [Some(tag), Some(epoch)] if tag == "granted" => {
+                    let epoch = parse_epoch(epoch)?;
+                    self.wait_for_replica(&req.channel).await;
+                    Ok(Acquired::Granted { epoch })
+                }
                 [Some(tag), epoch, member, node, priority, emergency] if tag == "busy" => {
                     holder_from(epoch, member, node, priority, emergency)?
                         .map(Acquired::Busy)
@@ -120,7 +174,8 @@ impl FloorStore for RedisStore {
                 .key(self.keys.floor(channel))
                 .arg(epoch)
                 .arg(channel)
-                .arg(self.keys.events());
+                .arg(self.events_channel(channel))
+                .arg(self.publish_verb());
             let matched: i64 = self
                 .call("release", invocation.invoke_async(&mut conn))
                 .await?;

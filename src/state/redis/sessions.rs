@@ -11,7 +11,8 @@ use crate::state::{wall_clock_us, SessionStore, StateError, StoreFuture};
 /// from another node — a name is unique in a channel across all nodes (protocol v1.1). Only the channel's
 /// keys (one Cluster slot); the member's reverse index is written after it.
 /// KEYS: members (zset name → expiry ms), member_nodes (hash name → node).
-/// ARGV: member, node, now ms, expiry ms, ttl ms, events channel, event JSON ('' publishes nothing).
+/// ARGV: member, node, now ms, expiry ms, ttl ms, events channel, event JSON ('' publishes nothing),
+/// publish verb.
 pub(super) const CLAIM: &str = r"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
@@ -22,7 +23,7 @@ redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
-if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[7]) end
+if ARGV[7] ~= '' then redis.call(ARGV[8], ARGV[6], ARGV[7]) end
 return 1
 ";
 
@@ -61,8 +62,9 @@ impl RedisStore {
             .arg(now_ms)
             .arg(expiry)
             .arg(ttl_ms)
-            .arg(self.keys.events())
-            .arg(event);
+            .arg(self.events_channel(channel))
+            .arg(event)
+            .arg(self.publish_verb());
         let claimed: i64 = self.call(what, invocation.invoke_async(&mut conn)).await?;
         if claimed != 1 {
             return Ok(false);
@@ -108,7 +110,8 @@ impl SessionStore for RedisStore {
         Box::pin(self.upsert(channel, member, node, true))
     }
 
-    /// Idempotent; publishes `leave` even when the member was not there.
+    /// Idempotent; publishes `leave` even when the member was not there. The channel's keys and the event
+    /// go in one transaction (one Cluster slot), the member's reverse index after it (another slot).
     fn leave<'a>(
         &'a self,
         channel: &'a str,
@@ -127,12 +130,18 @@ impl SessionStore for RedisStore {
                 .ignore()
                 .hdel(self.keys.member_nodes(channel), member)
                 .ignore()
-                .zrem(self.keys.member_channels(member), channel)
-                .ignore()
-                .publish(self.keys.events(), encode(&event)?)
+                .cmd(self.publish_verb())
+                .arg(self.events_channel(channel))
+                .arg(encode(&event)?)
                 .ignore();
             let mut conn = self.conn.clone();
-            self.call("leave", pipe.query_async::<()>(&mut conn)).await
+            self.call("leave", pipe.query_async::<()>(&mut conn))
+                .await?;
+            let cmd = redis::cmd("ZREM")
+                .arg(self.keys.member_channels(member))
+                .arg(channel)
+                .to_owned();
+            self.call("leave", cmd.query_async::<()>(&mut conn)).await
         })
     }
 
