@@ -29,7 +29,7 @@ pub enum Leg {
         /// The same address, ready for `sendmmsg`.
         dest: RawAddr,
     },
-    /// A WebRTC peer of the shard: the header goes to its `Rtc`, which encrypts and sends.
+    /// A WebRTC peer of the shard: the shard seals the header and payload with its SRTP keys.
     WebRtc {
         /// The peer in the shard's slab.
         peer: PeerId,
@@ -430,6 +430,18 @@ impl Channel {
             return Some(self.epoch);
         }
         None
+    }
+
+    /// When [`Self::poll_silence`] next has something to say: T1 after the last media of a local holder
+    /// not yet reported silent.
+    pub fn silence_due(&self, t1: Duration) -> Option<Instant> {
+        (self.speaker.is_some() && !self.silence_reported).then(|| self.last_media + t1)
+    }
+
+    /// True when the channel forwarded media within `window` before `now` (its listener streams may
+    /// need sender reports).
+    pub fn media_within(&self, now: Instant, window: Duration) -> bool {
+        now.saturating_duration_since(self.last_media) < window
     }
 
     /// Sender reports for every latched listener stream that has carried media (RFC 3550 §6.4.1).

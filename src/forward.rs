@@ -278,8 +278,8 @@ impl OutStream {
 }
 
 /// The datagrams of one fan-out (or of every fan-out of one `recvmmsg` drain): a header per plain-RTP
-/// destination, all sharing one payload, the rewritten header for each WebRTC listener (its `Rtc`
-/// encrypts and sends), and the relay copies for other nodes. The vectors keep their capacity between
+/// destination, all sharing one payload, the rewritten header for each WebRTC listener (the shard seals
+/// them into `sealed`), and the relay copies for other nodes. The vectors keep their capacity between
 /// packets, so steady-state forwarding allocates nothing.
 #[derive(Default)]
 pub struct Batch {
@@ -287,8 +287,11 @@ pub struct Batch {
     pub headers: Vec<[u8; HEADER_LEN]>,
     /// Where each header goes.
     pub dests: Vec<RawAddr>,
-    /// WebRTC listeners and their headers; the shard writes them into the peers' `Rtc`s.
+    /// WebRTC listeners and their headers; the shard seals them into `sealed`.
     pub peers: Vec<(PeerId, OutHeader)>,
+    /// Whole SRTP datagrams for WebRTC listeners (each its own header, payload and tag), sent from the
+    /// media socket with the plain fan-out.
+    pub sealed: RelayCopies,
     /// Copies of local speakers' packets for the other nodes of their channels, sent from the relay
     /// socket: an output of the call that forwarded the packet, like the headers.
     pub relay: RelayCopies,
@@ -300,6 +303,7 @@ impl Batch {
         self.headers.clear();
         self.dests.clear();
         self.peers.clear();
+        self.sealed.clear();
         self.relay.clear();
     }
 

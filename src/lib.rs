@@ -15,7 +15,8 @@
 //!
 //! - **WebRTC members** ([`peer`]): a str0m `Rtc` per member on its channel's shard (ICE-lite, DTLS-SRTP,
 //!   RTP mode). Found by source address or STUN username fragment, driven by one timer heap per shard;
-//!   a listener's rewritten header is written into its `Rtc` with the speaker's payload shared.
+//!   a listener's packet is sealed by the shard itself with the SRTP keys captured from its DTLS
+//!   handshake ([`peer::egress`]); str0m runs only on the member's own datagrams and deadlines.
 //!
 //! A packet's walk: socket → [`rtp::classify`] → peer by source address → floor check (cached speaker and
 //! epoch) → [`forward::OutStream::rewrite`] per listener → [`forward::Batch`] → `sendmmsg`. Each step

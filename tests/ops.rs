@@ -282,6 +282,7 @@ async fn metrics_answer_the_operators_questions_and_the_dashboard_uses_only_them
         ("talkgroup_press_to_grant_seconds_count", 1),
         ("talkgroup_ws_send_queue_bytes_count", 1),
         ("talkgroup_packets_forwarded_total", 20),
+        ("talkgroup_media_forwarded_total", 20),
         ("talkgroup_shard_up", 2),
         ("talkgroup_build_info", 1),
         ("talkgroup_members", 2),

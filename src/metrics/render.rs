@@ -133,7 +133,7 @@ type ShardMetric = (
 const COUNTER: MetricType = MetricType::Counter;
 const GAUGE: MetricType = MetricType::Gauge;
 
-const PER_SHARD: [ShardMetric; 16] = [
+const PER_SHARD: [ShardMetric; 17] = [
     (
         "talkgroup_packets_in",
         "Datagrams received on the media port",
@@ -145,6 +145,12 @@ const PER_SHARD: [ShardMetric; 16] = [
         "Datagrams sent to listeners",
         COUNTER,
         |s| s.forwarded,
+    ),
+    (
+        "talkgroup_media_forwarded",
+        "RTP media datagrams sent to listeners, plain and WebRTC (no RTCP, STUN or DTLS)",
+        COUNTER,
+        |s| s.media_forwarded,
     ),
     (
         "talkgroup_rtcp_in",

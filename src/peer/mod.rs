@@ -14,7 +14,10 @@
 
 #![warn(missing_docs)]
 
+pub mod egress;
+pub mod keys;
 pub mod offer;
+pub mod srtp;
 pub mod webrtc;
 
 use std::collections::HashMap;
@@ -196,6 +199,30 @@ pub fn stun_local_ufrag(data: &[u8]) -> Option<&str> {
         at += 4 + alen.div_ceil(4) * 4;
     }
     None
+}
+
+/// True when a STUN message carries `USE-CANDIDATE` (RFC 8445 §7.1.2: the controlling agent nominates
+/// the path it came on). Walks the attributes like [`stun_local_ufrag`].
+pub fn stun_use_candidate(data: &[u8]) -> bool {
+    const HEADER: usize = 20;
+    const USE_CANDIDATE: u16 = 0x0025;
+    if data.len() < HEADER || data[4..8] != [0x21, 0x12, 0xa4, 0x42] {
+        return false;
+    }
+    let len = usize::from(u16::from_be_bytes([data[2], data[3]]));
+    let Some(body) = data.get(HEADER..HEADER + len) else {
+        return false;
+    };
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let ty = u16::from_be_bytes([body[at], body[at + 1]]);
+        let alen = usize::from(u16::from_be_bytes([body[at + 2], body[at + 3]]));
+        if ty == USE_CANDIDATE {
+            return true;
+        }
+        at += 4 + alen.div_ceil(4) * 4;
+    }
+    false
 }
 
 #[cfg(test)]

@@ -9,11 +9,12 @@ use rand::SeedableRng;
 use str0m::change::SdpAnswer;
 use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::rtcp::Rtcp;
 use str0m::{Candidate, Input, Output, Rtc};
 
 use super::webrtc::{PeerEvent, WebRtcConfig, WebRtcPeer, CONNECT_TIMEOUT};
 use super::Peers;
-use crate::forward::OutHeader;
+use crate::forward::{OutHeader, RelayCopies};
 use crate::rtp::Kind;
 
 const SERVER: &str = "127.0.0.1:40000";
@@ -25,6 +26,10 @@ struct Pair {
     now: Instant,
     events: Vec<PeerEvent>,
     heard: usize,
+    /// Sender reports the client received on the listener stream: (packets, octets).
+    reports: Vec<(u32, u32)>,
+    /// The client finished DTLS too (the server finishes first: its last flight is still on the way).
+    client_connected: bool,
 }
 
 impl Pair {
@@ -33,6 +38,7 @@ impl Pair {
         let now = Instant::now();
         let mut client = Rtc::builder()
             .set_rtp_mode(true)
+            .enable_raw_packets(true)
             .set_crypto_provider(config.crypto.clone())
             .build(now);
         client.add_local_candidate(Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap());
@@ -61,13 +67,14 @@ impl Pair {
             now,
             events: vec![],
             heard: 0,
+            reports: vec![],
+            client_connected: false,
         }
     }
 
     /// Advances 10 ms; `link` false drops everything in both directions.
     fn step(&mut self, link: bool) {
-        let (server, client): (SocketAddr, SocketAddr) =
-            (SERVER.parse().unwrap(), CLIENT.parse().unwrap());
+        let server: SocketAddr = SERVER.parse().unwrap();
         self.now += Duration::from_millis(10);
         let mut out = vec![];
         self.client.handle_input(Input::Timeout(self.now)).unwrap();
@@ -77,24 +84,62 @@ impl Pair {
                 Output::Transmit(t) if link => {
                     self.peer.handle_receive(
                         self.now,
-                        client,
+                        t.source,
                         &t.contents,
                         &mut out,
                         &mut self.events,
                     );
                 }
                 Output::Event(str0m::Event::RtpPacket(_)) => self.heard += 1,
+                Output::Event(str0m::Event::Connected) => self.client_connected = true,
+                Output::Event(str0m::Event::RawPacket(raw)) => {
+                    if let str0m::rtp::RawPacket::RtcpRx(Rtcp::SenderReport(sr)) = *raw {
+                        let i = sr.sender_info;
+                        self.reports
+                            .push((i.sender_packet_count, i.sender_octet_count));
+                    }
+                }
                 _ => {}
             }
         }
         self.peer
             .handle_timeout(self.now, &mut out, &mut self.events);
-        for (data, _) in out.drain(..) {
+        for (data, to) in out.drain(..) {
             if link {
-                let r = Receive::new(Protocol::Udp, server, client, &data).unwrap();
+                let r = Receive::new(Protocol::Udp, server, to.to_socket_addr(), &data).unwrap();
                 let _ = self.client.handle_input(Input::Receive(self.now, r));
             }
         }
+    }
+
+    /// Seals one listener packet the way the shard does and hands it to the client.
+    fn seal_and_deliver(&mut self, h: OutHeader, payload: &[u8]) {
+        self.seal_and_deliver_to(h, payload, CLIENT.parse().unwrap());
+    }
+
+    /// The same, checking that it goes to `client` (the nominated address).
+    fn seal_and_deliver_to(&mut self, h: OutHeader, payload: &[u8], client: SocketAddr) {
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let mut sealed = RelayCopies::default();
+        assert!(self.peer.seal(h, payload, self.now, &mut sealed));
+        assert_eq!(sealed.len(), 1);
+        let (data, to) = sealed.get(0);
+        assert_eq!(to.to_socket_addr(), client, "sent to the nominated address");
+        let r = Receive::new(Protocol::Udp, server, client, data).unwrap();
+        self.client
+            .handle_input(Input::Receive(self.now, r))
+            .unwrap();
+    }
+
+    fn connected() -> Pair {
+        let mut p = Pair::new();
+        for _ in 0..300 {
+            p.step(true);
+            if p.peer.connected && p.client_connected {
+                return p;
+            }
+        }
+        panic!("ICE + DTLS within 3 s of virtual time");
     }
 
     fn closed(&self) -> Option<&'static str> {
@@ -107,23 +152,15 @@ impl Pair {
 
 #[test]
 fn connects_and_listener_packets_reach_the_client() {
-    let mut p = Pair::new();
-    for _ in 0..300 {
-        p.step(true);
-        if p.peer.connected {
-            break;
-        }
-    }
-    assert!(p.peer.connected, "ICE + DTLS within 3 s of virtual time");
+    let p = &mut Pair::connected();
     assert!(p.events.iter().any(|e| matches!(e, PeerEvent::Connected)));
-    let payload: std::sync::Arc<[u8]> = std::sync::Arc::from(&b"opus"[..]);
     for i in 0..10u16 {
         let h = OutHeader {
             seq: 100 + i,
             timestamp: 960 * u32::from(i),
             marker: i == 0,
         };
-        assert!(p.peer.write(h, payload.clone(), p.now, Some(-40)));
+        p.seal_and_deliver(h, b"opus");
         p.step(true);
     }
     for _ in 0..5 {
@@ -200,4 +237,92 @@ fn stun_finds_its_peer_by_ufrag_then_by_address() {
         None,
         "forgotten with the peer"
     );
+}
+
+/// The listener stream wraps its 16-bit sequence number: the egress moves to ROC 1 and the client (str0m,
+/// which tracks the ROC itself) decrypts every packet on both sides of the wrap.
+#[test]
+fn the_listener_stream_survives_a_sequence_wrap() {
+    let mut p = Pair::connected();
+    for i in 0..12u32 {
+        let h = OutHeader {
+            seq: 65530u16.wrapping_add(i as u16),
+            timestamp: 960 * i,
+            marker: i == 0,
+        };
+        p.seal_and_deliver(h, &[0x42, i as u8]);
+        p.step(true);
+    }
+    for _ in 0..5 {
+        p.step(true);
+    }
+    assert_eq!(p.heard, 12, "every packet across the wrap decrypted");
+    assert_eq!(p.peer.egress().and_then(|e| e.ext_seq()), Some(0x1_0005));
+}
+
+/// str0m keeps its own RTCP (receiver reports, sender reports, SDES), re-sealed by the egress with its
+/// own SRTCP index: the client decrypts the sender reports, and they count what the shard really sent
+/// (str0m alone would say zero).
+#[test]
+fn re_sealed_rtcp_is_accepted_by_the_client() {
+    let mut p = Pair::connected();
+    for i in 0..1200u32 {
+        if i % 2 == 0 {
+            let h = OutHeader {
+                seq: 10 + (i / 2) as u16,
+                timestamp: 960 * (i / 2),
+                marker: i == 0,
+            };
+            p.seal_and_deliver(h, b"opus");
+        }
+        p.step(true);
+    }
+    assert!(p.closed().is_none());
+    assert_eq!(p.heard, 600);
+    assert!(p.reports.len() >= 2, "a report every ~5 s: {:?}", p.reports);
+    let &(packets, octets) = p.reports.last().unwrap();
+    assert!((400..=600).contains(&packets), "{packets}");
+    assert_eq!(octets, packets * 4, "4-octet payloads");
+}
+
+/// The client moves to another address (a network change). str0m (ICE-lite, controlled) keeps sending on
+/// the old, higher-priority nominated pair until that pair expires (15 s without a check), then on the
+/// new one; the egress follows str0m's own choice — learnt from the next check that nominates the new
+/// path, not at the next RTCP report — and never runs ahead of it.
+#[test]
+fn media_follows_ice_renomination() {
+    let mut p = Pair::connected();
+    let moved: SocketAddr = "127.0.0.3:6000".parse().unwrap();
+    let old = Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap();
+    p.client
+        .add_local_candidate(Candidate::host(moved, "udp").unwrap());
+    p.client.direct_api().invalidate_candidate(&old);
+    let dest = |p: &Pair| {
+        p.peer
+            .egress()
+            .and_then(|e| e.dest)
+            .map(|d| d.to_socket_addr())
+    };
+    let start = p.now;
+    for _ in 0..3000 {
+        p.step(true);
+        if dest(&p) == Some(moved) {
+            break;
+        }
+    }
+    assert_eq!(dest(&p), Some(moved), "the egress followed the nomination");
+    let after = p.now - start;
+    assert!(
+        after >= Duration::from_secs(15) && after < Duration::from_secs(17),
+        "{after:?}"
+    );
+    let heard = p.heard;
+    let h = OutHeader {
+        seq: 7,
+        timestamp: 0,
+        marker: true,
+    };
+    p.seal_and_deliver_to(h, b"moved", moved);
+    p.step(true);
+    assert_eq!(p.heard, heard + 1);
 }

@@ -9,6 +9,10 @@
 //! - Only Opus (with `useinbandfec=1`), no NACK/RTX, no transport-cc or abs-send-time (they would make
 //!   every listener send feedback every 50–100 ms for nothing); only the audio level extension.
 //!
+//! - The listener's audio does not go through the `Rtc`: the DTLS keys are captured on their way to
+//!   str0m ([`super::keys`]) and the shard seals each forwarded packet itself ([`super::egress`]), so
+//!   str0m is driven only by the client's datagrams and its own deadlines, never per forwarded packet.
+//!
 //! Randomness (the ICE password) comes from the caller's generator, so a test can seed the shard and get
 //! the same peer twice; the SSRC of the listener stream is str0m's own pick.
 
@@ -25,14 +29,18 @@ use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::format::{Codec, CodecConfig, CodecSpec, FormatParams, PayloadParams};
 use str0m::media::{Frequency, Mid, Pt};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{Extension, ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::rtp::{Extension, RtpPacket, Ssrc};
 use str0m::{
     Candidate, Event as RtcEvent, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig,
 };
 use thiserror::Error;
 use tracing::debug;
 
-use crate::forward::{extend, OutHeader};
+use super::egress::Egress;
+use super::keys::{build_with_slot, capturing_provider, KeySlot};
+use super::srtp::SrtpTx;
+use crate::forward::{OutHeader, RelayCopies};
+use crate::rtp::Kind;
 
 /// A peer that has not completed ICE and DTLS by then is given up (the client never used the answer).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,7 +53,8 @@ pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct WebRtcConfig {
     /// The process's DTLS certificate (its fingerprint goes into every answer).
     pub cert: DtlsCert,
-    /// str0m's crypto provider (aws-lc-rs), shared by every `Rtc` of the process.
+    /// str0m's crypto provider (aws-lc-rs, its DTLS wrapped to capture the SRTP keys), shared by every
+    /// `Rtc` of the process.
     pub crypto: Arc<CryptoProvider>,
     /// The ICE host candidate of the shard: the announce address and the shard's UDP port.
     pub candidate: SocketAddr,
@@ -62,7 +71,7 @@ impl std::fmt::Debug for WebRtcConfig {
 impl WebRtcConfig {
     /// Generates the process's DTLS certificate with the compiled-in crypto provider (aws-lc-rs).
     pub fn generate(candidate: SocketAddr) -> Result<Self, PeerError> {
-        let crypto = str0m::crypto::from_feature_flags();
+        let crypto = capturing_provider();
         let cert = crypto
             .dtls_provider
             .generate_certificate()
@@ -136,8 +145,12 @@ pub struct WebRtcPeer {
     tx: Option<Ssrc>,
     /// Opus payload type negotiated with this client (Chrome 111, Firefox 109).
     pub pt: u8,
-    /// Highest extended sequence number written; the first is below 2^16 (SRTP ROC 0, RFC 3711 §3.3.1).
-    ext_seq: Option<u64>,
+    /// Where the DTLS instance leaves the keying material.
+    keys: Arc<KeySlot>,
+    /// The listener stream's egress, once DTLS has produced keys (and the client can hear).
+    egress: Option<Egress>,
+    /// Where str0m last sent a non-STUN datagram: its nominated address (the egress starts there).
+    send_to: Option<RawAddr>,
     /// ICE and DTLS are up.
     pub connected: bool,
     /// The peer is finished (closed by either side, timed out, or failed); it is only drained now.
@@ -198,7 +211,8 @@ impl WebRtcPeer {
         rng: &mut impl Rng,
     ) -> Result<(Self, String), PeerError> {
         let pass = ice_token(rng, PASS_LEN);
-        let mut rtc = rtc_config(shared, &ufrag, pass).build(now);
+        let keys = Arc::new(KeySlot::default());
+        let mut rtc = build_with_slot(rtc_config(shared, &ufrag, pass), now, keys.clone());
         let candidate = Candidate::host(shared.candidate, "udp")
             .map_err(|e| PeerError::Candidate(e.to_string()))?;
         rtc.add_local_candidate(candidate);
@@ -213,7 +227,9 @@ impl WebRtcPeer {
             mid: None,
             tx: None,
             pt: 0,
-            ext_seq: None,
+            keys,
+            egress: None,
+            send_to: None,
             connected: false,
             closed: false,
             verified: false,
@@ -230,7 +246,7 @@ impl WebRtcPeer {
             .into();
         peer.mid = Some(mid);
         let (mut out, mut events) = (Vec::new(), Vec::new());
-        peer.drain(&mut out, &mut events);
+        peer.drain(now, &mut out, &mut events);
         let media = peer.rtc.media(mid).ok_or(PeerError::NoMid)?;
         let remote = media.remote_pts().to_vec();
         let opus = peer
@@ -271,11 +287,12 @@ impl WebRtcPeer {
             debug!(ufrag = %self.ufrag, error = %e, "peer refused a datagram");
             return false;
         }
-        if crate::rtp::classify(data) == crate::rtp::Kind::Stun {
+        if crate::rtp::classify(data) == Kind::Stun {
             // str0m took a STUN message routed here by our ufrag: a client holding the answer is there.
             self.verified = true;
+            self.follow_nomination(source, data);
         }
-        self.drain(out, events);
+        self.drain(now, out, events);
         true
     }
 
@@ -300,49 +317,71 @@ impl WebRtcPeer {
         if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
             debug!(ufrag = %self.ufrag, error = %e, "peer timeout failed");
         }
-        self.drain(out, events);
+        self.drain(now, out, events);
     }
 
-    /// Queues one listener packet. The caller then calls [`Self::handle_timeout`] with the same `now`
-    /// (str0m sends what was written on its next timeout). `wallclock` is when the packet came in.
-    pub fn write(
+    /// Seals one listener packet (rewritten header, the speaker's payload) into `out`, addressed to the
+    /// client. False when the peer cannot hear (not connected, closed, sendonly, no keys yet).
+    #[inline]
+    pub fn seal(
         &mut self,
         h: OutHeader,
-        payload: Arc<[u8]>,
-        wallclock: Instant,
-        audio_level: Option<i8>,
+        payload: &[u8],
+        now: Instant,
+        out: &mut RelayCopies,
     ) -> bool {
-        let (Some(ssrc), true, false) = (self.tx, self.connected, self.closed) else {
-            return false;
-        };
-        let ext = match self.ext_seq {
-            None => u64::from(h.seq),
-            Some(prev) => extend(prev, h.seq),
-        };
-        if self.ext_seq.is_none_or(|prev| ext > prev) {
-            self.ext_seq = Some(ext);
+        match (&mut self.egress, self.connected, self.closed) {
+            (Some(e), true, false) => e.seal(h, payload, now, out),
+            _ => false,
         }
-        let exts = ExtensionValues {
-            audio_level,
-            ..Default::default()
+    }
+
+    /// The listener's egress context (tests read its sequence state).
+    pub fn egress(&self) -> Option<&Egress> {
+        self.egress.as_ref()
+    }
+
+    /// A STUN check that nominates a path other than the one media goes to: str0m may now send
+    /// elsewhere (ICE re-nomination, a mobile handover). Its send address is private, so it is asked to
+    /// send something — an empty application feedback packet, ignored by receivers — whose destination
+    /// ([`Self::drain`]) then moves the egress at once rather than at the next RTCP report.
+    fn follow_nomination(&mut self, source: SocketAddr, data: &[u8]) {
+        let (Some(e), Some(ssrc), true) = (&self.egress, self.tx, self.connected) else {
+            return;
         };
-        let mut api = self.rtc.direct_api();
-        let Some(stream) = api.stream_tx(&ssrc) else {
-            return false;
+        if e.dest.is_some_and(|d| d.to_socket_addr() == source) || !super::stun_use_candidate(data)
+        {
+            return;
+        }
+        self.rtc
+            .direct_api()
+            .send_app_specific_feedback(ssrc, ssrc, Vec::new());
+    }
+
+    /// Builds (or re-keys) the egress once the DTLS instance has left new keying material in the slot.
+    fn sync_keys(&mut self) {
+        let Some(ssrc) = self.tx else { return };
+        let Some((generation, c)) = self.keys.latest() else {
+            return;
         };
-        stream.write_rtp(
-            RtpWrite::new(
-                Pt::from(self.pt),
-                ext.into(),
-                h.timestamp,
-                wallclock,
-                payload,
-            )
-            .marker(h.marker)
-            .ext_vals(exts)
-            .nackable(false),
-        );
-        true
+        if self
+            .egress
+            .as_ref()
+            .is_some_and(|e| e.generation == generation)
+        {
+            return;
+        }
+        match SrtpTx::from_material(c.profile, &c.material, c.active) {
+            Ok(srtp) => match self.egress.as_mut() {
+                Some(e) => e.rekey(srtp, generation),
+                None => {
+                    let mut e = Egress::new(srtp, generation, *ssrc, self.pt);
+                    e.dest = self.send_to;
+                    self.egress = Some(e);
+                }
+            },
+            Err(e) => debug!(ufrag = %self.ufrag, error = %e, "no egress keys"),
+        }
     }
 
     /// Starts a clean shutdown (RTCP BYE, DTLS close_notify) and drains what that sends.
@@ -350,7 +389,7 @@ impl WebRtcPeer {
         if !self.closed {
             let _ = self.rtc.close();
             let mut events = Vec::new();
-            self.drain(out, &mut events);
+            self.drain(Instant::now(), out, &mut events);
             self.closed = true;
         }
     }
@@ -368,7 +407,9 @@ impl WebRtcPeer {
 
     /// The drain loop (str0m's `poll_output` until `Timeout`), documented once: transmits are queued for
     /// the shard's socket, events are reported, and the next deadline is kept for the timer heap.
-    fn drain(&mut self, out: &mut Vec<Transmit>, events: &mut Vec<PeerEvent>) {
+    /// str0m's non-STUN datagrams go to its nominated address, which the egress follows; its SRTCP is
+    /// re-sealed by the egress (see [`super::egress`]); STUN answers go where the check came from.
+    fn drain(&mut self, now: Instant, out: &mut Vec<Transmit>, events: &mut Vec<PeerEvent>) {
         loop {
             if !self.rtc.is_alive() {
                 self.close_with(events, "closed", false);
@@ -386,11 +427,37 @@ impl WebRtcPeer {
                     return;
                 }
                 Ok(Output::Transmit(t)) => {
-                    out.push((t.contents.into(), RawAddr::new(t.destination)))
+                    let dest = RawAddr::new(t.destination);
+                    let kind = crate::rtp::classify(&t.contents);
+                    if kind == Kind::Stun {
+                        out.push((t.contents.into(), dest));
+                        continue;
+                    }
+                    self.send_to = Some(dest);
+                    self.sync_keys();
+                    match (kind, self.egress.as_mut()) {
+                        (Kind::Rtcp, Some(e)) => {
+                            e.dest = Some(dest);
+                            match e.reseal_rtcp(&t.contents, now) {
+                                Ok(p) => out.push((p, dest)),
+                                // Never sent as str0m sealed it: its index is not ours.
+                                Err(err) => {
+                                    debug!(ufrag = %self.ufrag, error = %err, "RTCP dropped")
+                                }
+                            }
+                        }
+                        (_, e) => {
+                            if let Some(e) = e {
+                                e.dest = Some(dest);
+                            }
+                            out.push((t.contents.into(), dest));
+                        }
+                    }
                 }
                 Ok(Output::Event(e)) => match e {
                     RtcEvent::RtpPacket(p) => events.push(PeerEvent::Media(p)),
                     RtcEvent::Connected => {
+                        self.sync_keys();
                         self.connected = true;
                         events.push(PeerEvent::Connected);
                     }

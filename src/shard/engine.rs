@@ -67,7 +67,8 @@ pub struct ShardConfig {
     pub sr_interval: Duration,
     /// WebRTC members are refused when `None` (the shard then has no certificate).
     pub webrtc: Option<WebRtcConfig>,
-    /// How often the shard loop calls [`ShardCore::handle_tick`].
+    /// The longest the shard's clock sleeps between two [`ShardCore::handle_tick`]s when nothing is due
+    /// (an idle shard wakes this often, no more; a busy one when [`ShardCore::handle_tick`] says).
     pub tick: Duration,
     /// Seeds the shard's random numbers (listener streams' initial sequence numbers and timestamps, ICE
     /// credentials) so that a test gets the same run twice; `None` (the server) seeds from the OS.
@@ -82,7 +83,7 @@ impl Default for ShardConfig {
             t1: Duration::from_secs(4),
             sr_interval: Duration::from_secs(5),
             webrtc: None,
-            tick: Duration::from_millis(50),
+            tick: Duration::from_secs(1),
             seed: None,
             recorder: None,
         }
@@ -108,10 +109,14 @@ pub struct ShardCore {
     events: Vec<Event>,
     // Scratch space kept between calls so that the packet path does not allocate.
     peer_events: Vec<PeerEvent>,
-    listener_events: Vec<PeerEvent>,
     due: Vec<PeerId>,
     spill: Batch,
-    tick_count: usize,
+    /// Sender-report batches sent (which slice of the channels the next batch covers).
+    sr_round: usize,
+    /// When the next sender-report batch is due.
+    next_sr: Instant,
+    /// A grant was applied since the shard's clock last asked: T1 may now be due before its heartbeat.
+    retick: bool,
     relay: Option<RelayState>,
     /// A cryptographically strong generator (ChaCha): it draws ICE passwords as well as sequence starts,
     /// and a join costs milliseconds anyway.
@@ -129,7 +134,7 @@ impl ShardCore {
         index: usize,
         config: ShardConfig,
         relay: Option<RelayState>,
-        _now: Instant,
+        now: Instant,
     ) -> Self {
         let rng = match config.seed {
             // Shards of one seeded process still differ from each other.
@@ -156,10 +161,11 @@ impl ShardCore {
             transmits: Vec::new(),
             events: Vec::new(),
             peer_events: Vec::new(),
-            listener_events: Vec::new(),
             due: Vec::new(),
             spill: Batch::default(),
-            tick_count: 0,
+            sr_round: 0,
+            next_sr: now,
+            retick: false,
         }
     }
 
@@ -187,6 +193,11 @@ impl ShardCore {
     pub fn count_sent(&mut self, sent: usize, failed: usize) {
         self.stats.forwarded += sent as u64;
         self.stats.send_errors += failed as u64;
+    }
+
+    /// Counts listeners' media datagrams (plain fan-out, sealed WebRTC) among the ones sent.
+    pub fn count_media(&mut self, n: usize) {
+        self.stats.media_forwarded += n as u64;
     }
 
     /// Counts datagrams that met a full socket buffer.
@@ -297,8 +308,8 @@ impl ShardCore {
         match ch.forward(key, &pkt, now, batch) {
             Ok(()) => {
                 if !batch.peers.is_empty() {
-                    // WebRTC listeners: one copy of the payload into an `Arc`, shared by their `Rtc`s.
-                    self.write_peers(batch, Arc::from(pkt.payload), now, None);
+                    // WebRTC listeners: sealed by the shard, each into its own datagram.
+                    self.write_peers(batch, pkt.payload, now);
                 }
                 let start = pkt.payload.as_ptr() as usize - data.as_ptr() as usize;
                 self.record(slot, pkt.timestamp, pkt.payload);
@@ -413,6 +424,7 @@ impl ShardCore {
                 if !applied && !lease {
                     self.stats.stale_speaker_changes += 1;
                 }
+                self.retick |= applied && !idle;
                 if lease {
                     return None;
                 }
@@ -492,35 +504,69 @@ impl ShardCore {
     }
 
     /// Periodic work: T1 silence detection and sender reports. `unix` is the wall-clock time for NTP.
+    /// Returns when it is next due (`None`: nothing is, the shard may sleep until its heartbeat) — the
+    /// shard's clock wakes for that and not on a fixed tick, so an idle shard costs nothing.
+    ///
+    /// Sender reports go out in batches [`SR_BATCH`] apart, each batch covering one slice of the channels
+    /// (every channel once per `sr_interval`): one `sendmmsg` and one wake-up a second for all of them,
+    /// rather than a report per stream whenever it falls due. A channel is visited for reports only while
+    /// it carried media recently (RFC 3550 §6.4: reports from active senders).
     pub fn handle_tick(
         &mut self,
         now: Instant,
         unix: Duration,
         events: &mut Vec<Event>,
         reports: &mut Vec<([u8; SR_LEN], RawAddr)>,
-    ) {
-        // Sender reports are spread over the interval: each tick covers the channels whose slot falls in
-        // this slice of it, so 50,000 streams do not burst out at once every 5 s.
-        let slices = (self.config.sr_interval.as_millis() / self.config.tick.as_millis().max(1))
-            .max(1) as usize;
-        let slice = self.tick_count % slices;
-        self.tick_count = self.tick_count.wrapping_add(1);
+    ) -> Option<Instant> {
+        let batch = SR_BATCH.min(self.config.sr_interval);
+        let slices =
+            (self.config.sr_interval.as_millis() / batch.as_millis().max(1)).max(1) as usize;
+        let report_now = now >= self.next_sr;
+        let slice = self.sr_round % slices;
+        if report_now {
+            self.sr_round = self.sr_round.wrapping_add(1);
+            self.next_sr = now + batch;
+        }
         let ntp = rtp::ntp_from_unix(unix);
         let recent = self.config.sr_interval * 2;
+        let t1 = self.config.t1;
+        let mut due: Option<Instant> = None;
+        let mut reporting = false;
         for (slot, ch) in self.channels.iter_mut().enumerate() {
             let Some(ch) = ch else { continue };
-            if let Some(epoch) = ch.poll_silence(now, self.config.t1) {
+            if let Some(epoch) = ch.poll_silence(now, t1) {
                 events.push(Event::Silence {
                     channel: ch.name.clone(),
                     epoch,
                 });
             }
-            if slot % slices == slice {
-                ch.sender_reports(now, recent, ntp, reports);
+            if let Some(at) = ch.silence_due(t1) {
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
+            if ch.media_within(now, recent) {
+                reporting = true;
+                if report_now && slot % slices == slice {
+                    ch.sender_reports(now, recent, ntp, reports);
+                }
             }
         }
+        if reporting {
+            due = Some(due.map_or(self.next_sr, |d| d.min(self.next_sr)));
+        }
+        due
     }
 }
+
+impl ShardCore {
+    /// True once after a grant was applied: the shard's clock should call [`Self::handle_tick`] now
+    /// rather than at its heartbeat (T1 runs from the grant).
+    pub fn take_retick(&mut self) -> bool {
+        std::mem::take(&mut self.retick)
+    }
+}
+
+/// Sender reports leave in batches this far apart (see [`ShardCore::handle_tick`]).
+pub const SR_BATCH: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests;

@@ -139,6 +139,10 @@ struct Loop {
     /// Wakes the timer task when a peer's deadline became earlier than the one it sleeps until.
     wake: glommio::channels::local_channel::LocalSender<()>,
     sleeping_until: Cell<Option<Instant>>,
+    /// A grant was applied: the clock runs `handle_tick` at once instead of at its heartbeat.
+    retick: Cell<bool>,
+    /// Origin of the clock's [`TIMER_SLACK`] grid.
+    epoch: Instant,
     scratch: RefCell<(Vec<Transmit>, Vec<Event>, rtpio::Sender)>,
 }
 
@@ -170,11 +174,14 @@ impl Loop {
         for event in events.drain(..) {
             self.send_event(event);
         }
-        if let (Some(sleeping), Some(next)) = (
+        if self.core.borrow_mut().take_retick() {
+            self.retick.set(true);
+            let _ = self.wake.try_send(());
+        } else if let (Some(sleeping), Some(next)) = (
             self.sleeping_until.get(),
             self.core.borrow().next_deadline(),
         ) {
-            if next < sleeping {
+            if coalesce(next, self.epoch) < sleeping {
                 let _ = self.wake.try_send(());
             }
         }
@@ -198,6 +205,8 @@ async fn run(
         events,
         wake,
         sleeping_until: Cell::new(None),
+        retick: Cell::new(false),
+        epoch: Instant::now(),
         scratch: RefCell::new(Default::default()),
     });
     info!(shard = index, addr = ?lp.socket.local_addr().ok(), "shard started");
@@ -237,8 +246,8 @@ enum Port {
 /// whole batch — under load a handful of system calls per 33 received datagrams instead of two each.
 /// Listeners always get their packets from the media socket (the address `joined` announced); relay
 /// copies (the batch's `relay` part, filled by the same calls) leave from the relay socket, which is what
-/// the receiving node accepts. What WebRTC peers produced (their `Rtc` encrypts each listener's packet)
-/// goes out in `flush`.
+/// the receiving node accepts. WebRTC listeners' packets, sealed by the shard, leave in the same drain;
+/// what their `Rtc`s produced (STUN, DTLS, RTCP) goes out in `flush`.
 async fn receive_loop(lp: Rc<Loop>, port: Port) {
     let media_fd = lp.socket.as_raw_fd();
     let relay_fd = lp.relay.as_ref().map(|r| r.as_raw_fd());
@@ -307,7 +316,16 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
             let sent = udp::send_relay(&mut sender, fd, &batch.relay);
             lp.core.borrow_mut().count_relayed(sent.sent);
         }
+        // What the peers produced first (a DTLS flight that completes a handshake must reach the client
+        // before the media sealed with its keys), then the listeners' datagrams sealed by the shard.
         lp.flush();
+        if !batch.sealed.is_empty() {
+            let sent = udp::send_sealed(&mut sender, media_fd, &batch.sealed);
+            let mut c = lp.core.borrow_mut();
+            c.count_sent(sent.sent, sent.failed + sent.would_block);
+            c.count_media(sent.sent);
+            c.count_would_block(sent.would_block);
+        }
         if batch.is_empty() {
             continue;
         }
@@ -337,6 +355,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
         }
         let mut c = lp.core.borrow_mut();
         c.count_sent(sent.sent + slow, sent.failed + sent.would_block - slow);
+        c.count_media(sent.sent + slow);
         c.count_would_block(sent.would_block);
     }
 }
@@ -349,21 +368,37 @@ enum Payload {
     Shared(usize),
 }
 
-/// The shard's clock: peers' deadlines from the timer heap, and every `tick` (config) the T1 check and
-/// sender reports. Sleeps until the earlier of the two; `flush` wakes it when a nearer deadline appears.
+/// Peers' deadlines are served on a grid this coarse: str0m's timers (ICE consent, RTCP, DTLS
+/// retransmits) tolerate a few milliseconds of lateness, and peers due in the same slot share one
+/// wake-up — 1,600 idle peers each due every ~2.5 s would otherwise wake the shard 640 times a second.
+const TIMER_SLACK: Duration = Duration::from_millis(20);
+
+/// `at` rounded up to the next [`TIMER_SLACK`] boundary (since `epoch`).
+fn coalesce(at: Instant, epoch: Instant) -> Instant {
+    let slack = TIMER_SLACK.as_nanos();
+    let since = at.saturating_duration_since(epoch).as_nanos();
+    let slots = since.div_ceil(slack);
+    epoch + Duration::from_nanos(u64::try_from(slots * slack).unwrap_or(u64::MAX))
+}
+
+/// The shard's clock: peers' deadlines from the timer heap (coalesced on a grid), and T1 and sender
+/// reports when [`ShardCore::handle_tick`] says they are next due — at the latest every `tick` (the
+/// heartbeat that notices a grant or media after an idle spell). Sleeps until the earliest; `flush`
+/// wakes it when a nearer peer deadline appears.
 async fn timer_loop(lp: Rc<Loop>, wake: glommio::channels::local_channel::LocalReceiver<()>) {
     let fd = lp.socket.as_raw_fd();
     let tick = lp.core.borrow().config().tick;
     let mut sender = rtpio::Sender::default();
     let mut out_events = Vec::new();
     let mut reports = Vec::new();
-    let mut next_tick = Instant::now() + tick;
+    let epoch = lp.epoch;
+    let mut next_tick = epoch + tick;
     loop {
         let wake_at = lp
             .core
             .borrow()
             .next_deadline()
-            .map_or(next_tick, |d| d.min(next_tick));
+            .map_or(next_tick, |d| coalesce(d, epoch).min(next_tick));
         let nap = wake_at.saturating_duration_since(Instant::now());
         if nap.is_zero() {
             // A deadline already due: let the receive loop run before serving it (no busy spin).
@@ -377,14 +412,17 @@ async fn timer_loop(lp: Rc<Loop>, wake: glommio::channels::local_channel::LocalR
         }
         let now = Instant::now();
         lp.core.borrow_mut().handle_timers(now);
-        if now >= next_tick {
-            next_tick = now + tick;
+        if lp.retick.take() || now >= next_tick {
             let unix = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
-            lp.core
+            let due = lp
+                .core
                 .borrow_mut()
                 .handle_tick(now, unix, &mut out_events, &mut reports);
+            next_tick = due.map_or(now + tick, |d| {
+                d.clamp(now + Duration::from_millis(1), now + tick)
+            });
             for event in out_events.drain(..) {
                 lp.send_event(event);
             }

@@ -72,6 +72,8 @@ pub struct ShardStats {
     pub packets_in: u64,
     /// Datagrams sent to listeners (plain RTP and what WebRTC peers produced).
     pub forwarded: u64,
+    /// Of `forwarded`, the media: listeners' RTP packets, plain and sealed WebRTC (no RTCP, STUN or DTLS).
+    pub media_forwarded: u64,
     /// Datagrams dropped, by [`DropReason`].
     pub dropped: [u64; DROP_REASONS],
     /// RTCP packets from plain-RTP members (they latch; nothing is forwarded).

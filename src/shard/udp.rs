@@ -43,6 +43,11 @@ pub fn send_relay(sender: &mut Sender, fd: RawFd, relay: &RelayCopies) -> Sent {
     })
 }
 
+/// Sends the WebRTC listeners' sealed datagrams of a drain (whole datagrams, one destination each).
+pub fn send_sealed(sender: &mut Sender, fd: RawFd, sealed: &RelayCopies) -> Sent {
+    send_relay(sender, fd, sealed)
+}
+
 /// io_uring needs locked memory for its rings; an RLIMIT_MEMLOCK that is too low makes glommio fail at
 /// start-up with an unhelpful error. Returns a message saying how to fix it.
 pub fn check_memlock() -> Option<String> {

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Instant;
 
 use crate::channel::ForwardDrop;
@@ -107,7 +106,7 @@ impl ShardCore {
                 let start = rtp.payload.as_ptr() as usize - data.as_ptr() as usize;
                 if !batch.peers.is_empty() {
                     // Local WebRTC listeners of a remote speaker.
-                    self.write_peers(batch, Arc::from(rtp.payload), now, None);
+                    self.write_peers(batch, rtp.payload, now);
                 }
                 Ok(start..start + rtp.payload.len())
             }

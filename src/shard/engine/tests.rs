@@ -179,6 +179,60 @@ fn silence_is_reported_after_t1() {
     );
 }
 
+/// The shard's clock wakes when something is due, not on a fixed tick: an idle shard has nothing due, a
+/// grant makes T1 due, media makes sender reports due — in one batch a second, every listener stream
+/// once per `sr_interval`.
+#[test]
+fn the_tick_says_when_it_is_next_due() {
+    let t0 = Instant::now();
+    let mut idle = ShardCore::new(0, ShardConfig::default(), t0);
+    let (mut events, mut reports) = (vec![], vec![]);
+    assert_eq!(
+        idle.handle_tick(t0, Duration::ZERO, &mut events, &mut reports),
+        None,
+        "nothing to do: sleep until the heartbeat"
+    );
+
+    let (mut s, now) = shard();
+    assert!(s.take_retick(), "the grant asks the clock to look");
+    assert!(!s.take_retick(), "once");
+    let due = s.handle_tick(now, Duration::ZERO, &mut events, &mut reports);
+    assert!(
+        due.is_some_and(|d| d <= now + ShardConfig::default().t1),
+        "{due:?}"
+    );
+
+    // The holder talks for 12 s, 20 ms packets: each listener's stream gets a report every 5 s, from
+    // batches at most one a second.
+    let (mut wakes, mut t, mut next) = (0, now, now);
+    for i in 0..600u32 {
+        t = now + Duration::from_millis(20 * u64::from(i));
+        let p = rtp::build_packet(false, OPUS_PT, i as u16, 960 * i, 77, b"x");
+        let v = s.handle_datagram(addr(6001), &p, t, &mut Batch::default());
+        assert!(matches!(v, Verdict::Forward(_)), "{v:?}");
+        if t >= next {
+            wakes += 1;
+            next = s
+                .handle_tick(t, Duration::ZERO, &mut events, &mut reports)
+                .expect("due while media flows");
+            assert!(next > t && next <= t + SR_BATCH, "{:?}", next - t);
+        }
+    }
+    assert!(events.is_empty(), "no silence while the holder talks");
+    assert!((12..=14).contains(&wakes), "{wakes} wake-ups in 12 s");
+    assert!(
+        (4..=6).contains(&reports.len()),
+        "2 listeners, a report each per 5 s: {}",
+        reports.len()
+    );
+    // Silent from t: T1 is next due, then reported once.
+    let due = s.handle_tick(t, Duration::ZERO, &mut events, &mut reports);
+    assert!(due.is_some());
+    let t1 = t + ShardConfig::default().t1;
+    s.handle_tick(t1, Duration::ZERO, &mut events, &mut reports);
+    assert_eq!(events.len(), 1, "{events:?}");
+}
+
 #[test]
 fn shard_of_is_stable() {
     assert_eq!(

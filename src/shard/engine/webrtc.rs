@@ -1,10 +1,9 @@
-//! The shard's WebRTC side: adding and removing peers, their datagrams and timers, and writing a fan-out
-//! into the listeners' `Rtc`s. Still sans-IO: what the peers want sent waits in `transmits`, events for
+//! The shard's WebRTC side: adding and removing peers, their datagrams and timers, and sealing a fan-out
+//! for the listeners (outside their `Rtc`s). Still sans-IO: what the peers want sent waits in `transmits`, events for
 //! the control thread in `events`; the shard loop collects both after every call (str0m's own output is
 //! produced by every call that drives a peer, timers included, so it is queued rather than returned).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::change::SdpOffer;
@@ -192,6 +191,10 @@ impl ShardCore {
                                     datagram.extend_from_slice(&pkt.payload);
                                     self.transmits.push((datagram, *d));
                                 }
+                                for i in 0..spill.sealed.len() {
+                                    let (data, d) = spill.sealed.get(i);
+                                    self.transmits.push((data.to_vec(), *d));
+                                }
                                 // Relay copies leave with the caller's batch; on the timer path there
                                 // is none, and (as before) they are not relayed.
                                 if let Some(b) = batch.as_deref_mut() {
@@ -256,45 +259,22 @@ impl ShardCore {
             self.relay_copy(channel, &rtp, batch);
         }
         if !batch.peers.is_empty() {
-            self.write_peers(
-                batch,
-                pkt.payload.clone(),
-                now,
-                pkt.header.ext_vals.audio_level,
-            );
+            self.write_peers(batch, &pkt.payload, now);
         }
         Ok(())
     }
 
-    /// Writes one fan-out into every WebRTC listener's `Rtc` and drives each with the same `now`, so the
-    /// packets leave at once (parking str0m's send queue until a timer fires would delay every packet).
-    pub(super) fn write_peers(
-        &mut self,
-        batch: &mut Batch,
-        payload: Arc<[u8]>,
-        now: Instant,
-        level: Option<i8>,
-    ) {
-        let mut events = std::mem::take(&mut self.listener_events);
-        for &(id, h) in &batch.peers {
-            let Some(slot) = self.peers.get_mut(id) else {
-                continue;
-            };
-            let before = slot.peer.deadline;
-            if slot.peer.write(h, payload.clone(), now, level) {
-                slot.peer
-                    .handle_timeout(now, &mut self.transmits, &mut events);
-            }
-            let (channel, key) = (slot.channel, slot.key);
-            self.reschedule(id, before, now);
-            for e in events.drain(..) {
-                if let PeerEvent::Closed(reason) = e {
-                    self.peer_closed(channel, key, reason);
-                }
+    /// Seals one fan-out for every WebRTC listener into `batch.sealed` (sent with the plain fan-out).
+    /// The listeners' `Rtc`s are not touched: str0m runs on their own datagrams and deadlines only.
+    pub(super) fn write_peers(&mut self, batch: &mut Batch, payload: &[u8], now: Instant) {
+        let Batch { peers, sealed, .. } = batch;
+        for &(id, h) in peers.iter() {
+            // A peer not connected yet (or closing) hears nothing, like an unlatched plain member.
+            if let Some(slot) = self.peers.get_mut(id) {
+                slot.peer.seal(h, payload, now, sealed);
             }
         }
-        batch.peers.clear();
-        self.listener_events = events;
+        peers.clear();
     }
 
     fn peer_closed(&mut self, channel: usize, key: MemberKey, reason: &'static str) {

@@ -26,6 +26,8 @@ struct Harness {
     heard: Vec<Vec<u8>>,
     /// Plain-RTP datagrams the shard sent: (payload, destination) from `Forward*` verdicts.
     plain: Vec<Vec<u8>>,
+    /// The client finished DTLS too (the shard's peer finishes first).
+    client_connected: bool,
 }
 
 impl Harness {
@@ -88,10 +90,11 @@ impl Harness {
             now,
             heard: vec![],
             plain: vec![],
+            client_connected: false,
         };
         for _ in 0..300 {
             h.step();
-            if h.shard.peers.get_mut(0).is_some_and(|s| s.peer.connected) {
+            if h.client_connected && h.shard.peers.get_mut(0).is_some_and(|s| s.peer.connected) {
                 return h;
             }
         }
@@ -102,6 +105,17 @@ impl Harness {
     fn datagram(&mut self, src: SocketAddr, data: &[u8]) -> Verdict {
         let mut batch = Batch::default();
         let v = self.shard.handle_datagram(src, data, self.now, &mut batch);
+        // WebRTC listeners' packets are sealed by the shard and leave with the batch.
+        let (server, client): (SocketAddr, SocketAddr) =
+            (SERVER.parse().unwrap(), CLIENT.parse().unwrap());
+        for i in 0..batch.sealed.len() {
+            let (d, to) = batch.sealed.get(i);
+            assert_eq!(to.to_socket_addr(), client);
+            let r = Receive::new(Protocol::Udp, server, client, d).unwrap();
+            self.client
+                .handle_input(Input::Receive(self.now, r))
+                .unwrap();
+        }
         let payload: Vec<u8> = match &v {
             Verdict::Forward(r) => data[r.clone()].to_vec(),
             Verdict::ForwardShared(p) => p.to_vec(),
@@ -123,6 +137,7 @@ impl Harness {
                 Output::Timeout(_) => break,
                 Output::Transmit(t) => to_shard.push(t.contents.to_vec()),
                 Output::Event(RtcEvent::RtpPacket(p)) => self.heard.push(p.payload.to_vec()),
+                Output::Event(RtcEvent::Connected) => self.client_connected = true,
                 Output::Event(_) => {}
             }
         }
