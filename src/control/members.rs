@@ -143,6 +143,7 @@ impl HubCore {
                 timer: None,
                 remote_holder: None,
                 nodes: Default::default(),
+                refreshed: now,
             });
         ch.members.insert(
             member.clone(),

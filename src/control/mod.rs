@@ -64,8 +64,10 @@ use self::presence::RemotePresence;
 /// An expiring key publishes nothing: the floors of channels held from another node are re-read this
 /// often (the holder's node may have died; its lease then ran out in silence).
 const RESYNC_EVERY: Duration = Duration::from_secs(5);
-/// Session heartbeat: well inside the store's idle TTL (1 h).
-const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// Session heartbeat of a channel's members, and the TTLs of its registration and home, renewed by the
+/// sweep: a third of the store's idle TTL (1 h), so a member survives two lost heartbeats. One burst for
+/// every member of the node at once would be a latency spike for grants; the sweep spreads them.
+const REFRESH_EVERY: Duration = Duration::from_secs(1200);
 /// Liveness of this node in the registry, and how often it is renewed (design: ≈ 10 s TTL).
 const NODE_TTL: Duration = Duration::from_secs(10);
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(3);
@@ -332,12 +334,13 @@ struct ChannelCtl {
     remote_holder: Option<(u64, String)>,
     /// The other nodes registered in the channel (its relay targets, where alive).
     nodes: std::collections::BTreeSet<String>,
+    /// When its members' sessions, its registration and its home were last refreshed in the store.
+    refreshed: Instant,
 }
 
 /// When the periodic work is next due.
 struct Periodic {
     resync: Instant,
-    refresh: Instant,
     announce: Instant,
     /// The next read of the node table.
     nodes: Instant,
@@ -415,7 +418,6 @@ impl HubCore {
             floor_timers: BinaryHeap::new(),
             periodic: Periodic {
                 resync: now + RESYNC_EVERY,
-                refresh: now + REFRESH_EVERY,
                 announce: now,
                 nodes: now,
                 sweep: now + sweep::SWEEP_STEP,
@@ -504,35 +506,24 @@ impl HubCore {
     /// The next instant [`HubCore::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let p = &self.periodic;
-        let mut at = p.refresh;
-        if self.config.shared {
-            at = at.min(p.resync).min(p.sweep);
-        }
-        if self.uses_registry() {
-            at = at.min(p.announce);
-            if self.store_up {
-                at = at.min(p.nodes);
-            }
-        }
-        if let Some(Reverse((t, _))) = self.floor_timers.peek() {
-            at = at.min(*t);
-        }
-        if let Some(t) = self.calls.poll_timeout() {
-            at = at.min(t);
-        }
-        if let Some(t) = self.speaker_retry_at {
-            at = at.min(t);
-        }
-        if let Some(Reverse((t, _))) = self.detached.peek() {
-            at = at.min(*t);
-        }
-        if let Some(t) = self.bursts_timeout() {
-            at = at.min(t);
-        }
-        if let Some(d) = self.drain.as_ref().filter(|_| !self.conns.is_empty()) {
-            at = at.min(d.deadline);
-        }
-        Some(at)
+        let (shared, registry) = (self.config.shared, self.uses_registry());
+        let draining = self.drain.as_ref().filter(|_| !self.conns.is_empty());
+        // `None`: nothing is due (an idle node on the embedded store is never woken).
+        [
+            Some(p.resync).filter(|_| shared),
+            Some(p.sweep).filter(|_| shared),
+            Some(p.announce).filter(|_| registry),
+            Some(p.nodes).filter(|_| registry && self.store_up),
+            self.floor_timers.peek().map(|Reverse((t, _))| *t),
+            self.calls.poll_timeout(),
+            self.speaker_retry_at,
+            self.detached.peek().map(|Reverse((t, _))| *t),
+            self.bursts_timeout(),
+            draining.map(|d| d.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs whatever is due at `now`: floor timers, expired store calls and retries, periodic work.
@@ -546,10 +537,6 @@ impl HubCore {
         self.flush_bursts(now);
         if self.config.shared {
             self.tick_sweep(now);
-        }
-        if now >= self.periodic.refresh {
-            self.periodic.refresh = now + REFRESH_EVERY;
-            self.refresh_sessions(now, 0);
         }
         self.tick_registry(now);
         self.drain_step(now);
@@ -620,7 +607,28 @@ impl HubCore {
             .collect()
     }
 
-    /// Heartbeats for every local member, so the session store's idle TTL only removes the dead.
+    /// Heartbeats for the members of `channel` on this node (the sweep's, spread over its round).
+    fn refresh_channel_sessions(&mut self, channel: &str, now: Instant) {
+        let Some(ch) = self.channels.get(channel) else {
+            return;
+        };
+        let members: Vec<String> = ch
+            .members
+            .iter()
+            .filter(|(_, m)| m.ready)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for member in members {
+            let call = StoreCall::Refresh {
+                channel: channel.to_string(),
+                member,
+                node: self.config.node.clone(),
+            };
+            self.call(call, calls::Purpose::None, now);
+        }
+    }
+
+    /// Heartbeats for every local member at once (after a store reconnect: it may have come back empty).
     fn refresh_sessions(&mut self, now: Instant, retries: u32) {
         let node = self.config.node.clone();
         let timeout = self.config.store_timeout;

@@ -5,13 +5,14 @@
 //! - every [`RESYNC_EVERY`](super::RESYNC_EVERY), the floors of the channels held from another node are
 //!   re-read (that node may have died and its lease run out in silence) — only those, so an idle channel
 //!   costs nothing here;
-//! - a slow sweep re-reads every channel once per [`SWEEP_ROUND`] — its floor, its registered nodes — and
-//!   refreshes its registration and home TTLs, spread evenly over the round (a slice every
-//!   [`SWEEP_STEP`]) so ten thousand channels never turn into one burst of calls.
+//! - a slow sweep re-reads every channel once per [`SWEEP_ROUND`] — its floor, its registered nodes —
+//!   spread evenly over the round (a slice every [`SWEEP_STEP`]) so ten thousand channels never turn into
+//!   one burst of calls; every [`REFRESH_EVERY`](super::REFRESH_EVERY) the visit also renews the channel's
+//!   members' sessions, its registration and its home in the store (heartbeats, spread the same way).
 
 use std::time::{Duration, Instant};
 
-use super::{HubCore, RESYNC_EVERY};
+use super::{HubCore, REFRESH_EVERY, RESYNC_EVERY};
 
 /// How often a slice of the sweep runs.
 pub(super) const SWEEP_STEP: Duration = Duration::from_secs(1);
@@ -53,15 +54,24 @@ impl HubCore {
             let Some(channel) = self.sweep.pop_front() else {
                 break;
             };
-            if !self.channels.contains_key(&channel) {
+            let Some(ch) = self.channels.get_mut(&channel) else {
                 continue;
+            };
+            let renew = now.duration_since(ch.refreshed) >= REFRESH_EVERY;
+            if renew {
+                ch.refreshed = now;
             }
             self.read_holder(&channel, now);
             if self.uses_registry() {
-                self.refresh_registration(&channel, now);
                 self.read_channel_nodes(&channel, now);
             }
-            self.refresh_home(&channel, now);
+            if renew {
+                self.refresh_channel_sessions(&channel, now);
+                if self.uses_registry() {
+                    self.refresh_registration(&channel, now);
+                }
+                self.refresh_home(&channel, now);
+            }
         }
     }
 }
