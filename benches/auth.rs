@@ -33,14 +33,26 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A keys file with an HS256 secret and EdDSA and ES256 key pairs.
 fn key_set(dir: &Path) -> KeySet {
     openssl(dir, &["genpkey", "-algorithm", "ed25519", "-out", "ed.pem"]);
-    openssl(dir, &["pkey", "-in", "ed.pem", "-pubout", "-out", "ed.pub.pem"]);
+    openssl(
+        dir,
+        &["pkey", "-in", "ed.pem", "-pubout", "-out", "ed.pub.pem"],
+    );
     openssl(
         dir,
         &[
-            "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "ec.pem",
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "ec.pem",
         ],
     );
-    openssl(dir, &["pkey", "-in", "ec.pem", "-pubout", "-out", "ec.pub.pem"]);
+    openssl(
+        dir,
+        &["pkey", "-in", "ec.pem", "-pubout", "-out", "ec.pub.pem"],
+    );
     let file = dir.join("keys.toml");
     std::fs::write(
         &file,

@@ -294,6 +294,18 @@ async fn setup(
     ))
 }
 
+/// Sends one `join` (its `id` is the spec's index, to match the answer).
+async fn send_join(ctx: &ConnCtx, ws: &mut Ws, spec: &JoinSpec, i: usize) -> Result<(), String> {
+    ws.send(Message::text(join_frame(
+        &ctx.prefix,
+        spec,
+        ctx.presence,
+        i,
+    )))
+    .await
+    .map_err(|e| format!("send join: {e}"))
+}
+
 /// Sends the joins of `which` on `ws` and reads their answers: `joined` fills `joined`, a `redirect`
 /// (when `follow`) is returned as (url, spec), anything else refused is an error.
 async fn join_on(
@@ -305,14 +317,7 @@ async fn join_on(
     follow: bool,
 ) -> Result<Vec<(String, usize)>, String> {
     for &i in which {
-        ws.send(Message::text(join_frame(
-            &ctx.prefix,
-            &specs[i],
-            ctx.presence,
-            i,
-        )))
-        .await
-        .map_err(|e| format!("send join: {e}"))?;
+        send_join(ctx, ws, &specs[i], i).await?;
     }
     let mut by_name: HashMap<String, usize> = HashMap::new();
     for &i in which {
@@ -331,14 +336,7 @@ async fn join_on(
         while k < retries.len() {
             if retries[k].0 <= now {
                 let (_, i) = retries.swap_remove(k);
-                ws.send(Message::text(join_frame(
-                    &ctx.prefix,
-                    &specs[i],
-                    ctx.presence,
-                    i,
-                )))
-                .await
-                .map_err(|e| format!("send join: {e}"))?;
+                send_join(ctx, ws, &specs[i], i).await?;
             } else {
                 k += 1;
             }
