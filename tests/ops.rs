@@ -269,11 +269,16 @@ async fn readyz_follows_the_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_answer_the_operators_questions_and_the_dashboard_uses_only_them() {
     let (_guard, http) = spawn_server(&["--shards", "2"]);
-    let (mut sa, _sb, mut alice, _bob) = burst(http).await;
+    let (mut sa, _sb, mut alice, bob) = burst(http).await;
     for frame in speech_frames().iter().take(20) {
         alice.send_rtp(frame).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Bob's receiver report on what he hears: 10 % lost (26/256), jitter 480 units (10 ms at 48 kHz).
+    let mut rr = vec![0x81, 201, 0, 7, 0, 0, 0, 2];
+    rr.extend_from_slice(&[0, 0, 0, 1, 26, 0, 0, 2, 0, 0, 0, 20, 0, 0, 1, 0xe0]);
+    rr.extend_from_slice(&[0; 8]);
+    bob.send_raw(&rr).await;
     sa.release("ops").await;
     sa.expect_floor("ops", "idle").await;
     let (status, text) = http_get(http, "/metrics").await;
@@ -283,6 +288,10 @@ async fn metrics_answer_the_operators_questions_and_the_dashboard_uses_only_them
         ("talkgroup_ws_send_queue_bytes_count", 1),
         ("talkgroup_packets_forwarded_total", 20),
         ("talkgroup_media_forwarded_total", 20),
+        ("talkgroup_forward_latency_seconds_count", 1),
+        ("talkgroup_listener_reports_total", 1),
+        ("talkgroup_listener_loss_ratios_count", 1),
+        ("talkgroup_listener_jitter_seconds_count", 1),
         ("talkgroup_shard_up", 2),
         ("talkgroup_build_info", 1),
         ("talkgroup_members", 2),

@@ -1,5 +1,5 @@
-//! RTP/RTCP classification (RFC 7983) and the zero-copy RTP parser, on any datagram a peer can send.
-//! Beyond "no panic": what the parser returns is consistent with the bytes it was given.
+//! RTP/RTCP classification (RFC 7983), the zero-copy RTP parser and the RTCP report-block walk, on any
+//! datagram a peer can send. Beyond "no panic": what the parsers return is consistent with the bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -21,4 +21,8 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(_) => assert!(kind != Kind::Rtp || data.len() < HEADER_LEN || data[0] >> 6 == 2),
     }
+    // Every report block read lies inside the datagram: at most one per 24 bytes.
+    let mut blocks = 0;
+    let reports = rtp::report_blocks(data, |_| blocks += 1);
+    assert!(blocks * 24 <= data.len() && reports * 4 <= data.len());
 });

@@ -11,19 +11,16 @@
 //!
 //! # Metrics the shard does not report yet
 //!
-//! Two questions need the shard's packet path, which is being reworked: how long a packet spends in the
-//! server, and what listeners report back. Their names, types and buckets are fixed here, so the shard
-//! only has to fill these [`ShardStats`] fields (plain integers, copied like the others):
+//! Two questions need the shard's packet path: how long a packet spends in the server, and what listeners
+//! report back. The shards fill these [`ShardStats`] fields (plain integers, copied like the others) and a
+//! scrape sums them over the shards:
 //!
-//! | metric | type | `ShardStats` field to add | how the shard fills it |
+//! | metric | type | `ShardStats` field | how the shard fills it |
 //! |---|---|---|---|
-//! | `talkgroup_forward_latency_seconds{shard}` | histogram, [`FORWARD_LATENCY_NS`] | `forward_latency: Buckets<11>` (ns) | 1 packet in [`FORWARD_LATENCY_SAMPLE`]: from the `recvmmsg` that read it to the end of the `sendmmsg` that sent its last copy |
-//! | `talkgroup_listener_reports_total{shard}` | counter | `rr_reports: u64` | RTCP receiver reports from listeners (plain RTP and WebRTC) |
-//! | `talkgroup_listener_loss_ratio{shard}` | histogram, [`LOSS_PER_256`] | `rr_loss: Buckets<8>` (fraction lost × 256, as in the RR) | one observation per report block |
-//! | `talkgroup_listener_jitter_seconds{shard}` | histogram, [`JITTER_US`] | `rr_jitter: Buckets<9>` (µs: interarrival jitter ÷ 48 kHz) | one observation per report block |
-//!
-//! Once a field exists, exporting it is one entry in `render.rs` (its counter and histogram encoders are
-//! there).
+//! | `talkgroup_forward_latency_seconds` | histogram, [`FORWARD_LATENCY_NS`] | `forward_latency` (ns) | about 1 packet in [`FORWARD_LATENCY_SAMPLE`]: from the wake-up that read its batch to the end of the `sendmmsg` that sent its last copy |
+//! | `talkgroup_listener_reports_total{shard}` | counter | `rr_reports` | RTCP receiver reports from listeners (plain RTP: their RTCP; WebRTC: str0m's stats of the listener's stream) |
+//! | `talkgroup_listener_loss_ratios` | histogram, [`LOSS_PER_256`] | `rr_loss` (fraction lost × 256, as in the RR) | one observation per report |
+//! | `talkgroup_listener_jitter_seconds` | histogram, [`JITTER_US`] | `rr_jitter` (µs: interarrival jitter ÷ 48 kHz) | one observation per report |
 
 mod process;
 mod render;
@@ -65,6 +62,15 @@ impl<const N: usize> Buckets<N> {
             None => self.over += 1,
         }
         self.sum = self.sum.saturating_add(value);
+    }
+
+    /// Adds `other`'s observations (made with the same bounds): the shards' histograms summed.
+    pub fn merge(&mut self, other: &Buckets<N>) {
+        for (c, o) in self.counts.iter_mut().zip(other.counts) {
+            *c += o;
+        }
+        self.over += other.over;
+        self.sum = self.sum.saturating_add(other.sum);
     }
 
     /// Number of observations.

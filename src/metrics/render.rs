@@ -8,7 +8,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::{Snapshot, PRESS_TO_GRANT_US, WS_QUEUE_BYTES};
+use super::{
+    Buckets, Snapshot, FORWARD_LATENCY_NS, JITTER_US, LOSS_PER_256, PRESS_TO_GRANT_US,
+    WS_QUEUE_BYTES,
+};
 use crate::relay::relay_drop_names;
 use crate::shard::{drop_reason_names, ShardStats};
 
@@ -133,7 +136,7 @@ type ShardMetric = (
 const COUNTER: MetricType = MetricType::Counter;
 const GAUGE: MetricType = MetricType::Gauge;
 
-const PER_SHARD: [ShardMetric; 17] = [
+const PER_SHARD: [ShardMetric; 18] = [
     (
         "talkgroup_packets_in",
         "Datagrams received on the media port",
@@ -151,6 +154,12 @@ const PER_SHARD: [ShardMetric; 17] = [
         "RTP media datagrams sent to listeners, plain and WebRTC (no RTCP, STUN or DTLS)",
         COUNTER,
         |s| s.media_forwarded,
+    ),
+    (
+        "talkgroup_listener_reports",
+        "RTCP receiver reports from listeners (plain RTP; WebRTC summed by str0m every 5 s)",
+        COUNTER,
+        |s| s.rr_reports,
     ),
     (
         "talkgroup_rtcp_in",
@@ -286,6 +295,41 @@ impl Snapshot {
             let samples = self.shards.iter().map(|s| (shard(s), get(s).into()));
             f.family(name, help, None, samples, kind)?;
         }
+        // The shards' histograms, summed: one distribution for the node.
+        let (mut latency, mut loss, mut jitter) = Default::default();
+        for s in &self.shards {
+            Buckets::merge(&mut latency, &s.forward_latency);
+            Buckets::merge(&mut loss, &s.rr_loss);
+            Buckets::merge(&mut jitter, &s.rr_jitter);
+        }
+        let latency: Buckets<11> = latency;
+        f.histogram(
+            "talkgroup_forward_latency",
+            "In-server forwarding latency of sampled packets: from the wake-up that read the packet to \
+             the end of the sendmmsg that sent its last copy",
+            Unit::Seconds,
+            latency.sum() as f64 / 1e9,
+            latency.count(),
+            &latency.cumulative(&FORWARD_LATENCY_NS, 1e9),
+        )?;
+        let loss: Buckets<8> = loss;
+        f.histogram(
+            "talkgroup_listener_loss",
+            "Fraction of packets lost that listeners report (RTCP report blocks)",
+            Unit::Ratios,
+            loss.sum() as f64 / 256.0,
+            loss.count(),
+            &loss.cumulative(&LOSS_PER_256, 256.0),
+        )?;
+        let jitter: Buckets<9> = jitter;
+        f.histogram(
+            "talkgroup_listener_jitter",
+            "Interarrival jitter that listeners report (RTCP report blocks)",
+            Unit::Seconds,
+            jitter.sum() as f64 / 1e6,
+            jitter.count(),
+            &jitter.cumulative(&JITTER_US, 1e6),
+        )?;
         let dropped = self.shards.iter().flat_map(|s| {
             drop_reason_names()
                 .into_iter()

@@ -115,7 +115,17 @@ pub enum PeerEvent {
     Media(RtpPacket),
     /// ICE timed out, DTLS closed, or the peer never connected: it must leave its channel.
     Closed(&'static str),
+    /// What the browser's receiver reports said of the stream it listens to, since the last one.
+    Report {
+        /// Fraction lost × 256, as in an RTCP report block.
+        fraction_lost: u8,
+        /// Interarrival jitter, RTP timestamp units.
+        jitter: u32,
+    },
 }
+
+/// How often str0m sums up a peer's receiver reports (one timer per peer per period: nothing per packet).
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A datagram str0m wants sent: contents and destination.
 pub type Transmit = (Vec<u8>, RawAddr);
@@ -194,7 +204,8 @@ fn rtc_config(shared: &WebRtcConfig, ufrag: &str, pass: String) -> RtcConfig {
             pass,
         })
         .clear_extension_map()
-        .set_extension(1, Extension::AudioLevel);
+        .set_extension(1, Extension::AudioLevel)
+        .set_stats_interval(Some(STATS_EVERY));
     *config.codec_config() = CodecConfig::new_from_payload_params(vec![opus]);
     config
 }
@@ -467,6 +478,15 @@ impl WebRtcPeer {
                     }
                     // The client closed DTLS: str0m still drains its own close_notify and BYE.
                     RtcEvent::Closed => self.close_with(events, "dtls_closed", false),
+                    // `loss` is set only when receiver reports came since the last stats event.
+                    RtcEvent::MediaEgressStats(stats) => {
+                        if let (Some(loss), Some(remote)) = (stats.loss, stats.remote) {
+                            events.push(PeerEvent::Report {
+                                fraction_lost: (loss.clamp(0.0, 1.0) * 255.0) as u8,
+                                jitter: remote.jitter,
+                            });
+                        }
+                    }
                     _ => {}
                 },
                 Err(e) => {

@@ -222,6 +222,24 @@ impl ShardCore {
             .and_then(|&i| self.channels[i].as_ref())
     }
 
+    /// One sampled packet's time in the server, ns (the shard's I/O loop measures it).
+    pub fn sample_forward_latency(&mut self, ns: u64) {
+        self.stats
+            .forward_latency
+            .observe(&crate::metrics::FORWARD_LATENCY_NS, ns);
+    }
+
+    /// One report block from a listener (plain RTP or WebRTC): its loss and jitter, for `/metrics`.
+    pub(crate) fn listener_report(&mut self, fraction_lost: u8, jitter: u32) {
+        use crate::metrics::{JITTER_US, LOSS_PER_256};
+        self.stats
+            .rr_loss
+            .observe(&LOSS_PER_256, u64::from(fraction_lost));
+        // Opus's RTP clock is 48 kHz: 48 timestamp units are 1 ms.
+        let jitter_us = u64::from(jitter) * 1000 / 48;
+        self.stats.rr_jitter.observe(&JITTER_US, jitter_us);
+    }
+
     /// One received datagram from the media port. On `Forward*`, `batch` gained a header per plain-RTP
     /// listener (its payload is the verdict's) and, for a local speaker of a channel with members on
     /// other nodes, the relay copies. `batch` may already hold the fan-outs of earlier datagrams of the
@@ -270,6 +288,19 @@ impl ShardCore {
                     }
                 }
                 self.stats.rtcp_in += 1;
+                // A listener reports on the one stream it receives from us: a few blocks at most are
+                // looked at (the array keeps the walk free of allocation).
+                let mut blocks = [None; 4];
+                let mut n = 0;
+                self.stats.rr_reports += rtp::report_blocks(data, |b| {
+                    if let Some(slot) = blocks.get_mut(n) {
+                        *slot = Some(b);
+                        n += 1;
+                    }
+                }) as u64;
+                for b in blocks.into_iter().flatten() {
+                    self.listener_report(b.fraction_lost, b.jitter);
+                }
                 return Verdict::Rtcp;
             }
             Kind::Rtp => {}

@@ -264,6 +264,9 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
     let mut ranges: Vec<Payload> = Vec::new();
     let mut shared: Vec<std::sync::Arc<[u8]>> = Vec::new();
     let mut sender = rtpio::Sender::default();
+    // Forwarded packets until the next one is timed (two clock reads per sample, none in between); the
+    // first is, so that a quiet node has a figure too.
+    let mut until_sample = 1;
     loop {
         let socket = match (port, &lp.relay) {
             (Port::Relay, Some(r)) => r,
@@ -327,6 +330,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
             c.count_would_block(sent.would_block);
         }
         if batch.is_empty() {
+            sample_latency(&lp, now, ranges.len(), &mut until_sample);
             continue;
         }
         let payloads: Vec<&[u8]> = ranges
@@ -357,7 +361,27 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
         c.count_sent(sent.sent + slow, sent.failed + sent.would_block - slow);
         c.count_media(sent.sent + slow);
         c.count_would_block(sent.would_block);
+        drop(c);
+        sample_latency(&lp, now, ranges.len(), &mut until_sample);
     }
+}
+
+/// After a batch's last `sendmmsg`: when about [`FORWARD_LATENCY_SAMPLE`](crate::metrics::FORWARD_LATENCY_SAMPLE)
+/// packets have been forwarded since the last sample, the time since the wake-up that read this batch
+/// goes into the forwarding-latency histogram (the batch's packets all waited at least that long for
+/// their last copy to leave).
+fn sample_latency(lp: &Loop, woke: Instant, forwarded: usize, until_sample: &mut u64) {
+    let n = forwarded as u64;
+    if n == 0 {
+        return;
+    }
+    if n < *until_sample {
+        *until_sample -= n;
+        return;
+    }
+    *until_sample = crate::metrics::FORWARD_LATENCY_SAMPLE;
+    let ns = u64::try_from(woke.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    lp.core.borrow_mut().sample_forward_latency(ns);
 }
 
 /// Where the payload of a fan-out is.

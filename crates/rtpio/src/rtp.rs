@@ -228,12 +228,103 @@ pub fn receiver_report(ssrc: u32) -> [u8; RR_LEN] {
     out
 }
 
+/// One report block of an RTCP sender or receiver report (RFC 3550 §6.4.1): what a receiver says of a
+/// stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportBlock {
+    /// The stream reported on.
+    pub ssrc: u32,
+    /// Fraction of its packets lost since the previous report, × 256.
+    pub fraction_lost: u8,
+    /// Interarrival jitter, in RTP timestamp units.
+    pub jitter: u32,
+}
+
+/// Walks a (compound) RTCP packet and hands every report block of its SRs and RRs to `block`; returns
+/// how many SRs and RRs it held. Peer input: lengths are checked, and malformed input ends the walk
+/// (what came before it is kept) — never a panic.
+pub fn report_blocks(data: &[u8], mut block: impl FnMut(ReportBlock)) -> usize {
+    let mut reports = 0;
+    let mut rest = data;
+    while rest.len() >= 4 {
+        if rest[0] >> 6 != 2 {
+            break;
+        }
+        let count = usize::from(rest[0] & 0x1f);
+        let pt = rest[1];
+        let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
+        let Some(packet) = rest.get(..len) else {
+            break;
+        };
+        // Report blocks start after the header and the reporter's SSRC (RR), plus the sender info (SR).
+        let first = match pt {
+            200 => Some(28),
+            201 => Some(8),
+            _ => None,
+        };
+        if let Some(first) = first {
+            reports += 1;
+            for i in 0..count {
+                let at = first + i * 24;
+                let Some(b) = packet.get(at..at + 24) else {
+                    break;
+                };
+                block(ReportBlock {
+                    ssrc: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                    fraction_lost: b[4],
+                    jitter: u32::from_be_bytes([b[12], b[13], b[14], b[15]]),
+                });
+            }
+        }
+        rest = &rest[len..];
+    }
+    reports
+}
+
 /// NTP timestamp (RFC 5905 64-bit format) for a Unix time.
 pub fn ntp_from_unix(since_epoch: std::time::Duration) -> u64 {
     const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
     let secs = since_epoch.as_secs() + NTP_UNIX_OFFSET;
     let frac = (u64::from(since_epoch.subsec_nanos()) << 32) / 1_000_000_000;
     (secs << 32) | frac
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::*;
+
+    #[test]
+    fn report_blocks_are_read_from_compound_rtcp_and_bad_lengths_end_the_walk() {
+        // An RR with one block (fraction lost 64/256, jitter 480), then an SDES, then an RR with none.
+        let mut rr = vec![0x81, 201, 0, 7, 0, 0, 0, 1];
+        rr.extend_from_slice(&[
+            0, 0, 0, 9, 64, 0, 0, 3, 0, 0, 1, 0, 0, 0, 1, 0xe0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        let sdes = [0x81, 202, 0, 1, 0, 0, 0, 1];
+        let mut compound = rr.clone();
+        compound.extend_from_slice(&sdes);
+        compound.extend_from_slice(&receiver_report(5));
+        let mut blocks = Vec::new();
+        assert_eq!(report_blocks(&compound, |b| blocks.push(b)), 2);
+        assert_eq!(
+            blocks,
+            [ReportBlock {
+                ssrc: 9,
+                fraction_lost: 64,
+                jitter: 480
+            }]
+        );
+        // A length past the end, a block count past the packet, garbage: no panic, nothing invented.
+        let mut short = rr.clone();
+        short[3] = 200;
+        assert_eq!(report_blocks(&short, |_| panic!("no block")), 0);
+        let mut overcount = rr[..8].to_vec();
+        overcount[0] = 0x9f;
+        overcount[3] = 1;
+        assert_eq!(report_blocks(&overcount, |_| panic!("no block")), 1);
+        assert_eq!(report_blocks(&[0xff; 3], |_| panic!("no block")), 0);
+        assert_eq!(report_blocks(&[0x80, 201, 0, 0], |_| {}), 1);
+    }
 }
 
 #[cfg(test)]

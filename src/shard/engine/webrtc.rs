@@ -167,6 +167,13 @@ impl ShardCore {
                     }
                 }
                 PeerEvent::Closed(reason) => self.peer_closed(channel, key, reason),
+                PeerEvent::Report {
+                    fraction_lost,
+                    jitter,
+                } => {
+                    self.stats.rr_reports += 1;
+                    self.listener_report(fraction_lost, jitter);
+                }
                 PeerEvent::Media(pkt) => match batch.take() {
                     Some(b) if b.len() == base => {
                         // A refused packet adds no entries (the channel checks before fanning out).
