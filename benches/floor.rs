@@ -55,6 +55,25 @@ fn press_release(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let store = MemoryFloorStore::new("bench");
     let mut floor = Floor::new(FloorConfig::default());
+    // What is timed must be a grant and a release, not a denial: one cycle is checked first.
+    let now = Instant::now();
+    let request = Input::Request {
+        member: "alice".into(),
+        priority: 0,
+        queue: false,
+    };
+    floor.handle(request, now);
+    drain(&mut floor, &store, now);
+    assert_eq!(floor.speaker(), Some("alice"), "a press is granted");
+    let epoch = floor.epoch();
+    floor.handle(
+        Input::Release {
+            member: "alice".into(),
+        },
+        now,
+    );
+    drain(&mut floor, &store, now);
+    assert_eq!(floor.speaker(), None, "a release frees the floor");
     g.bench_function("press_release_cycle", |b| {
         b.iter(|| {
             let now = Instant::now();
@@ -76,6 +95,10 @@ fn press_release(c: &mut Criterion) {
             black_box(a + drain(&mut floor, &store, now))
         })
     });
+    assert!(
+        floor.epoch() > epoch,
+        "every timed cycle granted a newer epoch"
+    );
     g.bench_function("denied_busy", |b| {
         let now = Instant::now();
         floor.handle(
@@ -87,6 +110,11 @@ fn press_release(c: &mut Criterion) {
             now,
         );
         drain(&mut floor, &store, now);
+        assert_eq!(
+            floor.speaker(),
+            Some("alice"),
+            "alice holds: bob is denied busy"
+        );
         b.iter(|| {
             floor.handle(
                 Input::Request {

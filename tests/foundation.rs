@@ -282,8 +282,15 @@ async fn silence_revokes_the_holder_and_members_see_idle() {
     let _b = RtpMember::join(&mut sb, "quiet", "b").await;
     sa.press("quiet").await;
     sa.expect_floor("quiet", "granted").await;
+    let granted = std::time::Instant::now();
     let r = sa.expect_floor("quiet", "revoked").await;
     assert_eq!(r["reason"], "silence");
+    // Not before T1 (300 ms) of silence: the grant left the server before we read it, so allow 50 ms.
+    let silent = granted.elapsed();
+    assert!(
+        silent >= Duration::from_millis(250),
+        "revoked for silence after {silent:?}, T1 is 300 ms"
+    );
     sb.expect_floor("quiet", "idle").await;
     srv.shutdown();
 }
