@@ -385,3 +385,104 @@ proptest! {
         }
     }
 }
+
+/// What a speaker's uplink does to the next packet it sends.
+#[derive(Debug, Clone, Copy)]
+enum Uplink {
+    /// Sent in order.
+    Send,
+    /// Lost: its sequence number never arrives.
+    Lose,
+    /// The next two arrive swapped.
+    Swap,
+}
+
+fn uplink() -> impl Strategy<Value = Uplink> {
+    prop_oneof![6 => Just(Uplink::Send), 1 => Just(Uplink::Lose), 1 => Just(Uplink::Swap)]
+}
+
+/// The order in which a burst's sequence numbers arrive, from `start` (wrapping at 2^16).
+fn arrivals(start: u16, uplink: &[Uplink]) -> Vec<u16> {
+    let mut out = Vec::new();
+    let mut next = start;
+    for u in uplink {
+        match u {
+            Uplink::Send => out.push(next),
+            Uplink::Lose => {}
+            Uplink::Swap => {
+                out.push(next.wrapping_add(1));
+                out.push(next);
+                next = next.wrapping_add(1);
+            }
+        }
+        next = next.wrapping_add(1);
+    }
+    out
+}
+
+proptest! {
+    /// Bursts whose uplink loses, reorders and wraps its sequence numbers (starts near 65,535): within a
+    /// burst each listener's mapping is one offset for sequence numbers and timestamps (a gap in is a gap
+    /// out, a reorder in a reorder out, across the wrap); a packet older than the burst's first is
+    /// dropped, never mapped below it; each burst continues right after the highest number the listener
+    /// was given before; no number is given twice.
+    #[test]
+    fn listener_streams_follow_loss_reorder_and_wrap(
+        bursts in proptest::collection::vec(
+            (1..=4u64, prop_oneof![65_480..=65_535u16, any::<u16>()],
+             proptest::collection::vec(uplink(), 1..80)),
+            1..8,
+        )
+    ) {
+        let mut now = Instant::now();
+        let mut ch = channel(4, now);
+        let mut batch = Batch::default();
+        // Per listener: the highest output number so far (by input order within the burst), every
+        // number given, and the burst's offsets.
+        let mut high: HashMap<u32, u16> = HashMap::new();
+        let mut given: HashMap<u32, std::collections::HashSet<u16>> = HashMap::new();
+        for (epoch, (speaker, start, uplink)) in bursts.into_iter().enumerate() {
+            ch.apply(SpeakerChange::Granted { speaker: Some(speaker), epoch: epoch as u64 + 1, until: None }, now);
+            let order = arrivals(start, &uplink);
+            let Some(&first) = order.first() else { continue }; // every packet of the burst lost
+            let mut offsets: HashMap<u32, (u16, u32)> = HashMap::new();
+            let mut burst_high: HashMap<u32, u16> = HashMap::new();
+            for seq in order {
+                // The timestamp follows the sequence number: 20 ms frames.
+                let idx = u32::from(seq.wrapping_sub(start));
+                let ts = 1_000_000u32.wrapping_add(idx * 960);
+                let p = rtp::build_packet(false, 111, seq, ts, 0xbeef + speaker as u32, b"voice");
+                batch.clear();
+                let r = ch.forward(speaker, &RtpView::parse(&p).unwrap(), now, &mut batch);
+                // Older than the burst's first packet (distance backwards, mod 2^16).
+                let before_first = first.wrapping_sub(seq) != 0 && first.wrapping_sub(seq) < 1 << 15;
+                if before_first {
+                    prop_assert_eq!(r, Err(ForwardDrop::TooOld));
+                    prop_assert!(batch.is_empty());
+                    continue;
+                }
+                prop_assert_eq!(r, Ok(()));
+                prop_assert_eq!(batch.len(), 3);
+                for (ssrc, oseq, ots, _) in decode(&batch) {
+                    let (off_seq, off_ts) = *offsets.entry(ssrc).or_insert_with(|| {
+                        (oseq.wrapping_sub(seq), ots.wrapping_sub(ts))
+                    });
+                    if seq == first {
+                        if let Some(h) = high.get(&ssrc) {
+                            prop_assert_eq!(oseq, h.wrapping_add(1), "a burst continues the stream");
+                        }
+                    }
+                    prop_assert_eq!(oseq.wrapping_sub(seq), off_seq, "one sequence offset per burst");
+                    prop_assert_eq!(ots.wrapping_sub(ts), off_ts, "one timestamp offset per burst");
+                    prop_assert!(given.entry(ssrc).or_default().insert(oseq), "number {} given twice", oseq);
+                    let h = burst_high.entry(ssrc).or_insert(oseq);
+                    if oseq.wrapping_sub(*h) < 1 << 15 {
+                        *h = oseq;
+                    }
+                }
+                now += Duration::from_millis(20);
+            }
+            high.extend(burst_high);
+        }
+    }
+}
