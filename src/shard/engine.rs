@@ -226,12 +226,12 @@ impl ShardCore {
     pub fn sample_forward_latency(&mut self, ns: u64) {
         self.stats
             .forward_latency
-            .observe(&crate::metrics::FORWARD_LATENCY_NS, ns);
+            .observe(&crate::metrics::buckets::FORWARD_LATENCY_NS, ns);
     }
 
     /// One report block from a listener (plain RTP or WebRTC): its loss and jitter, for `/metrics`.
     pub(crate) fn listener_report(&mut self, fraction_lost: u8, jitter: u32) {
-        use crate::metrics::{JITTER_US, LOSS_PER_256};
+        use crate::metrics::buckets::{JITTER_US, LOSS_PER_256};
         self.stats
             .rr_loss
             .observe(&LOSS_PER_256, u64::from(fraction_lost));

@@ -366,7 +366,7 @@ async fn receive_loop(lp: Rc<Loop>, port: Port) {
     }
 }
 
-/// After a batch's last `sendmmsg`: when about [`FORWARD_LATENCY_SAMPLE`](crate::metrics::FORWARD_LATENCY_SAMPLE)
+/// After a batch's last `sendmmsg`: when about [`FORWARD_LATENCY_SAMPLE`](crate::metrics::buckets::FORWARD_LATENCY_SAMPLE)
 /// packets have been forwarded since the last sample, the time since the wake-up that read this batch
 /// goes into the forwarding-latency histogram (the batch's packets all waited at least that long for
 /// their last copy to leave).
@@ -379,7 +379,7 @@ fn sample_latency(lp: &Loop, woke: Instant, forwarded: usize, until_sample: &mut
         *until_sample -= n;
         return;
     }
-    *until_sample = crate::metrics::FORWARD_LATENCY_SAMPLE;
+    *until_sample = crate::metrics::buckets::FORWARD_LATENCY_SAMPLE;
     let ns = u64::try_from(woke.elapsed().as_nanos()).unwrap_or(u64::MAX);
     lp.core.borrow_mut().sample_forward_latency(ns);
 }

@@ -106,12 +106,12 @@ pub struct ShardStats {
     pub peers_evicted: u64,
     /// Recorded packets (or burst ends) lost to the recorder's full queue.
     pub record_dropped: u64,
-    /// In-server forwarding latency of sampled packets, ns ([`crate::metrics::FORWARD_LATENCY_NS`]).
-    pub forward_latency: crate::metrics::Buckets<11>,
+    /// In-server forwarding latency of sampled packets, ns ([`crate::metrics::buckets::FORWARD_LATENCY_NS`]).
+    pub forward_latency: crate::metrics::buckets::Buckets<11>,
     /// Receiver reports from listeners.
     pub rr_reports: u64,
-    /// Their fraction lost × 256 ([`crate::metrics::LOSS_PER_256`]).
-    pub rr_loss: crate::metrics::Buckets<8>,
-    /// Their interarrival jitter, µs ([`crate::metrics::JITTER_US`]).
-    pub rr_jitter: crate::metrics::Buckets<9>,
+    /// Their fraction lost × 256 ([`crate::metrics::buckets::LOSS_PER_256`]).
+    pub rr_loss: crate::metrics::buckets::Buckets<8>,
+    /// Their interarrival jitter, µs ([`crate::metrics::buckets::JITTER_US`]).
+    pub rr_jitter: crate::metrics::buckets::Buckets<9>,
 }

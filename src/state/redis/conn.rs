@@ -22,8 +22,8 @@ use redis::{
     RedisFuture, RedisResult, Value,
 };
 
-use super::events::{BACKOFF_MAX, BACKOFF_MIN, LINK_TIMEOUT};
 use super::sentinel::{Sentinel, SentinelConn};
+use super::timing::{BACKOFF_MAX, BACKOFF_MIN, LINK_TIMEOUT};
 use crate::state::StateError;
 
 /// Where Redis is. The URL of [`super::RedisConfig`] still carries the password, user and database; with

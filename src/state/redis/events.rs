@@ -14,19 +14,14 @@ use tokio::sync::mpsc;
 
 use super::conn::Connector;
 use super::link::Link;
+use super::timing::{BACKOFF_MAX, BACKOFF_MIN};
 use crate::state::{Holder, StateError, StoreEvent};
 
 /// Events a subscriber may queue before its task stops reading; Redis then buffers, and past its pub/sub
 /// output limit drops the connection, which the task reports as `Down` and repairs with `Resync`.
 pub(super) const EVENT_QUEUE: usize = 1024;
-/// Reconnection backoff of the subscriber, doubled per failure.
-pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
-pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A quiet subscription is pinged this often, so a connection that died without a reset is noticed.
 const PING_EVERY: Duration = Duration::from_secs(1);
-/// How long a ping or a (re)connection may take; longer than a command's timeout, because a busy but
-/// healthy Redis must not make the subscription flap.
-pub(super) const LINK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A pub/sub message, as the scripts and [`SessionStore`] publish it.
 #[derive(Debug, Serialize, Deserialize)]

@@ -16,8 +16,8 @@ use redis::{ConnectionAddr, ProtocolVersion, PushInfo, PushKind, RedisResult, Va
 use tokio::sync::mpsc;
 
 use super::conn::{Connector, Kind};
-use super::events::LINK_TIMEOUT;
 use super::sentinel::Sentinel;
+use super::timing::LINK_TIMEOUT;
 use crate::state::StateError;
 
 /// Pushes (messages, confirmations) a Cluster link may queue before it counts as broken.

@@ -76,11 +76,13 @@ mod link;
 mod registry;
 mod sentinel;
 mod sessions;
+mod timing;
 
 pub use self::conn::Topology;
 use self::conn::{Conn, Connector};
-use self::events::{Wire, EVENT_QUEUE, LINK_TIMEOUT};
+use self::events::{Wire, EVENT_QUEUE};
 pub use self::link::Link;
+use self::timing::LINK_TIMEOUT;
 use super::{StateError, StoreEvent, Watcher};
 
 /// Where and how to reach Redis.

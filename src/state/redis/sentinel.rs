@@ -14,7 +14,7 @@ use redis::{
     RedisError, RedisFuture, RedisResult, Value,
 };
 
-use super::events::LINK_TIMEOUT;
+use super::timing::LINK_TIMEOUT;
 
 /// How often the connection to the master is pinged when nothing else checks it.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
