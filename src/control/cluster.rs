@@ -186,9 +186,13 @@ impl HubCore {
             self.periodic.nodes = now;
             return;
         }
-        self.table.remove(node);
         let table = NodeTable {
-            live: self.table.values().cloned().collect(),
+            live: self
+                .table
+                .values()
+                .filter(|n| n.node != node)
+                .cloned()
+                .collect(),
             dead: vec![node.to_string()],
         };
         self.on_table(table, now);
@@ -238,12 +242,19 @@ impl HubCore {
     /// members of nodes that are gone are told gone, and the store's entries of dead nodes are removed.
     pub(super) fn on_table(&mut self, table: NodeTable, now: Instant) {
         self.placed_seen();
-        self.table = table
+        let table_live: Table = table
             .live
             .into_iter()
             .filter(|n| n.node != self.config.node)
             .map(|n| (n.node.clone(), n))
             .collect();
+        // Relay targets depend on the nodes' addresses only; a read that changed nothing but loads (every
+        // announce) must not walk every channel's targets again.
+        let relays_changed = table_live.len() != self.table.len()
+            || table_live
+                .iter()
+                .any(|(id, n)| self.table.get(id).is_none_or(|old| old.relay != n.relay));
+        self.table = table_live;
         let live_ids: Vec<&str> = self.table.keys().map(String::as_str).collect();
         let dead_ids: Vec<&str> = table.dead.iter().map(String::as_str).collect();
         let mut evict: Vec<(String, String)> = Vec::new();
@@ -280,15 +291,18 @@ impl HubCore {
         }
         // A dead node's members are removed from the store, which publishes `leave` for each: every
         // node's presence follows.
+        let evicted = !evict.is_empty();
         for (channel, node) in evict {
             warn!(node, channel, "node is gone: removing its members");
             self.call(StoreCall::EvictNode { channel, node }, Purpose::None, now);
         }
-        let names: Vec<String> = self.channels.keys().cloned().collect();
-        for name in names {
-            self.update_relay(&name);
+        if relays_changed || evicted {
+            let names: Vec<String> = self.channels.keys().cloned().collect();
+            for name in names {
+                self.update_relay(&name);
+            }
+            self.update_relay_peers();
         }
-        self.update_relay_peers();
     }
 
     /// Sends `channel`'s shard its relay targets when they changed: one address per other live node
