@@ -381,9 +381,21 @@ async fn webrtc_offers_that_never_connect_do_not_lock_out_other_clients() {
             .await;
         bots.push(bot);
     }
+    // The first 64 are answered; the rest are told to retry (`unavailable`): the oldest offers are
+    // younger than the eviction grace, so their clients might still be on the way.
+    let mut codes = Vec::new();
     for bot in &mut bots {
-        assert_eq!(answer(bot).await["type"], "joined");
+        let v = answer(bot).await;
+        codes.push(v["code"].as_str().unwrap_or("joined").to_string());
     }
+    let joined = codes.iter().filter(|c| *c == "joined").count();
+    assert_eq!(joined, talkgroup::shard::MAX_HANDSHAKES, "{codes:?}");
+    assert!(
+        codes.iter().all(|c| c == "joined" || c == "unavailable"),
+        "{codes:?}"
+    );
+    // Once the grace has passed, the unused offers make room for a real client.
+    tokio::time::sleep(talkgroup::shard::EVICT_GRACE + Duration::from_millis(100)).await;
     let mut s = Signal::connect(srv.http_addr).await;
     let mut alice = webrtc_client::WebRtcMember::join(&mut s, "ops", "alice").await;
     alice
@@ -394,7 +406,7 @@ async fn webrtc_offers_that_never_connect_do_not_lock_out_other_clients() {
         .await;
     let (_, body) = http_get(srv.http_addr, "/metrics").await;
     assert!(
-        metric(&body, "talkgroup_webrtc_peers_evicted_total") >= 36,
+        metric(&body, "talkgroup_webrtc_peers_evicted_total") >= 1,
         "unused offers made room: {body}"
     );
     srv.shutdown();

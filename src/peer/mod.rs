@@ -74,14 +74,16 @@ impl Peers {
             .count()
     }
 
-    /// The oldest peer that has not sent a valid connectivity check yet: the first to make room when the
-    /// shard's handshake slots are full (an offer nobody uses must not keep real clients out).
-    pub fn oldest_unverified(&self) -> Option<PeerId> {
+    /// The oldest peer built no later than `before` that has not sent a valid connectivity check yet: the
+    /// first to make room when the shard's handshake slots are full (an offer nobody uses must not keep
+    /// real clients out).
+    pub fn oldest_unverified(&self, before: Instant) -> Option<PeerId> {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
             .filter(|(_, s)| !s.peer.verified && !s.peer.connected && !s.peer.closed)
+            .filter(|(_, s)| s.peer.created <= before)
             .min_by_key(|(_, s)| s.peer.created)
             .map(|(i, _)| i)
     }

@@ -37,7 +37,7 @@ pub use self::relay::RelayState;
 mod relay;
 mod webrtc;
 
-pub use self::webrtc::MAX_HANDSHAKES;
+pub use self::webrtc::{EVICT_GRACE, MAX_HANDSHAKES};
 
 /// Payload type of Opus on plain-RTP legs (protocol v1).
 pub const OPUS_PT: u8 = 111;

@@ -28,7 +28,9 @@ use crate::forward::Batch;
 use crate::peer::webrtc::Transmit;
 
 pub use self::command::{Command, Event, PeerRefused, COMMAND_QUEUE};
-pub use self::engine::{RelayState, ShardConfig, ShardCore, Verdict, OPUS_PT};
+pub use self::engine::{
+    RelayState, ShardConfig, ShardCore, Verdict, EVICT_GRACE, MAX_HANDSHAKES, OPUS_PT,
+};
 pub use self::stats::{drop_reason_names, DropReason, ShardStats, DROP_REASONS};
 
 /// The control thread's handle on a shard.

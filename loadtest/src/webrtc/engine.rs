@@ -302,12 +302,13 @@ impl Engine {
                 Target::Raw(raw) => self.eps.send_from(d.member, &buf[..d.len], raw).is_ok(),
                 Target::Server if p.connected && !p.failed => {
                     let at = Instant::now();
+                    let seq = p.srtp_seq(d.ext_seq);
                     match p.rtc.direct_api().stream_tx_by_mid(p.mid, None) {
                         Some(tx) => {
                             tx.write_rtp(
                                 RtpWrite::new(
                                     p.pt,
-                                    d.ext_seq.into(),
+                                    seq.into(),
                                     d.header.timestamp,
                                     at,
                                     &buf[crate::stamp::RTP_HEADER_LEN..d.len],

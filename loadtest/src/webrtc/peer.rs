@@ -33,6 +33,26 @@ pub struct ClientPeer {
     pub(super) deadline: Instant,
     pub(super) connected: bool,
     pub(super) failed: bool,
+    /// The rollover counter of the schedule's extended sequence number when this peer first sent to the
+    /// server. The schedule numbers a member's packets across every phase, raw ones included, but SRTP
+    /// starts at ROC 0 and the receiver learns later ROCs only by seeing the wrap (RFC 3711 §3.3.1): a
+    /// member whose numbers wrapped while it talked to the raw forwarder would otherwise start with
+    /// ROC 1 and every packet of its burst would fail to decrypt.
+    pub(super) roc_base: Option<u64>,
+}
+
+impl ClientPeer {
+    /// The SRTP index for the schedule's extended sequence number `ext`: the same sequence number,
+    /// counted from the rollover the peer started in.
+    pub(super) fn srtp_seq(&mut self, ext: u64) -> u64 {
+        srtp_seq(&mut self.roc_base, ext)
+    }
+}
+
+/// [`ClientPeer::srtp_seq`] on its own: the first call fixes the rollover base.
+fn srtp_seq(base: &mut Option<u64>, ext: u64) -> u64 {
+    let base = *base.get_or_insert(ext & !0xffff);
+    ext.saturating_sub(base)
 }
 
 /// Builds client peers for `members` (index, local address) and their SDP offers. One DTLS certificate
@@ -70,6 +90,7 @@ pub fn prepare(members: &[(u32, SocketAddr)]) -> Result<(Vec<ClientPeer>, Vec<St
             deadline: now,
             connected: false,
             failed: false,
+            roc_base: None,
         });
     }
     Ok((peers, offers))
@@ -167,5 +188,19 @@ mod tests {
         assert!(!o.contains("m=video"), "{o}");
         assert!(o.to_ascii_lowercase().contains("opus/48000"), "{o}");
         assert!(o.contains("127.0.0.3 5000 typ host"), "{o}");
+    }
+
+    #[test]
+    fn a_peer_starts_at_roc_zero_whatever_the_schedule_counted_before() {
+        // The schedule wrapped (65,535 -> 65,536) while the member talked to the raw forwarder.
+        let mut base = None;
+        assert_eq!(super::srtp_seq(&mut base, 65_536 + 40), 40);
+        assert_eq!(super::srtp_seq(&mut base, 65_536 + 41), 41);
+        // Its own wrap later is carried on as ROC 1, as the receiver will see it.
+        assert_eq!(super::srtp_seq(&mut base, 2 * 65_536 + 3), 65_536 + 3);
+        // A member that starts below the wrap keeps its numbers.
+        let mut base = None;
+        assert_eq!(super::srtp_seq(&mut base, 65_500), 65_500);
+        assert_eq!(super::srtp_seq(&mut base, 65_537), 65_537);
     }
 }

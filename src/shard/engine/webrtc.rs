@@ -4,7 +4,7 @@
 //! produced by every call that drives a peer, timers included, so it is queued rather than returned).
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::rtp::RtpPacket;
@@ -23,6 +23,13 @@ use crate::shard::stats::DropReason;
 /// everyone else on the core, so beyond this joins are refused `unavailable` and retried by clients.
 pub const MAX_HANDSHAKES: usize = 64;
 
+/// How long an answered offer may wait for its first connectivity check before a newer join may evict
+/// it. A browser checks within milliseconds of reading its answer, but in a join storm (a thousand
+/// clients reconnecting at once) answers and checks queue up: evicting at once would close peers whose
+/// clients are about to connect, and the storm would feed on itself (1,600 harness clients: 103
+/// connected after 16 s). Within the grace a full shard answers `unavailable` and the client retries.
+pub const EVICT_GRACE: Duration = Duration::from_secs(1);
+
 impl ShardCore {
     /// Builds the peer, accepts its offer, and registers it (ufrag at once, so the first STUN check finds
     /// it) *before* the answer goes back to the control thread and on to the client.
@@ -36,8 +43,10 @@ impl ShardCore {
     ) -> Event {
         if self.peers.connecting() >= MAX_HANDSHAKES {
             // Full: the oldest peer that never sent a connectivity check makes room (it leaves its
-            // channel like any closed peer); only a shard full of real handshakes refuses.
-            match self.peers.oldest_unverified() {
+            // channel like any closed peer) once it has had its grace; otherwise the join is refused
+            // and retried by the client.
+            let graced = now.checked_sub(EVICT_GRACE);
+            match graced.and_then(|before| self.peers.oldest_unverified(before)) {
                 Some(victim) => self.evict_peer(victim),
                 None => {
                     return Event::PeerAnswered {

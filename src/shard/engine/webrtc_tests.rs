@@ -356,8 +356,13 @@ fn offers_never_used_make_room_and_time_out_without_a_connectivity_check() {
     for key in 0..MAX_HANDSHAKES as u64 {
         assert!(add(&mut shard, key, t0 + Duration::from_millis(key)));
     }
-    // Another client's join still gets a peer: the oldest unused offer makes room.
-    let later = t0 + Duration::from_millis(100);
+    // Within the grace of the oldest (a join storm: its client may be about to check), a new join is
+    // refused and retried...
+    let soon = t0 + Duration::from_millis(100);
+    assert!(!add(&mut shard, 1000, soon), "refused within the grace");
+    assert_eq!(shard.stats().peers_evicted, 0);
+    // ...after it, another client's join still gets a peer: the oldest unused offer makes room.
+    let later = t0 + super::webrtc::EVICT_GRACE;
     assert!(add(&mut shard, 1000, later), "a real client is not refused");
     let mut events = Vec::new();
     shard.poll_events(&mut events);
@@ -371,7 +376,7 @@ fn offers_never_used_make_room_and_time_out_without_a_connectivity_check() {
     );
     assert_eq!(shard.stats().peers_evicted, 1);
     // 5 s without a connectivity check: every unused offer is closed.
-    shard.handle_timers(t0 + crate::peer::webrtc::VERIFY_TIMEOUT + Duration::from_millis(200));
+    shard.handle_timers(later + crate::peer::webrtc::VERIFY_TIMEOUT + Duration::from_millis(200));
     events.clear();
     shard.poll_events(&mut events);
     let closed = events
