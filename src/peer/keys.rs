@@ -13,6 +13,11 @@
 //! str0m builds the DTLS instance inside `RtcConfig::build`, on the calling thread, so the slot is handed
 //! over through a thread-local set just around that call ([`build_with_slot`]): each `Rtc` gets its own
 //! slot, and a `Rtc` built without one (a test's client sharing the provider) is not wrapped at all.
+//!
+//! The wrapped instances are dimpl's own, built from one configuration per process ([`shared_config`]):
+//! str0m-aws-lc-rs builds a new `dimpl::Config` for every peer, and building one validates the crypto
+//! provider — a key exchange round trip on each of X25519, P-256 and P-384, hash, HMAC and AEAD checks —
+//! which made up most of a join's CPU on the shard (P-384 alone ≈ 20 % of a join storm's profile).
 
 #![warn(missing_docs)]
 
@@ -114,11 +119,22 @@ impl DtlsProvider for CapturingDtlsProvider {
         dtls_version: DtlsVersion,
         mtu: Option<usize>,
     ) -> Result<Box<dyn DtlsInstance>, CryptoError> {
-        let inner = self.inner.new_dtls(cert, now, dtls_version, mtu)?;
-        Ok(match NEXT_SLOT.with(|s| s.borrow_mut().take()) {
-            Some(slot) => Box::new(CapturingDtls { inner, slot }),
-            None => inner,
-        })
+        let Some(slot) = NEXT_SLOT.with(|s| s.borrow_mut().take()) else {
+            return self.inner.new_dtls(cert, now, dtls_version, mtu);
+        };
+        let config = shared_config(mtu)?;
+        let cert = cert.clone();
+        let dtls = match dtls_version {
+            DtlsVersion::Dtls12 => dimpl::Dtls::new_12(config, cert, now),
+            DtlsVersion::Dtls13 => dimpl::Dtls::new_13(config, cert, now),
+            DtlsVersion::Auto => dimpl::Dtls::new_auto(config, cert, now),
+            other => {
+                return Err(CryptoError::Other(format!(
+                    "unsupported DTLS version: {other}"
+                )))
+            }
+        };
+        Ok(Box::new(CapturingDtls { inner: dtls, slot }))
     }
 
     fn is_test(&self) -> bool {
@@ -126,11 +142,43 @@ impl DtlsProvider for CapturingDtlsProvider {
     }
 }
 
+/// The DTLS configuration every server peer shares, for the MTU str0m asks for (it is the same for every
+/// `Rtc` of the process; another one gets a configuration of its own, not cached). Built as
+/// str0m-aws-lc-rs builds it: aws-lc-rs crypto, no server cookie (ICE has verified the return path
+/// before DTLS starts).
+fn shared_config(mtu: Option<usize>) -> Result<Arc<dimpl::Config>, CryptoError> {
+    static SHARED: OnceLock<(Option<usize>, Arc<dimpl::Config>)> = OnceLock::new();
+    let build = |mtu: Option<usize>| {
+        let mut builder = dimpl::Config::builder().use_server_cookie(false);
+        if let Some(mtu) = mtu {
+            builder = builder.mtu(mtu);
+        }
+        builder
+            .build()
+            .map(Arc::new)
+            .map_err(|e| CryptoError::Other(format!("DTLS configuration: {e}")))
+    };
+    if let Some((m, config)) = SHARED.get() {
+        return match *m == mtu {
+            true => Ok(config.clone()),
+            false => build(mtu),
+        };
+    }
+    let config = build(mtu)?;
+    let (m, shared) = SHARED.get_or_init(|| (mtu, config.clone()));
+    Ok(if *m == mtu { shared.clone() } else { config })
+}
+
 /// One peer's DTLS instance: everything passes through; keying material is also copied to the slot.
-#[derive(Debug)]
 struct CapturingDtls {
-    inner: Box<dyn DtlsInstance>,
+    inner: dimpl::Dtls,
     slot: Arc<KeySlot>,
+}
+
+impl std::fmt::Debug for CapturingDtls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapturingDtls").finish_non_exhaustive()
+    }
 }
 
 impl DtlsInstance for CapturingDtls {
