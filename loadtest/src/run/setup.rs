@@ -224,8 +224,13 @@ impl Rig {
         );
         if n_webrtc > 0 {
             let s = wait_webrtc(n_webrtc, &engine_counters, &mut servers).await?;
-            report.setup.webrtc_connect_s = Some(joined.seconds + s);
-            eprintln!("{n_webrtc} WebRTC members connected {s:.1} s after the last join");
+            let total = joined.seconds + s;
+            report.setup.webrtc_connect_s = Some(total);
+            eprintln!(
+                "{n_webrtc} WebRTC members connected {s:.1} s after the last join: {:.0} WebRTC joins/s \
+                 to completed DTLS (join sent -> ICE + DTLS up, {total:.1} s for all)",
+                n_webrtc as f64 / total.max(1e-9)
+            );
         }
         let members: Arc<Vec<Member>> = Arc::new(joined.members);
 
