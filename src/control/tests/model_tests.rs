@@ -71,6 +71,10 @@ struct Node {
     /// Connection and membership key of each local member, by index.
     members: Vec<(u64, MemberKey)>,
     weather: Weather,
+    /// When the last command to the shard, and the last event from it, are delivered: both ways are
+    /// FIFO queues (flume channels), so a shorter delay set later never overtakes what is in flight.
+    command_tail: Instant,
+    event_tail: Instant,
 }
 
 struct Model {
@@ -141,6 +145,8 @@ impl Model {
                     shard_delay: Duration::ZERO,
                     shard_full: 0,
                 },
+                command_tail: t0,
+                event_tail: t0,
             });
             m.input(i, Input::StoreEvent(StoreEvent::Resync));
             for k in 0..MEMBERS_PER_NODE {
@@ -203,7 +209,9 @@ impl Model {
                             .core
                             .handle(Input::ShardFull { shard: 0, command }, now);
                     } else {
-                        self.schedule(w.shard_delay, Pending::Command { node, command });
+                        let at = (self.now + w.shard_delay).max(self.nodes[node].command_tail);
+                        self.nodes[node].command_tail = at;
+                        self.schedule(at - self.now, Pending::Command { node, command });
                     }
                 }
             }
@@ -248,7 +256,9 @@ impl Model {
         };
         if let Some(event) = event {
             let delay = self.nodes[node].weather.shard_delay;
-            self.schedule(delay, Pending::Event { node, event });
+            let at = (self.now + delay).max(self.nodes[node].event_tail);
+            self.nodes[node].event_tail = at;
+            self.schedule(at - self.now, Pending::Event { node, event });
         }
     }
 
