@@ -71,7 +71,10 @@ impl ShardCore {
     ) -> Verdict {
         self.stats.relay_in += 1;
         match self.relay_forward(src, data, now, batch) {
-            Ok(range) => Verdict::Forward(range),
+            Ok(range) => {
+                self.warm(now);
+                Verdict::Forward(range)
+            }
             Err(e) => {
                 self.stats.relay_dropped[e as usize] += 1;
                 Verdict::Dropped(DropReason::NotRtp)

@@ -401,3 +401,51 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
     assert_eq!(s.channel("ops").and_then(|c| c.speaker()), None, "fenced");
     assert!(batch.is_empty());
 }
+
+/// A shard that hears only reports and statistics requests goes quiet `HOT_FOR` after the last command,
+/// media packet or handshake; a command or a forwarded packet makes it hot again at once.
+#[test]
+fn a_shard_with_nothing_but_reports_goes_quiet_and_media_or_a_command_warms_it() {
+    let (mut s, now) = shard();
+    assert!(!s.quiet(now), "a grant was just applied");
+    let later = now + HOT_FOR;
+    assert!(s.quiet(later));
+    // Receiver reports and a `/metrics` scrape do not warm it.
+    let rr = [0x80, 201, 0, 1, 0, 0, 0, 2];
+    let mut batch = Batch::default();
+    assert_eq!(
+        s.handle_datagram(addr(6002), &rr, later, &mut batch),
+        Verdict::Rtcp
+    );
+    let (reply, stats) = flume::bounded(1);
+    assert_eq!(s.handle_command(Command::Stats { reply }, later), None);
+    assert!(stats.try_recv().is_ok());
+    assert!(s.quiet(later));
+    // Nor does media from someone without the floor.
+    let p = rtp::build_packet(false, OPUS_PT, 1, 960, 2, b"not-mine");
+    let v = s.handle_datagram(addr(6002), &p, later, &mut batch);
+    assert_eq!(v, Verdict::Dropped(DropReason::NotHolder));
+    assert!(s.quiet(later));
+    // The holder's packet is forwarded and warms it for another `HOT_FOR`.
+    let p = rtp::build_packet(false, OPUS_PT, 2, 1920, 1, b"opus-frame");
+    assert!(matches!(
+        s.handle_datagram(addr(6001), &p, later, &mut batch),
+        Verdict::Forward(_)
+    ));
+    assert!(!s.quiet(later + HOT_FOR - Duration::from_millis(1)));
+    assert!(s.quiet(later + HOT_FOR));
+    // Any other command (a join, a floor change) warms it too.
+    let t = later + 2 * HOT_FOR;
+    s.handle_command(
+        Command::Speaker {
+            channel: "ops".into(),
+            change: SpeakerChange::Granted {
+                speaker: Some(2),
+                epoch: 10,
+                until: None,
+            },
+        },
+        t,
+    );
+    assert!(!s.quiet(t));
+}
