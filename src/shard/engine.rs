@@ -34,11 +34,9 @@ use super::timers::Timers;
 
 pub use self::relay::RelayState;
 
-mod quiet;
 mod relay;
 mod webrtc;
 
-pub use self::quiet::{HOT_FOR, POLL_EVERY};
 pub use self::webrtc::{EVICT_GRACE, MAX_HANDSHAKES};
 
 /// Payload type of Opus on plain-RTP legs (protocol v1).
@@ -119,8 +117,6 @@ pub struct ShardCore {
     next_sr: Instant,
     /// A grant was applied since the shard's clock last asked: T1 may now be due before its heartbeat.
     retick: bool,
-    /// Until when the I/O loop waits on the socket rather than polling it (see `engine/quiet.rs`).
-    hot_until: Instant,
     relay: Option<RelayState>,
     /// A cryptographically strong generator (ChaCha): it draws ICE passwords as well as sequence starts,
     /// and a join costs milliseconds anyway.
@@ -170,8 +166,6 @@ impl ShardCore {
             sr_round: 0,
             next_sr: now,
             retick: false,
-            // A new shard is hot: its first members and commands are on their way.
-            hot_until: now + HOT_FOR,
         }
     }
 
@@ -259,10 +253,8 @@ impl ShardCore {
     ) -> Verdict {
         self.stats.packets_in += 1;
         let verdict = self.classify_and_forward(src, data, now, batch);
-        match verdict {
-            Verdict::Dropped(d) => self.stats.dropped[d as usize] += 1,
-            Verdict::Forward(_) | Verdict::ForwardShared(_) => self.warm(now),
-            Verdict::Peer | Verdict::Rtcp => {}
+        if let Verdict::Dropped(d) = verdict {
+            self.stats.dropped[d as usize] += 1;
         }
         verdict
     }
@@ -367,11 +359,6 @@ impl ShardCore {
 
     /// A command from the control thread; the answer, if any, is for the control thread.
     pub fn handle_command(&mut self, cmd: Command, now: Instant) -> Option<Event> {
-        // Anything but the periodic statistics request (load sampling, `/metrics`) may be followed by
-        // media or a handshake.
-        if !matches!(cmd, Command::Stats { .. }) {
-            self.warm(now);
-        }
         match cmd {
             Command::AddMember {
                 channel,

@@ -29,8 +29,7 @@ use crate::peer::webrtc::Transmit;
 
 pub use self::command::{Command, Event, PeerRefused, COMMAND_QUEUE};
 pub use self::engine::{
-    RelayState, ShardConfig, ShardCore, Verdict, EVICT_GRACE, HOT_FOR, MAX_HANDSHAKES, OPUS_PT,
-    POLL_EVERY,
+    RelayState, ShardConfig, ShardCore, Verdict, EVICT_GRACE, MAX_HANDSHAKES, OPUS_PT,
 };
 pub use self::stats::{drop_reason_names, DropReason, ShardStats, DROP_REASONS};
 
@@ -213,26 +212,15 @@ async fn run(
         scratch: RefCell::new(Default::default()),
     });
     info!(shard = index, addr = ?lp.socket.local_addr().ok(), "shard started");
-    // A command warms a quiet shard: its receive loops, polling their sockets, go back to waiting on
-    // them at once (the client hears of its grant only after the shard has it).
-    let (hot_media, hot_media_rx) = glommio::channels::local_channel::new_bounded(1);
-    let (hot_relay, hot_relay_rx) = glommio::channels::local_channel::new_bounded(1);
-    let rx = glommio::spawn_local(receive_loop(lp.clone(), Port::Media, hot_media_rx)).detach();
-    let relay_rx = has_relay.then(|| {
-        glommio::spawn_local(receive_loop(lp.clone(), Port::Relay, hot_relay_rx)).detach()
-    });
+    let rx = glommio::spawn_local(receive_loop(lp.clone(), Port::Media)).detach();
+    let relay_rx =
+        has_relay.then(|| glommio::spawn_local(receive_loop(lp.clone(), Port::Relay)).detach());
     let timers = glommio::spawn_local(timer_loop(lp.clone(), wake_rx)).detach();
     while let Ok(cmd) = commands.recv_async().await {
         if matches!(cmd, Command::Shutdown) {
             break;
         }
-        let now = Instant::now();
-        let was_quiet = lp.core.borrow().quiet(now);
-        let event = lp.core.borrow_mut().handle_command(cmd, now);
-        if was_quiet && !lp.core.borrow().quiet(now) {
-            let _ = hot_media.try_send(());
-            let _ = hot_relay.try_send(());
-        }
+        let event = lp.core.borrow_mut().handle_command(cmd, Instant::now());
         if let Some(event) = event {
             lp.send_event(event);
         }
@@ -262,11 +250,7 @@ enum Port {
 /// copies (the batch's `relay` part, filled by the same calls) leave from the relay socket, which is what
 /// the receiving node accepts. WebRTC listeners' packets, sealed by the shard, leave in the same drain;
 /// what their `Rtc`s produced (STUN, DTLS, RTCP) goes out in `flush`.
-async fn receive_loop(
-    lp: Rc<Loop>,
-    port: Port,
-    hot: glommio::channels::local_channel::LocalReceiver<()>,
-) {
+async fn receive_loop(lp: Rc<Loop>, port: Port) {
     let media_fd = lp.socket.as_raw_fd();
     let relay_fd = lp.relay.as_ref().map(|r| r.as_raw_fd());
     let recv_fd = match (port, &lp.relay) {
@@ -290,21 +274,11 @@ async fn receive_loop(
             (Port::Relay, Some(r)) => r,
             _ => &lp.socket,
         };
-        // A quiet shard (nothing but keep-alives and reports coming: see `engine/quiet.rs`) reads
-        // what queued on its socket on the clock's grid, or at once when a command warms it.
-        let (len, src) = if lp.core.borrow().quiet(Instant::now()) {
-            let nap = next_poll(Instant::now(), lp.epoch);
-            let sleep = std::pin::pin!(glommio::timer::sleep(nap));
-            let woken = std::pin::pin!(hot.recv());
-            futures_util::future::select(sleep, woken).await;
-            (0, None)
-        } else {
-            match socket.recv_from(&mut first).await {
-                Ok((len, src)) => (len, Some(src)),
-                Err(e) => {
-                    debug!(error = %e, "recv_from failed");
-                    continue;
-                }
+        let (len, src) = match socket.recv_from(&mut first).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "recv_from failed");
+                continue;
             }
         };
         batch.clear();
@@ -312,11 +286,11 @@ async fn receive_loop(
         ranges.clear();
         shared.clear();
         let now = Instant::now();
-        // Datagram 0 is `first` (none when polling); datagram k + 1 is the receiver's k-th.
+        // Datagram 0 is `first`; datagram k + 1 is the receiver's k-th.
         let queued = receiver.drain(recv_fd);
         for d in 0..=queued {
             let (data, src) = if d == 0 {
-                (&first[..len], src)
+                (&first[..len], Some(src))
             } else {
                 receiver.datagram(d - 1)
             };
@@ -424,15 +398,6 @@ enum Payload {
 /// retransmits) tolerate a few milliseconds of lateness, and peers due in the same slot share one
 /// wake-up — 1,600 idle peers each due every ~2.5 s would otherwise wake the shard 640 times a second.
 const TIMER_SLACK: Duration = Duration::from_millis(20);
-
-/// How long a quiet shard sleeps before reading its socket: to the next [`POLL_EVERY`] boundary of the
-/// clock's grid, so that the poll shares its wake-up with the peers' timers due then.
-fn next_poll(now: Instant, epoch: Instant) -> Duration {
-    let every = POLL_EVERY.as_nanos();
-    let since = now.saturating_duration_since(epoch).as_nanos();
-    let next = (since / every + 1) * every;
-    Duration::from_nanos(u64::try_from(next - since).unwrap_or(u64::MAX))
-}
 
 /// `at` rounded up to the next [`TIMER_SLACK`] boundary (since `epoch`).
 fn coalesce(at: Instant, epoch: Instant) -> Instant {

@@ -71,10 +71,7 @@ impl ShardCore {
     ) -> Verdict {
         self.stats.relay_in += 1;
         match self.relay_forward(src, data, now, batch) {
-            Ok(range) => {
-                self.warm(now);
-                Verdict::Forward(range)
-            }
+            Ok(range) => Verdict::Forward(range),
             Err(e) => {
                 self.stats.relay_dropped[e as usize] += 1;
                 Verdict::Dropped(DropReason::NotRtp)

@@ -14,7 +14,7 @@ use crate::channel::{ForwardDrop, Member};
 use crate::forward::Batch;
 use crate::ids::{MemberKey, PeerId};
 use crate::peer::webrtc::{ice_token, PeerEvent, Transmit, WebRtcPeer, UFRAG_LEN};
-use crate::rtp::{Kind, RtpView};
+use crate::rtp::RtpView;
 use crate::shard::command::{Event, PeerRefused};
 use crate::shard::stats::DropReason;
 
@@ -131,11 +131,6 @@ impl ShardCore {
             .handle_receive(now, src, data, &mut self.transmits, &mut events);
         let (channel, key, connected) = (slot.channel, slot.key, slot.peer.connected);
         self.reschedule(id, before, now);
-        // A handshake, or a speaker's media (even one heard only by WebRTC listeners): stay hot. A
-        // connected peer's consent checks and RTCP may wait for the next poll.
-        if !connected || matches!(crate::rtp::classify(data), Kind::Rtp | Kind::Dtls) {
-            self.warm(now);
-        }
         if connected {
             // Consent checks and RTCP keep a WebRTC listener latched like a plain one.
             if let Some(ch) = self.channels[channel].as_mut() {
