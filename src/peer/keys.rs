@@ -148,25 +148,20 @@ impl DtlsProvider for CapturingDtlsProvider {
 /// before DTLS starts).
 fn shared_config(mtu: Option<usize>) -> Result<Arc<dimpl::Config>, CryptoError> {
     static SHARED: OnceLock<(Option<usize>, Arc<dimpl::Config>)> = OnceLock::new();
-    let build = |mtu: Option<usize>| {
-        let mut builder = dimpl::Config::builder().use_server_cookie(false);
-        if let Some(mtu) = mtu {
-            builder = builder.mtu(mtu);
-        }
-        builder
-            .build()
-            .map(Arc::new)
-            .map_err(|e| CryptoError::Other(format!("DTLS configuration: {e}")))
-    };
-    if let Some((m, config)) = SHARED.get() {
-        return match *m == mtu {
-            true => Ok(config.clone()),
-            false => build(mtu),
-        };
+    if let Some((_, config)) = SHARED.get().filter(|(m, _)| *m == mtu) {
+        return Ok(config.clone());
     }
-    let config = build(mtu)?;
-    let (m, shared) = SHARED.get_or_init(|| (mtu, config.clone()));
-    Ok(if *m == mtu { shared.clone() } else { config })
+    let mut builder = dimpl::Config::builder().use_server_cookie(false);
+    if let Some(mtu) = mtu {
+        builder = builder.mtu(mtu);
+    }
+    let config = builder
+        .build()
+        .map(Arc::new)
+        .map_err(|e| CryptoError::Other(format!("DTLS configuration: {e}")))?;
+    // The first configuration built is the one kept (a race between shards builds two, keeps one).
+    let _ = SHARED.set((mtu, config.clone()));
+    Ok(config)
 }
 
 /// One peer's DTLS instance: everything passes through; keying material is also copied to the slot.

@@ -77,6 +77,13 @@ struct Node {
     event_tail: Instant,
 }
 
+/// How long after `now` an item sent with `delay` on a FIFO queue whose last item arrives at `tail` is
+/// delivered: never before that last item. Moves `tail` to it.
+fn fifo(tail: &mut Instant, now: Instant, delay: Duration) -> Duration {
+    *tail = (now + delay).max(*tail);
+    *tail - now
+}
+
 struct Model {
     t0: Instant,
     now: Instant,
@@ -209,9 +216,9 @@ impl Model {
                             .core
                             .handle(Input::ShardFull { shard: 0, command }, now);
                     } else {
-                        let at = (self.now + w.shard_delay).max(self.nodes[node].command_tail);
-                        self.nodes[node].command_tail = at;
-                        self.schedule(at - self.now, Pending::Command { node, command });
+                        let after =
+                            fifo(&mut self.nodes[node].command_tail, self.now, w.shard_delay);
+                        self.schedule(after, Pending::Command { node, command });
                     }
                 }
             }
@@ -256,9 +263,8 @@ impl Model {
         };
         if let Some(event) = event {
             let delay = self.nodes[node].weather.shard_delay;
-            let at = (self.now + delay).max(self.nodes[node].event_tail);
-            self.nodes[node].event_tail = at;
-            self.schedule(at - self.now, Pending::Event { node, event });
+            let after = fifo(&mut self.nodes[node].event_tail, self.now, delay);
+            self.schedule(after, Pending::Event { node, event });
         }
     }
 
