@@ -48,6 +48,28 @@ stun += struct.pack(">HH", 0x8029, 8) + bytes(8)  # ICE-CONTROLLING
 stun[2:4] = struct.pack(">H", len(stun) - 20)
 seeds["stun"]["binding_request"] = bytes(stun)
 
+# The settled target: the first octet picks the SRTP profile; then a consent check signed with the
+# target's ICE password (MESSAGE-INTEGRITY, FINGERPRINT), and plain RTP/RTCP/DTLS that must be refused.
+import zlib
+seeds["settled"] = {}
+user = b"srvfrag1srvfrag1:cli"
+check = bytearray([0x00, 0x01, 0, 0, 0x21, 0x12, 0xa4, 0x42]) + bytes([9] * 12)
+check += struct.pack(">HH", 6, len(user)) + user
+check += struct.pack(">HHI", 0x0024, 4, 0x6e7f00ff)  # PRIORITY
+check += struct.pack(">HH", 0x0025, 0)  # USE-CANDIDATE
+check += struct.pack(">HH", 0x802A, 8) + bytes(8)  # ICE-CONTROLLING
+check[2:4] = struct.pack(">H", len(check) - 20 + 24)
+mi = hmac.new(b"fuzzfuzzfuzzfuzzfuzzfuzz", bytes(check), hashlib.sha1).digest()
+check += struct.pack(">HH", 0x0008, 20) + mi
+check[2:4] = struct.pack(">H", len(check) - 20 + 8)
+fp = (zlib.crc32(bytes(check)) ^ 0x5354554E) & 0xFFFFFFFF
+check += struct.pack(">HHI", 0x8028, 4, fp)
+for profile in range(3):
+    seeds["settled"][f"consent_{profile}"] = bytes([profile]) + bytes(check)
+seeds["settled"]["rtp"] = b"\x02" + rtp(payload=b"opus" + bytes(16))
+seeds["settled"]["rtcp"] = b"\x02" + bytes([0x81, 201, 0, 7]) + bytes(28) + bytes([0x80, 0, 0, 1]) + bytes(16)
+seeds["settled"]["dtls_alert"] = b"\x01" + bytes([21, 254, 253, 0, 1]) + bytes(6) + bytes([0, 26]) + bytes(26)
+
 def relay_body(channel, epoch, speaker, node, packet):
     out = bytes([len(channel)]) + channel + struct.pack(">Q", epoch)
     return out + bytes([len(speaker)]) + speaker + bytes([len(node)]) + node + packet

@@ -136,7 +136,7 @@ type ShardMetric = (
 const COUNTER: MetricType = MetricType::Counter;
 const GAUGE: MetricType = MetricType::Gauge;
 
-const PER_SHARD: [ShardMetric; 18] = [
+const PER_SHARD: [ShardMetric; 19] = [
     (
         "talkgroup_packets_in",
         "Datagrams received on the media port",
@@ -238,6 +238,12 @@ const PER_SHARD: [ShardMetric; 18] = [
         "Recorded packets lost to the recorder's full queue (never slows forwarding)",
         COUNTER,
         |s| s.record_dropped,
+    ),
+    (
+        "talkgroup_webrtc_peers_settled",
+        "WebRTC peers served without their str0m Rtc after the handshake (consent, SRTP, reports)",
+        COUNTER,
+        |s| s.peers_settled,
     ),
     (
         "talkgroup_webrtc_peers_closed",

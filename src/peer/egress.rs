@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use rtpio::RawAddr;
 
-use super::srtp::{SrtpError, SrtpTx};
+use super::srtp::{SrtpContext, SrtpError};
 use crate::forward::{extend, OutHeader, RelayCopies, OPUS_CLOCK};
 use crate::rtp::{self, HEADER_LEN};
 
@@ -30,7 +30,7 @@ const SR_SENDER_INFO_END: usize = 28;
 
 /// One listener's sending state outside str0m.
 pub struct Egress {
-    srtp: SrtpTx,
+    srtp: SrtpContext,
     /// The key slot generation the cipher was built from (a newer one re-keys).
     pub generation: u64,
     /// Where the listener's media goes: str0m's nominated send address, learnt from its own transmits.
@@ -58,7 +58,7 @@ impl std::fmt::Debug for Egress {
 
 impl Egress {
     /// A context for the listener stream `ssrc` with payload type `pt`.
-    pub fn new(srtp: SrtpTx, generation: u64, ssrc: u32, pt: u8) -> Self {
+    pub fn new(srtp: SrtpContext, generation: u64, ssrc: u32, pt: u8) -> Self {
         Egress {
             srtp,
             generation,
@@ -75,7 +75,7 @@ impl Egress {
 
     /// New keys from a new DTLS handshake: the stream (SSRC, sequence, counters) goes on, under the new
     /// key, with a fresh SRTCP index.
-    pub fn rekey(&mut self, srtp: SrtpTx, generation: u64) {
+    pub fn rekey(&mut self, srtp: SrtpContext, generation: u64) {
         self.srtp = srtp;
         self.generation = generation;
     }
@@ -129,6 +129,52 @@ impl Egress {
         self.srtp.seal_rtcp(&plain)
     }
 
+    /// The listener stream's SSRC.
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+
+    /// The RTCP a settled peer's server sends on the listener stream, sealed: a sender report (once
+    /// something was sent; RFC 3550 §6.4.1), an SDES CNAME when the answer named one, and a BYE when
+    /// `bye`. `None` when there is nothing to say.
+    pub fn own_rtcp(&mut self, now: Instant, cname: Option<&str>, bye: bool) -> Option<Vec<u8>> {
+        let mut plain = Vec::with_capacity(96);
+        if self.packets > 0 {
+            let mut sr = [0u8; rtp::SR_LEN];
+            rtp::write_sender_report(
+                &mut sr,
+                self.ssrc,
+                ntp_at(now),
+                self.timestamp_at(now),
+                self.packets,
+                self.octets,
+            );
+            plain.extend_from_slice(&sr);
+        } else if bye {
+            // A BYE must follow a report (RFC 3550 §6.1): an empty receiver report.
+            plain.extend_from_slice(&rtp::receiver_report(self.ssrc));
+        } else {
+            return None;
+        }
+        if let Some(cname) = cname.filter(|c| c.len() <= 255) {
+            // One chunk: SSRC, CNAME item, end of list, padded to a word.
+            let items = 2 + cname.len() + 1;
+            let chunk = 4 + items.div_ceil(4) * 4;
+            let words = (4 + chunk) / 4 - 1;
+            plain.extend_from_slice(&[0x81, 202]);
+            plain.extend_from_slice(&(words as u16).to_be_bytes());
+            plain.extend_from_slice(&self.ssrc.to_be_bytes());
+            plain.extend_from_slice(&[1, cname.len() as u8]);
+            plain.extend_from_slice(cname.as_bytes());
+            plain.resize(plain.len() + (chunk - 4 - 2 - cname.len()), 0);
+        }
+        if bye {
+            plain.extend_from_slice(&[0x81, 203, 0, 1]);
+            plain.extend_from_slice(&self.ssrc.to_be_bytes());
+        }
+        self.srtp.seal_rtcp(&plain).ok()
+    }
+
     /// Walks a compound RTCP packet and rewrites the sender info of the SR on the listener's SSRC.
     fn patch_sender_report(&self, compound: &mut [u8], now: Instant) {
         let mut at = 0;
@@ -163,6 +209,24 @@ impl Egress {
     }
 }
 
+/// The NTP time (RFC 5905) of `now`: the wall clock is read once per process and advanced by the
+/// monotonic clock, so the core stays fed by `Instant`s and its reports by one time base.
+fn ntp_at(now: Instant) -> u64 {
+    static ANCHOR: std::sync::OnceLock<(Instant, std::time::Duration)> = std::sync::OnceLock::new();
+    let (at, unix) = *ANCHOR.get_or_init(|| {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (Instant::now(), unix)
+    });
+    let since = if now >= at {
+        unix + (now - at)
+    } else {
+        unix.saturating_sub(at - now)
+    };
+    rtp::ntp_from_unix(since)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,7 +246,7 @@ mod tests {
     }
 
     fn egress(material: &[u8]) -> Egress {
-        let srtp = SrtpTx::from_material(Profile::AeadAes256Gcm, material, false).unwrap();
+        let srtp = SrtpContext::from_material(Profile::AeadAes256Gcm, material, false).unwrap();
         let mut e = Egress::new(srtp, 1, 0xabcd, 111);
         e.dest = Some(RawAddr::new("127.0.0.1:9".parse().unwrap()));
         e
@@ -208,7 +272,7 @@ mod tests {
         let (mut rx_a, mut rx_b) = (context(&a), context(&b));
         assert!(rx_a.decrypt_rtp(&seal_one(&mut e, 10, now)).is_ok());
         e.rekey(
-            SrtpTx::from_material(Profile::AeadAes256Gcm, &b, false).unwrap(),
+            SrtpContext::from_material(Profile::AeadAes256Gcm, &b, false).unwrap(),
             2,
         );
         let p = seal_one(&mut e, 11, now);
@@ -235,7 +299,7 @@ mod tests {
         plain.extend_from_slice(&[0x11; 8]);
         plain.extend_from_slice(&[0; 12]);
         plain.extend_from_slice(&[0x81, 202, 0, 2, 0, 0, 0xab, 0xcd, 1, 2, b'x', 0]);
-        let mut str0m = SrtpTx::from_material(Profile::AeadAes256Gcm, &m, false).unwrap();
+        let mut str0m = SrtpContext::from_material(Profile::AeadAes256Gcm, &m, false).unwrap();
         for _ in 0..5 {
             str0m.seal_rtcp(&plain).unwrap();
         }

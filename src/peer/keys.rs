@@ -56,10 +56,21 @@ impl std::fmt::Debug for Captured {
 
 /// Where one peer's DTLS instance leaves its keying material: a chain of write-once links, one per
 /// export (in practice one: str0m runs a single handshake per `Rtc`).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct KeySlot {
     captured: OnceLock<Captured>,
     next: OnceLock<Arc<KeySlot>>,
+    /// The DTLS instance, left here when its `Rtc` is dropped: a settled peer keeps reading the
+    /// client's alerts with it ([`super::settled`]). Set once, taken once, never per packet.
+    left: OnceLock<dimpl::Dtls>,
+}
+
+impl std::fmt::Debug for KeySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySlot")
+            .field("captured", &self.captured.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl KeySlot {
@@ -75,6 +86,12 @@ impl KeySlot {
             }
         }
         found
+    }
+
+    /// The DTLS instance its `Rtc` left behind when it was dropped (once). `None` while the instance
+    /// is alive: it holds the other reference to the slot, and taking needs the only one.
+    pub fn take_dtls(slot: &mut Arc<KeySlot>) -> Option<dimpl::Dtls> {
+        Arc::get_mut(slot)?.left.take()
     }
 
     fn store(&self, captured: Captured) {
@@ -134,7 +151,10 @@ impl DtlsProvider for CapturingDtlsProvider {
                 )))
             }
         };
-        Ok(Box::new(CapturingDtls { inner: dtls, slot }))
+        Ok(Box::new(CapturingDtls {
+            inner: Some(dtls),
+            slot,
+        }))
     }
 
     fn is_test(&self) -> bool {
@@ -164,10 +184,30 @@ fn shared_config(mtu: Option<usize>) -> Result<Arc<dimpl::Config>, CryptoError> 
     Ok(config)
 }
 
-/// One peer's DTLS instance: everything passes through; keying material is also copied to the slot.
+/// One peer's DTLS instance: everything passes through; keying material is also copied to the slot,
+/// and the instance itself is left there when str0m drops it. (`inner` is `None` only in `drop`.)
 struct CapturingDtls {
-    inner: dimpl::Dtls,
+    inner: Option<dimpl::Dtls>,
     slot: Arc<KeySlot>,
+}
+
+impl Drop for CapturingDtls {
+    fn drop(&mut self) {
+        if let Some(dtls) = self.inner.take() {
+            let _ = self.slot.left.set(dtls);
+        }
+    }
+}
+
+impl CapturingDtls {
+    fn dtls(&mut self) -> Result<&mut dimpl::Dtls, DtlsImplError> {
+        self.inner.as_mut().ok_or(DtlsImplError::ConnectionClosed)
+    }
+
+    /// Reads a flag of the instance (false once it is gone, which only `drop` sees).
+    fn flag(&self, f: impl Fn(&dimpl::Dtls) -> bool) -> bool {
+        self.inner.as_ref().is_some_and(f)
+    }
 }
 
 impl std::fmt::Debug for CapturingDtls {
@@ -178,21 +218,27 @@ impl std::fmt::Debug for CapturingDtls {
 
 impl DtlsInstance for CapturingDtls {
     fn set_active(&mut self, active: bool) {
-        self.inner.set_active(active)
+        if let Ok(d) = self.dtls() {
+            d.set_active(active)
+        }
     }
 
     fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
-        self.inner.handle_packet(packet)
+        self.dtls()?.handle_packet(packet)
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        let out = self.inner.poll_output(buf);
+        let Some(inner) = self.inner.as_mut() else {
+            return DtlsOutput::Timeout(Instant::now() + std::time::Duration::from_secs(3600));
+        };
+        let active = inner.is_active();
+        let out = inner.poll_output(buf);
         if let DtlsOutput::KeyingMaterial(km, profile) = &out {
             match Profile::from_str0m(*profile) {
                 Some(profile) => self.slot.store(Captured {
                     profile,
                     material: km.to_vec(),
-                    active: self.inner.is_active(),
+                    active,
                 }),
                 None => tracing::warn!(?profile, "DTLS negotiated an SRTP profile we cannot seal"),
             }
@@ -201,31 +247,31 @@ impl DtlsInstance for CapturingDtls {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {
-        self.inner.handle_timeout(now)
+        self.dtls()?.handle_timeout(now)
     }
 
     fn send_application_data(&mut self, data: &[u8]) -> Result<usize, DtlsImplError> {
-        self.inner.send_application_data(data)
+        self.dtls()?.send_application_data(data)
     }
 
     fn is_active(&self) -> bool {
-        self.inner.is_active()
+        self.flag(|d| d.is_active())
     }
 
     fn protocol_version(&self) -> Option<ProtocolVersion> {
-        self.inner.protocol_version()
+        self.inner.as_ref().and_then(|d| d.protocol_version())
     }
 
     fn is_closing(&self) -> bool {
-        self.inner.is_closing()
+        self.flag(|d| d.is_closing())
     }
 
     fn is_closed(&self) -> bool {
-        self.inner.is_closed()
+        self.flag(|d| d.is_closed())
     }
 
     fn close(&mut self) -> Result<(), DtlsImplError> {
-        self.inner.close()
+        self.dtls()?.close()
     }
 }
 

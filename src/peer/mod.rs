@@ -15,8 +15,10 @@
 #![warn(missing_docs)]
 
 pub mod egress;
+pub mod ingress;
 pub mod keys;
 pub mod offer;
+pub mod settled;
 pub mod srtp;
 pub mod webrtc;
 

@@ -1,4 +1,4 @@
-//! The server's outbound SRTP/SRTCP for one WebRTC listener, outside str0m.
+//! SRTP/SRTCP for one WebRTC peer outside str0m: sealing what the server sends it, opening what it sends.
 //!
 //! str0m keeps its keys to itself, so the listener's audio used to go through its `Rtc` one packet at a
 //! time (`write_rtp`, a timeout, `poll_output`) — most of a forwarded packet's cost. The keying material
@@ -39,7 +39,7 @@ const GCM_TAG_LEN: usize = 16;
 const SRTCP_INDEX_LEN: usize = 4;
 /// The part of an RTCP packet SRTCP leaves in the clear: the first header and the sender SSRC.
 const RTCP_CLEAR: usize = 8;
-/// The longest tag of the three profiles: room a caller keeps after a packet for [`SrtpTx::seal_rtp`].
+/// The longest tag of the three profiles: room a caller keeps after a packet for [`SrtpContext::seal_rtp`].
 pub const MAX_TAG_LEN: usize = GCM_TAG_LEN;
 
 /// One of the SRTP protection profiles DTLS-SRTP negotiated (RFC 5764 §4.1.2, RFC 7714 §14.2).
@@ -101,6 +101,9 @@ pub enum SrtpError {
     /// An SRTCP packet too short, not authentic, or not decryptable.
     #[error("SRTCP packet refused")]
     Rtcp,
+    /// An SRTP packet too short, not authentic (or its index misjudged), or not decryptable.
+    #[error("SRTP packet refused")]
+    Rtp,
 }
 
 /// The master key and salt of one direction, from the DTLS exporter's output (RFC 5764 §4.2).
@@ -243,8 +246,10 @@ impl Cipher {
     }
 }
 
-/// The server's sending context towards one listener: RTP and RTCP ciphers and the SRTCP index.
-pub struct SrtpTx {
+/// One direction's SRTP/SRTCP context: RTP and RTCP ciphers and the SRTCP index. The server seals with
+/// its own half of the keying material (towards a listener) and opens with the client's half (a
+/// speaker's packets, its RTCP) once the peer is served without its `Rtc` ([`super::settled`]).
+pub struct SrtpContext {
     profile: Profile,
     rtp: Cipher,
     rtcp: Cipher,
@@ -253,16 +258,16 @@ pub struct SrtpTx {
     srtcp_index: u32,
 }
 
-impl std::fmt::Debug for SrtpTx {
+impl std::fmt::Debug for SrtpContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SrtpTx")
+        f.debug_struct("SrtpContext")
             .field("profile", &self.profile)
             .field("srtcp_index", &self.srtcp_index)
             .finish_non_exhaustive()
     }
 }
 
-impl SrtpTx {
+impl SrtpContext {
     /// The context for a master key and salt (already the sending half).
     pub fn new(profile: Profile, master_key: &[u8], master_salt: &[u8]) -> Result<Self, SrtpError> {
         if master_key.len() != profile.key_len() || master_salt.len() != profile.salt_len() {
@@ -270,7 +275,7 @@ impl SrtpTx {
                 master_key.len() + master_salt.len(),
             ));
         }
-        Ok(SrtpTx {
+        Ok(SrtpContext {
             profile,
             rtp: Cipher::new(profile, master_key, master_salt, false)?,
             rtcp: Cipher::new(profile, master_key, master_salt, true)?,
@@ -330,6 +335,52 @@ impl SrtpTx {
         }
     }
 
+    /// Opens the SRTP packet `packet` — `header_len` octets of header (CSRCs and extension included), the
+    /// encrypted payload, the tag — into `out` (header and plain payload). `index` is the packet's 48-bit
+    /// SRTP index as the receiver estimated it (RFC 3711 §3.3.1); a wrong estimate fails authentication
+    /// like a forgery does.
+    pub fn open_rtp(
+        &self,
+        packet: &[u8],
+        header_len: usize,
+        ssrc: u32,
+        index: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SrtpError> {
+        let tag_len = self.profile.tag_len();
+        if packet.len() < header_len + tag_len {
+            return Err(SrtpError::Rtp);
+        }
+        let roc = (index >> 16) as u32;
+        out.clear();
+        match &self.rtp {
+            Cipher::Cm { ctr, salt, auth } => {
+                let (signed, tag) = packet.split_at(packet.len() - tag_len);
+                let mut mac = hmac::Context::with_key(auth);
+                mac.update(signed);
+                mac.update(&roc.to_be_bytes());
+                if !constant_eq(&mac.sign().as_ref()[..CM_TAG_LEN], tag) {
+                    return Err(SrtpError::Rtp);
+                }
+                out.extend_from_slice(signed);
+                let iv = Cipher::cm_iv(salt, ssrc, index);
+                ctr.less_safe_encrypt(&mut out[header_len..], EncryptionContext::Iv128(iv.into()))
+                    .map_err(|_| SrtpError::Rtp)?;
+            }
+            Cipher::Gcm { key, salt } => {
+                let nonce = Cipher::gcm_nonce(salt, ssrc, roc, index as u16);
+                out.extend_from_slice(packet);
+                let (header, body) = out.split_at_mut(header_len);
+                let plain = key
+                    .open_in_place(nonce, Aad::from(&*header), body)
+                    .map_err(|_| SrtpError::Rtp)?
+                    .len();
+                out.truncate(header_len + plain);
+            }
+        }
+        Ok(())
+    }
+
     /// Seals a plain (compound) RTCP packet with the next SRTCP index (the `E` flag set: the whole
     /// packet after the sender SSRC is encrypted).
     pub fn seal_rtcp(&mut self, plain: &[u8]) -> Result<Vec<u8>, SrtpError> {
@@ -367,7 +418,7 @@ impl SrtpTx {
     }
 
     /// Opens an SRTCP packet sealed with this direction's keys (str0m's own, before the server re-seals
-    /// it): the plain compound packet.
+    /// it; a client's, with the client half): the plain compound packet.
     pub fn open_rtcp(&self, packet: &[u8]) -> Result<Vec<u8>, SrtpError> {
         match &self.rtcp {
             Cipher::Cm { ctr, salt, auth } => {
@@ -431,7 +482,7 @@ impl SrtpTx {
     /// A context from session keys (RTP and RTCP alike), as the RFC 7714 vectors give them.
     #[cfg(test)]
     pub fn from_session_keys(profile: Profile, key: &[u8], salt: &[u8], auth: &[u8]) -> Self {
-        SrtpTx {
+        SrtpContext {
             profile,
             rtp: Cipher::from_session(profile, key, salt, auth).expect("session keys"),
             rtcp: Cipher::from_session(profile, key, salt, auth).expect("session keys"),

@@ -46,7 +46,7 @@ fn rfc3711_b2_aes_cm_keystream() {
         hex("F0F1F2F3F4F5F6F7F8F9FAFBFCFD0000")[..],
         "SSRC and index 0: the IV is the shifted salt"
     );
-    let tx = SrtpTx::from_session_keys(
+    let tx = SrtpContext::from_session_keys(
         Profile::Aes128CmSha1_80,
         &hex("2B7E151628AED2A6ABF7158809CF4F3C"),
         &salt,
@@ -75,7 +75,7 @@ fn rfc3711_b2_aes_cm_keystream() {
 
 #[test]
 fn libsrtp_aes_cm_known_answers_through_the_kdf() {
-    let mut tx = SrtpTx::new(Profile::Aes128CmSha1_80, &hex(B3_KEY), &hex(B3_SALT)).unwrap();
+    let mut tx = SrtpContext::new(Profile::Aes128CmSha1_80, &hex(B3_KEY), &hex(B3_SALT)).unwrap();
     let plain = hex("800f1234 decafbad cafebabe abababab abababab abababab abababab");
     let mut buf = plain.clone();
     tx.seal_rtp(&mut buf, 0, 12, 0xcafebabe, 0x1234);
@@ -107,14 +107,14 @@ const GCM_RTP: &str = "8040f17b 8041f8d3 5501a0b2 47616c6c 69612065 7374206f 6d6
 const GCM_RTCP: &str = "81c8000d 4d617273 4e545031 4e545032 52545020 0000042a 0000e930 4c756e61
                         deadbeef deadbeef deadbeef deadbeef deadbeef";
 
-fn gcm(profile: Profile) -> SrtpTx {
+fn gcm(profile: Profile) -> SrtpContext {
     let key = match profile {
         Profile::AeadAes256Gcm => {
             hex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
         }
         _ => hex("000102030405060708090a0b0c0d0e0f"),
     };
-    SrtpTx::from_session_keys(profile, &key, &hex(GCM_SALT), &[])
+    SrtpContext::from_session_keys(profile, &key, &hex(GCM_SALT), &[])
 }
 
 #[test]
@@ -205,7 +205,7 @@ fn webrtc_rs_decrypts_what_the_server_seals_across_a_roc_wrap() {
     ] {
         let len = 2 * (profile.key_len() + profile.salt_len());
         let material: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
-        let mut tx = SrtpTx::from_material(profile, &material, false).unwrap();
+        let mut tx = SrtpContext::from_material(profile, &material, false).unwrap();
         let (k, s) = master_half(profile, &material, false).unwrap();
         let mut rx = Context::new(k, s, theirs, None, None).unwrap();
         let ssrc = 0x1234_5678;

@@ -7,9 +7,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind};
+use str0m::media::{Direction, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::rtcp::Rtcp;
+use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Input, Output, Rtc};
 
 use super::webrtc::{PeerEvent, WebRtcConfig, WebRtcPeer, CONNECT_TIMEOUT};
@@ -30,6 +31,9 @@ struct Pair {
     reports: Vec<(u32, u32)>,
     /// The client finished DTLS too (the server finishes first: its last flight is still on the way).
     client_connected: bool,
+    /// The client's ICE agent gave the server up (its consent checks went unanswered).
+    client_disconnected: bool,
+    mid: Mid,
 }
 
 impl Pair {
@@ -43,7 +47,7 @@ impl Pair {
             .build(now);
         client.add_local_candidate(Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap());
         let mut api = client.sdp_api();
-        api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
+        let mid = api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
         let (offer, pending) = api.apply().unwrap();
         let mut rng = StdRng::seed_from_u64(7);
         let (peer, answer) =
@@ -69,6 +73,8 @@ impl Pair {
             heard: 0,
             reports: vec![],
             client_connected: false,
+            client_disconnected: false,
+            mid,
         }
     }
 
@@ -92,6 +98,9 @@ impl Pair {
                 }
                 Output::Event(str0m::Event::RtpPacket(_)) => self.heard += 1,
                 Output::Event(str0m::Event::Connected) => self.client_connected = true,
+                Output::Event(str0m::Event::IceConnectionStateChange(
+                    str0m::IceConnectionState::Disconnected,
+                )) => self.client_disconnected = true,
                 Output::Event(str0m::Event::RawPacket(raw)) => {
                     if let str0m::rtp::RawPacket::RtcpRx(Rtcp::SenderReport(sr)) = *raw {
                         let i = sr.sender_info;
@@ -129,6 +138,20 @@ impl Pair {
         self.client
             .handle_input(Input::Receive(self.now, r))
             .unwrap();
+    }
+
+    /// The client sends one Opus packet (sequence number `seq`) on its own stream.
+    fn client_sends(&mut self, seq: u64, payload: &[u8]) {
+        let now = self.now;
+        let mut api = self.client.direct_api();
+        let tx = api.stream_tx_by_mid(self.mid, None).expect("client stream");
+        tx.write_rtp(RtpWrite::new(
+            Pt::from(111),
+            seq.into(),
+            (seq * 960) as u32,
+            now,
+            payload.to_vec(),
+        ));
     }
 
     fn connected() -> Pair {
@@ -285,13 +308,14 @@ fn re_sealed_rtcp_is_accepted_by_the_client() {
     assert_eq!(octets, packets * 4, "4-octet payloads");
 }
 
-/// The client moves to another address (a network change). str0m (ICE-lite, controlled) keeps sending on
-/// the old, higher-priority nominated pair until that pair expires (15 s without a check), then on the
-/// new one; the egress follows str0m's own choice — learnt from the next check that nominates the new
-/// path, not at the next RTCP report — and never runs ahead of it.
+/// The client moves to another address (a network change) and nominates the new path: the settled peer
+/// answers the checks there and its media follows the nomination at once. (Before it settles, str0m
+/// keeps sending on the old, higher-priority pair until that pair expires, 15 s without a check, and the
+/// egress follows str0m's own choice.)
 #[test]
 fn media_follows_ice_renomination() {
     let mut p = Pair::connected();
+    assert!(p.peer.is_settled());
     let moved: SocketAddr = "127.0.0.3:6000".parse().unwrap();
     let old = Candidate::host(CLIENT.parse().unwrap(), "udp").unwrap();
     p.client
@@ -312,10 +336,8 @@ fn media_follows_ice_renomination() {
     }
     assert_eq!(dest(&p), Some(moved), "the egress followed the nomination");
     let after = p.now - start;
-    assert!(
-        after >= Duration::from_secs(15) && after < Duration::from_secs(17),
-        "{after:?}"
-    );
+    assert!(after < Duration::from_secs(15), "{after:?}");
+    assert!(p.closed().is_none() && !p.client_disconnected);
     let heard = p.heard;
     let h = OutHeader {
         seq: 7,
@@ -325,4 +347,159 @@ fn media_follows_ice_renomination() {
     p.seal_and_deliver_to(h, b"moved", moved);
     p.step(true);
     assert_eq!(p.heard, heard + 1);
+}
+
+/// Once ICE and DTLS are up the peer settles: its `Rtc` is dropped and the settled state opens the
+/// client's packets, answers its consent checks for as long as it sends them (the client's ICE agent
+/// keeps the pair), seals sender reports the client accepts, reads the client's receiver reports, and
+/// closes the peer 15 s after the checks stop.
+#[test]
+fn a_connected_peer_lives_without_its_rtc() {
+    let mut p = Pair::connected();
+    assert!(p.peer.is_settled(), "settled when connected");
+    p.client_sends(1, b"first");
+    p.step(true);
+    let media = |p: &Pair| {
+        p.events
+            .iter()
+            .filter_map(|e| match e {
+                PeerEvent::Media(m) => Some(m.payload.to_vec()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        media(&p),
+        vec![b"first".to_vec()],
+        "its first packet opened, once"
+    );
+    for i in 2..50u64 {
+        p.client_sends(i, &[0xa0, i as u8]);
+        p.step(true);
+    }
+    assert_eq!(
+        media(&p).len(),
+        49,
+        "every packet opened by the settled peer"
+    );
+    // 40 s listening: the consent checks are answered by the settled peer, the client keeps the pair,
+    // hears every packet, and gets sender reports that count them.
+    for i in 0..4000u32 {
+        if i % 2 == 0 {
+            let h = OutHeader {
+                seq: 500 + (i / 2) as u16,
+                timestamp: 960 * (i / 2),
+                marker: i == 0,
+            };
+            p.seal_and_deliver(h, b"opus");
+        }
+        p.step(true);
+    }
+    assert!(p.closed().is_none() && !p.client_disconnected);
+    assert_eq!(p.heard, 2000);
+    let &(packets, octets) = p.reports.last().expect("sender reports");
+    // The last report came up to 5 s (250 packets) before the end.
+    assert!((1700..=2000).contains(&packets), "{packets}");
+    assert_eq!(octets, packets * 4);
+    assert!(
+        p.events
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Report { .. })),
+        "the client's receiver reports were read"
+    );
+    // The client vanishes: closed when its consent runs out, not before.
+    let gone = p.now;
+    while p.closed().is_none() && p.now < gone + Duration::from_secs(20) {
+        p.step(false);
+    }
+    assert_eq!(p.closed(), Some("ice_disconnected"));
+    let waited = p.now - gone;
+    assert!(
+        // The last check answered came up to a check interval before the link went.
+        waited >= Duration::from_secs(12) && waited <= Duration::from_secs(16),
+        "{waited:?}"
+    );
+}
+
+/// A settled peer refuses forged SRTP and SRTCP, and a forged DTLS alert, without closing.
+#[test]
+fn forged_datagrams_do_not_hurt_a_settled_peer() {
+    let mut p = Pair::connected();
+    let client: SocketAddr = CLIENT.parse().unwrap();
+    let (mut out, mut events) = (Vec::new(), Vec::new());
+    let mut forged = vec![0x80, 111, 0, 9, 0, 0, 0, 1, 0, 0, 0, 2];
+    forged.extend_from_slice(&[7; 40]);
+    p.client_sends(1, b"real");
+    p.step(true);
+    assert!(p.peer.is_settled());
+    for bad in [forged.clone(), vec![0x81, 201, 0, 1, 0, 0, 0, 1]] {
+        assert!(!p
+            .peer
+            .handle_receive(p.now, client, &bad, &mut out, &mut events));
+    }
+    // A DTLS record that is no alert of the client's: read by the kept DTLS instance, nothing happens.
+    p.peer.handle_receive(
+        p.now,
+        client,
+        &[21, 254, 253, 0, 1, 0, 0, 0, 0, 0, 9, 0, 2, 1, 0],
+        &mut out,
+        &mut events,
+    );
+    assert!(events.is_empty() && out.is_empty());
+    assert!(p.peer.is_settled() && !p.peer.closed);
+    p.client_sends(2, b"still");
+    p.step(true);
+    assert!(p.closed().is_none());
+}
+
+/// The server's last DTLS flight is lost: the server has settled (its `Rtc` is gone) but the client
+/// retransmits its own flight, the kept DTLS instance answers it again, and the client connects and hears.
+#[test]
+fn a_lost_last_handshake_flight_is_answered_after_settling() {
+    let mut p = Pair::new();
+    let server: SocketAddr = SERVER.parse().unwrap();
+    let mut steps = 0;
+    while !p.peer.connected {
+        // Like `step`, but what the server sends in the step it connects is lost.
+        p.now += Duration::from_millis(10);
+        let mut out = vec![];
+        p.client.handle_input(Input::Timeout(p.now)).unwrap();
+        while let Ok(o) = p.client.poll_output() {
+            match o {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    p.peer
+                        .handle_receive(p.now, t.source, &t.contents, &mut out, &mut p.events);
+                }
+                _ => {}
+            }
+        }
+        if !p.peer.connected {
+            for (data, to) in out.drain(..) {
+                let r = Receive::new(Protocol::Udp, server, to.to_socket_addr(), &data).unwrap();
+                let _ = p.client.handle_input(Input::Receive(p.now, r));
+            }
+        }
+        steps += 1;
+        assert!(steps < 300, "the server connects");
+    }
+    assert!(p.peer.is_settled() && !p.client_connected);
+    for _ in 0..500 {
+        p.step(true);
+        if p.client_connected {
+            break;
+        }
+    }
+    assert!(
+        p.client_connected,
+        "the client's retransmission was answered"
+    );
+    let h = OutHeader {
+        seq: 1,
+        timestamp: 0,
+        marker: true,
+    };
+    p.seal_and_deliver(h, b"heard");
+    p.step(true);
+    assert_eq!(p.heard, 1);
 }

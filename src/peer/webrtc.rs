@@ -12,6 +12,8 @@
 //! - The listener's audio does not go through the `Rtc`: the DTLS keys are captured on their way to
 //!   str0m ([`super::keys`]) and the shard seals each forwarded packet itself ([`super::egress`]), so
 //!   str0m is driven only by the client's datagrams and its own deadlines, never per forwarded packet.
+//! - Once ICE and DTLS are up the `Rtc` is dropped altogether and the peer is served by [`super::settled`]: consent checks, inbound
+//!   SRTP, reports — a few hundred bytes per member instead of str0m's ≈ 60 KB, and no str0m timers.
 //!
 //! Randomness (the ICE password) comes from the caller's generator, so a test can seed the shard and get
 //! the same peer twice; the SSRC of the listener stream is str0m's own pick.
@@ -37,8 +39,10 @@ use thiserror::Error;
 use tracing::debug;
 
 use super::egress::Egress;
+use super::ingress::Ingress;
 use super::keys::{build_with_slot, capturing_provider, KeySlot};
-use super::srtp::SrtpTx;
+use super::settled::Settled;
+use super::srtp::SrtpContext;
 use crate::forward::{OutHeader, RelayCopies};
 use crate::rtp::Kind;
 
@@ -104,15 +108,44 @@ pub enum PeerError {
     NoMid,
 }
 
+/// An RTP packet from the client, SRTP removed: the header fields the shard reads and the payload,
+/// shared with every listener it is forwarded to.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The marker bit.
+    pub marker: bool,
+    /// The payload type.
+    pub payload_type: u8,
+    /// The sequence number, as sent.
+    pub seq: u16,
+    /// The RTP timestamp, as sent.
+    pub timestamp: u32,
+    /// The client's SSRC.
+    pub ssrc: u32,
+    /// The payload (no header, extension or padding).
+    pub payload: Arc<[u8]>,
+}
+
+impl From<RtpPacket> for Inbound {
+    fn from(p: RtpPacket) -> Self {
+        Inbound {
+            marker: p.header.marker,
+            payload_type: *p.header.payload_type,
+            seq: p.header.sequence_number,
+            timestamp: p.header.timestamp,
+            ssrc: *p.header.ssrc,
+            payload: p.payload,
+        }
+    }
+}
+
 /// What a peer reports to its shard.
-// `Media` is the common variant: boxing it would allocate once per packet to save stack on rare ones.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum PeerEvent {
     /// ICE and DTLS are up: media may flow.
     Connected,
     /// An RTP packet from the client, SRTP already removed.
-    Media(RtpPacket),
+    Media(Inbound),
     /// ICE timed out, DTLS closed, or the peer never connected: it must leave its channel.
     Closed(&'static str),
     /// What the browser's receiver reports said of the stream it listens to, since the last one.
@@ -143,9 +176,20 @@ pub fn ice_token(rng: &mut impl Rng, len: usize) -> String {
         .collect()
 }
 
-/// One WebRTC member's str0m side: ICE-lite, DTLS-SRTP, RTP mode.
+/// One WebRTC member: its str0m side (ICE-lite, DTLS-SRTP, RTP mode) until it settles, then its
+/// [`Settled`] state.
 pub struct WebRtcPeer {
-    rtc: Rtc,
+    /// str0m's side while the handshake may still need it; `None` once settled (boxed: it is large,
+    /// and the slab slot must shrink when it goes).
+    rtc: Option<Box<Rtc>>,
+    /// The server's ICE password (handed to the settled state).
+    pass: String,
+    /// The CNAME str0m declared for the listener stream in the answer.
+    cname: Option<String>,
+    /// Opens the client's SRTP once keys are known (handed to the settled state).
+    ingress: Option<Ingress>,
+    /// The peer after its handshake, served without str0m.
+    settled: Option<Settled>,
     /// Where datagrams "arrive" for str0m: the host candidate, whatever address the socket is bound to.
     local: SocketAddr,
     /// The server's ICE username fragment for this peer (its key in the shard's ufrag map).
@@ -223,7 +267,7 @@ impl WebRtcPeer {
     ) -> Result<(Self, String), PeerError> {
         let pass = ice_token(rng, PASS_LEN);
         let keys = Arc::new(KeySlot::default());
-        let mut rtc = build_with_slot(rtc_config(shared, &ufrag, pass), now, keys.clone());
+        let mut rtc = build_with_slot(rtc_config(shared, &ufrag, pass.clone()), now, keys.clone());
         let candidate = Candidate::host(shared.candidate, "udp")
             .map_err(|e| PeerError::Candidate(e.to_string()))?;
         rtc.add_local_candidate(candidate);
@@ -232,7 +276,11 @@ impl WebRtcPeer {
             .accept_offer(offer)
             .map_err(|e| PeerError::Offer(e.to_string()))?;
         let mut peer = WebRtcPeer {
-            rtc,
+            rtc: Some(Box::new(rtc)),
+            pass,
+            cname: None,
+            ingress: None,
+            settled: None,
             local: shared.candidate,
             ufrag,
             mid: None,
@@ -258,19 +306,25 @@ impl WebRtcPeer {
         peer.mid = Some(mid);
         let (mut out, mut events) = (Vec::new(), Vec::new());
         peer.drain(now, &mut out, &mut events);
-        let media = peer.rtc.media(mid).ok_or(PeerError::NoMid)?;
+        let rtc = peer.rtc.as_deref_mut().ok_or(PeerError::NoMid)?;
+        let media = rtc.media(mid).ok_or(PeerError::NoMid)?;
         let remote = media.remote_pts().to_vec();
-        let opus = peer
-            .rtc
+        let opus = rtc
             .codec_config()
             .find(|p| p.spec().codec == Codec::Opus && remote.contains(&p.pt()))
             .ok_or(PeerError::NoOpus)?;
         peer.pt = *opus.pt();
-        peer.tx = peer
-            .rtc
+        peer.tx = rtc
             .direct_api()
             .stream_tx_by_mid(mid, None)
             .map(|s| s.ssrc());
+        if let Some(ssrc) = peer.tx {
+            let prefix = format!("a=ssrc:{} cname:", *ssrc);
+            peer.cname = answer
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+                .map(str::to_string);
+        }
         Ok((peer, answer))
     }
 
@@ -291,14 +345,29 @@ impl WebRtcPeer {
         if self.closed {
             return false;
         }
+        let kind = crate::rtp::classify(data);
+        if let (Some(s), Some(e)) = (self.settled.as_mut(), self.egress.as_mut()) {
+            let accepted = s.handle_receive(now, source, data, e, out, events);
+            if accepted && kind == Kind::Stun {
+                self.verified = true;
+            }
+            self.deadline = s.deadline();
+            if s.closed_by_client() {
+                self.close_with(events, "dtls_closed", false);
+            }
+            return accepted;
+        }
         let Ok(contents) = Receive::new(Protocol::Udp, source, self.local, data) else {
             return false;
         };
-        if let Err(e) = self.rtc.handle_input(Input::Receive(now, contents)) {
+        let Some(rtc) = self.rtc.as_deref_mut() else {
+            return false;
+        };
+        if let Err(e) = rtc.handle_input(Input::Receive(now, contents)) {
             debug!(ufrag = %self.ufrag, error = %e, "peer refused a datagram");
             return false;
         }
-        if crate::rtp::classify(data) == Kind::Stun {
+        if kind == Kind::Stun {
             // str0m took a STUN message routed here by our ufrag: a client holding the answer is there.
             self.verified = true;
             self.follow_nomination(source, data);
@@ -325,10 +394,46 @@ impl WebRtcPeer {
             self.close_with(events, "no_connectivity_check", true);
             return;
         }
-        if let Err(e) = self.rtc.handle_input(Input::Timeout(now)) {
+        if let (Some(s), Some(e)) = (self.settled.as_mut(), self.egress.as_mut()) {
+            let closed = s.handle_timeout(now, e, out);
+            self.deadline = s.deadline();
+            if let Some(why) = closed {
+                self.close_with(events, why, false);
+            }
+            return;
+        }
+        let Some(rtc) = self.rtc.as_deref_mut() else {
+            return;
+        };
+        if let Err(e) = rtc.handle_input(Input::Timeout(now)) {
             debug!(ufrag = %self.ufrag, error = %e, "peer timeout failed");
         }
         self.drain(now, out, events);
+    }
+
+    /// True once the peer is served without its `Rtc`.
+    pub fn is_settled(&self) -> bool {
+        self.settled.is_some()
+    }
+
+    /// Drops the `Rtc` once ICE and DTLS are up and the keys are known: from now on the peer is served
+    /// by its [`Settled`] state, which keeps the DTLS instance (a client whose last handshake flight was
+    /// lost retransmits its own, and the instance answers it again; a `close_notify` is read).
+    /// A client that cannot hear (sendonly: no listener stream, no egress) stays with str0m.
+    fn settle(&mut self, now: Instant) {
+        if self.settled.is_some() || !self.connected || self.closed || self.egress.is_none() {
+            return;
+        }
+        let Some(ingress) = self.ingress.take() else {
+            return;
+        };
+        let mut settled = Settled::new(self.pass.clone(), ingress, self.cname.clone(), now);
+        // Dropping the `Rtc` leaves its DTLS instance in the key slot.
+        self.rtc = None;
+        settled.keep_dtls(KeySlot::take_dtls(&mut self.keys));
+        self.deadline = settled.deadline();
+        self.settled = Some(settled);
+        debug!(ufrag = %self.ufrag, "peer settled: served without its Rtc");
     }
 
     /// Seals one listener packet (rewritten header, the speaker's payload) into `out`, addressed to the
@@ -364,9 +469,10 @@ impl WebRtcPeer {
         {
             return;
         }
-        self.rtc
-            .direct_api()
-            .send_app_specific_feedback(ssrc, ssrc, Vec::new());
+        if let Some(rtc) = self.rtc.as_deref_mut() {
+            rtc.direct_api()
+                .send_app_specific_feedback(ssrc, ssrc, Vec::new());
+        }
     }
 
     /// Builds (or re-keys) the egress once the DTLS instance has left new keying material in the slot.
@@ -382,7 +488,12 @@ impl WebRtcPeer {
         {
             return;
         }
-        match SrtpTx::from_material(c.profile, &c.material, c.active) {
+        // The client seals with the other half (RFC 5764 §4.2): what the settled peer opens with.
+        match SrtpContext::from_material(c.profile, &c.material, !c.active) {
+            Ok(srtp) => self.ingress = Some(Ingress::new(srtp)),
+            Err(e) => debug!(ufrag = %self.ufrag, error = %e, "no ingress keys"),
+        }
+        match SrtpContext::from_material(c.profile, &c.material, c.active) {
             Ok(srtp) => match self.egress.as_mut() {
                 Some(e) => e.rekey(srtp, generation),
                 None => {
@@ -395,20 +506,26 @@ impl WebRtcPeer {
         }
     }
 
-    /// Starts a clean shutdown (RTCP BYE, DTLS close_notify) and drains what that sends.
+    /// Starts a clean shutdown (RTCP BYE; DTLS close_notify while str0m still runs the peer) and
+    /// drains what that sends.
     pub fn close(&mut self, out: &mut Vec<Transmit>) {
-        if !self.closed {
-            let _ = self.rtc.close();
+        if self.closed {
+            return;
+        }
+        if let (Some(s), Some(e)) = (self.settled.as_mut(), self.egress.as_mut()) {
+            s.close(Instant::now(), e, out);
+        } else if let Some(rtc) = self.rtc.as_deref_mut() {
+            let _ = rtc.close();
             let mut events = Vec::new();
             self.drain(Instant::now(), out, &mut events);
-            self.closed = true;
         }
+        self.closed = true;
     }
 
     /// Reports the peer closed (once); `disconnect` also makes the `Rtc` inert at once.
     fn close_with(&mut self, events: &mut Vec<PeerEvent>, why: &'static str, disconnect: bool) {
-        if disconnect {
-            self.rtc.disconnect();
+        if let (true, Some(rtc)) = (disconnect, self.rtc.as_deref_mut()) {
+            rtc.disconnect();
         }
         if !self.closed {
             self.closed = true;
@@ -422,11 +539,14 @@ impl WebRtcPeer {
     /// re-sealed by the egress (see [`super::egress`]); STUN answers go where the check came from.
     fn drain(&mut self, now: Instant, out: &mut Vec<Transmit>, events: &mut Vec<PeerEvent>) {
         loop {
-            if !self.rtc.is_alive() {
+            let Some(rtc) = self.rtc.as_deref_mut() else {
+                return;
+            };
+            if !rtc.is_alive() {
                 self.close_with(events, "closed", false);
                 return;
             }
-            match self.rtc.poll_output() {
+            match rtc.poll_output() {
                 Ok(Output::Timeout(at)) => {
                     self.deadline = match (self.connected, self.verified) {
                         (true, _) => at,
@@ -435,6 +555,8 @@ impl WebRtcPeer {
                             .min(self.connect_deadline)
                             .min(self.created + VERIFY_TIMEOUT),
                     };
+                    // Everything str0m had to send (the last DTLS flight included) is out.
+                    self.settle(now);
                     return;
                 }
                 Ok(Output::Transmit(t)) => {
@@ -466,7 +588,7 @@ impl WebRtcPeer {
                     }
                 }
                 Ok(Output::Event(e)) => match e {
-                    RtcEvent::RtpPacket(p) => events.push(PeerEvent::Media(p)),
+                    RtcEvent::RtpPacket(p) => events.push(PeerEvent::Media(p.into())),
                     RtcEvent::Connected => {
                         self.sync_keys();
                         self.connected = true;

@@ -104,6 +104,8 @@ pub struct ShardStats {
     pub peers_closed: u64,
     /// WebRTC peers that never sent a connectivity check, closed to make room for a new one.
     pub peers_evicted: u64,
+    /// WebRTC peers that settled: served without their str0m `Rtc` after the handshake.
+    pub peers_settled: u64,
     /// Recorded packets (or burst ends) lost to the recorder's full queue.
     pub record_dropped: u64,
     /// In-server forwarding latency of sampled packets, ns ([`crate::metrics::buckets::FORWARD_LATENCY_NS`]).

@@ -7,13 +7,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
-use str0m::rtp::RtpPacket;
 
 use super::{ShardCore, Verdict, OPUS_PT};
 use crate::channel::{ForwardDrop, Member};
 use crate::forward::Batch;
 use crate::ids::{MemberKey, PeerId};
-use crate::peer::webrtc::{ice_token, PeerEvent, Transmit, WebRtcPeer, UFRAG_LEN};
+use crate::peer::webrtc::{ice_token, Inbound, PeerEvent, Transmit, WebRtcPeer, UFRAG_LEN};
 use crate::rtp::RtpView;
 use crate::shard::command::{Event, PeerRefused};
 use crate::shard::stats::DropReason;
@@ -126,10 +125,14 @@ impl ShardCore {
             return Verdict::Dropped(DropReason::UnknownSource);
         };
         let before = slot.peer.deadline;
+        let was_settled = slot.peer.is_settled();
         let accepted = slot
             .peer
             .handle_receive(now, src, data, &mut self.transmits, &mut events);
         let (channel, key, connected) = (slot.channel, slot.key, slot.peer.connected);
+        if !was_settled && slot.peer.is_settled() {
+            self.stats.peers_settled += 1;
+        }
         self.reschedule(id, before, now);
         if connected {
             // Consent checks and RTCP keep a WebRTC listener latched like a plain one.
@@ -232,21 +235,21 @@ impl ShardCore {
     fn peer_media(
         &mut self,
         id: PeerId,
-        pkt: &RtpPacket,
+        pkt: &Inbound,
         now: Instant,
         batch: &mut Batch,
     ) -> Result<(), DropReason> {
         let slot = self.peers.get_mut(id).ok_or(DropReason::UnknownSource)?;
         let (channel, key) = (slot.channel, slot.key);
-        if *pkt.header.payload_type != slot.peer.pt {
+        if pkt.payload_type != slot.peer.pt {
             return Err(DropReason::NotOpus);
         }
         let view = RtpView {
-            marker: pkt.header.marker,
-            payload_type: *pkt.header.payload_type,
-            seq: pkt.header.sequence_number,
-            timestamp: pkt.header.timestamp,
-            ssrc: *pkt.header.ssrc,
+            marker: pkt.marker,
+            payload_type: pkt.payload_type,
+            seq: pkt.seq,
+            timestamp: pkt.timestamp,
+            ssrc: pkt.ssrc,
             payload: &pkt.payload,
         };
         let ch = self.channels[channel]
