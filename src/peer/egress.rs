@@ -3,7 +3,8 @@
 //! counters, and the SRTP cipher built once from the DTLS keys.
 //!
 //! The listener's stream is sealed here and only here: str0m is never given a packet on that SSRC, so
-//! the SRTP key never meets the same (SSRC, index) twice. str0m still produces the RTCP of the peer —
+//! the SRTP key never meets the same (SSRC, index) twice. Once the peer has settled
+//! ([`super::settled`]) its RTCP is ours too ([`Egress::own_rtcp`]); until then str0m produces it —
 //! receiver reports on the client's stream, and every ~5 s a sender report and SDES for the declared
 //! listener stream — sealed with its own SRTCP index, which is private. Sending both its SRTCP and ours
 //! would let the two index spaces collide under one key, and dropping its RTCP would lose the receiver
@@ -322,5 +323,46 @@ mod tests {
         );
         assert_eq!((word(20), word(24)), (7, 35), "7 packets of 5 octets");
         assert_eq!(opened[28..], plain[28..], "SDES untouched");
+    }
+
+    /// A settled peer's own RTCP: SR (honest counts) + SDES CNAME, and + BYE on leave; it opens with the
+    /// listener's key and parses as valid compound RTCP (webrtc-rs), under one SRTCP index space.
+    #[test]
+    fn own_rtcp_is_a_valid_compound_packet() {
+        let m = material(4);
+        let t0 = Instant::now();
+        let mut e = egress(&m);
+        assert!(
+            e.own_rtcp(t0, Some("x"), false).is_none(),
+            "nothing sent yet"
+        );
+        for seq in 0..3 {
+            seal_one(&mut e, seq, t0);
+        }
+        let mut rx = context(&m);
+        for (i, bye) in [false, true].into_iter().enumerate() {
+            let sealed = e.own_rtcp(t0, Some("cname-1234"), bye).unwrap();
+            assert_eq!(
+                sealed[sealed.len() - 4..],
+                [0x80, 0, 0, i as u8],
+                "index {i}"
+            );
+            let plain = rx.decrypt_rtcp(&sealed).unwrap();
+            let packets = webrtc::rtcp::packet::unmarshal(&mut plain.clone()).unwrap();
+            let types: Vec<_> = packets
+                .iter()
+                .map(|p| p.header().packet_type as u8)
+                .collect();
+            assert_eq!(
+                types,
+                if bye {
+                    vec![200, 202, 203]
+                } else {
+                    vec![200, 202]
+                }
+            );
+            let word = |i: usize| u32::from_be_bytes(plain[i..i + 4].try_into().unwrap());
+            assert_eq!((word(20), word(24)), (3, 15), "3 packets of 5 octets");
+        }
     }
 }

@@ -12,8 +12,9 @@
 //! - The listener's audio does not go through the `Rtc`: the DTLS keys are captured on their way to
 //!   str0m ([`super::keys`]) and the shard seals each forwarded packet itself ([`super::egress`]), so
 //!   str0m is driven only by the client's datagrams and its own deadlines, never per forwarded packet.
-//! - Once ICE and DTLS are up the `Rtc` is dropped altogether and the peer is served by [`super::settled`]: consent checks, inbound
-//!   SRTP, reports — a few hundred bytes per member instead of str0m's ≈ 60 KB, and no str0m timers.
+//! - Once ICE and DTLS are up the `Rtc` is dropped altogether and the peer is served by
+//!   [`super::settled`]: consent checks, inbound SRTP, reports — a few KB per member (mostly the kept
+//!   DTLS instance and the ciphers) instead of str0m's ≈ 60 KB, and no str0m timers.
 //!
 //! Randomness (the ICE password) comes from the caller's generator, so a test can seed the shard and get
 //! the same peer twice; the SSRC of the listener stream is str0m's own pick.
