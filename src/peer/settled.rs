@@ -107,8 +107,8 @@ impl Settled {
         self.next_report.min(self.last_check + CONSENT_TIMEOUT)
     }
 
-    /// One datagram from the client. False when it was refused (malformed, not authentic, a replay, or
-    /// DTLS, which is no longer read).
+    /// One datagram from the client. False when it was refused (malformed, not authentic, a replay, a
+    /// DTLS record the kept instance did not take).
     pub fn handle_receive(
         &mut self,
         now: Instant,

@@ -140,6 +140,22 @@ impl Pair {
             .unwrap();
     }
 
+    /// `steps` steps of 10 ms with the link up, a listener packet ("opus", from sequence number
+    /// `first_seq`) sealed and delivered every other step: a talker at 20 ms.
+    fn listen(&mut self, steps: u32, first_seq: u16) {
+        for i in 0..steps {
+            if i % 2 == 0 {
+                let h = OutHeader {
+                    seq: first_seq.wrapping_add((i / 2) as u16),
+                    timestamp: 960 * (i / 2),
+                    marker: i == 0,
+                };
+                self.seal_and_deliver(h, b"opus");
+            }
+            self.step(true);
+        }
+    }
+
     /// The client sends one Opus packet (sequence number `seq`) on its own stream.
     fn client_sends(&mut self, seq: u64, payload: &[u8]) {
         let now = self.now;
@@ -283,23 +299,12 @@ fn the_listener_stream_survives_a_sequence_wrap() {
     assert_eq!(p.peer.egress().and_then(|e| e.ext_seq()), Some(0x1_0005));
 }
 
-/// str0m keeps its own RTCP (receiver reports, sender reports, SDES), re-sealed by the egress with its
-/// own SRTCP index: the client decrypts the sender reports, and they count what the shard really sent
-/// (str0m alone would say zero).
+/// The settled peer's sender reports (its own SRTCP index): the client decrypts them, and they count
+/// what the shard really sent.
 #[test]
-fn re_sealed_rtcp_is_accepted_by_the_client() {
+fn sender_reports_reach_the_client_with_honest_counts() {
     let mut p = Pair::connected();
-    for i in 0..1200u32 {
-        if i % 2 == 0 {
-            let h = OutHeader {
-                seq: 10 + (i / 2) as u16,
-                timestamp: 960 * (i / 2),
-                marker: i == 0,
-            };
-            p.seal_and_deliver(h, b"opus");
-        }
-        p.step(true);
-    }
+    p.listen(1200, 10);
     assert!(p.closed().is_none());
     assert_eq!(p.heard, 600);
     assert!(p.reports.len() >= 2, "a report every ~5 s: {:?}", p.reports);
@@ -384,17 +389,7 @@ fn a_connected_peer_lives_without_its_rtc() {
     );
     // 40 s listening: the consent checks are answered by the settled peer, the client keeps the pair,
     // hears every packet, and gets sender reports that count them.
-    for i in 0..4000u32 {
-        if i % 2 == 0 {
-            let h = OutHeader {
-                seq: 500 + (i / 2) as u16,
-                timestamp: 960 * (i / 2),
-                marker: i == 0,
-            };
-            p.seal_and_deliver(h, b"opus");
-        }
-        p.step(true);
-    }
+    p.listen(4000, 500);
     assert!(p.closed().is_none() && !p.client_disconnected);
     assert_eq!(p.heard, 2000);
     let &(packets, octets) = p.reports.last().expect("sender reports");
