@@ -18,6 +18,7 @@ pub mod egress;
 pub mod ingress;
 pub mod keys;
 pub mod offer;
+pub mod rtc_config;
 pub mod settled;
 pub mod srtp;
 pub mod webrtc;

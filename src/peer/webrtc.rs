@@ -28,20 +28,19 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rtpio::RawAddr;
 use str0m::change::SdpOffer;
-use str0m::config::{CryptoProvider, DtlsCert};
-use str0m::format::{Codec, CodecConfig, CodecSpec, FormatParams, PayloadParams};
-use str0m::media::{Frequency, Mid, Pt};
+use str0m::format::Codec;
+use str0m::media::Mid;
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{Extension, RtpPacket, Ssrc};
-use str0m::{
-    Candidate, Event as RtcEvent, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig,
-};
+use str0m::rtp::{RtpPacket, Ssrc};
+use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
 use thiserror::Error;
 use tracing::debug;
 
 use super::egress::Egress;
 use super::ingress::Ingress;
-use super::keys::{build_with_slot, capturing_provider, KeySlot};
+use super::keys::{build_with_slot, KeySlot};
+use super::rtc_config::rtc_config;
+pub use super::rtc_config::WebRtcConfig;
 use super::settled::Settled;
 use super::srtp::SrtpContext;
 use crate::forward::{OutHeader, RelayCopies};
@@ -52,42 +51,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A peer that has not sent one valid STUN connectivity check by then is given up: a browser sends its
 /// first check within milliseconds of reading the answer, so only an offer never used waits this long.
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What every peer of a process shares. Cloned into each shard; the certificate is generated once.
-#[derive(Clone)]
-pub struct WebRtcConfig {
-    /// The process's DTLS certificate (its fingerprint goes into every answer).
-    pub cert: DtlsCert,
-    /// str0m's crypto provider (aws-lc-rs, its DTLS wrapped to capture the SRTP keys), shared by every
-    /// `Rtc` of the process.
-    pub crypto: Arc<CryptoProvider>,
-    /// The ICE host candidate of the shard: the announce address and the shard's UDP port.
-    pub candidate: SocketAddr,
-}
-
-impl std::fmt::Debug for WebRtcConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebRtcConfig")
-            .field("candidate", &self.candidate)
-            .finish_non_exhaustive()
-    }
-}
-
-impl WebRtcConfig {
-    /// Generates the process's DTLS certificate with the compiled-in crypto provider (aws-lc-rs).
-    pub fn generate(candidate: SocketAddr) -> Result<Self, PeerError> {
-        let crypto = capturing_provider();
-        let cert = crypto
-            .dtls_provider
-            .generate_certificate()
-            .ok_or(PeerError::Certificate)?;
-        Ok(WebRtcConfig {
-            cert,
-            crypto: Arc::new(crypto),
-            candidate,
-        })
-    }
-}
 
 /// Why no peer could be built.
 #[derive(Debug, Error)]
@@ -158,9 +121,6 @@ pub enum PeerEvent {
     },
 }
 
-/// How often str0m sums up a peer's receiver reports (one timer per peer per period: nothing per packet).
-const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// A datagram str0m wants sent: contents and destination.
 pub type Transmit = (Vec<u8>, RawAddr);
 
@@ -219,40 +179,6 @@ pub struct WebRtcPeer {
     connect_deadline: Instant,
     /// The next instant this peer must be driven; the shard's timer heap holds it.
     pub deadline: Instant,
-}
-
-/// Builds a str0m config for one peer from the shared parts.
-fn rtc_config(shared: &WebRtcConfig, ufrag: &str, pass: String) -> RtcConfig {
-    let mut opus = PayloadParams::new(
-        Pt::from(111),
-        None,
-        CodecSpec {
-            codec: Codec::Opus,
-            clock_rate: Frequency::FORTY_EIGHT_KHZ,
-            channels: Some(2),
-            format: FormatParams {
-                min_p_time: Some(10),
-                use_inband_fec: Some(true),
-                ..Default::default()
-            },
-        },
-    );
-    opus.set_fb_transport_cc(false);
-    opus.set_fb_nack(false);
-    let mut config = RtcConfig::new()
-        .set_ice_lite(true)
-        .set_rtp_mode(true)
-        .set_dtls_cert(shared.cert.clone())
-        .set_crypto_provider(shared.crypto.clone())
-        .set_local_ice_credentials(IceCreds {
-            ufrag: ufrag.to_string(),
-            pass,
-        })
-        .clear_extension_map()
-        .set_extension(1, Extension::AudioLevel)
-        .set_stats_interval(Some(STATS_EVERY));
-    *config.codec_config() = CodecConfig::new_from_payload_params(vec![opus]);
-    config
 }
 
 impl WebRtcPeer {
