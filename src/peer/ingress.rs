@@ -8,7 +8,7 @@
 #![warn(missing_docs)]
 
 use super::srtp::{SrtpContext, SrtpError};
-use crate::rtp::HEADER_LEN;
+use crate::rtp;
 
 /// Packets behind the highest index still accepted once (RFC 3711 §3.3.2 asks for at least 64).
 const REPLAY_WINDOW: u64 = 64;
@@ -47,7 +47,7 @@ impl Ingress {
     /// Opens one SRTP packet into `out` (the plain packet: header, payload). Refused when malformed,
     /// not authentic, or a replay of a packet already opened.
     pub fn open_rtp(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Result<(), SrtpError> {
-        let header_len = header_len(packet).ok_or(SrtpError::Rtp)?;
+        let header_len = rtp::header_len(packet).map_err(|_| SrtpError::Rtp)?;
         let seq = u16::from_be_bytes([packet[2], packet[3]]);
         let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
         let state = self.stream.filter(|s| s.ssrc == ssrc);
@@ -121,21 +121,6 @@ fn estimate(highest: u64, seq: u16) -> u64 {
         roc
     };
     ((v & 0xffff_ffff) << 16) | u64::from(seq)
-}
-
-/// Length of an RTP header with its CSRCs and extension: what SRTP leaves in the clear. `None` when the
-/// packet is too short for what its first octet announces.
-fn header_len(packet: &[u8]) -> Option<usize> {
-    let b0 = *packet.first()?;
-    if packet.len() < HEADER_LEN || b0 >> 6 != 2 {
-        return None;
-    }
-    let mut len = HEADER_LEN + 4 * usize::from(b0 & 0x0f);
-    if b0 & 0x10 != 0 {
-        let ext = packet.get(len..len + 4)?;
-        len += 4 + 4 * usize::from(u16::from_be_bytes([ext[2], ext[3]]));
-    }
-    (len <= packet.len()).then_some(len)
 }
 
 #[cfg(test)]
@@ -252,10 +237,9 @@ mod tests {
             65_000,
             "no ROC -1 before the first wrap"
         );
-        assert_eq!(header_len(&packet(1, true)), Some(20));
-        assert_eq!(
-            header_len(&[0x9f; 12]),
-            None,
+        assert_eq!(rtp::header_len(&packet(1, true)), Ok(20));
+        assert!(
+            rtp::header_len(&[0x9f; 12]).is_err(),
             "15 CSRCs announced, none there"
         );
     }

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod egress;
+pub mod event;
 pub mod ingress;
 pub mod keys;
 pub mod offer;

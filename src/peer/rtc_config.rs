@@ -15,7 +15,7 @@ use str0m::rtp::Extension;
 use str0m::{IceCreds, RtcConfig};
 
 use super::keys::capturing_provider;
-use super::webrtc::PeerError;
+use thiserror::Error;
 
 /// What every peer of a process shares. Cloned into each shard; the certificate is generated once.
 #[derive(Clone)]
@@ -88,4 +88,24 @@ pub(super) fn rtc_config(shared: &WebRtcConfig, ufrag: &str, pass: String) -> Rt
         .set_stats_interval(Some(STATS_EVERY));
     *config.codec_config() = CodecConfig::new_from_payload_params(vec![opus]);
     config
+}
+
+/// Why no peer could be built.
+#[derive(Debug, Error)]
+pub enum PeerError {
+    /// The crypto provider could not make a certificate (start-up only).
+    #[error("cannot generate a DTLS certificate")]
+    Certificate,
+    /// str0m refused the shard's address as an ICE host candidate.
+    #[error("bad host candidate: {0}")]
+    Candidate(String),
+    /// str0m refused the offer (after [`crate::peer::offer`] accepted it).
+    #[error("the offer was refused: {0}")]
+    Offer(String),
+    /// The negotiation left no Opus payload type both sides know.
+    #[error("the offer negotiated no Opus payload type")]
+    NoOpus,
+    /// The answer has no `a=mid` for the audio line.
+    #[error("the answer has no audio media")]
+    NoMid,
 }

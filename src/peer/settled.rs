@@ -30,8 +30,8 @@ use is::stun::StunMessage;
 use rtpio::RawAddr;
 
 use super::egress::Egress;
+use super::event::{Inbound, PeerEvent, Transmit};
 use super::ingress::Ingress;
-use super::webrtc::{Inbound, PeerEvent, Transmit};
 use crate::rtp::{self, Kind, RtpView};
 
 /// A settled peer whose client sent no valid consent check for this long is closed

@@ -31,16 +31,16 @@ use str0m::change::SdpOffer;
 use str0m::format::Codec;
 use str0m::media::Mid;
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpPacket, Ssrc};
+use str0m::rtp::Ssrc;
 use str0m::{Candidate, Event as RtcEvent, IceConnectionState, Input, Output, Rtc};
-use thiserror::Error;
 use tracing::debug;
 
 use super::egress::Egress;
+pub use super::event::{Inbound, PeerEvent, Transmit};
 use super::ingress::Ingress;
 use super::keys::{build_with_slot, KeySlot};
 use super::rtc_config::rtc_config;
-pub use super::rtc_config::WebRtcConfig;
+pub use super::rtc_config::{PeerError, WebRtcConfig};
 use super::settled::Settled;
 use super::srtp::SrtpContext;
 use crate::forward::{OutHeader, RelayCopies};
@@ -51,78 +51,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A peer that has not sent one valid STUN connectivity check by then is given up: a browser sends its
 /// first check within milliseconds of reading the answer, so only an offer never used waits this long.
 pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why no peer could be built.
-#[derive(Debug, Error)]
-pub enum PeerError {
-    /// The crypto provider could not make a certificate (start-up only).
-    #[error("cannot generate a DTLS certificate")]
-    Certificate,
-    /// str0m refused the shard's address as an ICE host candidate.
-    #[error("bad host candidate: {0}")]
-    Candidate(String),
-    /// str0m refused the offer (after [`crate::peer::offer`] accepted it).
-    #[error("the offer was refused: {0}")]
-    Offer(String),
-    /// The negotiation left no Opus payload type both sides know.
-    #[error("the offer negotiated no Opus payload type")]
-    NoOpus,
-    /// The answer has no `a=mid` for the audio line.
-    #[error("the answer has no audio media")]
-    NoMid,
-}
-
-/// An RTP packet from the client, SRTP removed: the header fields the shard reads and the payload,
-/// shared with every listener it is forwarded to.
-#[derive(Debug, Clone)]
-pub struct Inbound {
-    /// The marker bit.
-    pub marker: bool,
-    /// The payload type.
-    pub payload_type: u8,
-    /// The sequence number, as sent.
-    pub seq: u16,
-    /// The RTP timestamp, as sent.
-    pub timestamp: u32,
-    /// The client's SSRC.
-    pub ssrc: u32,
-    /// The payload (no header, extension or padding).
-    pub payload: Arc<[u8]>,
-}
-
-impl From<RtpPacket> for Inbound {
-    fn from(p: RtpPacket) -> Self {
-        Inbound {
-            marker: p.header.marker,
-            payload_type: *p.header.payload_type,
-            seq: p.header.sequence_number,
-            timestamp: p.header.timestamp,
-            ssrc: *p.header.ssrc,
-            payload: p.payload,
-        }
-    }
-}
-
-/// What a peer reports to its shard.
-#[derive(Debug)]
-pub enum PeerEvent {
-    /// ICE and DTLS are up: media may flow.
-    Connected,
-    /// An RTP packet from the client, SRTP already removed.
-    Media(Inbound),
-    /// ICE timed out, DTLS closed, or the peer never connected: it must leave its channel.
-    Closed(&'static str),
-    /// What the browser's receiver reports said of the stream it listens to, since the last one.
-    Report {
-        /// Fraction lost × 256, as in an RTCP report block.
-        fraction_lost: u8,
-        /// Interarrival jitter, RTP timestamp units.
-        jitter: u32,
-    },
-}
-
-/// A datagram str0m wants sent: contents and destination.
-pub type Transmit = (Vec<u8>, RawAddr);
 
 /// Length of the server's ICE username fragment (unique per shard: STUN is routed by it).
 pub const UFRAG_LEN: usize = 16;

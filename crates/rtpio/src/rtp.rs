@@ -82,27 +82,9 @@ pub struct RtpView<'a> {
 impl<'a> RtpView<'a> {
     /// Parses the fixed header, skips CSRCs and the extension, strips padding.
     pub fn parse(data: &'a [u8]) -> Result<Self, RtpError> {
-        if data.len() < HEADER_LEN {
-            return Err(RtpError::TooShort);
-        }
-        let b0 = data[0];
-        if b0 >> 6 != 2 {
-            return Err(RtpError::BadVersion);
-        }
-        let padding = b0 & 0x20 != 0;
-        let extension = b0 & 0x10 != 0;
-        let csrc_count = usize::from(b0 & 0x0f);
-        let mut offset = HEADER_LEN + 4 * csrc_count;
-        if extension {
-            let ext = data.get(offset..offset + 4).ok_or(RtpError::BadHeader)?;
-            let words = usize::from(u16::from_be_bytes([ext[2], ext[3]]));
-            offset += 4 + 4 * words;
-        }
-        if offset > data.len() {
-            return Err(RtpError::BadHeader);
-        }
+        let offset = header_len(data)?;
         let mut end = data.len();
-        if padding {
+        if data[0] & 0x20 != 0 {
             let pad = usize::from(data[end - 1]);
             if pad == 0 || pad > end - offset {
                 return Err(RtpError::BadPadding);
@@ -118,6 +100,27 @@ impl<'a> RtpView<'a> {
             payload: &data[offset..end],
         })
     }
+}
+
+/// Length of an RTP header with its CSRCs and extension: where the payload starts (and what SRTP leaves
+/// in the clear). Reads only the header, so it works on an encrypted packet too.
+pub fn header_len(data: &[u8]) -> Result<usize, RtpError> {
+    if data.len() < HEADER_LEN {
+        return Err(RtpError::TooShort);
+    }
+    let b0 = data[0];
+    if b0 >> 6 != 2 {
+        return Err(RtpError::BadVersion);
+    }
+    let mut offset = HEADER_LEN + 4 * usize::from(b0 & 0x0f);
+    if b0 & 0x10 != 0 {
+        let ext = data.get(offset..offset + 4).ok_or(RtpError::BadHeader)?;
+        offset += 4 + 4 * usize::from(u16::from_be_bytes([ext[2], ext[3]]));
+    }
+    if offset > data.len() {
+        return Err(RtpError::BadHeader);
+    }
+    Ok(offset)
 }
 
 /// The fixed-header fields a forwarder or a load generator reads and writes, as a value.
