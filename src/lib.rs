@@ -3,7 +3,7 @@
 //!
 //! # Architecture (see `shared/design.md`)
 //!
-//! - **Shards** ([`shard`]): one glommio executor per core, pinned, each owning a UDP media port. A channel
+//! - **Shards** ([`shard`]): one thread per core, pinned (one `poll(2)` per wake-up), each owning a UDP media port. A channel
 //!   lives on exactly one shard (`shard_of(name)`, a stable hash), so every packet of a channel arrives on
 //!   the core that owns it and the packet path never crosses threads or takes a lock.
 //! - **Control thread** ([`signal`], [`state`]): HTTP + WebSocket signaling, the floor arbiter and the

@@ -165,9 +165,6 @@ fn allowed_cpus() -> Vec<usize> {
 impl Server {
     /// Starts a node; returns once it listens.
     pub fn start(args: ServeArgs) -> Result<Server, ServerError> {
-        if let Some(msg) = shard::udp::check_memlock() {
-            warn!("{msg}");
-        }
         let keys =
             crate::auth::keys::load(args.auth_key.as_deref(), args.auth_keys_file.as_deref())
                 .map_err(|e| ServerError::Config(e.to_string()))?;

@@ -1,8 +1,8 @@
 //! CPU and memory of the process and of its threads, read from `/proc` at scrape time: how busy each
 //! shard really is (the design's yardstick is CPU per forwarded packet, from per-thread `schedstat`).
 //!
-//! A shard is every thread named `shard-<i>-<n>`: glommio names its executor thread and its helper
-//! thread for blocking calls so (`shard-<i>-join` and `-watch`, ours, only wait). `schedstat`'s first
+//! A shard is every thread named `shard-<i>-<n>` (`<n>`: its core; `shard-<i>-join` and `-watch`, if any,
+//! only wait). `schedstat`'s first
 //! field is the time on CPU in nanoseconds, exact where `stat`'s ticks are 10 ms coarse.
 
 use std::collections::BTreeMap;

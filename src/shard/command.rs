@@ -1,6 +1,6 @@
 //! What crosses the boundary between the control thread and a shard: plain values over bounded flume
-//! channels, never a handle on either side's state. Both the sans-IO [`super::engine`] and the glommio
-//! loop use these types, so they live apart from both.
+//! channels, never a handle on either side's state. Both the sans-IO [`super::engine`] and the
+//! I/O loop use these types, so they live apart from both.
 
 use std::net::SocketAddr;
 

@@ -1,5 +1,5 @@
 //! The shard's state without its socket (sans-IO): channels, the address map, the WebRTC peers and their
-//! timers, counters. The glommio loop in `shard/mod.rs` feeds it datagrams, commands and ticks with the
+//! timers, counters. The I/O loop in `shard/runner.rs` feeds it datagrams, commands and ticks with the
 //! time; each call answers with what it produced — a [`Verdict`] and the fan-out in the caller's
 //! [`Batch`] (listener headers and relay copies alike), events for the control thread. Tests drive it
 //! directly, without sockets or clocks, and seed its randomness ([`ShardConfig::seed`]).

@@ -1,6 +1,6 @@
 //! The shard's sockets: created by [`rtpio::bind`] (no `SO_REUSEPORT`, big buffers) and written with
-//! [`rtpio::Sender`]'s batched `sendmmsg`, which glommio does not offer. What is talkgroup's own is here:
-//! how a [`Batch`] maps onto the gathered datagrams, and the io_uring memory-lock check.
+//! [`rtpio::Sender`]'s batched `sendmmsg`. What is talkgroup's own is here: how a [`Batch`] maps onto the
+//! gathered datagrams.
 
 #![warn(missing_docs)]
 
@@ -46,18 +46,4 @@ pub fn send_relay(sender: &mut Sender, fd: RawFd, relay: &RelayCopies) -> Sent {
 /// Sends the WebRTC listeners' sealed datagrams of a drain (whole datagrams, one destination each).
 pub fn send_sealed(sender: &mut Sender, fd: RawFd, sealed: &RelayCopies) -> Sent {
     send_relay(sender, fd, sealed)
-}
-
-/// io_uring needs locked memory for its rings; an RLIMIT_MEMLOCK that is too low makes glommio fail at
-/// start-up with an unhelpful error. Returns a message saying how to fix it.
-pub fn check_memlock() -> Option<String> {
-    let lim = rustix::process::getrlimit(rustix::process::Resource::Memlock);
-    let current = lim.current?; // `None` is unlimited
-    (current < 512 * 1024).then(|| {
-        format!(
-            "RLIMIT_MEMLOCK is {} KiB; io_uring needs at least 512 KiB: run `ulimit -l 8192` (or set \
-             LimitMEMLOCK= in the systemd unit) before starting talkgroup",
-            current / 1024
-        )
-    })
 }

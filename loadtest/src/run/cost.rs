@@ -20,8 +20,7 @@
 
 use crate::report::ThreadDelta;
 
-/// A talkgroup shard thread: the packet path. glommio names a shard's executor thread `shard-N-<id>`
-/// (and its helper threads likewise); the `shard-N-join` thread only waits. Everything else in the
+/// A talkgroup shard thread: the packet path. talkgroup names a shard's thread `shard-N-<core>`; the `shard-N-join` thread only waits. Everything else in the
 /// process — the `control` thread (WebSocket signalling, the floor, HTTP and `/metrics`, the store
 /// client), the main thread, the join waiters — is the control plane.
 pub fn is_shard_thread(name: &str) -> bool {
