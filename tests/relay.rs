@@ -296,6 +296,14 @@ async fn three_nodes_one_channel() {
     let g = take_floor(&mut sigs[1], "ops", Duration::from_secs(5)).await;
     let freed = killed.elapsed();
     assert_eq!(g["speaker"], "ben");
+    // Node A learns of the grant through the store, not from ben's packets (an epoch a packet carries is
+    // not a grant): once ann is told, A's shard has the grant queued before any of ben's packets can
+    // reach it, and nothing may be lost.
+    sigs[0]
+        .expect_within("ann told ben talks", Duration::from_secs(5), |v| {
+            v["type"] == "floor" && v["state"] == "taken" && v["speaker"] == "ben"
+        })
+        .await;
     for i in 0..20u8 {
         members[1].send_rtp(&[1, 7, i]).await;
     }

@@ -72,12 +72,21 @@ enum Payload {
 #[derive(Default)]
 struct Drain {
     receiver: udp::Receiver,
+    /// Datagrams the last [`Drain::read`] took, not yet forwarded.
+    queued: usize,
     batch: Batch,
     /// For each batch entry, which payload it carries.
     segment: Vec<u32>,
     ranges: Vec<Payload>,
     /// WebRTC speakers' packets, decrypted once and shared by all their listeners' copies.
     shared: Vec<Arc<[u8]>>,
+}
+
+impl Drain {
+    /// One `recvmmsg` of what `fd` has queued, without waiting.
+    fn read(&mut self, fd: std::os::fd::RawFd) {
+        self.queued = self.receiver.drain(fd);
+    }
 }
 
 /// The loop's state beside the core: clocks, scratch buffers, the sender.
@@ -95,12 +104,49 @@ struct Io {
     until_sample: u64,
 }
 
+/// The control thread's side of the loop: the commands' inbox and the doorbell that says it has mail.
+struct Commands<'a> {
+    index: usize,
+    doorbell: &'a Doorbell,
+    waker: std::task::Waker,
+    inbox: Inbox<'a, Command>,
+    fault: Option<Inbox<'a, ()>>,
+}
+
+/// [`Command::Shutdown`] arrived or the control thread is gone.
+struct Stop;
+
+impl Commands<'_> {
+    /// Applies everything queued (and arms the doorbell for the next command).
+    fn apply(&mut self, core: &mut ShardCore, io: &mut Io, media: &Socket) -> Result<bool, Stop> {
+        self.doorbell.answer();
+        if let Some(f) = self.fault.as_mut() {
+            if let Ok(Some(())) = f.take(&self.waker) {
+                panic!("fault injection: shard {} was told to panic", self.index);
+            }
+        }
+        let mut retick = false;
+        loop {
+            match self.inbox.take(&self.waker) {
+                Ok(Some(Command::Shutdown)) | Err(_) => return Err(Stop),
+                Ok(Some(cmd)) => {
+                    if let Some(event) = core.handle_command(cmd, Instant::now()) {
+                        io.send_event(core, event);
+                    }
+                    retick |= io.flush(core, media);
+                }
+                Ok(None) => return Ok(retick),
+            }
+        }
+    }
+}
+
 impl Shard {
     /// Runs until [`Command::Shutdown`] or until the control thread drops its sender.
     pub fn run(self) {
         let Shard {
             index,
-            mut core,
+            core,
             media,
             relay,
             commands,
@@ -108,11 +154,65 @@ impl Shard {
             doorbell,
             fault,
         } = self;
-        let waker = doorbell.waker();
-        let mut inbox = Inbox::new(&commands);
-        let mut fault_inbox = fault.as_ref().map(Inbox::new);
+        info!(shard = index, addr = ?media.local_addr().ok().and_then(|a| a.as_socket()), "shard started");
+        let mut running = Running::new(
+            index,
+            core,
+            &media,
+            relay.as_ref(),
+            &doorbell,
+            &commands,
+            events,
+            fault.as_ref(),
+        );
+        // Commands queued before the loop started (and arming the doorbell).
+        let mut ready = Ready {
+            media: false,
+            relay: false,
+            ring: true,
+        };
+        while let Ok(wake_at) = running.turn(ready) {
+            ready = wait(&media, relay.as_ref(), &doorbell, wake_at);
+        }
+        info!(shard = index, "shard stopped");
+    }
+}
+
+/// What woke the shard: readable sockets, the doorbell.
+#[derive(Debug, Clone, Copy)]
+struct Ready {
+    media: bool,
+    relay: bool,
+    ring: bool,
+}
+
+/// A running shard between two waits: its core, what it borrows of the [`Shard`], its buffers.
+struct Running<'a> {
+    core: ShardCore,
+    media: &'a Socket,
+    relay: Option<&'a Socket>,
+    commands: Commands<'a>,
+    io: Io,
+    media_rx: Drain,
+    relay_rx: Drain,
+    /// A grant was applied: [`ShardCore::handle_tick`] runs at once.
+    retick: bool,
+}
+
+impl<'a> Running<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        index: usize,
+        core: ShardCore,
+        media: &'a Socket,
+        relay: Option<&'a Socket>,
+        doorbell: &'a Arc<Doorbell>,
+        commands: &'a flume::Receiver<Command>,
+        events: flume::Sender<Event>,
+        fault: Option<&'a flume::Receiver<()>>,
+    ) -> Self {
         let now = Instant::now();
-        let mut io = Io {
+        let io = Io {
             events,
             sender: udp::Sender::default(),
             transmits: Vec::new(),
@@ -122,70 +222,74 @@ impl Shard {
             next_tick: now + core.config().tick,
             until_sample: 1,
         };
-        let mut media_rx = Drain::default();
-        let mut relay_rx = Drain::default();
-        let mut retick = false;
-        info!(shard = index, addr = ?media.local_addr().ok().and_then(|a| a.as_socket()), "shard started");
-        // Commands queued before the loop started (and arming the doorbell).
-        let mut ring = true;
-        loop {
-            if ring {
-                doorbell.answer();
-                if let Some(f) = fault_inbox.as_mut() {
-                    if let Ok(Some(())) = f.take(&waker) {
-                        panic!("fault injection: shard {index} was told to panic");
-                    }
-                }
-                loop {
-                    match inbox.take(&waker) {
-                        Ok(Some(Command::Shutdown)) | Err(_) => {
-                            info!(shard = index, "shard stopped");
-                            return;
-                        }
-                        Ok(Some(cmd)) => {
-                            if let Some(event) = core.handle_command(cmd, Instant::now()) {
-                                io.send_event(&mut core, event);
-                            }
-                            retick |= io.flush(&mut core, &media);
-                        }
-                        Ok(None) => break,
-                    }
-                }
-            }
-            let wake_at = if retick {
-                Instant::now()
-            } else {
-                core.next_deadline()
-                    .map_or(io.next_tick, |d| coalesce(d, io.epoch).min(io.next_tick))
-            };
-            let (media_in, relay_in);
-            (media_in, relay_in, ring) = wait(&media, relay.as_ref(), &doorbell, wake_at);
-            let now = Instant::now();
-            if media_in {
-                retick |= io.receive(&mut core, &media, relay.as_ref(), &mut media_rx, false, now);
-            }
-            if let (true, Some(r)) = (relay_in, relay.as_ref()) {
-                retick |= io.receive(&mut core, &media, Some(r), &mut relay_rx, true, now);
-            }
-            if core.next_deadline().is_some_and(|d| d <= now) {
-                core.handle_timers(now);
-                retick |= io.flush(&mut core, &media);
-            }
-            if std::mem::take(&mut retick) || now >= io.next_tick {
-                io.tick(&mut core, &media, now);
-                retick |= io.flush(&mut core, &media);
-            }
+        Running {
+            core,
+            media,
+            relay,
+            commands: Commands {
+                index,
+                doorbell,
+                waker: doorbell.waker(),
+                inbox: Inbox::new(commands),
+                fault: fault.map(Inbox::new),
+            },
+            io,
+            media_rx: Drain::default(),
+            relay_rx: Drain::default(),
+            retick: false,
         }
+    }
+
+    /// Serves what woke the shard — datagrams, commands, due timers and the tick — and says when it must
+    /// wake next.
+    fn turn(&mut self, mut ready: Ready) -> Result<Instant, Stop> {
+        let now = Instant::now();
+        for from_relay in [false, true] {
+            let (fd, rx) = match (from_relay, self.relay) {
+                (false, _) if ready.media => (self.media.as_raw_fd(), &mut self.media_rx),
+                (true, Some(r)) if ready.relay => (r.as_raw_fd(), &mut self.relay_rx),
+                _ => continue,
+            };
+            rx.read(fd);
+            // Commands before the datagrams just read: a command queued before a datagram arrived must
+            // meet it — a grant's command is queued before the member can hear of the grant and send.
+            // The queue is looked at after `recvmmsg`, so a command queued before these datagrams came
+            // is seen, even when `poll` returned before the doorbell rang.
+            if ready.ring || !self.commands.inbox.is_empty() {
+                ready.ring = false;
+                self.retick |= self
+                    .commands
+                    .apply(&mut self.core, &mut self.io, self.media)?;
+            }
+            self.retick |=
+                self.io
+                    .forward(&mut self.core, self.media, self.relay, rx, from_relay, now);
+        }
+        if ready.ring {
+            self.retick |= self
+                .commands
+                .apply(&mut self.core, &mut self.io, self.media)?;
+        }
+        let (core, io, media) = (&mut self.core, &mut self.io, self.media);
+        if core.next_deadline().is_some_and(|d| d <= now) {
+            core.handle_timers(now);
+            self.retick |= io.flush(core, media);
+        }
+        if std::mem::take(&mut self.retick) || now >= io.next_tick {
+            io.tick(core, media, now);
+            self.retick |= io.flush(core, media);
+        }
+        Ok(if self.retick {
+            Instant::now()
+        } else {
+            core.next_deadline()
+                .map_or(io.next_tick, |d| coalesce(d, io.epoch).min(io.next_tick))
+        })
     }
 }
 
 /// Sleeps until a socket is readable, the doorbell rings or `until`; says which of the three fired.
-fn wait(
-    media: &Socket,
-    relay: Option<&Socket>,
-    doorbell: &Doorbell,
-    until: Instant,
-) -> (bool, bool, bool) {
+fn wait(media: &Socket, relay: Option<&Socket>, doorbell: &Doorbell, until: Instant) -> Ready {
     let nap = until.saturating_duration_since(Instant::now());
     let timeout = Timespec {
         tv_sec: nap.as_secs() as _,
@@ -198,13 +302,25 @@ fn wait(
     ];
     let n = if relay.is_some() { 3 } else { 2 };
     match poll(&mut fds[..n], Some(&timeout)) {
-        Ok(0) => (false, false, false),
+        Ok(0) => Ready {
+            media: false,
+            relay: false,
+            ring: false,
+        },
         Ok(_) => {
             let ready = |fd: &PollFd<'_>| !fd.revents().is_empty();
-            (ready(&fds[0]), n == 3 && ready(&fds[2]), ready(&fds[1]))
+            Ready {
+                media: ready(&fds[0]),
+                relay: n == 3 && ready(&fds[2]),
+                ring: ready(&fds[1]),
+            }
         }
         // EINTR: look at everything once; the sockets are non-blocking.
-        Err(_) => (true, relay.is_some(), true),
+        Err(_) => Ready {
+            media: true,
+            relay: relay.is_some(),
+            ring: true,
+        },
     }
 }
 
@@ -252,13 +368,13 @@ impl Io {
         }
     }
 
-    /// Receive → decide → send, for what one socket has queued: one `recvmmsg`, the fan-outs of the whole
-    /// batch in `sendmmsg` calls covering all of it — under load a handful of system calls per 33 received
-    /// datagrams. Listeners always get their packets from the media socket (the address `joined`
+    /// Decide → send, for what [`Drain::read`] took from one socket in one `recvmmsg`: the fan-outs of the
+    /// whole batch in `sendmmsg` calls covering all of it — under load a handful of system calls per 33
+    /// received datagrams. Listeners always get their packets from the media socket (the address `joined`
     /// announced); relay copies leave from the relay socket, which is what the receiving node accepts.
     /// What the peers produced (a DTLS flight that completes a handshake) leaves before the media sealed
     /// with its keys. True when a grant was applied (see [`Io::flush`]).
-    fn receive(
+    fn forward(
         &mut self,
         core: &mut ShardCore,
         media: &Socket,
@@ -268,22 +384,19 @@ impl Io {
         now: Instant,
     ) -> bool {
         let media_fd = media.as_raw_fd();
-        let recv_fd = match (from_relay, relay) {
-            (true, Some(r)) => r.as_raw_fd(),
-            _ => media_fd,
-        };
         let Drain {
             receiver,
+            queued,
             batch,
             segment,
             ranges,
             shared,
         } = rx;
+        let queued = std::mem::take(queued);
         batch.clear();
         segment.clear();
         ranges.clear();
         shared.clear();
-        let queued = receiver.drain(recv_fd);
         for d in 0..queued {
             let (data, src) = receiver.datagram(d);
             let Some(src) = src else { continue };
@@ -398,3 +511,6 @@ fn send_late(
     }
     sent
 }
+
+#[cfg(test)]
+mod tests;

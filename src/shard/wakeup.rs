@@ -73,6 +73,13 @@ impl<'a, T> Inbox<'a, T> {
         Inbox { rx, pending: None }
     }
 
+    /// True when nothing is queued (one look at the channel, no system call): for the shard to check
+    /// between reading its sockets and judging what it read, so that a command queued before a datagram
+    /// arrived is seen even when `poll` returned before the doorbell rang.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// The next queued value, if any; `Err` once every sender is gone. When it returns `Ok(None)` a
     /// receive is armed with `waker`.
     pub fn take(&mut self, waker: &Waker) -> Result<Option<T>, flume::RecvError> {
@@ -112,8 +119,10 @@ mod tests {
         assert_eq!(inbox.take(&waker), Ok(Some(1)), "queued before arming");
         assert_eq!(inbox.take(&waker), Ok(None));
         assert!(!rung(&bell));
+        assert!(inbox.is_empty());
         tx.try_send(2).unwrap();
         assert!(rung(&bell), "a send while armed rings");
+        assert!(!inbox.is_empty(), "seen without the doorbell too");
         bell.answer();
         assert!(!rung(&bell), "answered");
         assert_eq!(inbox.take(&waker), Ok(Some(2)));

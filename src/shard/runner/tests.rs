@@ -1,0 +1,126 @@
+//! The loop's order, on real sockets: what a turn does with what woke it.
+
+use std::net::{SocketAddr, UdpSocket};
+
+use super::*;
+use crate::channel::SpeakerChange;
+use crate::rtp::build_packet;
+use crate::shard::engine::OPUS_PT;
+use crate::shard::ShardConfig;
+
+const PATIENCE: Duration = Duration::from_secs(2);
+
+fn member(key: u64, addr: SocketAddr) -> Command {
+    Command::AddMember {
+        channel: "ops".into(),
+        key,
+        name: format!("m{key}"),
+        addr,
+        ssrc: key as u32,
+    }
+}
+
+/// Waits (bounded) until `media` has a datagram queued, without reading it.
+fn queued(media: &Socket) {
+    let mut fds = [PollFd::new(media, PollFlags::IN)];
+    let patience = Timespec {
+        tv_sec: PATIENCE.as_secs() as _,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        poll(&mut fds, Some(&patience)).unwrap(),
+        1,
+        "nothing arrived"
+    );
+}
+
+const ONLY_MEDIA: Ready = Ready {
+    media: true,
+    relay: false,
+    ring: false,
+};
+
+/// The race the shard must win: the control thread queues a grant and rings, the member hears of it and
+/// sends, and `poll` had already returned for the socket alone — the packet must still meet the grant.
+#[test]
+fn a_command_queued_before_a_datagram_is_applied_before_it() {
+    let media = udp::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let to_shard = media.local_addr().unwrap().as_socket().unwrap();
+    let speaker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+    listener.set_read_timeout(Some(PATIENCE)).unwrap();
+    let doorbell = Doorbell::new().unwrap();
+    let (tx, rx) = flume::bounded(16);
+    let (events_tx, events) = flume::bounded(16);
+    let core = ShardCore::new(0, ShardConfig::default(), Instant::now());
+    let mut shard = Running::new(0, core, &media, None, &doorbell, &rx, events_tx, None);
+
+    tx.send(member(1, speaker.local_addr().unwrap())).unwrap();
+    tx.send(member(2, listener.local_addr().unwrap())).unwrap();
+    assert!(shard
+        .turn(Ready {
+            ring: true,
+            ..ONLY_MEDIA
+        })
+        .is_ok());
+    // Both latch with a receiver report (the address they send from is where they hear).
+    let rr = [0x80, 201, 0, 1, 0, 0, 0, 1];
+    for s in [&speaker, &listener] {
+        s.send_to(&rr, to_shard).unwrap();
+        queued(&media);
+        assert!(shard.turn(ONLY_MEDIA).is_ok());
+    }
+
+    let grant = SpeakerChange::Granted {
+        speaker: Some(1),
+        epoch: 9,
+        until: None,
+    };
+    tx.send(Command::Speaker {
+        channel: "ops".into(),
+        change: grant,
+    })
+    .unwrap();
+    let frame = build_packet(false, OPUS_PT, 1, 960, 77, b"opus-frame");
+    speaker.send_to(&frame, to_shard).unwrap();
+    queued(&media);
+    assert!(shard.turn(ONLY_MEDIA).is_ok());
+
+    let mut buf = [0u8; 1500];
+    let (n, _) = listener
+        .recv_from(&mut buf)
+        .expect("the listener heard the packet sent after the grant");
+    assert_eq!(&buf[12..n], b"opus-frame");
+    assert_eq!(shard.core.stats().forwarded, 1, "{:?}", shard.core.stats());
+    assert!(events.try_iter().any(|e| matches!(
+        e,
+        Event::Applied {
+            epoch: 9,
+            applied: true,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn shutdown_stops_the_turns() {
+    let media = udp::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let doorbell = Doorbell::new().unwrap();
+    let (tx, rx) = flume::bounded(4);
+    let (events_tx, _events) = flume::bounded(4);
+    let core = ShardCore::new(0, ShardConfig::default(), Instant::now());
+    let mut shard = Running::new(0, core, &media, None, &doorbell, &rx, events_tx, None);
+    assert!(shard
+        .turn(Ready {
+            ring: true,
+            ..ONLY_MEDIA
+        })
+        .is_ok());
+    tx.send(Command::Shutdown).unwrap();
+    assert!(shard
+        .turn(Ready {
+            ring: true,
+            ..ONLY_MEDIA
+        })
+        .is_err());
+}
