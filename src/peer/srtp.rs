@@ -151,18 +151,22 @@ pub fn derive(
 }
 
 /// One direction's cipher for RTP or for RTCP: session key, salt, and authentication key.
-// Both variants are read on every sealed packet: boxing the larger one would add an indirection there
-// and save nothing (a listener has one profile, two ciphers).
-#[allow(clippy::large_enum_variant)]
+// The AES-CM keys are boxed: inline (an AES key schedule and two HMAC states, ≈ 1.7 KB) they made every
+// cipher that size, GCM ones too, and every peer slot ≈ 15 KB, so that the one line of it a forwarded
+// packet reads was a cache miss in a slab far bigger than the cache; GCM's key lives behind aws-lc's own
+// pointer anyway. AES-CM pays one more pointer.
 enum Cipher {
     /// AES-CM with HMAC-SHA1 (RFC 3711).
-    Cm {
-        ctr: EncryptingKey,
-        salt: [u8; 14],
-        auth: hmac::Key,
-    },
+    Cm(Box<CmKeys>),
     /// AES-GCM (RFC 7714).
     Gcm { key: LessSafeKey, salt: [u8; 12] },
+}
+
+/// AES-CM's session keys (RFC 3711 §4.1.1, §4.2.1).
+struct CmKeys {
+    ctr: EncryptingKey,
+    salt: [u8; 14],
+    auth: hmac::Key,
 }
 
 impl Cipher {
@@ -200,11 +204,11 @@ impl Cipher {
         match profile {
             Profile::Aes128CmSha1_80 => {
                 let unbound = UnboundCipherKey::new(&AES_128, key).map_err(|_| SrtpError::Key)?;
-                Ok(Cipher::Cm {
+                Ok(Cipher::Cm(Box::new(CmKeys {
                     ctr: EncryptingKey::ctr(unbound).map_err(|_| SrtpError::Key)?,
                     salt: salt.try_into().map_err(|_| SrtpError::Key)?,
                     auth: hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, auth),
-                })
+                })))
             }
             Profile::AeadAes128Gcm | Profile::AeadAes256Gcm => {
                 let alg = if profile == Profile::AeadAes256Gcm {
@@ -312,7 +316,8 @@ impl SrtpContext {
         let roc = (index >> 16) as u32;
         let (header, payload) = buf[start..].split_at_mut(header_len);
         match &self.rtp {
-            Cipher::Cm { ctr, salt, auth } => {
+            Cipher::Cm(k) => {
+                let CmKeys { ctr, salt, auth } = &**k;
                 let iv = Cipher::cm_iv(salt, ssrc, index);
                 // CTR accepts any length and an IV of 16 octets: it cannot fail.
                 let _ = ctr.less_safe_encrypt(payload, EncryptionContext::Iv128(iv.into()));
@@ -354,7 +359,8 @@ impl SrtpContext {
         let roc = (index >> 16) as u32;
         out.clear();
         match &self.rtp {
-            Cipher::Cm { ctr, salt, auth } => {
+            Cipher::Cm(k) => {
+                let CmKeys { ctr, salt, auth } = &**k;
                 let (signed, tag) = packet.split_at(packet.len() - tag_len);
                 let mut mac = hmac::Context::with_key(auth);
                 mac.update(signed);
@@ -394,7 +400,8 @@ impl SrtpContext {
         let mut out = Vec::with_capacity(plain.len() + SRTCP_INDEX_LEN + GCM_TAG_LEN);
         out.extend_from_slice(plain);
         match &self.rtcp {
-            Cipher::Cm { ctr, salt, auth } => {
+            Cipher::Cm(k) => {
+                let CmKeys { ctr, salt, auth } = &**k;
                 let iv = Cipher::cm_iv(salt, ssrc, u64::from(index));
                 let _ = ctr
                     .less_safe_encrypt(&mut out[RTCP_CLEAR..], EncryptionContext::Iv128(iv.into()));
@@ -421,7 +428,8 @@ impl SrtpContext {
     /// it; a client's, with the client half): the plain compound packet.
     pub fn open_rtcp(&self, packet: &[u8]) -> Result<Vec<u8>, SrtpError> {
         match &self.rtcp {
-            Cipher::Cm { ctr, salt, auth } => {
+            Cipher::Cm(k) => {
+                let CmKeys { ctr, salt, auth } = &**k;
                 let min = RTCP_CLEAR + SRTCP_INDEX_LEN + CM_TAG_LEN;
                 if packet.len() < min {
                     return Err(SrtpError::Rtcp);
