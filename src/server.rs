@@ -277,6 +277,7 @@ impl Server {
                 cpu,
                 ShardConfig {
                     t1,
+                    batch_window: Duration::from_micros(args.batch_window_us),
                     webrtc: Some(webrtc.clone()),
                     recorder: recorder.clone(),
                     ..Default::default()

@@ -200,6 +200,12 @@ pub struct ServeArgs {
     /// T1: release the floor after this many ms without media from the holder.
     #[arg(long, default_value_t = 4000, env = "TALKGROUP_T1_MS")]
     pub t1_ms: u64,
+    /// Gather window of a busy shard, in µs: when datagrams arrive closer together than this, the shard
+    /// stops waking for each one and reads what came in every window instead (one wake-up, one
+    /// `recvmmsg`, one round of `sendmmsg` for several packets), adding at most this much latency. A quiet
+    /// shard still wakes per datagram. 0: wake for every datagram.
+    #[arg(long, default_value_t = 1000, env = "TALKGROUP_BATCH_WINDOW_US")]
+    pub batch_window_us: u64,
     /// T2: maximum talk time in ms.
     #[arg(long, default_value_t = 30000, env = "TALKGROUP_T2_MS")]
     pub t2_ms: u64,

@@ -70,6 +70,9 @@ pub struct ShardConfig {
     /// The longest the shard's clock sleeps between two [`ShardCore::handle_tick`]s when nothing is due
     /// (an idle shard wakes this often, no more; a busy one when [`ShardCore::handle_tick`] says).
     pub tick: Duration,
+    /// A busy shard reads its sockets once per window instead of waking per datagram (`--batch-window-us`;
+    /// zero: per datagram). Its runner's business; the core only carries it.
+    pub batch_window: Duration,
     /// Seeds the shard's random numbers (listener streams' initial sequence numbers and timestamps, ICE
     /// credentials) so that a test gets the same run twice; `None` (the server) seeds from the OS.
     pub seed: Option<u64>,
@@ -84,6 +87,7 @@ impl Default for ShardConfig {
             sr_interval: Duration::from_secs(5),
             webrtc: None,
             tick: Duration::from_secs(1),
+            batch_window: Duration::ZERO,
             seed: None,
             recorder: None,
         }

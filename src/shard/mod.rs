@@ -11,6 +11,7 @@
 
 pub mod command;
 pub mod engine;
+mod io;
 pub mod runner;
 pub mod stats;
 pub mod timers;

@@ -6,31 +6,29 @@
 //! cost of one wake-up is paid per packet. glommio's reactor cycle (three io_uring rings flushed before
 //! and after each sleep, preemption and user timers re-armed, a `membarrier`) measured ≈ 6.5
 //! `io_uring_enter` per wake-up here; this loop pays one `poll` and one `recvmmsg`, like the load
-//! harness's raw forwarder pays one blocking `recvmmsg` (README, "Shards").
+//! harness's raw forwarder pays one blocking `recvmmsg` (README, "Shards"). Under load it pays even
+//! less: it gathers datagrams for a window ([`ShardConfig::batch_window`](super::ShardConfig)) and reads
+//! them in one go. What a turn does with its sockets is [`super::io`].
 
 #![warn(missing_docs)]
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use socket2::Socket;
 use tracing::{info, warn};
 
+use super::io::{Drain, Io};
 use super::wakeup::{Doorbell, Inbox};
-use super::{udp, Command, Event, ShardCore, Verdict};
-use crate::forward::Batch;
-use crate::peer::webrtc::Transmit;
+use super::{Command, Event, ShardCore};
 
 /// Peers' deadlines are served on a grid this coarse: their timers (DTLS retransmits before a peer
 /// settles, consent and reports after) tolerate a few milliseconds of lateness, and peers due in the same
 /// slot share one wake-up — 1,600 idle peers each due every ~2.5 s would otherwise wake the shard 640
 /// times a second.
 pub const TIMER_SLACK: Duration = Duration::from_millis(20);
-
-/// The longest a full socket buffer may hold up the rest of a batch before its datagrams count as failed.
-const SEND_STALL: Duration = Duration::from_millis(20);
 
 /// `at` rounded up to the next [`TIMER_SLACK`] boundary (since `epoch`).
 pub fn coalesce(at: Instant, epoch: Instant) -> Instant {
@@ -58,50 +56,6 @@ pub struct Shard {
     pub doorbell: Arc<Doorbell>,
     /// Testing only (`--fault-injection`): a message makes the shard panic.
     pub fault: Option<flume::Receiver<()>>,
-}
-
-/// Where the payload of a fan-out is.
-enum Payload {
-    /// A range of received datagram `d` (plain RTP, relay).
-    Datagram(usize, std::ops::Range<usize>),
-    /// Index into the decrypted packets of WebRTC speakers.
-    Shared(usize),
-}
-
-/// The receive side's buffers, reused across wake-ups (nothing on the packet path allocates).
-#[derive(Default)]
-struct Drain {
-    receiver: udp::Receiver,
-    /// Datagrams the last [`Drain::read`] took, not yet forwarded.
-    queued: usize,
-    batch: Batch,
-    /// For each batch entry, which payload it carries.
-    segment: Vec<u32>,
-    ranges: Vec<Payload>,
-    /// WebRTC speakers' packets, decrypted once and shared by all their listeners' copies.
-    shared: Vec<Arc<[u8]>>,
-}
-
-impl Drain {
-    /// One `recvmmsg` of what `fd` has queued, without waiting.
-    fn read(&mut self, fd: std::os::fd::RawFd) {
-        self.queued = self.receiver.drain(fd);
-    }
-}
-
-/// The loop's state beside the core: clocks, scratch buffers, the sender.
-struct Io {
-    events: flume::Sender<Event>,
-    sender: udp::Sender,
-    transmits: Vec<Transmit>,
-    out_events: Vec<Event>,
-    reports: Vec<([u8; crate::rtp::SR_LEN], udp::RawAddr)>,
-    /// Origin of the [`TIMER_SLACK`] grid.
-    epoch: Instant,
-    /// When [`ShardCore::handle_tick`] is next due.
-    next_tick: Instant,
-    /// Forwarded packets until the next latency sample (the first is, so a quiet node has a figure).
-    until_sample: u64,
 }
 
 /// The control thread's side of the loop: the commands' inbox and the doorbell that says it has mail.
@@ -171,8 +125,11 @@ impl Shard {
             relay: false,
             ring: true,
         };
-        while let Ok(wake_at) = running.turn(ready) {
-            ready = wait(&media, relay.as_ref(), &doorbell, wake_at);
+        while let Ok(next) = running.turn(ready) {
+            ready = match next.gather_until {
+                Some(until) => gather(&doorbell, relay.is_some(), until.min(next.wake_at)),
+                None => wait(&media, relay.as_ref(), &doorbell, next.wake_at),
+            };
         }
         info!(shard = index, "shard stopped");
     }
@@ -186,6 +143,16 @@ struct Ready {
     ring: bool,
 }
 
+/// How a turn wants the shard to wait.
+#[derive(Debug, Clone, Copy)]
+struct Next {
+    /// The next deadline (timers, tick), or now.
+    wake_at: Instant,
+    /// Busy: sleep until then whatever arrives (commands excepted), then read the sockets — see
+    /// [`ShardConfig::batch_window`](super::ShardConfig::batch_window).
+    gather_until: Option<Instant>,
+}
+
 /// A running shard between two waits: its core, what it borrows of the [`Shard`], its buffers.
 struct Running<'a> {
     core: ShardCore,
@@ -197,6 +164,10 @@ struct Running<'a> {
     relay_rx: Drain,
     /// A grant was applied: [`ShardCore::handle_tick`] runs at once.
     retick: bool,
+    /// When a turn last read a datagram.
+    last_read: Option<Instant>,
+    /// Datagrams come closer than the batch window: the shard gathers them (see [`Next`]).
+    gathering: bool,
 }
 
 impl<'a> Running<'a> {
@@ -211,17 +182,7 @@ impl<'a> Running<'a> {
         events: flume::Sender<Event>,
         fault: Option<&'a flume::Receiver<()>>,
     ) -> Self {
-        let now = Instant::now();
-        let io = Io {
-            events,
-            sender: udp::Sender::default(),
-            transmits: Vec::new(),
-            out_events: Vec::new(),
-            reports: Vec::new(),
-            epoch: now,
-            next_tick: now + core.config().tick,
-            until_sample: 1,
-        };
+        let io = Io::new(events, core.config().tick, Instant::now());
         Running {
             core,
             media,
@@ -237,20 +198,23 @@ impl<'a> Running<'a> {
             media_rx: Drain::default(),
             relay_rx: Drain::default(),
             retick: false,
+            last_read: None,
+            gathering: false,
         }
     }
 
-    /// Serves what woke the shard — datagrams, commands, due timers and the tick — and says when it must
-    /// wake next.
-    fn turn(&mut self, mut ready: Ready) -> Result<Instant, Stop> {
+    /// Serves what woke the shard — datagrams, commands, due timers and the tick — and says when and how
+    /// it must wake next.
+    fn turn(&mut self, mut ready: Ready) -> Result<Next, Stop> {
         let now = Instant::now();
+        let mut read = 0;
         for from_relay in [false, true] {
             let (fd, rx) = match (from_relay, self.relay) {
                 (false, _) if ready.media => (self.media.as_raw_fd(), &mut self.media_rx),
                 (true, Some(r)) if ready.relay => (r.as_raw_fd(), &mut self.relay_rx),
                 _ => continue,
             };
-            rx.read(fd);
+            read += rx.read(fd);
             // Commands before the datagrams just read: a command queued before a datagram arrived must
             // meet it — a grant's command is queued before the member can hear of the grant and send.
             // The queue is looked at after `recvmmsg`, so a command queued before these datagrams came
@@ -279,12 +243,51 @@ impl<'a> Running<'a> {
             io.tick(core, media, now);
             self.retick |= io.flush(core, media);
         }
-        Ok(if self.retick {
+        let wake_at = if self.retick {
             Instant::now()
         } else {
             core.next_deadline()
                 .map_or(io.next_tick, |d| coalesce(d, io.epoch).min(io.next_tick))
+        };
+        Ok(Next {
+            wake_at,
+            gather_until: self.gather(now, read),
         })
+    }
+
+    /// Whether to gather the next datagrams for a window rather than wake for each: from the second of
+    /// two reads closer than the window, for as long as every window brings something. Under load a
+    /// wake-up (a `poll`, a `recvmmsg`, a round of `sendmmsg`) is then paid per window, not per datagram;
+    /// a quiet shard is never held back.
+    fn gather(&mut self, now: Instant, read: usize) -> Option<Instant> {
+        let window = self.core.config().batch_window;
+        if read == 0 || window.is_zero() {
+            self.gathering = false;
+            return None;
+        }
+        let close = self
+            .last_read
+            .is_some_and(|t| now.saturating_duration_since(t) < window);
+        self.gathering |= close;
+        self.last_read = Some(now);
+        self.gathering.then_some(now + window)
+    }
+}
+
+/// Sleeps until `until` or the doorbell, whichever first, while datagrams gather in the sockets' queues;
+/// then both sockets are read (a `recvmmsg` that finds nothing costs less than a wake-up per datagram).
+fn gather(doorbell: &Doorbell, relay: bool, until: Instant) -> Ready {
+    let nap = until.saturating_duration_since(Instant::now());
+    let timeout = Timespec {
+        tv_sec: nap.as_secs() as _,
+        tv_nsec: nap.subsec_nanos() as _,
+    };
+    let mut fds = [PollFd::new(doorbell, PollFlags::IN)];
+    let ring = !matches!(poll(&mut fds, Some(&timeout)), Ok(0));
+    Ready {
+        media: true,
+        relay,
+        ring,
     }
 }
 
@@ -322,194 +325,6 @@ fn wait(media: &Socket, relay: Option<&Socket>, doorbell: &Doorbell, until: Inst
             ring: true,
         },
     }
-}
-
-impl Io {
-    fn send_event(&mut self, core: &mut ShardCore, event: Event) {
-        if self.events.try_send(event).is_err() {
-            core.count_lost_event();
-            warn!("control event queue full: event lost");
-        }
-    }
-
-    /// After every input: send what the WebRTC peers produced and pass their events on. True when a
-    /// grant was applied and the clock should run [`ShardCore::handle_tick`] now.
-    fn flush(&mut self, core: &mut ShardCore, media: &Socket) -> bool {
-        core.poll_transmits(&mut self.transmits);
-        core.poll_events(&mut self.out_events);
-        if !self.transmits.is_empty() {
-            let sent = self.sender.send_each(media.as_raw_fd(), &self.transmits);
-            core.count_sent(sent.sent, sent.failed + sent.would_block);
-            core.count_would_block(sent.would_block);
-            self.transmits.clear();
-        }
-        let mut events = std::mem::take(&mut self.out_events);
-        for event in events.drain(..) {
-            self.send_event(core, event);
-        }
-        self.out_events = events;
-        core.take_retick()
-    }
-
-    /// T1 and sender reports ([`ShardCore::handle_tick`]), and when they are next due.
-    fn tick(&mut self, core: &mut ShardCore, media: &Socket, now: Instant) {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let tick = core.config().tick;
-        let due = core.handle_tick(now, unix, &mut self.out_events, &mut self.reports);
-        self.next_tick = due.map_or(now + tick, |d| {
-            d.clamp(now + Duration::from_millis(1), now + tick)
-        });
-        if !self.reports.is_empty() {
-            let sent = self.sender.send_each(media.as_raw_fd(), &self.reports);
-            core.count_reports(sent.sent);
-            self.reports.clear();
-        }
-    }
-
-    /// Decide → send, for what [`Drain::read`] took from one socket in one `recvmmsg`: the fan-outs of the
-    /// whole batch in `sendmmsg` calls covering all of it — under load a handful of system calls per 33
-    /// received datagrams. Listeners always get their packets from the media socket (the address `joined`
-    /// announced); relay copies leave from the relay socket, which is what the receiving node accepts.
-    /// What the peers produced (a DTLS flight that completes a handshake) leaves before the media sealed
-    /// with its keys. True when a grant was applied (see [`Io::flush`]).
-    fn forward(
-        &mut self,
-        core: &mut ShardCore,
-        media: &Socket,
-        relay: Option<&Socket>,
-        rx: &mut Drain,
-        from_relay: bool,
-        now: Instant,
-    ) -> bool {
-        let media_fd = media.as_raw_fd();
-        let Drain {
-            receiver,
-            queued,
-            batch,
-            segment,
-            ranges,
-            shared,
-        } = rx;
-        let queued = std::mem::take(queued);
-        batch.clear();
-        segment.clear();
-        ranges.clear();
-        shared.clear();
-        for d in 0..queued {
-            let (data, src) = receiver.datagram(d);
-            let Some(src) = src else { continue };
-            let verdict = if from_relay {
-                core.handle_relay_datagram(src, data, now, batch)
-            } else {
-                core.handle_datagram(src, data, now, batch)
-            };
-            let payload = match verdict {
-                Verdict::Forward(range) => Payload::Datagram(d, range),
-                Verdict::ForwardShared(p) => {
-                    shared.push(p);
-                    Payload::Shared(shared.len() - 1)
-                }
-                _ => continue,
-            };
-            segment.resize(batch.len(), ranges.len() as u32);
-            ranges.push(payload);
-        }
-        // A local speaker's packets (plain or WebRTC) go once to every other node of their channel.
-        if let (Some(r), false) = (relay, batch.relay.is_empty()) {
-            let sent = udp::send_relay(&mut self.sender, r.as_raw_fd(), &batch.relay);
-            core.count_relayed(sent.sent);
-        }
-        let retick = self.flush(core, media);
-        if !batch.sealed.is_empty() {
-            let sent = udp::send_sealed(&mut self.sender, media_fd, &batch.sealed);
-            core.count_sent(sent.sent, sent.failed + sent.would_block);
-            core.count_media(sent.sent);
-            core.count_would_block(sent.would_block);
-        }
-        if !batch.is_empty() {
-            let payloads: Vec<&[u8]> = ranges
-                .iter()
-                .map(|p| match p {
-                    Payload::Datagram(d, r) => &receiver.datagram(*d).0[r.clone()],
-                    Payload::Shared(i) => &shared[*i][..],
-                })
-                .collect();
-            let sent = udp::send_fanouts(&mut self.sender, media_fd, batch, segment, &payloads);
-            let mut late = 0;
-            if sent.would_block > 0 {
-                late = send_late(media, batch, segment, &payloads, sent.would_block);
-            }
-            core.count_sent(sent.sent + late, sent.failed + sent.would_block - late);
-            core.count_media(sent.sent + late);
-            core.count_would_block(sent.would_block);
-        }
-        self.sample_latency(core, now, ranges.len());
-        retick
-    }
-
-    /// After a batch's last `sendmmsg`: when about
-    /// [`FORWARD_LATENCY_SAMPLE`](crate::metrics::buckets::FORWARD_LATENCY_SAMPLE) packets have been
-    /// forwarded since the last sample, the time since the wake-up that read this batch goes into the
-    /// forwarding-latency histogram (the batch's packets all waited at least that long for their last
-    /// copy to leave).
-    fn sample_latency(&mut self, core: &mut ShardCore, woke: Instant, forwarded: usize) {
-        let n = forwarded as u64;
-        if n == 0 {
-            return;
-        }
-        if n < self.until_sample {
-            self.until_sample -= n;
-            return;
-        }
-        self.until_sample = crate::metrics::buckets::FORWARD_LATENCY_SAMPLE;
-        let ns = u64::try_from(woke.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        core.sample_forward_latency(ns);
-    }
-}
-
-/// The socket buffer was full: the batch's last `unsent` copies wait for room, one at a time, at most
-/// [`SEND_STALL`] in all (the shard's other members wait meanwhile, so the wait is bounded). Returns how
-/// many left.
-fn send_late(
-    media: &Socket,
-    batch: &Batch,
-    segment: &[u32],
-    payloads: &[&[u8]],
-    unsent: usize,
-) -> usize {
-    let give_up = Instant::now() + SEND_STALL;
-    let mut datagram = Vec::new();
-    let mut sent = 0;
-    for i in batch.len() - unsent..batch.len() {
-        datagram.clear();
-        datagram.extend_from_slice(&batch.headers[i]);
-        datagram.extend_from_slice(payloads[segment[i] as usize]);
-        let dest = socket2::SockAddr::from(batch.dests[i].to_socket_addr());
-        loop {
-            match media.send_to(&datagram, &dest) {
-                Ok(_) => {
-                    sent += 1;
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    let nap = give_up.saturating_duration_since(Instant::now());
-                    if nap.is_zero() {
-                        return sent;
-                    }
-                    let timeout = Timespec {
-                        tv_sec: 0,
-                        tv_nsec: nap.subsec_nanos() as _,
-                    };
-                    let mut fds = [PollFd::new(media, PollFlags::OUT)];
-                    let _ = poll(&mut fds, Some(&timeout));
-                }
-                Err(_) => break,
-            }
-        }
-    }
-    sent
 }
 
 #[cfg(test)]

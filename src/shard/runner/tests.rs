@@ -6,7 +6,7 @@ use super::*;
 use crate::channel::SpeakerChange;
 use crate::rtp::build_packet;
 use crate::shard::engine::OPUS_PT;
-use crate::shard::ShardConfig;
+use crate::shard::{udp, ShardConfig};
 
 const PATIENCE: Duration = Duration::from_secs(2);
 
@@ -123,4 +123,59 @@ fn shutdown_stops_the_turns() {
             ..ONLY_MEDIA
         })
         .is_err());
+}
+
+/// A busy shard gathers: from the second of two reads closer than the window it sleeps a window (the
+/// doorbell excepted) instead of waking per datagram, and stops as soon as a window brings nothing.
+#[test]
+fn a_busy_shard_gathers_and_a_quiet_one_does_not() {
+    let media = udp::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let to_shard = media.local_addr().unwrap().as_socket().unwrap();
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let doorbell = Doorbell::new().unwrap();
+    let (_tx, rx) = flume::bounded::<Command>(4);
+    let (events_tx, _events) = flume::bounded(4);
+    let config = ShardConfig {
+        batch_window: Duration::from_secs(60),
+        ..ShardConfig::default()
+    };
+    let core = ShardCore::new(0, config, Instant::now());
+    let mut shard = Running::new(0, core, &media, None, &doorbell, &rx, events_tx, None);
+    let mut datagram_turn = || {
+        // Not a member's: read, counted and dropped — what matters here is that it was read.
+        sender.send_to(b"x", to_shard).unwrap();
+        queued(&media);
+        let next = shard.turn(ONLY_MEDIA).ok().unwrap();
+        next.gather_until
+    };
+    assert_eq!(
+        datagram_turn(),
+        None,
+        "a first datagram: woken for it, no gathering"
+    );
+    assert!(
+        datagram_turn().is_some(),
+        "the second within the window: gather"
+    );
+    assert!(
+        datagram_turn().is_some(),
+        "and go on while windows bring datagrams"
+    );
+    let next = shard.turn(ONLY_MEDIA).ok().unwrap();
+    assert_eq!(
+        next.gather_until, None,
+        "a window that brought nothing: back to waking per datagram"
+    );
+
+    drop(shard);
+
+    // With no window (`--batch-window-us 0`) it never gathers.
+    let (events_tx, _events) = flume::bounded(4);
+    let core = ShardCore::new(0, ShardConfig::default(), Instant::now());
+    let mut shard = Running::new(0, core, &media, None, &doorbell, &rx, events_tx, None);
+    for _ in 0..3 {
+        sender.send_to(b"x", to_shard).unwrap();
+        queued(&media);
+        assert_eq!(shard.turn(ONLY_MEDIA).ok().unwrap().gather_until, None);
+    }
 }
