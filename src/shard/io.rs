@@ -29,7 +29,7 @@ enum Payload {
 #[derive(Default)]
 pub(super) struct Drain {
     receiver: udp::Receiver,
-    /// Datagrams the last [`Drain::read`] took, not yet forwarded.
+    /// Datagrams the last [`Drain::read`] took (what [`Io::forward`] forwards).
     queued: usize,
     batch: Batch,
     /// For each batch entry, which payload it carries.
@@ -40,6 +40,17 @@ pub(super) struct Drain {
 }
 
 impl Drain {
+    /// How many datagrams the last [`Drain::read`] took (tests).
+    #[cfg(test)]
+    pub(super) fn read_last(&self) -> usize {
+        self.queued
+    }
+
+    /// The most datagrams one [`Drain::read`] takes.
+    pub(super) fn capacity(&self) -> usize {
+        self.receiver.capacity()
+    }
+
     /// One `recvmmsg` of what `fd` has queued, without waiting; how many datagrams it read.
     pub(super) fn read(&mut self, fd: std::os::fd::RawFd) -> usize {
         self.queued = self.receiver.drain(fd);
@@ -145,7 +156,7 @@ impl Io {
             ranges,
             shared,
         } = rx;
-        let queued = std::mem::take(queued);
+        let queued = *queued;
         batch.clear();
         segment.clear();
         ranges.clear();

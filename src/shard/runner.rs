@@ -149,7 +149,8 @@ struct Next {
     /// The next deadline (timers, tick), or now.
     wake_at: Instant,
     /// Busy: sleep until then whatever arrives (commands excepted), then read the sockets — see
-    /// [`ShardConfig::batch_window`](super::ShardConfig::batch_window).
+    /// [`ShardConfig::batch_window`](super::ShardConfig::batch_window). Now when the last read filled its
+    /// buffers (more is queued: a window's wait would cap the shard at one batch per window).
     gather_until: Option<Instant>,
 }
 
@@ -208,13 +209,17 @@ impl<'a> Running<'a> {
     fn turn(&mut self, mut ready: Ready) -> Result<Next, Stop> {
         let now = Instant::now();
         let mut read = 0;
+        // A read that filled its buffers left more queued: the next one must not wait a window.
+        let mut full = false;
         for from_relay in [false, true] {
             let (fd, rx) = match (from_relay, self.relay) {
                 (false, _) if ready.media => (self.media.as_raw_fd(), &mut self.media_rx),
                 (true, Some(r)) if ready.relay => (r.as_raw_fd(), &mut self.relay_rx),
                 _ => continue,
             };
-            read += rx.read(fd);
+            let n = rx.read(fd);
+            read += n;
+            full |= n == rx.capacity();
             // Commands before the datagrams just read: a command queued before a datagram arrived must
             // meet it — a grant's command is queued before the member can hear of the grant and send.
             // The queue is looked at after `recvmmsg`, so a command queued before these datagrams came
@@ -249,9 +254,10 @@ impl<'a> Running<'a> {
             core.next_deadline()
                 .map_or(io.next_tick, |d| coalesce(d, io.epoch).min(io.next_tick))
         };
+        let gather_until = self.gather(now, read);
         Ok(Next {
             wake_at,
-            gather_until: self.gather(now, read),
+            gather_until: gather_until.map(|until| if full { now } else { until }),
         })
     }
 

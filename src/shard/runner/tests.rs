@@ -161,6 +161,31 @@ fn a_busy_shard_gathers_and_a_quiet_one_does_not() {
         datagram_turn().is_some(),
         "and go on while windows bring datagrams"
     );
+    // More queued than one read takes: the next read comes at once, not a window (here a minute) later.
+    for _ in 0..udp::RECV_BATCH + 8 {
+        sender.send_to(b"x", to_shard).unwrap();
+    }
+    queued(&media);
+    let mut immediate = false;
+    for _ in 0..10 {
+        let before = Instant::now();
+        let next = shard.turn(ONLY_MEDIA).ok().unwrap();
+        let until = next.gather_until.expect("still gathering");
+        if shard.media_rx.read_last() == udp::RECV_BATCH {
+            assert!(
+                until < before + Duration::from_secs(1),
+                "a full read waits no window"
+            );
+            immediate = true;
+        } else {
+            assert!(
+                until > before + Duration::from_secs(30),
+                "a partial read waits the window"
+            );
+            break;
+        }
+    }
+    assert!(immediate, "no read filled the buffers");
     let next = shard.turn(ONLY_MEDIA).ok().unwrap();
     assert_eq!(
         next.gather_until, None,
