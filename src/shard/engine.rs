@@ -23,7 +23,7 @@ use rtpio::RawAddr;
 use crate::channel::{Channel, ForwardDrop, Leg, Member, SpeakerChange};
 use crate::forward::{Batch, OutStream};
 use crate::ids::{MemberKey, PeerId};
-use crate::peer::webrtc::{PeerEvent, Transmit, WebRtcConfig};
+use crate::peer::webrtc::{PeerEvent, Transmit};
 use crate::peer::Peers;
 use crate::record::RecordEvent;
 use crate::rtp::{self, Kind, RtpView, MAX_DATAGRAM, SR_LEN};
@@ -34,9 +34,11 @@ use super::timers::Timers;
 
 pub use self::relay::RelayState;
 
+mod config;
 mod relay;
 mod webrtc;
 
+pub use self::config::ShardConfig;
 pub use self::webrtc::{EVICT_GRACE, MAX_HANDSHAKES};
 
 /// Payload type of Opus on plain-RTP legs (protocol v1).
@@ -56,42 +58,6 @@ pub enum Verdict {
     Rtcp,
     /// Dropped and counted.
     Dropped(DropReason),
-}
-
-/// Settings of one shard.
-#[derive(Debug, Clone)]
-pub struct ShardConfig {
-    /// T1: a holder silent this long is reported ([`Event::Silence`]).
-    pub t1: Duration,
-    /// Interval of the server's sender reports on each listener stream.
-    pub sr_interval: Duration,
-    /// WebRTC members are refused when `None` (the shard then has no certificate).
-    pub webrtc: Option<WebRtcConfig>,
-    /// The longest the shard's clock sleeps between two [`ShardCore::handle_tick`]s when nothing is due
-    /// (an idle shard wakes this often, no more; a busy one when [`ShardCore::handle_tick`] says).
-    pub tick: Duration,
-    /// A busy shard reads its sockets once per window instead of waking per datagram (`--batch-window-us`;
-    /// zero: per datagram). Its runner's business; the core only carries it.
-    pub batch_window: Duration,
-    /// Seeds the shard's random numbers (listener streams' initial sequence numbers and timestamps, ICE
-    /// credentials) so that a test gets the same run twice; `None` (the server) seeds from the OS.
-    pub seed: Option<u64>,
-    /// The recorder thread's queue (`--record`): recorded channels' local bursts go there.
-    pub recorder: Option<flume::Sender<RecordEvent>>,
-}
-
-impl Default for ShardConfig {
-    fn default() -> Self {
-        ShardConfig {
-            t1: Duration::from_secs(4),
-            sr_interval: Duration::from_secs(5),
-            webrtc: None,
-            tick: Duration::from_secs(1),
-            batch_window: Duration::ZERO,
-            seed: None,
-            recorder: None,
-        }
-    }
 }
 
 /// A shard's channels and peers.

@@ -262,10 +262,7 @@ fn send_late(
                     if nap.is_zero() {
                         return sent;
                     }
-                    let timeout = Timespec {
-                        tv_sec: 0,
-                        tv_nsec: nap.subsec_nanos() as _,
-                    };
+                    let timeout = timespec(nap);
                     let mut fds = [PollFd::new(media, PollFlags::OUT)];
                     let _ = poll(&mut fds, Some(&timeout));
                 }
@@ -274,4 +271,12 @@ fn send_late(
         }
     }
     sent
+}
+
+/// A `poll(2)` timeout of `d`.
+pub(super) fn timespec(d: Duration) -> Timespec {
+    Timespec {
+        tv_sec: d.as_secs().try_into().unwrap_or(i64::MAX),
+        tv_nsec: d.subsec_nanos().into(),
+    }
 }

@@ -8,7 +8,7 @@
 //! `io_uring_enter` per wake-up here; this loop pays one `poll` and one `recvmmsg`, like the load
 //! harness's raw forwarder pays one blocking `recvmmsg` (README, "Shards"). Under load it pays even
 //! less: it gathers datagrams for a window ([`ShardConfig::batch_window`](super::ShardConfig)) and reads
-//! them in one go. What a turn does with its sockets is [`super::io`].
+//! them in one go. What a turn does with its sockets is in `shard/io.rs`.
 
 #![warn(missing_docs)]
 
@@ -16,11 +16,11 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::event::{poll, PollFd, PollFlags};
 use socket2::Socket;
 use tracing::{info, warn};
 
-use super::io::{Drain, Io};
+use super::io::{timespec, Drain, Io};
 use super::wakeup::{Doorbell, Inbox};
 use super::{Command, Event, ShardCore};
 
@@ -254,18 +254,17 @@ impl<'a> Running<'a> {
             core.next_deadline()
                 .map_or(io.next_tick, |d| coalesce(d, io.epoch).min(io.next_tick))
         };
-        let gather_until = self.gather(now, read);
         Ok(Next {
             wake_at,
-            gather_until: gather_until.map(|until| if full { now } else { until }),
+            gather_until: self.gather(now, read, full),
         })
     }
 
     /// Whether to gather the next datagrams for a window rather than wake for each: from the second of
     /// two reads closer than the window, for as long as every window brings something. Under load a
     /// wake-up (a `poll`, a `recvmmsg`, a round of `sendmmsg`) is then paid per window, not per datagram;
-    /// a quiet shard is never held back.
-    fn gather(&mut self, now: Instant, read: usize) -> Option<Instant> {
+    /// a quiet shard is never held back. After a read that filled its buffers (`full`), at once.
+    fn gather(&mut self, now: Instant, read: usize, full: bool) -> Option<Instant> {
         let window = self.core.config().batch_window;
         if read == 0 || window.is_zero() {
             self.gathering = false;
@@ -276,7 +275,8 @@ impl<'a> Running<'a> {
             .is_some_and(|t| now.saturating_duration_since(t) < window);
         self.gathering |= close;
         self.last_read = Some(now);
-        self.gathering.then_some(now + window)
+        self.gathering
+            .then_some(if full { now } else { now + window })
     }
 }
 
@@ -284,10 +284,7 @@ impl<'a> Running<'a> {
 /// then both sockets are read (a `recvmmsg` that finds nothing costs less than a wake-up per datagram).
 fn gather(doorbell: &Doorbell, relay: bool, until: Instant) -> Ready {
     let nap = until.saturating_duration_since(Instant::now());
-    let timeout = Timespec {
-        tv_sec: nap.as_secs() as _,
-        tv_nsec: nap.subsec_nanos() as _,
-    };
+    let timeout = timespec(nap);
     let mut fds = [PollFd::new(doorbell, PollFlags::IN)];
     let ring = !matches!(poll(&mut fds, Some(&timeout)), Ok(0));
     Ready {
@@ -300,10 +297,7 @@ fn gather(doorbell: &Doorbell, relay: bool, until: Instant) -> Ready {
 /// Sleeps until a socket is readable, the doorbell rings or `until`; says which of the three fired.
 fn wait(media: &Socket, relay: Option<&Socket>, doorbell: &Doorbell, until: Instant) -> Ready {
     let nap = until.saturating_duration_since(Instant::now());
-    let timeout = Timespec {
-        tv_sec: nap.as_secs() as _,
-        tv_nsec: nap.subsec_nanos() as _,
-    };
+    let timeout = timespec(nap);
     let mut fds = [
         PollFd::new(media, PollFlags::IN),
         PollFd::new(doorbell, PollFlags::IN),

@@ -23,10 +23,7 @@ fn member(key: u64, addr: SocketAddr) -> Command {
 /// Waits (bounded) until `media` has a datagram queued, without reading it.
 fn queued(media: &Socket) {
     let mut fds = [PollFd::new(media, PollFlags::IN)];
-    let patience = Timespec {
-        tv_sec: PATIENCE.as_secs() as _,
-        tv_nsec: 0,
-    };
+    let patience = timespec(PATIENCE);
     assert_eq!(
         poll(&mut fds, Some(&patience)).unwrap(),
         1,
