@@ -374,12 +374,15 @@ async fn webrtc_offers_that_never_connect_do_not_lock_out_other_clients() {
         a.limits.max_webrtc_pending_per_connection = 1000;
         a.limits.max_webrtc_pending_per_ip = 1000;
     });
+    // Connect all first, then offer: the 100 WebSocket handshakes can take longer than the eviction
+    // grace on a loaded machine, and an offer sent after the first one's grace may rightly evict it.
     let mut bots = Vec::new();
-    for i in 0..100 {
-        let mut bot = Signal::connect(srv.http_addr).await;
+    for _ in 0..100 {
+        bots.push(Signal::connect(srv.http_addr).await);
+    }
+    for (i, bot) in bots.iter_mut().enumerate() {
         bot.send(json!({"type":"join","channel":"ops","member":format!("bot{i}"),"sdp":sdp}))
             .await;
-        bots.push(bot);
     }
     // The first 64 are answered; the rest are told to retry (`unavailable`): the oldest offers are
     // younger than the eviction grace, so their clients might still be on the way.
