@@ -162,6 +162,9 @@ pub struct Channel {
     /// The channel's name (unique on the node; the shard finds it by name).
     pub name: String,
     members: Vec<Member>,
+    /// `members[i].key` at `i`: a member is looked up by key for every packet it sends (keep-alives,
+    /// reports, media), and eight keys share a cache line where eight members take twenty-four.
+    keys: Vec<MemberKey>,
     speaker: Option<MemberKey>,
     /// The floor is held at `epoch` by a member of another node: its media arrives by relay.
     remote: bool,
@@ -189,6 +192,7 @@ impl Channel {
         Channel {
             name,
             members: Vec::new(),
+            keys: Vec::new(),
             speaker: None,
             remote: false,
             speaker_name: String::new(),
@@ -214,6 +218,11 @@ impl Channel {
         self.speaker
     }
 
+    /// Whether the floor is held, here or on another node: media may arrive to be forwarded.
+    pub fn floor_held(&self) -> bool {
+        self.speaker.is_some() || self.remote
+    }
+
     /// The epoch of the last grant applied (the epoch rules compare against it).
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -224,17 +233,23 @@ impl Channel {
         self.members.is_empty()
     }
 
+    fn index_of(&self, key: MemberKey) -> Option<usize> {
+        self.keys.iter().position(|&k| k == key)
+    }
+
     /// Adds a member; it hears nothing until it is heard from (latching).
     pub fn add(&mut self, member: Member) {
+        self.keys.push(member.key);
         self.members.push(member);
     }
 
     /// Removes a member; a speaker that leaves stops being forwarded at once.
     pub fn remove(&mut self, key: MemberKey) -> Option<Member> {
-        let i = self.members.iter().position(|m| m.key == key)?;
+        let i = self.index_of(key)?;
         if self.speaker == Some(key) {
             self.speaker = None;
         }
+        self.keys.swap_remove(i);
         Some(self.members.swap_remove(i))
     }
 
@@ -282,7 +297,10 @@ impl Channel {
         self.remote_node = None;
         self.until = None;
         self.speaker_name.clear();
-        if let Some(m) = self.members.iter().find(|m| Some(m.key) == speaker) {
+        if let Some(m) = speaker
+            .and_then(|k| self.index_of(k))
+            .map(|i| &self.members[i])
+        {
             self.speaker_name.push_str(&m.name);
         }
         self.ingress.reset();
@@ -292,14 +310,14 @@ impl Channel {
 
     /// Whether member `key` is sent the channel's audio (a token without the `listen` right: not).
     pub fn set_listens(&mut self, key: MemberKey, listens: bool) {
-        if let Some(m) = self.members.iter_mut().find(|m| m.key == key) {
+        if let Some(m) = self.index_of(key).map(|i| &mut self.members[i]) {
             m.listens = listens;
         }
     }
 
     /// A packet (RTP or RTCP) arrived from member `key`: it is alive and may be sent to.
     pub fn heard(&mut self, key: MemberKey, now: Instant) {
-        if let Some(m) = self.members.iter_mut().find(|m| m.key == key) {
+        if let Some(m) = self.index_of(key).map(|i| &mut self.members[i]) {
             m.last_heard = Some(now);
         }
     }

@@ -278,6 +278,7 @@ impl Server {
                 ShardConfig {
                     t1,
                     batch_window: Duration::from_micros(args.batch_window_us),
+                    quiet_window: Duration::from_millis(args.quiet_window_ms),
                     webrtc: Some(webrtc.clone()),
                     recorder: recorder.clone(),
                     ..Default::default()

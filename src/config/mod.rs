@@ -202,10 +202,15 @@ pub struct ServeArgs {
     pub t1_ms: u64,
     /// Gather window of a busy shard, in µs: when datagrams arrive closer together than this, the shard
     /// stops waking for each one and reads what came in every window instead (one wake-up, one
-    /// `recvmmsg`, one round of `sendmmsg` for several packets), adding at most this much latency. A quiet
-    /// shard still wakes per datagram. 0: wake for every datagram.
+    /// `recvmmsg`, one round of `sendmmsg` for several packets), adding at most this much latency. A shard
+    /// with a floor held and datagrams far apart still wakes per datagram. 0: wake for every datagram.
     #[arg(long, default_value_t = 1000, env = "TALKGROUP_BATCH_WINDOW_US")]
     pub batch_window_us: u64,
+    /// Quiet window of a shard with no floor held, in ms: nothing that arrives then is media to forward
+    /// (keep-alives, reports, consent checks, handshakes), so the shard reads it once per window instead
+    /// of waking per datagram. A grant ends the window at once. 0: wake for every datagram.
+    #[arg(long, default_value_t = 50, env = "TALKGROUP_QUIET_WINDOW_MS")]
+    pub quiet_window_ms: u64,
     /// T2: maximum talk time in ms.
     #[arg(long, default_value_t = 30000, env = "TALKGROUP_T2_MS")]
     pub t2_ms: u64,

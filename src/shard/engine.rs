@@ -85,6 +85,9 @@ pub struct ShardCore {
     sr_round: usize,
     /// When the next sender-report batch is due.
     next_sr: Instant,
+    /// Channels whose floor is held ([`Channel::floor_held`]): kept at each change, so that the runner
+    /// can ask per wake-up.
+    floors_held: usize,
     /// A grant was applied since the shard's clock last asked: T1 may now be due before its heartbeat.
     retick: bool,
     relay: Option<RelayState>,
@@ -135,6 +138,7 @@ impl ShardCore {
             spill: Batch::default(),
             sr_round: 0,
             next_sr: now,
+            floors_held: 0,
             retick: false,
         }
     }
@@ -368,7 +372,10 @@ impl ShardCore {
             Command::RemoveMember { channel, key } => {
                 let slot = *self.by_name.get(&channel)?;
                 let ch = self.channels[slot].as_mut()?;
+                let held = ch.floor_held();
                 let member = ch.remove(key)?;
+                let now_held = ch.floor_held();
+                self.floor_changed(held, now_held);
                 match member.leg {
                     Leg::Rtp { addr, .. } => {
                         if let Some(v) = self.by_addr.get_mut(&addr) {
@@ -382,6 +389,8 @@ impl ShardCore {
                 }
                 let ch = self.channels[slot].as_mut()?;
                 if ch.is_empty() {
+                    let held = ch.floor_held();
+                    self.floor_changed(held, false);
                     self.channels[slot] = None;
                     self.by_name.remove(&channel);
                     self.free_slots.push(slot);
@@ -399,7 +408,9 @@ impl ShardCore {
                     .and_then(|&s| self.channels[s].as_mut())
                 {
                     Some(ch) => {
+                        let held = ch.floor_held();
                         let applied = ch.apply(change, now);
+                        let now_held = ch.floor_held();
                         if let Some((epoch, packets)) = ch.take_ended_burst() {
                             if ch.recording {
                                 let end = RecordEvent::End {
@@ -418,6 +429,7 @@ impl ShardCore {
                                 packets,
                             });
                         }
+                        self.floor_changed(held, now_held);
                         applied
                     }
                     None => false,
@@ -559,6 +571,21 @@ impl ShardCore {
 }
 
 impl ShardCore {
+    /// Whether any channel of this shard has its floor held (here or on another node): media may arrive
+    /// that must be forwarded at once. When none has, what arrives (keep-alives, reports, consent
+    /// checks, handshakes) can wait a little — the runner's quiet window.
+    pub fn floor_held(&self) -> bool {
+        self.floors_held > 0
+    }
+
+    fn floor_changed(&mut self, was: bool, is: bool) {
+        match (was, is) {
+            (false, true) => self.floors_held += 1,
+            (true, false) => self.floors_held = self.floors_held.saturating_sub(1),
+            _ => {}
+        }
+    }
+
     /// True once after a grant was applied: the shard's clock should call [`Self::handle_tick`] now
     /// rather than at its heartbeat (T1 runs from the grant).
     pub fn take_retick(&mut self) -> bool {

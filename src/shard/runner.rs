@@ -8,7 +8,9 @@
 //! `io_uring_enter` per wake-up here; this loop pays one `poll` and one `recvmmsg`, like the load
 //! harness's raw forwarder pays one blocking `recvmmsg` (README, "Shards"). Under load it pays even
 //! less: it gathers datagrams for a window ([`ShardConfig::batch_window`](super::ShardConfig)) and reads
-//! them in one go. What a turn does with its sockets is in `shard/io.rs`.
+//! them in one go; and while no floor is held on the shard, what arrives (keep-alives, reports) waits a
+//! longer quiet window ([`ShardConfig::quiet_window`](super::ShardConfig)). What a turn does with its
+//! sockets is in `shard/io.rs`.
 
 #![warn(missing_docs)]
 
@@ -260,23 +262,44 @@ impl<'a> Running<'a> {
         })
     }
 
-    /// Whether to gather the next datagrams for a window rather than wake for each: from the second of
-    /// two reads closer than the window, for as long as every window brings something. Under load a
-    /// wake-up (a `poll`, a `recvmmsg`, a round of `sendmmsg`) is then paid per window, not per datagram;
-    /// a quiet shard is never held back. After a read that filled its buffers (`full`), at once.
+    /// Whether to gather the next datagrams for a window rather than wake for each, and until when.
+    ///
+    /// Busy ([`ShardConfig::batch_window`](super::ShardConfig::batch_window)): from the second of two
+    /// reads closer than the window, for as long as every window brings something. Under load a wake-up
+    /// (a `poll`, a `recvmmsg`, a round of `sendmmsg`) is then paid per window, not per datagram.
+    ///
+    /// Quiet ([`ShardConfig::quiet_window`](super::ShardConfig::quiet_window)): while no floor is held on
+    /// the shard nothing that arrives is media to forward — keep-alives, reports, consent checks,
+    /// handshakes, a member's audio without the floor — and none of it needs an answer within
+    /// milliseconds, so after a read the shard sleeps the (longer) quiet window, for as long as windows
+    /// bring something. That is the whole cost of an idle shard: 8,000 plain members' keep-alives woke it
+    /// 2,000 times a second. A grant arrives as a command, whose doorbell ends the sleep, so the first
+    /// packet of a burst is never held back.
+    ///
+    /// After a read that filled its buffers (`full`), at once: more is queued.
     fn gather(&mut self, now: Instant, read: usize, full: bool) -> Option<Instant> {
-        let window = self.core.config().batch_window;
-        if read == 0 || window.is_zero() {
+        let config = self.core.config();
+        let (window, quiet) = (config.batch_window, config.quiet_window);
+        if read == 0 {
             self.gathering = false;
             return None;
         }
+        let until = |window: Duration| if full { now } else { now + window };
         let close = self
             .last_read
             .is_some_and(|t| now.saturating_duration_since(t) < window);
-        self.gathering |= close;
         self.last_read = Some(now);
-        self.gathering
-            .then_some(if full { now } else { now + window })
+        // Quiet first: idle traffic comes closer than the busy window too (8,000 keep-alives every 4 s
+        // are two a millisecond), and would otherwise keep the shard waking every window.
+        if !quiet.is_zero() && !self.core.floor_held() {
+            self.gathering = false;
+            return Some(until(quiet));
+        }
+        if window.is_zero() {
+            return None;
+        }
+        self.gathering |= close;
+        self.gathering.then(|| until(window))
     }
 }
 

@@ -21,6 +21,9 @@ pub struct ShardConfig {
     /// A busy shard reads its sockets once per window instead of waking per datagram (`--batch-window-us`;
     /// zero: per datagram). Its runner's business; the core only carries it.
     pub batch_window: Duration,
+    /// A shard with no floor held reads its sockets once per window instead of waking per datagram
+    /// (`--quiet-window-ms`; zero: per datagram). Its runner's business; the core only carries it.
+    pub quiet_window: Duration,
     /// Seeds the shard's random numbers (listener streams' initial sequence numbers and timestamps, ICE
     /// credentials) so that a test gets the same run twice; `None` (the server) seeds from the OS.
     pub seed: Option<u64>,
@@ -36,6 +39,7 @@ impl Default for ShardConfig {
             webrtc: None,
             tick: Duration::from_secs(1),
             batch_window: Duration::ZERO,
+            quiet_window: Duration::ZERO,
             seed: None,
             recorder: None,
         }

@@ -401,3 +401,69 @@ fn relay_accepts_only_registered_peers_with_the_current_remote_epoch() {
     assert_eq!(s.channel("ops").and_then(|c| c.speaker()), None, "fenced");
     assert!(batch.is_empty());
 }
+
+/// The runner's quiet window asks [`ShardCore::floor_held`] per wake-up: it follows grants (local and
+/// remote), idles, a holder leaving and a channel disappearing, and stale changes move nothing.
+#[test]
+fn floor_held_follows_grants_idles_and_leaves() {
+    let (mut s, now) = shard();
+    assert!(s.floor_held(), "member 1 holds the floor of ops");
+    let speaker = |change| Command::Speaker {
+        channel: "ops".into(),
+        change,
+    };
+    s.handle_command(speaker(SpeakerChange::Idle { epoch: 8 }), now);
+    assert!(s.floor_held(), "an idle for an older epoch is stale");
+    s.handle_command(speaker(SpeakerChange::Idle { epoch: 9 }), now);
+    assert!(!s.floor_held(), "idle");
+    s.handle_command(
+        speaker(SpeakerChange::Remote {
+            epoch: 10,
+            node: "b".into(),
+        }),
+        now,
+    );
+    assert!(
+        s.floor_held(),
+        "held on another node: its media comes by relay"
+    );
+    s.handle_command(
+        speaker(SpeakerChange::Granted {
+            speaker: Some(2),
+            epoch: 11,
+            until: None,
+        }),
+        now,
+    );
+    assert!(s.floor_held(), "a local speaker after the remote one");
+    s.handle_command(
+        Command::RemoveMember {
+            channel: "ops".into(),
+            key: 2,
+        },
+        now,
+    );
+    assert!(!s.floor_held(), "the holder left");
+    s.handle_command(
+        speaker(SpeakerChange::Remote {
+            epoch: 12,
+            node: "b".into(),
+        }),
+        now,
+    );
+    assert!(s.floor_held());
+    for key in [1, 3] {
+        s.handle_command(
+            Command::RemoveMember {
+                channel: "ops".into(),
+                key,
+            },
+            now,
+        );
+    }
+    assert!(
+        s.channel("ops").is_none(),
+        "the last member took the channel"
+    );
+    assert!(!s.floor_held(), "a channel that is gone holds nothing");
+}

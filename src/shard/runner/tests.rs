@@ -201,3 +201,66 @@ fn a_busy_shard_gathers_and_a_quiet_one_does_not() {
         assert_eq!(shard.turn(ONLY_MEDIA).ok().unwrap().gather_until, None);
     }
 }
+
+/// A shard where no floor is held sleeps the quiet window after a read — keep-alives and reports wait —
+/// and stops as soon as a window brings nothing; with a floor held it wakes per datagram again, and a
+/// grant's doorbell ends a quiet sleep at once.
+#[test]
+fn a_shard_without_a_floor_held_reads_once_per_quiet_window() {
+    let media = udp::bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let to_shard = media.local_addr().unwrap().as_socket().unwrap();
+    let member_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let doorbell = Doorbell::new().unwrap();
+    let (tx, rx) = flume::bounded(16);
+    let (events_tx, _events) = flume::bounded(16);
+    let config = ShardConfig {
+        quiet_window: Duration::from_secs(60),
+        ..ShardConfig::default()
+    };
+    let core = ShardCore::new(0, config, Instant::now());
+    let mut shard = Running::new(0, core, &media, None, &doorbell, &rx, events_tx, None);
+    tx.send(member(1, member_sock.local_addr().unwrap()))
+        .unwrap();
+    assert!(shard
+        .turn(Ready {
+            ring: true,
+            ..ONLY_MEDIA
+        })
+        .is_ok());
+    let keepalive_turn = |shard: &mut Running<'_>| {
+        member_sock
+            .send_to(&[0x80, 201, 0, 1, 0, 0, 0, 1], to_shard)
+            .unwrap();
+        queued(&media);
+        let before = Instant::now();
+        let next = shard.turn(ONLY_MEDIA).ok().unwrap();
+        (before, next.gather_until)
+    };
+    let (before, until) = keepalive_turn(&mut shard);
+    let until = until.expect("no floor held: the next read waits the quiet window");
+    assert!(until > before + Duration::from_secs(30), "the quiet window");
+    assert!(
+        shard.turn(ONLY_MEDIA).ok().unwrap().gather_until.is_none(),
+        "a window that brought nothing: back to waking per datagram"
+    );
+
+    // A grant rings while the shard sleeps quietly: the sleep ends at once, and with the floor held the
+    // shard wakes per datagram again.
+    tx.send(Command::Speaker {
+        channel: "ops".into(),
+        change: SpeakerChange::Granted {
+            speaker: Some(1),
+            epoch: 3,
+            until: None,
+        },
+    })
+    .unwrap();
+    let asleep = Instant::now();
+    let ready = gather(&doorbell, false, asleep + Duration::from_secs(60));
+    assert!(ready.ring, "the doorbell ended the quiet sleep");
+    assert!(asleep.elapsed() < PATIENCE);
+    assert!(shard.turn(ready).is_ok());
+    assert!(shard.core.floor_held());
+    let (_, until) = keepalive_turn(&mut shard);
+    assert_eq!(until, None, "a floor is held: no quiet window");
+}
