@@ -374,8 +374,6 @@ impl ShardCore {
                 let ch = self.channels[slot].as_mut()?;
                 let held = ch.floor_held();
                 let member = ch.remove(key)?;
-                let now_held = ch.floor_held();
-                self.floor_changed(held, now_held);
                 match member.leg {
                     Leg::Rtp { addr, .. } => {
                         if let Some(v) = self.by_addr.get_mut(&addr) {
@@ -389,12 +387,15 @@ impl ShardCore {
                 }
                 let ch = self.channels[slot].as_mut()?;
                 if ch.is_empty() {
-                    let held = ch.floor_held();
-                    self.floor_changed(held, false);
                     self.channels[slot] = None;
                     self.by_name.remove(&channel);
                     self.free_slots.push(slot);
                 }
+                // A holder that left, or a channel gone with its last member, holds nothing.
+                let now_held = self.channels[slot]
+                    .as_ref()
+                    .is_some_and(Channel::floor_held);
+                self.floor_changed(held, now_held);
                 None
             }
             Command::Speaker { channel, change } => {
@@ -579,11 +580,7 @@ impl ShardCore {
     }
 
     fn floor_changed(&mut self, was: bool, is: bool) {
-        match (was, is) {
-            (false, true) => self.floors_held += 1,
-            (true, false) => self.floors_held = self.floors_held.saturating_sub(1),
-            _ => {}
-        }
+        self.floors_held = (self.floors_held + usize::from(is)).saturating_sub(usize::from(was));
     }
 
     /// True once after a grant was applied: the shard's clock should call [`Self::handle_tick`] now
