@@ -81,6 +81,12 @@ impl Egress {
         self.generation = generation;
     }
 
+    /// Starts loading the SRTP key into the cache ([`SrtpContext::prefetch`]).
+    #[inline]
+    pub fn prefetch(&self) {
+        self.srtp.prefetch();
+    }
+
     /// The extended sequence number of the last packet sealed (its ROC is `>> 16`).
     pub fn ext_seq(&self) -> Option<u64> {
         self.ext_seq

@@ -16,6 +16,7 @@
 
 pub mod egress;
 pub mod event;
+pub mod gcm;
 pub mod ingress;
 pub mod keys;
 pub mod offer;
@@ -38,6 +39,9 @@ use self::webrtc::WebRtcPeer;
 const ADDRS_PER_PEER: usize = 4;
 
 /// One WebRTC member on the shard.
+// `repr(C)` with the peer first: its hot fields ([`webrtc::HOT_LEN`], and the `Option`'s niche, which
+// lies in them) open the slot, and a slot starts on a cache line, so they span three lines, not four.
+#[repr(C, align(64))]
 pub struct PeerSlot {
     /// The str0m side of the member.
     pub peer: WebRtcPeer,
@@ -47,6 +51,14 @@ pub struct PeerSlot {
     pub key: MemberKey,
     addrs: Vec<SocketAddr>,
 }
+
+// What `Peers::prefetch_slot` relies on, checked when the crate builds: a slot starts on a cache line
+// with its peer, whose hot fields fit in three lines.
+const _: () = {
+    assert!(std::mem::align_of::<PeerSlot>() == 64);
+    assert!(std::mem::offset_of!(PeerSlot, peer) == 0);
+    assert!(webrtc::HOT_LEN <= 3 * 64);
+};
 
 /// The shard's WebRTC peers and their lookup maps.
 #[derive(Default)]
@@ -134,6 +146,27 @@ impl Peers {
         self.free.push(id);
         self.live -= 1;
         Some(slot)
+    }
+
+    /// Starts loading the lines of slot `id` that a forwarded copy reads (a hint: nothing is read).
+    #[inline]
+    pub fn prefetch_slot(&self, id: PeerId) {
+        if id < self.slots.len() {
+            // Address arithmetic only, within the slab: `id` is in bounds.
+            let slot = self.slots[id..].as_ptr().cast::<u8>();
+            gcm::prefetch_lines(
+                slot,
+                webrtc::HOT_LEN.min(std::mem::size_of::<Option<PeerSlot>>()),
+            );
+        }
+    }
+
+    /// Starts loading the SRTP key of peer `id` (reads its slot: prefetch that first).
+    #[inline]
+    pub fn prefetch_key(&self, id: PeerId) {
+        if let Some(Some(slot)) = self.slots.get(id) {
+            slot.peer.prefetch_key();
+        }
     }
 
     /// The peer `id`, if it is still there.

@@ -16,12 +16,13 @@
 
 #![warn(missing_docs)]
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
 use aws_lc_rs::cipher::{EncryptingKey, EncryptionContext, UnboundCipherKey, AES_128, AES_256};
 use aws_lc_rs::hmac;
 use aws_lc_rs::iv::FixedLength;
 use str0m::crypto::dtls::SrtpProfile;
 use thiserror::Error;
+
+use super::gcm::{GcmKey, NONCE_LEN};
 
 /// RFC 3711 §4.3.2 key derivation labels.
 const LABEL_RTP_KEY: u8 = 0;
@@ -34,7 +35,7 @@ const LABEL_RTCP_SALT: u8 = 5;
 /// Length of the HMAC-SHA1 tag of AES_CM_128_HMAC_SHA1_80 (RFC 3711 §5.2).
 const CM_TAG_LEN: usize = 10;
 /// Length of the GCM tag (RFC 7714 §6: 16 octets).
-const GCM_TAG_LEN: usize = 16;
+const GCM_TAG_LEN: usize = super::gcm::TAG_LEN;
 /// The `E` flag and 31-bit SRTCP index that follow an SRTCP packet's encrypted portion.
 const SRTCP_INDEX_LEN: usize = 4;
 /// The part of an RTCP packet SRTCP leaves in the clear: the first header and the sender SSRC.
@@ -159,7 +160,7 @@ enum Cipher {
     /// AES-CM with HMAC-SHA1 (RFC 3711).
     Cm(Box<CmKeys>),
     /// AES-GCM (RFC 7714).
-    Gcm { key: LessSafeKey, salt: [u8; 12] },
+    Gcm { key: GcmKey, salt: [u8; 12] },
 }
 
 /// AES-CM's session keys (RFC 3711 §4.1.1, §4.2.1).
@@ -210,18 +211,10 @@ impl Cipher {
                     auth: hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, auth),
                 })))
             }
-            Profile::AeadAes128Gcm | Profile::AeadAes256Gcm => {
-                let alg = if profile == Profile::AeadAes256Gcm {
-                    &AES_256_GCM
-                } else {
-                    &AES_128_GCM
-                };
-                let unbound = UnboundKey::new(alg, key).map_err(|_| SrtpError::Key)?;
-                Ok(Cipher::Gcm {
-                    key: LessSafeKey::new(unbound),
-                    salt: salt.try_into().map_err(|_| SrtpError::Key)?,
-                })
-            }
+            Profile::AeadAes128Gcm | Profile::AeadAes256Gcm => Ok(Cipher::Gcm {
+                key: GcmKey::new(key).ok_or(SrtpError::Key)?,
+                salt: salt.try_into().map_err(|_| SrtpError::Key)?,
+            }),
         }
     }
 
@@ -238,7 +231,7 @@ impl Cipher {
 
     /// The GCM nonce: `salt XOR (00 00 | SSRC | word | low)` — ROC and sequence number for RTP (RFC 7714
     /// §8.1), zero and the SRTCP index for RTCP (§9.1).
-    fn gcm_nonce(salt: &[u8; 12], ssrc: u32, word: u32, low: u16) -> Nonce {
+    fn gcm_nonce(salt: &[u8; 12], ssrc: u32, word: u32, low: u16) -> [u8; NONCE_LEN] {
         let mut n = [0u8; 12];
         n[2..6].copy_from_slice(&ssrc.to_be_bytes());
         n[6..10].copy_from_slice(&word.to_be_bytes());
@@ -246,7 +239,7 @@ impl Cipher {
         for (b, s) in n.iter_mut().zip(salt) {
             *b ^= s;
         }
-        Nonce::assume_unique_for_key(n)
+        n
     }
 }
 
@@ -285,6 +278,15 @@ impl SrtpContext {
             rtcp: Cipher::new(profile, master_key, master_salt, true)?,
             srtcp_index: 0,
         })
+    }
+
+    /// Starts loading the RTP cipher's key into the cache, a few listeners before [`Self::seal_rtp`]
+    /// needs it ([`super::gcm`]); AES-CM keys are left alone (no browser negotiates them with us today).
+    #[inline]
+    pub fn prefetch(&self) {
+        if let Cipher::Gcm { key, .. } = &self.rtp {
+            key.prefetch();
+        }
     }
 
     /// The server's context from DTLS-SRTP keying material; `active` is whether the server was the DTLS
@@ -332,9 +334,8 @@ impl SrtpContext {
                 let seq = index as u16;
                 let nonce = Cipher::gcm_nonce(salt, ssrc, roc, seq);
                 // Sealing fails only for inputs beyond GCM's 64 GB limit.
-                if let Ok(tag) = key.seal_in_place_separate_tag(nonce, Aad::from(&*header), payload)
-                {
-                    buf.extend_from_slice(tag.as_ref());
+                if let Some(tag) = key.seal_in_place(&nonce, header, payload) {
+                    buf.extend_from_slice(&tag);
                 }
             }
         }
@@ -378,8 +379,8 @@ impl SrtpContext {
                 out.extend_from_slice(packet);
                 let (header, body) = out.split_at_mut(header_len);
                 let plain = key
-                    .open_in_place(nonce, Aad::from(&*header), body)
-                    .map_err(|_| SrtpError::Rtp)?
+                    .open_in_place(&nonce, header, body)
+                    .ok_or(SrtpError::Rtp)?
                     .len();
                 out.truncate(header_len + plain);
             }
@@ -415,9 +416,9 @@ impl SrtpContext {
                 aad[..RTCP_CLEAR].copy_from_slice(&plain[..RTCP_CLEAR]);
                 aad[RTCP_CLEAR..].copy_from_slice(&e_index);
                 let tag = key
-                    .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut out[RTCP_CLEAR..])
-                    .map_err(|_| SrtpError::Rtcp)?;
-                out.extend_from_slice(tag.as_ref());
+                    .seal_in_place(&nonce, &aad, &mut out[RTCP_CLEAR..])
+                    .ok_or(SrtpError::Rtcp)?;
+                out.extend_from_slice(&tag);
                 out.extend_from_slice(&e_index);
             }
         }
@@ -469,8 +470,8 @@ impl SrtpContext {
                     let mut aad = body.to_vec();
                     aad.extend_from_slice(e_index);
                     let mut t = tag.to_vec();
-                    key.open_in_place(nonce, Aad::from(&aad[..]), &mut t)
-                        .map_err(|_| SrtpError::Rtcp)?;
+                    key.open_in_place(&nonce, &aad, &mut t)
+                        .ok_or(SrtpError::Rtcp)?;
                     return Ok(body.to_vec());
                 }
                 let mut aad = [0u8; RTCP_CLEAR + SRTCP_INDEX_LEN];
@@ -478,8 +479,8 @@ impl SrtpContext {
                 aad[RTCP_CLEAR..].copy_from_slice(e_index);
                 let mut out = sealed.to_vec();
                 let plain_len = key
-                    .open_in_place(nonce, Aad::from(aad), &mut out[RTCP_CLEAR..])
-                    .map_err(|_| SrtpError::Rtcp)?
+                    .open_in_place(&nonce, &aad, &mut out[RTCP_CLEAR..])
+                    .ok_or(SrtpError::Rtcp)?
                     .len();
                 out.truncate(RTCP_CLEAR + plain_len);
                 Ok(out)

@@ -67,7 +67,16 @@ pub fn ice_token(rng: &mut impl Rng, len: usize) -> String {
 
 /// One WebRTC member: its str0m side (ICE-lite, DTLS-SRTP, RTP mode) until it settles, then its
 /// [`Settled`] state.
+// `repr(C)`, the fields a forwarded copy reads first: the egress and the two flags `seal` checks sit in
+// the slot's first cache lines, which the fan-out prefetches a few listeners ahead ([`HOT_LEN`]).
+#[repr(C)]
 pub struct WebRtcPeer {
+    /// The listener stream's egress, once DTLS has produced keys (and the client can hear).
+    egress: Option<Egress>,
+    /// ICE and DTLS are up.
+    pub connected: bool,
+    /// The peer is finished (closed by either side, timed out, or failed); it is only drained now.
+    pub closed: bool,
     /// str0m's side while the handshake may still need it; `None` once settled (boxed: it is large,
     /// and the slab slot must shrink when it goes).
     rtc: Option<Box<Rtc>>,
@@ -93,14 +102,8 @@ pub struct WebRtcPeer {
     pub pt: u8,
     /// Where the DTLS instance leaves the keying material.
     keys: Arc<KeySlot>,
-    /// The listener stream's egress, once DTLS has produced keys (and the client can hear).
-    egress: Option<Egress>,
     /// Where str0m last sent a non-STUN datagram: its nominated address (the egress starts there).
     send_to: Option<RawAddr>,
-    /// ICE and DTLS are up.
-    pub connected: bool,
-    /// The peer is finished (closed by either side, timed out, or failed); it is only drained now.
-    pub closed: bool,
     /// A connectivity check with this peer's credentials arrived: a client is really there. Until then
     /// the peer holds a handshake slot on the strength of an offer alone, so it gets only
     /// [`VERIFY_TIMEOUT`] and is the first evicted when the shard is full.
@@ -111,6 +114,9 @@ pub struct WebRtcPeer {
     /// The next instant this peer must be driven; the shard's timer heap holds it.
     pub deadline: Instant,
 }
+
+/// Octets from the start of a [`WebRtcPeer`] that [`WebRtcPeer::seal`] reads.
+pub const HOT_LEN: usize = std::mem::offset_of!(WebRtcPeer, closed) + 1;
 
 impl WebRtcPeer {
     /// Builds the `Rtc`, accepts the (already validated) offer and returns the peer with its SDP answer.
@@ -307,6 +313,14 @@ impl WebRtcPeer {
         match (&mut self.egress, self.connected, self.closed) {
             (Some(e), true, false) => e.seal(h, payload, now, out),
             _ => false,
+        }
+    }
+
+    /// Starts loading the listener's SRTP key into the cache, for a [`Self::seal`] a few copies later.
+    #[inline]
+    pub fn prefetch_key(&self) {
+        if let Some(e) = &self.egress {
+            e.prefetch();
         }
     }
 

@@ -9,6 +9,12 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 
 use super::{ShardCore, Verdict, OPUS_PT};
+
+/// How many listeners ahead of the copy being sealed its slot is prefetched ([`ShardCore::write_peers`]).
+const SLOT_AHEAD: usize = 4;
+/// How many listeners ahead its SRTP key is prefetched (after its slot, whose lines hold the key's
+/// address, had a head start).
+const KEY_AHEAD: usize = 2;
 use crate::channel::{ForwardDrop, Member};
 use crate::forward::Batch;
 use crate::ids::{MemberKey, PeerId};
@@ -287,7 +293,15 @@ impl ShardCore {
     /// The listeners' `Rtc`s are not touched: str0m runs on their own datagrams and deadlines only.
     pub(super) fn write_peers(&mut self, batch: &mut Batch, payload: &[u8], now: Instant) {
         let Batch { peers, sealed, .. } = batch;
-        for &(id, h) in peers.iter() {
+        for (i, &(id, h)) in peers.iter().enumerate() {
+            // Each listener's slot and key are read once per 20 ms, long evicted by then: ask for them
+            // ahead (slot first, as the key's address is in it) so the copy does not wait on memory.
+            if let Some(&(ahead, _)) = peers.get(i + SLOT_AHEAD) {
+                self.peers.prefetch_slot(ahead);
+            }
+            if let Some(&(ahead, _)) = peers.get(i + KEY_AHEAD) {
+                self.peers.prefetch_key(ahead);
+            }
             // A peer not connected yet (or closing) hears nothing, like an unlatched plain member.
             if let Some(slot) = self.peers.get_mut(id) {
                 slot.peer.seal(h, payload, now, sealed);
