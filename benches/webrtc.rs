@@ -17,7 +17,8 @@ use str0m::media::{Direction, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Input, Output, Rtc};
 use talkgroup::forward::{OutHeader, RelayCopies};
-use talkgroup::peer::webrtc::{PeerEvent, WebRtcConfig, WebRtcPeer};
+use talkgroup::peer::gcm::prefetch_lines;
+use talkgroup::peer::webrtc::{PeerEvent, WebRtcConfig, WebRtcPeer, HOT_LEN};
 
 const SERVER: &str = "127.0.0.1:40000";
 
@@ -92,7 +93,8 @@ fn connected_peers(config: &WebRtcConfig, n: usize) -> Vec<(WebRtcPeer, Rtc)> {
     (0..n).map(|i| connected_peer(config, i as u16)).collect()
 }
 
-/// What the shard does per forwarded packet for each WebRTC listener: seal it into the send buffer.
+/// What the shard does per forwarded packet for each WebRTC listener: seal it into the send buffer,
+/// with the peer's hot lines and its key asked for a few listeners ahead, as `write_peers` does.
 fn write_all(
     peers: &mut [(WebRtcPeer, Rtc)],
     h: OutHeader,
@@ -100,8 +102,14 @@ fn write_all(
     now: Instant,
     sealed: &mut RelayCopies,
 ) {
-    for (peer, _) in peers.iter_mut() {
-        peer.seal(h, payload, now, sealed);
+    for i in 0..peers.len() {
+        if let Some((ahead, _)) = peers.get(i + 4) {
+            prefetch_lines((ahead as *const WebRtcPeer).cast(), HOT_LEN);
+        }
+        if let Some((ahead, _)) = peers.get(i + 2) {
+            ahead.prefetch_key();
+        }
+        peers[i].0.seal(h, payload, now, sealed);
     }
 }
 
