@@ -11,8 +11,9 @@
 //!   ROC, 80-bit tag); RFC 7714 §8 / §9 for AEAD_AES_128_GCM and AEAD_AES_256_GCM (96-bit nonce from
 //!   salt, SSRC, ROC and sequence number; the header is the associated data).
 //!
-//! Ciphers are built once per key (aws-lc-rs, already linked through str0m); sealing a packet is done in
-//! place in the caller's buffer and allocates nothing.
+//! Ciphers are built once per key (aws-lc, already linked through str0m: AES-CM and HMAC through
+//! aws-lc-rs, AES-GCM through [`super::gcm`], whose context the fan-out can prefetch); sealing a packet is
+//! done in place in the caller's buffer and allocates nothing.
 
 #![warn(missing_docs)]
 
@@ -154,8 +155,8 @@ pub fn derive(
 /// One direction's cipher for RTP or for RTCP: session key, salt, and authentication key.
 // The AES-CM keys are boxed: inline (an AES key schedule and two HMAC states, ≈ 1.7 KB) they made every
 // cipher that size, GCM ones too, and every peer slot ≈ 15 KB, so that the one line of it a forwarded
-// packet reads was a cache miss in a slab far bigger than the cache; GCM's key lives behind aws-lc's own
-// pointer anyway. AES-CM pays one more pointer.
+// packet reads was a cache miss in a slab far bigger than the cache; GCM's key lives behind its own
+// pointer anyway ([`GcmKey`]). AES-CM pays one more pointer.
 enum Cipher {
     /// AES-CM with HMAC-SHA1 (RFC 3711).
     Cm(Box<CmKeys>),
