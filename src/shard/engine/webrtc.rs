@@ -9,12 +9,6 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 
 use super::{ShardCore, Verdict, OPUS_PT};
-
-/// How many listeners ahead of the copy being sealed its slot is prefetched ([`ShardCore::write_peers`]).
-const SLOT_AHEAD: usize = 4;
-/// How many listeners ahead its SRTP key is prefetched (after its slot, whose lines hold the key's
-/// address, had a head start).
-const KEY_AHEAD: usize = 2;
 use crate::channel::{ForwardDrop, Member};
 use crate::forward::Batch;
 use crate::ids::{MemberKey, PeerId};
@@ -22,6 +16,12 @@ use crate::peer::webrtc::{ice_token, Inbound, PeerEvent, Transmit, WebRtcPeer, U
 use crate::rtp::RtpView;
 use crate::shard::command::{Event, PeerRefused};
 use crate::shard::stats::DropReason;
+
+/// How many listeners ahead of the copy being sealed its slot is prefetched ([`ShardCore::write_peers`]).
+const SLOT_AHEAD: usize = 4;
+/// How many listeners ahead its SRTP key is prefetched (after its slot, whose lines hold the key's
+/// address, had a head start).
+const KEY_AHEAD: usize = 2;
 
 /// Peers being set up (ICE + DTLS not done) at once per shard. A DTLS handshake costs the shard a few
 /// milliseconds of CPU (key exchange, certificate signature); a join storm must not stall the media of
